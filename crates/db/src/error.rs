@@ -1,0 +1,27 @@
+//! The crate's single error type.
+
+/// Everything that can go wrong while talking to the tracking database.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A query, connection or transaction failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A JSON column held text that does not parse.
+    #[error("invalid JSON in the tracking database: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A filesystem operation (creating the database directory, the runtime) failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A named or numbered row (database file, experiment, run) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// An argument or a stored value is outside what the schema allows.
+    #[error("invalid value: {0}")]
+    Invalid(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

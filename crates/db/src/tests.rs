@@ -1,0 +1,703 @@
+//! Unit tests against real database files in temporary directories.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+
+use serde_json::json;
+
+use crate::{Db, Error, MetricPoint, NewEval, NewRun, RunStatus};
+
+fn temp_db() -> (tempfile::TempDir, PathBuf, Db) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("nested").join("ablate.sqlite");
+    let db = Db::open(&path).expect("open");
+    (dir, path, db)
+}
+
+fn new_run<'a>(
+    hash: &'a str,
+    arm: Option<&'a str>,
+    seed: i64,
+    params: &'a serde_json::Value,
+) -> NewRun<'a> {
+    NewRun {
+        hash,
+        kind: "generator",
+        name: hash,
+        cell: "ar-raster",
+        arm,
+        seed,
+        params,
+        git_commit: Some("abc123"),
+        git_dirty: false,
+        host: "hostA",
+        device: "cpu",
+        version: "0.1.0",
+    }
+}
+
+fn point(key: &str, step: i64, value: f64) -> MetricPoint {
+    MetricPoint {
+        key: key.into(),
+        step,
+        value,
+        wall_time: 1.0e9 + step as f64,
+    }
+}
+
+#[test]
+fn migrations_apply_and_reopen() {
+    let (_dir, path, db) = temp_db();
+    assert!(
+        path.is_file(),
+        "open creates the file and its parent directory"
+    );
+    let tables: Vec<String> = db
+        .block_on(
+            sqlx::query_scalar(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE '\\_%' ESCAPE '\\' ORDER BY name",
+            )
+            .fetch_all(db.pool()),
+        )
+        .expect("list tables");
+    let tables: HashSet<&str> = tables.iter().map(String::as_str).collect();
+    for t in [
+        "experiments",
+        "runs",
+        "experiment_runs",
+        "metrics",
+        "latest_metrics",
+        "evals",
+        "artifacts",
+        "baselines",
+    ] {
+        assert!(tables.contains(t), "missing {t}: {tables:?}");
+    }
+    let journal: String = db
+        .block_on(sqlx::query_scalar("PRAGMA journal_mode").fetch_one(db.pool()))
+        .expect("journal mode");
+    assert_eq!(journal, "wal");
+    let fk: i64 = db
+        .block_on(sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(db.pool()))
+        .expect("foreign keys");
+    assert_eq!(fk, 1);
+    let applied: i64 = db
+        .block_on(sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(db.pool()))
+        .expect("migrations");
+    assert_eq!(applied, 1);
+
+    let id = db
+        .upsert_experiment("e", "e.toml", "a = 1")
+        .expect("upsert");
+    drop(db);
+    let db = Db::open_existing(&path).expect("reopen");
+    assert_eq!(db.experiment_id("e").expect("lookup"), Some(id));
+    assert_eq!(db.experiment_id("nope").expect("lookup"), None);
+}
+
+#[test]
+fn open_existing_missing_file_names_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("absent.sqlite");
+    match Db::open_existing(&path) {
+        Err(Error::NotFound(msg)) => assert!(msg.contains("absent.sqlite"), "{msg}"),
+        other => panic!("expected NotFound, got {:?}", other.map(|_| ())),
+    }
+    assert!(!path.exists(), "open_existing must not create the file");
+}
+
+#[test]
+fn upsert_experiment_updates_spec() {
+    let (_dir, _path, db) = temp_db();
+    let a = db
+        .upsert_experiment("exp", "a.toml", "x = 1")
+        .expect("insert");
+    let b = db
+        .upsert_experiment("exp", "b.toml", "x = 2")
+        .expect("update");
+    assert_eq!(a, b);
+    assert_eq!(
+        db.experiment_spec("exp").expect("spec"),
+        Some(("b.toml".to_string(), "x = 2".to_string()))
+    );
+    let list = db.list_experiments().expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (
+            list[0].name.as_str(),
+            list[0].spec_path.as_str(),
+            list[0].runs,
+            list[0].finished
+        ),
+        ("exp", "b.toml", 0, 0)
+    );
+    assert!(
+        list[0].created_at.ends_with('Z') && list[0].created_at.contains('T'),
+        "{}",
+        list[0].created_at
+    );
+}
+
+#[test]
+fn create_run_is_idempotent_and_links_second_experiment() {
+    let (_dir, _path, db) = temp_db();
+    let e1 = db.upsert_experiment("one", "one.toml", "").expect("e1");
+    let e2 = db.upsert_experiment("two", "two.toml", "").expect("e2");
+    let params = json!({"z": 1, "a": {"y": [1, 2], "b": true}});
+    let mut tok = new_run("tok-hash", None, 0, &params);
+    tok.kind = "tokenizer";
+    let t1 = db.create_run(e1, &tok).expect("create");
+    let g1 = db
+        .create_run(e1, &new_run("gen-1", Some("diffusion"), 7, &params))
+        .expect("gen");
+    // Same hash again, with different metadata: the existing id comes back, the row is untouched.
+    let mut again = tok.clone();
+    again.name = "renamed";
+    again.host = "hostB";
+    assert_eq!(db.create_run(e1, &again).expect("again"), t1);
+    // Shared with a second experiment, where it is the first run.
+    assert_eq!(db.create_run(e2, &again).expect("shared"), t1);
+
+    let row = db
+        .run_by_hash("tok-hash")
+        .expect("by hash")
+        .expect("exists");
+    assert_eq!(row.id, t1);
+    assert_eq!(
+        (row.name.as_str(), row.host.as_str(), row.kind.as_str()),
+        ("tok-hash", "hostA", "tokenizer")
+    );
+    assert_eq!(row.status, "queued");
+    assert_eq!(row.run_status().expect("status"), RunStatus::Queued);
+    assert_eq!(row.params, params);
+    assert_eq!(row.git_commit.as_deref(), Some("abc123"));
+    assert!(!row.git_dirty);
+    assert!(row.started_at.is_none() && row.ended_at.is_none() && row.pid.is_none());
+    assert_eq!(
+        db.run(g1).expect("run").expect("exists").arm.as_deref(),
+        Some("diffusion")
+    );
+    assert!(db.run(9999).expect("run").is_none());
+    assert!(db.run_by_hash("nope").expect("by hash").is_none());
+
+    let ids = |name: &str| {
+        db.list_runs(Some(name))
+            .expect("list")
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids("one"), vec![t1, g1]);
+    assert_eq!(ids("two"), vec![t1]);
+    let g2 = db
+        .create_run(e2, &new_run("gen-2", Some("cross-entropy"), 7, &params))
+        .expect("gen2");
+    assert_eq!(ids("two"), vec![t1, g2]);
+    assert_eq!(
+        db.list_runs(None)
+            .expect("all")
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        vec![t1, g1, g2]
+    );
+    let positions: Vec<i64> = db
+        .block_on(
+            sqlx::query_scalar(
+                "SELECT position FROM experiment_runs WHERE experiment_id = ?1 ORDER BY position",
+            )
+            .bind(e1)
+            .fetch_all(db.pool()),
+        )
+        .expect("positions");
+    assert_eq!(positions, vec![0, 1]);
+
+    let counts: Vec<(String, i64)> = db
+        .list_experiments()
+        .expect("list")
+        .into_iter()
+        .map(|e| (e.name, e.runs))
+        .collect();
+    assert_eq!(counts, vec![("one".to_string(), 2), ("two".to_string(), 2)]);
+
+    assert!(matches!(
+        db.list_runs(Some("missing")),
+        Err(Error::NotFound(_))
+    ));
+    let mut bad = new_run("bad", None, 0, &params);
+    bad.kind = "decoder";
+    assert!(matches!(db.create_run(e1, &bad), Err(Error::Invalid(_))));
+    assert!(matches!(
+        db.create_run(424242, &new_run("x", None, 0, &params)),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn run_lifecycle() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let id = db
+        .create_run(e, &new_run("h", Some("diffusion"), 1, &params))
+        .expect("run");
+
+    db.start_run(id, 4242, "hostA", "cuda:0", Some("def456"), true)
+        .expect("start");
+    db.set_stage(id, "train").expect("stage");
+    let r = db.run(id).expect("run").expect("exists");
+    assert_eq!(
+        (
+            r.status.as_str(),
+            r.stage.as_deref(),
+            r.pid,
+            r.device.as_str()
+        ),
+        ("running", Some("train"), Some(4242), "cuda:0")
+    );
+    assert_eq!(r.git_commit.as_deref(), Some("def456"));
+    assert!(r.git_dirty);
+    let started = r.started_at.clone().expect("started_at");
+
+    db.fail_run(id, "out of memory").expect("fail");
+    let r = db.run(id).expect("run").expect("exists");
+    assert_eq!(
+        (r.status.as_str(), r.error.as_deref()),
+        ("failed", Some("out of memory"))
+    );
+    assert!(r.ended_at.is_some());
+
+    // Restart keeps the first start time and clears the error.
+    db.start_run(id, 4343, "hostA", "cpu", None, false)
+        .expect("restart");
+    let r = db.run(id).expect("run").expect("exists");
+    assert_eq!(r.started_at.as_deref(), Some(started.as_str()));
+    assert_eq!(
+        (r.status.as_str(), r.error, r.ended_at, r.pid),
+        ("running", None, None, Some(4343))
+    );
+
+    db.finish_run(id).expect("finish");
+    let r = db.run(id).expect("run").expect("exists");
+    assert_eq!(
+        (r.status.as_str(), r.stage.as_deref()),
+        ("finished", Some("done"))
+    );
+    assert!(r.ended_at.is_some());
+    // A finished run is never turned into an interrupted one.
+    db.mark_interrupted(id).expect("mark");
+    assert_eq!(db.run(id).expect("run").expect("exists").status, "finished");
+    assert_eq!(db.list_experiments().expect("list")[0].finished, 1);
+
+    assert!(matches!(db.set_stage(777, "x"), Err(Error::NotFound(_))));
+    assert!(matches!(db.mark_interrupted(777), Err(Error::NotFound(_))));
+
+    let q = db
+        .create_run(e, &new_run("h2", None, 1, &params))
+        .expect("run");
+    db.start_run(q, 1, "hostA", "cpu", None, false)
+        .expect("start");
+    db.mark_interrupted(q).expect("mark");
+    assert_eq!(
+        db.run(q).expect("run").expect("exists").status,
+        "interrupted"
+    );
+
+    for s in ["queued", "running", "finished", "failed", "interrupted"] {
+        assert_eq!(s.parse::<RunStatus>().expect("parse").to_string(), s);
+    }
+    assert!(matches!(
+        "done".parse::<RunStatus>(),
+        Err(Error::Invalid(_))
+    ));
+}
+
+#[test]
+fn reap_dead_runs_marks_only_dead_on_this_host() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let alive = db
+        .create_run(e, &new_run("alive", None, 0, &params))
+        .expect("r");
+    let dead = db
+        .create_run(e, &new_run("dead", None, 0, &params))
+        .expect("r");
+    let other_host = db
+        .create_run(e, &new_run("other", None, 0, &params))
+        .expect("r");
+    let no_pid = db
+        .create_run(e, &new_run("nopid", None, 0, &params))
+        .expect("r");
+    let queued = db
+        .create_run(e, &new_run("queued", None, 0, &params))
+        .expect("r");
+    db.start_run(alive, 100, "hostA", "cpu", None, false)
+        .expect("start");
+    db.start_run(dead, 200, "hostA", "cpu", None, false)
+        .expect("start");
+    db.start_run(other_host, 200, "hostB", "cpu", None, false)
+        .expect("start");
+    db.start_run(no_pid, 1, "hostA", "cpu", None, false)
+        .expect("start");
+    db.block_on(
+        sqlx::query("UPDATE runs SET pid = NULL WHERE id = ?1")
+            .bind(no_pid)
+            .execute(db.pool()),
+    )
+    .expect("null pid");
+
+    let reaped = db.reap_dead_runs("hostA", &|pid| pid == 100).expect("reap");
+    assert_eq!(reaped, 2);
+    let status = |id| db.run(id).expect("run").expect("exists").status;
+    assert_eq!(status(alive), "running");
+    assert_eq!(status(dead), "interrupted");
+    assert_eq!(status(no_pid), "interrupted");
+    assert_eq!(status(other_host), "running");
+    assert_eq!(status(queued), "queued");
+    assert!(db
+        .run(dead)
+        .expect("run")
+        .expect("exists")
+        .ended_at
+        .is_some());
+    assert_eq!(
+        db.reap_dead_runs("hostA", &|pid| pid == 100).expect("reap"),
+        0
+    );
+}
+
+#[test]
+fn metric_writer_batches_and_replaces() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    let stored = |db: &Db| db.metrics(run, None).expect("metrics").len();
+    {
+        let mut w = db.metric_writer(run, 3);
+        w.push("loss", 1, 0.9).expect("push");
+        w.push("loss", 2, 0.8).expect("push");
+        assert_eq!(
+            (w.pending(), stored(&db)),
+            (2, 0),
+            "below the batch size nothing is written"
+        );
+        w.push("lr", 2, 1e-3).expect("push");
+        assert_eq!(
+            (w.pending(), stored(&db)),
+            (0, 3),
+            "the third point writes the batch"
+        );
+        w.push("loss", 3, 0.7).expect("push");
+        assert_eq!(stored(&db), 3);
+    } // drop flushes
+    assert_eq!(stored(&db), 4);
+
+    // Re-inserting (key, step) replaces: a resumed run never duplicates.
+    db.insert_metrics(run, &[point("loss", 2, 0.5), point("loss", 4, f64::NAN)])
+        .expect("insert");
+    let loss = db.metrics(run, Some("loss")).expect("loss");
+    let steps: Vec<i64> = loss.iter().map(|p| p.step).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert_eq!(loss[0].value, 0.9);
+    assert_eq!(loss[1].value, 0.5);
+    assert_eq!(loss[1].wall_time, 1.0e9 + 2.0);
+    assert!(loss[3].value.is_nan(), "NaN survives as NaN");
+    assert!(
+        loss[0].wall_time > 1.6e9,
+        "writer stamps UNIX time: {}",
+        loss[0].wall_time
+    );
+    let all = db.metrics(run, None).expect("all");
+    let keys: Vec<(&str, i64)> = all.iter().map(|p| (p.key.as_str(), p.step)).collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("loss", 1),
+            ("loss", 2),
+            ("loss", 3),
+            ("loss", 4),
+            ("lr", 2)
+        ]
+    );
+
+    let latest = db.latest_metrics(run).expect("latest");
+    assert_eq!(latest.len(), 2);
+    assert_eq!((latest[0].0.as_str(), latest[0].1), ("loss", 4));
+    assert_eq!(latest[1], ("lr".to_string(), 2, 1e-3));
+
+    let recs = db.metrics_for_experiment("e", "loss").expect("records");
+    assert_eq!(recs.len(), 4);
+    assert_eq!(
+        (
+            recs[1].run_id,
+            recs[1].cell.as_str(),
+            recs[1].step,
+            recs[1].value
+        ),
+        (run, "ar-raster", 2, 0.5)
+    );
+    assert!(matches!(
+        db.metrics_for_experiment("missing", "loss"),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn delete_metrics_after_step() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    let other = db
+        .create_run(e, &new_run("h2", None, 0, &params))
+        .expect("run");
+    let points: Vec<MetricPoint> = (0..10)
+        .flat_map(|s| [point("loss", s, s as f64), point("acc", s, 1.0)])
+        .collect();
+    db.insert_metrics(run, &points).expect("insert");
+    db.insert_metrics(other, &points).expect("insert");
+    assert_eq!(db.delete_metrics_after(run, 6).expect("delete"), 6);
+    let left = db.metrics(run, Some("loss")).expect("loss");
+    assert_eq!(
+        left.iter().map(|p| p.step).collect::<Vec<_>>(),
+        (0..=6).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        db.metrics(other, None).expect("other").len(),
+        20,
+        "other runs untouched"
+    );
+    assert_eq!(db.delete_metrics_after(run, 6).expect("delete"), 0);
+}
+
+#[test]
+fn evals_join_experiment_and_replace() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let ce = db
+        .create_run(e, &new_run("ce", Some("cross-entropy"), 1, &params))
+        .expect("run");
+    let diff = db
+        .create_run(e, &new_run("diff", Some("diffusion"), 1, &params))
+        .expect("run");
+    let settings = json!({"cfg": 1.5, "steps": 64});
+    let reordered = json!({"steps": 64, "cfg": 1.5});
+    let eval = |run_id, metric, value| NewEval {
+        run_id,
+        step: 1000,
+        metric,
+        value,
+        sample_count: 500,
+        feature_net: "inception-v3",
+        settings: &settings,
+    };
+    db.insert_eval(&eval(diff, "fid", 12.5)).expect("eval");
+    db.insert_eval(&eval(diff, "is", 40.0)).expect("eval");
+    db.insert_eval(&eval(ce, "fid", 20.0)).expect("eval");
+    // Same identity (settings with keys in another order): replaced, not duplicated.
+    let first = db.insert_eval(&eval(ce, "is", 30.0)).expect("eval");
+    let again = db
+        .insert_eval(&NewEval {
+            value: 31.0,
+            sample_count: 1000,
+            settings: &reordered,
+            ..eval(ce, "is", 0.0)
+        })
+        .expect("eval");
+    assert_eq!(first, again);
+
+    let rows = db.evals_for_experiment("e").expect("evals");
+    let got: Vec<(i64, &str, f64, i64)> = rows
+        .iter()
+        .map(|r| (r.run_id, r.metric.as_str(), r.value, r.position))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (ce, "fid", 20.0, 0),
+            (ce, "is", 31.0, 0),
+            (diff, "fid", 12.5, 1),
+            (diff, "is", 40.0, 1)
+        ]
+    );
+    assert_eq!(rows[1].sample_count, 1000);
+    assert_eq!(
+        (
+            rows[0].run_name.as_str(),
+            rows[0].kind.as_str(),
+            rows[0].arm.as_deref(),
+            rows[0].seed
+        ),
+        ("ce", "generator", Some("cross-entropy"), 1)
+    );
+    assert_eq!(rows[0].settings, r#"{"cfg":1.5,"steps":64}"#);
+    assert_eq!(rows[0].feature_net, "inception-v3");
+
+    let by_run = db.evals_for_run(diff).expect("evals");
+    assert_eq!(
+        by_run
+            .iter()
+            .map(|r| (r.metric.as_str(), r.value, r.position))
+            .collect::<Vec<_>>(),
+        vec![("fid", 12.5, 1), ("is", 40.0, 1)]
+    );
+    assert!(matches!(
+        db.evals_for_experiment("missing"),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn artifacts_and_baselines() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    let a = db
+        .insert_artifact(run, "checkpoint", "ckpt/1000.safetensors", "aa", 10)
+        .expect("artifact");
+    let b = db
+        .insert_artifact(run, "samples", "grid.png", "bb", 20)
+        .expect("artifact");
+    let a2 = db
+        .insert_artifact(run, "checkpoint", "ckpt/1000.safetensors", "cc", 30)
+        .expect("artifact");
+    assert_eq!(a, a2);
+    let rows = db.artifacts(run).expect("artifacts");
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.id, r.sha256.as_str(), r.bytes))
+            .collect::<Vec<_>>(),
+        vec![(a, "cc", 30), (b, "bb", 20)]
+    );
+    assert!(
+        matches!(
+            db.insert_artifact(999, "x", "y", "z", 1),
+            Err(Error::Sqlx(_))
+        ),
+        "foreign keys are enforced"
+    );
+
+    assert_eq!(db.baseline("e", "main").expect("baseline"), None);
+    let p1 = json!({"fid": {"diffusion": 12.5}});
+    let id = db.pin_baseline("e", "main", &p1).expect("pin");
+    assert_eq!(db.baseline("e", "main").expect("baseline"), Some(p1));
+    let p2 = json!({"fid": {"diffusion": 11.0}});
+    assert_eq!(db.pin_baseline("e", "main", &p2).expect("pin"), id);
+    assert_eq!(db.baseline("e", "main").expect("baseline"), Some(p2));
+    assert_eq!(db.baseline("other", "main").expect("baseline"), None);
+    assert!(matches!(
+        db.pin_baseline("other", "main", &json!({})),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn concurrent_writers_on_one_file_never_lock() {
+    const THREADS: usize = 8;
+    const BATCHES: i64 = 100;
+    const POINTS: i64 = 5;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = Arc::new(dir.path().join("shared.sqlite"));
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let path = Arc::clone(&path);
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || -> crate::Result<i64> {
+                barrier.wait(); // every thread opens (and migrates) a fresh file at once
+                let db = Db::open(&path)?;
+                let e = db.upsert_experiment("conc", "conc.toml", "")?;
+                let params = json!({"thread": t});
+                let hash = format!("run-{t}");
+                let run = db.create_run(e, &new_run(&hash, None, t as i64, &params))?;
+                db.start_run(run, t as i64, "hostA", "cpu", None, false)?;
+                for b in 0..BATCHES {
+                    let points: Vec<MetricPoint> = (0..POINTS)
+                        .map(|i| point("loss", b * POINTS + i, t as f64))
+                        .collect();
+                    db.insert_metrics(run, &points)?;
+                }
+                db.finish_run(run)?;
+                Ok(run)
+            })
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for h in handles {
+        match h.join().expect("thread panicked") {
+            Ok(run) => runs.push(run),
+            Err(e) => panic!("a concurrent writer failed: {e}"),
+        }
+    }
+    let db = Db::open(&path).expect("open");
+    let list = db.list_experiments().expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].runs, list[0].finished),
+        (THREADS as i64, THREADS as i64)
+    );
+    let mut positions: Vec<i64> = db
+        .block_on(sqlx::query_scalar("SELECT position FROM experiment_runs").fetch_all(db.pool()))
+        .expect("positions");
+    positions.sort_unstable();
+    assert_eq!(
+        positions,
+        (0..THREADS as i64).collect::<Vec<_>>(),
+        "positions are unique"
+    );
+    for run in runs {
+        let points = db.metrics(run, Some("loss")).expect("metrics");
+        assert_eq!(points.len() as i64, BATCHES * POINTS);
+        let seed = db.run(run).expect("run").expect("exists").seed;
+        assert!(points.iter().all(|p| p.value == seed as f64));
+    }
+    let applied: i64 = db
+        .block_on(sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(db.pool()))
+        .expect("migrations");
+    assert_eq!(applied, 1, "concurrent openers applied the migration once");
+}
+
+#[test]
+fn db_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Db>();
+}
+
+#[test]
+fn one_db_shared_across_threads() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    std::thread::scope(|s| {
+        for t in 0..4i64 {
+            let db = &db;
+            s.spawn(move || {
+                let mut w = db.metric_writer(run, 7);
+                for step in 0..50 {
+                    w.push(&format!("k{t}"), step, step as f64).expect("push");
+                }
+                w.flush().expect("flush");
+            });
+        }
+    });
+    let latest = db.latest_metrics(run).expect("latest");
+    assert_eq!(latest.len(), 4);
+    assert!(latest
+        .iter()
+        .all(|(_, step, value)| *step == 49 && *value == 49.0));
+    assert_eq!(db.metrics(run, None).expect("metrics").len(), 200);
+}

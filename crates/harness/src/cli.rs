@@ -1,0 +1,323 @@
+//! The command line: `ablate run | plan | report | list | show`.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use db::Db;
+
+use crate::runner::{Layout, Runner};
+use crate::spec;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ablate",
+    version,
+    about = "Paired ablations of cross-entropy on VQ tokens vs Diffusion Loss on continuous tokens (MAR, Li et al. 2024)"
+)]
+pub struct Cli {
+    /// Folder for the database, caches, checkpoints and reports
+    #[arg(long, global = true, env = "ABLATE_ROOT", default_value = "runs")]
+    pub root: PathBuf,
+    /// Print only results, no progress
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train, sample, evaluate and report every run of a spec (finished runs are skipped)
+    Run {
+        spec: PathBuf,
+        /// Override a key of the spec: --set train.steps=200
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// cpu or cuda:N (overrides the spec's `device`)
+        #[arg(long)]
+        device: Option<String>,
+        /// Do not write the report at the end
+        #[arg(long)]
+        no_report: bool,
+    },
+    /// Print the runs a spec expands to and which are already finished
+    Plan {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Write the paper-style table and plots of an experiment
+    Report {
+        experiment: String,
+        /// Output folder (default: ROOT/reports/EXPERIMENT)
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List experiments, or the runs of one
+    List {
+        /// Show the runs of this experiment
+        experiment: Option<String>,
+    },
+    /// Show one run: parameters, status, metrics, evals, artifacts
+    Show { run: i64 },
+}
+
+/// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ABLATE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = if e.downcast_ref::<spec::SpecError>().is_some() {
+                2
+            } else {
+                1
+            };
+            eprintln!("error: {e:#}");
+            code
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let layout = Layout {
+        root: cli.root.clone(),
+    };
+    match cli.command {
+        Command::Run {
+            spec,
+            set,
+            device,
+            no_report,
+        } => {
+            // the spec is checked completely before anything touches the database
+            let loaded = spec::load(&spec, &set)?;
+            if let Some(d) = &device {
+                crate::runner::parse_device(d)?;
+            }
+            let mut runner = Runner::open(layout.clone(), device, cli.quiet)?;
+            let started = std::time::Instant::now();
+            let outcomes = runner.run_experiment(&loaded)?;
+            let failed: Vec<_> = outcomes.iter().filter(|o| o.status != "finished").collect();
+            eprintln!(
+                "{} run(s): {} finished ({} earlier), {} failed, in {:.1} s",
+                outcomes.len(),
+                outcomes.len() - failed.len(),
+                outcomes.iter().filter(|o| o.cached).count(),
+                failed.len(),
+                started.elapsed().as_secs_f64()
+            );
+            for f in &failed {
+                eprintln!(
+                    "  failed: run {} ({} · {} · seed {}): {}",
+                    f.run_id,
+                    f.cell,
+                    f.arm.as_str(),
+                    f.seed,
+                    f.error.as_deref().unwrap_or("")
+                );
+            }
+            if !no_report {
+                let out = layout.report_dir(&loaded.base.name);
+                match reports::write_report(&runner.db, &loaded.base.name, &out) {
+                    Ok(r) => {
+                        println!("{}", r.markdown);
+                        for f in &r.files {
+                            println!("report: {}", f.display());
+                        }
+                    }
+                    Err(e) => eprintln!("report not written: {e}"),
+                }
+            }
+            println!("database: {}", layout.db().display());
+            Ok(if failed.is_empty() { 0 } else { 1 })
+        }
+        Command::Plan { spec, set } => {
+            let loaded = spec::load(&spec, &set)?;
+            let db = if layout.db().exists() {
+                Some(Db::open_existing(&layout.db())?)
+            } else {
+                None
+            };
+            println!(
+                "{}: {} cell(s), {} run(s)",
+                loaded.base.name,
+                loaded.cells.len(),
+                loaded.runs().len()
+            );
+            println!(
+                "{:<18} {:<40} {:<14} {:>6}  status",
+                "hash", "cell", "arm", "seed"
+            );
+            for r in loaded.runs() {
+                let hash = r.hash();
+                let status = match &db {
+                    Some(db) => db
+                        .run_by_hash(&hash)?
+                        .map(|row| row.status)
+                        .unwrap_or_else(|| "new".into()),
+                    None => "new".into(),
+                };
+                println!(
+                    "{:<18} {:<40} {:<14} {:>6}  {}",
+                    hash,
+                    r.cell,
+                    r.arm.as_str(),
+                    r.seed,
+                    status
+                );
+            }
+            Ok(0)
+        }
+        Command::Report { experiment, out } => {
+            let db = Db::open_existing(&layout.db())
+                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let out = out.unwrap_or_else(|| layout.report_dir(&experiment));
+            let r = reports::write_report(&db, &experiment, &out)?;
+            println!("{}", r.markdown);
+            for f in &r.files {
+                println!("report: {}", f.display());
+            }
+            Ok(0)
+        }
+        Command::List { experiment } => {
+            let db = Db::open_existing(&layout.db())
+                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let reaped = db.reap_dead_runs(
+                &crate::runner::Environment::detect().host,
+                &crate::runner::pid_alive,
+            )?;
+            let _ = reaped;
+            match experiment {
+                None => {
+                    println!(
+                        "{:<4} {:<24} {:>6} {:>9}  created",
+                        "id", "experiment", "runs", "finished"
+                    );
+                    for e in db.list_experiments()? {
+                        println!(
+                            "{:<4} {:<24} {:>6} {:>9}  {}",
+                            e.id, e.name, e.runs, e.finished, e.created_at
+                        );
+                    }
+                }
+                Some(name) => {
+                    if db.experiment_id(&name)?.is_none() {
+                        anyhow::bail!("no experiment named '{name}' (see `ablate list`)");
+                    }
+                    println!(
+                        "{:<5} {:<11} {:<12} {:<50} {:<10}",
+                        "run", "kind", "status", "name", "stage"
+                    );
+                    for r in db.list_runs(Some(&name))? {
+                        println!(
+                            "{:<5} {:<11} {:<12} {:<50} {:<10}",
+                            r.id,
+                            r.kind,
+                            r.status,
+                            r.name,
+                            r.stage.unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Show { run } => {
+            let db = Db::open_existing(&layout.db())
+                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let r = db.run(run)?.ok_or_else(|| {
+                anyhow::anyhow!("no run with id {run} (see `ablate list EXPERIMENT`)")
+            })?;
+            println!("run {}: {}", r.id, r.name);
+            println!(
+                "  kind {} · status {} · stage {}",
+                r.kind,
+                r.status,
+                r.stage.clone().unwrap_or_default()
+            );
+            println!(
+                "  hash {} · seed {} · arm {}",
+                r.hash,
+                r.seed,
+                r.arm.clone().unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "  host {} · device {} · version {} · pid {}",
+                r.host,
+                r.device,
+                r.version,
+                r.pid.map(|p| p.to_string()).unwrap_or_default()
+            );
+            println!(
+                "  git {}{}",
+                r.git_commit.clone().unwrap_or_else(|| "unknown".into()),
+                if r.git_dirty { " (dirty)" } else { "" }
+            );
+            println!(
+                "  created {} · started {} · ended {}",
+                r.created_at,
+                r.started_at.clone().unwrap_or_default(),
+                r.ended_at.clone().unwrap_or_default()
+            );
+            if let Some(e) = &r.error {
+                println!("  error: {e}");
+            }
+            let metrics = db.metrics(run, None)?;
+            let mut last: std::collections::BTreeMap<String, (i64, f64, usize)> =
+                Default::default();
+            for m in &metrics {
+                let e = last.entry(m.key.clone()).or_insert((m.step, m.value, 0));
+                if m.step >= e.0 {
+                    e.0 = m.step;
+                    e.1 = m.value;
+                }
+                e.2 += 1;
+            }
+            if !last.is_empty() {
+                println!("  metrics (last value, points):");
+                for (k, (s, v, n)) in last {
+                    println!("    {k:<24} {v:>12.6} at step {s} ({n} points)");
+                }
+            }
+            let evals = db.evals_for_run(run)?;
+            if !evals.is_empty() {
+                println!("  evals:");
+                for e in evals {
+                    println!(
+                        "    {:<8} {:>10.4}  step {} · {} samples · {} · {}",
+                        e.metric, e.value, e.step, e.sample_count, e.feature_net, e.settings
+                    );
+                }
+            }
+            let artifacts = db.artifacts(run)?;
+            if !artifacts.is_empty() {
+                println!("  artifacts:");
+                for a in artifacts {
+                    println!(
+                        "    {:<10} {} ({} bytes, sha256 {})",
+                        a.kind,
+                        a.path,
+                        a.bytes,
+                        &a.sha256[..12.min(a.sha256.len())]
+                    );
+                }
+            }
+            println!("  params: {}", serde_json::to_string(&r.params)?);
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! ablate's harness: the experiment spec, data sets, tokenizers, training, sampling, evaluation
+//! and the runner that ties them to the tracking database. The `ablate` binary is `main.rs`.
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod runner;
+pub mod spec;
+pub mod tokenize;
+pub mod train;

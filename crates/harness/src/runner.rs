@@ -1,0 +1,919 @@
+//! The runner: turns a loaded spec into finished runs. For each planned run it makes sure the
+//! tokenizer and the feature net exist (stage 1, cached by hash and shared), trains the generator
+//! (stage 2, checkpointed), samples, evaluates and records everything through `db`.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use db::{Db, MetricPoint, NewEval, NewRun};
+use indicatif::{ProgressBar, ProgressStyle};
+use models::diffusion::Schedule;
+use models::generator::CfgSchedule;
+use models::init::seeded_var_builder;
+use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Rng, SampleOptions, Tokens};
+
+use crate::data::{self, Dataset, ImageSet};
+use crate::eval::{self, metrics, FeatureNet};
+use crate::spec::{
+    self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, PlannedRun, ScheduleSpec, Spec,
+};
+use crate::tokenize::{TokenData, Tokenizer};
+use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint};
+
+pub type Result<T> = anyhow::Result<T>;
+
+/// Where things live: `root/ablate.sqlite`, `root/cache/…`, `root/artifacts/HASH/…`, `root/reports/NAME/…`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn db(&self) -> PathBuf {
+        self.root.join("ablate.sqlite")
+    }
+    pub fn tokenizer(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/tokenizers")
+            .join(format!("{hash}.safetensors"))
+    }
+    pub fn classifier(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/classifiers")
+            .join(format!("{hash}.safetensors"))
+    }
+    pub fn run_dir(&self, hash: &str) -> PathBuf {
+        self.root.join("artifacts").join(hash)
+    }
+    pub fn report_dir(&self, experiment: &str) -> PathBuf {
+        let safe: String = experiment
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.root.join("reports").join(safe)
+    }
+}
+
+/// Facts about where a run happens, recorded with it.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub host: String,
+    pub git_commit: Option<String>,
+    pub git_dirty: bool,
+    pub pid: i64,
+}
+
+impl Environment {
+    pub fn detect() -> Self {
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        Environment {
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| "unknown".into()),
+            git_commit: git(&["rev-parse", "HEAD"]),
+            git_dirty: git(&["status", "--porcelain"])
+                .map(|s| !s.is_empty())
+                .unwrap_or(false),
+            pid: std::process::id() as i64,
+        }
+    }
+}
+
+pub fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Parse "cpu" / "cuda:N" into a candle device.
+pub fn parse_device(name: &str) -> Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = name.strip_prefix("cuda:") {
+        let n: usize = n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("device '{name}': expected cuda:N"))?;
+        return Device::new_cuda(n).map_err(|e| {
+            anyhow::anyhow!("device '{name}': {e} (was ablate built with `--features cuda`, and is a GPU present?)")
+        });
+    }
+    anyhow::bail!("device '{name}': expected 'cpu' or 'cuda:N'")
+}
+
+/// What happened to each planned run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_id: i64,
+    pub cell: String,
+    pub arm: Arm,
+    pub seed: u64,
+    pub status: String,
+    pub cached: bool,
+    pub fid: Option<f64>,
+    pub is: Option<f64>,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+pub struct Runner {
+    pub db: Db,
+    pub layout: Layout,
+    pub env: Environment,
+    pub device_override: Option<String>,
+    pub quiet: bool,
+    datasets: HashMap<String, std::rc::Rc<Dataset>>,
+    tokenizers: HashMap<String, std::rc::Rc<(Tokenizer, TokenData)>>,
+    feature_nets: HashMap<String, std::rc::Rc<(FeatureNet, metrics::Gaussian)>>,
+}
+
+fn spinner(quiet: bool, len: u64, msg: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:40} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg);
+    pb
+}
+
+impl Runner {
+    pub fn open(layout: Layout, device_override: Option<String>, quiet: bool) -> Result<Self> {
+        let db = Db::open(&layout.db())?;
+        Ok(Runner {
+            db,
+            layout,
+            env: Environment::detect(),
+            device_override,
+            quiet,
+            datasets: HashMap::new(),
+            tokenizers: HashMap::new(),
+            feature_nets: HashMap::new(),
+        })
+    }
+
+    fn say(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+
+    /// Run (or skip, when finished) every run of the spec; never stops at the first failure.
+    pub fn run_experiment(&mut self, loaded: &LoadedSpec) -> Result<Vec<RunOutcome>> {
+        let reaped = self.db.reap_dead_runs(&self.env.host, &pid_alive)?;
+        if reaped > 0 {
+            self.say(format!(
+                "{reaped} run(s) left running by a dead process marked interrupted"
+            ));
+        }
+        let exp = self.db.upsert_experiment(
+            &loaded.base.name,
+            &loaded.path.display().to_string(),
+            &loaded.source,
+        )?;
+        let runs = loaded.runs();
+        let total = runs.len();
+        let mut outcomes = Vec::new();
+        for (i, run) in runs.iter().enumerate() {
+            let started = Instant::now();
+            let device_name = self
+                .device_override
+                .clone()
+                .unwrap_or_else(|| run.spec.device.clone());
+            let hash = run.hash();
+            let params = serde_json::to_value(&run.spec)?;
+            let name = format!("{} · {} · seed {}", run.cell, run.arm.as_str(), run.seed);
+            let run_id = self.db.create_run(
+                exp,
+                &NewRun {
+                    hash: &hash,
+                    kind: "generator",
+                    name: &name,
+                    cell: &run.cell,
+                    arm: Some(run.arm.as_str()),
+                    seed: run.seed as i64,
+                    params: &params,
+                    git_commit: self.env.git_commit.as_deref(),
+                    git_dirty: self.env.git_dirty,
+                    host: &self.env.host,
+                    device: &device_name,
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+            )?;
+            let row = self.db.run(run_id)?;
+            let mut outcome = RunOutcome {
+                run_id,
+                cell: run.cell.clone(),
+                arm: run.arm,
+                seed: run.seed,
+                status: String::new(),
+                cached: false,
+                fid: None,
+                is: None,
+                seconds: 0.0,
+                error: None,
+            };
+            if row
+                .as_ref()
+                .map(|r| r.status == "finished")
+                .unwrap_or(false)
+            {
+                let evals = self.db.evals_for_run(run_id)?;
+                outcome.fid = evals
+                    .iter()
+                    .filter(|e| e.metric == "fid")
+                    .map(|e| e.value)
+                    .next_back();
+                outcome.is = evals
+                    .iter()
+                    .filter(|e| e.metric == "is")
+                    .map(|e| e.value)
+                    .next_back();
+                outcome.status = "finished".into();
+                outcome.cached = true;
+                self.say(format!(
+                    "[{}/{total}] {name}: finished earlier (run {run_id}), skipped",
+                    i + 1
+                ));
+                outcomes.push(outcome);
+                continue;
+            }
+            self.say(format!("[{}/{total}] {name} (run {run_id}, {hash})", i + 1));
+            self.db.start_run(
+                run_id,
+                self.env.pid,
+                &self.env.host,
+                &device_name,
+                self.env.git_commit.as_deref(),
+                self.env.git_dirty,
+            )?;
+            match self.execute(exp, run_id, &hash, run, &device_name) {
+                Ok((fid, is)) => {
+                    self.db.finish_run(run_id)?;
+                    outcome.status = "finished".into();
+                    outcome.fid = Some(fid);
+                    outcome.is = Some(is);
+                    self.say(format!(
+                        "    done in {:.1} s: FID {fid:.2}, IS {is:.2}",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    self.db.fail_run(run_id, &msg)?;
+                    self.say(format!("    failed: {msg}"));
+                    outcome.status = "failed".into();
+                    outcome.error = Some(msg);
+                }
+            }
+            outcome.seconds = started.elapsed().as_secs_f64();
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    fn dataset(&mut self, spec: &Spec) -> Result<std::rc::Rc<Dataset>> {
+        let key = serde_json::to_string(&spec.data)?;
+        if let Some(d) = self.datasets.get(&key) {
+            return Ok(d.clone());
+        }
+        let d = std::rc::Rc::new(data::load(&spec.data)?);
+        self.datasets.insert(key, d.clone());
+        Ok(d)
+    }
+
+    /// Stage 1a: the tokenizer for this run's arm, fitted once per (data, tokenizer, seed).
+    fn tokenizer(
+        &mut self,
+        exp: i64,
+        run: &PlannedRun,
+        ds: &Dataset,
+    ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
+        let tspec = run.tokenizer().clone();
+        let identity = serde_json::json!({
+            "results_version": spec::RESULTS_VERSION,
+            "data": ds.fingerprint,
+            "tokenizer": tspec,
+            "seed": run.seed,
+        });
+        let hash = spec::content_hash(&identity);
+        if let Some(t) = self.tokenizers.get(&hash) {
+            self.db.create_run(
+                exp,
+                &self.stage_run(
+                    &hash,
+                    "tokenizer",
+                    &format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed),
+                    run.seed,
+                    &identity,
+                ),
+            )?;
+            return Ok(t.clone());
+        }
+        let path = self.layout.tokenizer(&hash);
+        let id = self.db.create_run(
+            exp,
+            &self.stage_run(
+                &hash,
+                "tokenizer",
+                &format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed),
+                run.seed,
+                &identity,
+            ),
+        )?;
+        let finished = self
+            .db
+            .run(id)?
+            .map(|r| r.status == "finished")
+            .unwrap_or(false);
+        let tok = if finished && (path.exists() || !tspec.kind.is_discrete()) {
+            Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path)?
+        } else {
+            self.db.start_run(
+                id,
+                self.env.pid,
+                &self.env.host,
+                "cpu",
+                self.env.git_commit.as_deref(),
+                self.env.git_dirty,
+            )?;
+            let t0 = Instant::now();
+            let pb = spinner(
+                self.quiet,
+                1,
+                format!("fitting tokenizer {}", run.tokenizer_name()),
+            );
+            let result = Tokenizer::fit(&tspec, &ds.train, run.seed);
+            pb.finish_and_clear();
+            let tok = match result {
+                Ok(t) => t,
+                Err(e) => {
+                    self.db.fail_run(id, &e.to_string())?;
+                    return Err(e.into());
+                }
+            };
+            tok.save(&path)?;
+            let (mse, psnr) = tok.reconstruction(&ds.test);
+            let mut points = vec![MetricPoint {
+                key: "recon/mse".into(),
+                step: 0,
+                value: mse,
+                wall_time: now(),
+            }];
+            if psnr.is_finite() {
+                points.push(MetricPoint {
+                    key: "recon/psnr".into(),
+                    step: 0,
+                    value: psnr,
+                    wall_time: now(),
+                });
+            }
+            if let Some(km) = &tok.codebook {
+                if let TokenData::Discrete(codes) = tok.encode(&ds.train) {
+                    let (used, perplexity) = km.usage(&codes);
+                    points.push(MetricPoint {
+                        key: "codebook/used".into(),
+                        step: 0,
+                        value: used as f64,
+                        wall_time: now(),
+                    });
+                    points.push(MetricPoint {
+                        key: "codebook/perplexity".into(),
+                        step: 0,
+                        value: perplexity,
+                        wall_time: now(),
+                    });
+                }
+            }
+            self.db.insert_metrics(id, &points)?;
+            record_artifact(&self.db, id, "tokenizer", &path)?;
+            self.db.finish_run(id)?;
+            self.say(format!(
+                "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5})",
+                run.tokenizer_name(),
+                t0.elapsed().as_secs_f64()
+            ));
+            tok
+        };
+        let data = tok.encode(&ds.train);
+        let t = std::rc::Rc::new((tok, data));
+        self.tokenizers.insert(hash, t.clone());
+        Ok(t)
+    }
+
+    fn stage_run<'a>(
+        &'a self,
+        hash: &'a str,
+        kind: &'a str,
+        name: &'a str,
+        seed: u64,
+        params: &'a serde_json::Value,
+    ) -> NewRun<'a> {
+        NewRun {
+            hash,
+            kind,
+            name,
+            cell: "",
+            arm: None,
+            seed: seed as i64,
+            params,
+            git_commit: self.env.git_commit.as_deref(),
+            git_dirty: self.env.git_dirty,
+            host: &self.env.host,
+            device: "cpu",
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Stage 1b: the feature net, trained once per (data, eval settings), and the reference
+    /// statistics of the held-out split.
+    fn feature_net(
+        &mut self,
+        exp: i64,
+        spec: &Spec,
+        ds: &Dataset,
+        device: &Device,
+    ) -> Result<std::rc::Rc<(FeatureNet, metrics::Gaussian)>> {
+        let identity = serde_json::json!({
+            "results_version": spec::RESULTS_VERSION,
+            "data": ds.fingerprint,
+            "classifier_steps": spec.eval.classifier_steps,
+            "classifier_features": spec.eval.classifier_features,
+            "classifier_seed": spec.eval.classifier_seed,
+        });
+        let hash = spec::content_hash(&identity);
+        let name = format!("feature net ({})", ds.name);
+        let id = self.db.create_run(
+            exp,
+            &self.stage_run(
+                &hash,
+                "classifier",
+                &name,
+                spec.eval.classifier_seed,
+                &identity,
+            ),
+        )?;
+        if let Some(f) = self.feature_nets.get(&hash) {
+            return Ok(f.clone());
+        }
+        let path = self.layout.classifier(&hash);
+        let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
+        let finished = self
+            .db
+            .run(id)?
+            .map(|r| r.status == "finished")
+            .unwrap_or(false);
+        if finished && path.exists() {
+            net.load(&path)?;
+        } else {
+            self.db.start_run(
+                id,
+                self.env.pid,
+                &self.env.host,
+                "cpu",
+                self.env.git_commit.as_deref(),
+                self.env.git_dirty,
+            )?;
+            let pb = spinner(
+                self.quiet,
+                spec.eval.classifier_steps as u64,
+                "training the feature net".into(),
+            );
+            let mut losses = Vec::new();
+            let result = net.train(ds, &spec.eval, &mut |step, loss| {
+                pb.set_position(step as u64 + 1);
+                losses.push(MetricPoint {
+                    key: "train/loss".into(),
+                    step: step as i64 + 1,
+                    value: loss as f64,
+                    wall_time: now(),
+                });
+            });
+            pb.finish_and_clear();
+            self.db.insert_metrics(id, &losses)?;
+            if let Err(e) = result {
+                self.db.fail_run(id, &e.to_string())?;
+                return Err(e.into());
+            }
+            net.save(&path)?;
+            let acc = net.accuracy(&ds.test)?;
+            self.db.insert_metrics(
+                id,
+                &[MetricPoint {
+                    key: "test/accuracy".into(),
+                    step: spec.eval.classifier_steps as i64,
+                    value: acc,
+                    wall_time: now(),
+                }],
+            )?;
+            record_artifact(&self.db, id, "checkpoint", &path)?;
+            self.db.finish_run(id)?;
+            self.say(format!(
+                "    feature net trained: test accuracy {:.1}%",
+                acc * 100.0
+            ));
+        }
+        let (feats, _) = net.extract(&ds.test)?;
+        let reference = metrics::gaussian_stats(&feats, ds.test.n, net.model.feature_dim)?;
+        let f = std::rc::Rc::new((net, reference));
+        self.feature_nets.insert(hash, f.clone());
+        Ok(f)
+    }
+
+    /// Stages 1–3 of one generator run; returns (FID, IS).
+    fn execute(
+        &mut self,
+        exp: i64,
+        run_id: i64,
+        hash: &str,
+        run: &PlannedRun,
+        device_name: &str,
+    ) -> Result<(f64, f64)> {
+        let device = parse_device(device_name)?;
+        self.db.set_stage(run_id, "data")?;
+        let ds = self.dataset(&run.spec)?;
+        self.db.set_stage(run_id, "tokenizer")?;
+        let tok = self.tokenizer(exp, run, &ds)?;
+        self.db.set_stage(run_id, "feature-net")?;
+        let fnet = self.feature_net(exp, &run.spec, &ds, &device)?;
+        let (tokenizer, train_tokens) = (&tok.0, &tok.1);
+
+        self.db.set_stage(run_id, "train")?;
+        let cfg = generator_config(run, tokenizer, ds.classes);
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
+        let generator = Generator::new(&cfg, vb)?;
+        let dir = self.layout.run_dir(hash);
+        train_generator(
+            &self.db,
+            run_id,
+            &generator,
+            &varmap,
+            train_tokens,
+            &ds.train,
+            run,
+            tokenizer,
+            &device,
+            &dir,
+            self.quiet,
+        )?;
+        let weights = dir.join("model.safetensors");
+        varmap.save(&weights)?;
+        record_artifact(&self.db, run_id, "model", &weights)?;
+
+        self.db.set_stage(run_id, "sample")?;
+        let samples = sample_images(&generator, tokenizer, run, ds.classes, &device, self.quiet)?;
+        let grid = dir.join("samples.png");
+        save_class_grid(&grid, &samples, ds.classes, 10)?;
+        record_artifact(&self.db, run_id, "samples", &grid)?;
+
+        self.db.set_stage(run_id, "eval")?;
+        let (net, reference) = (&fnet.0, &fnet.1);
+        let scores = eval::score(net, reference, &samples, run.spec.eval.is_splits)?;
+        let settings = serde_json::json!({
+            "cfg": run.spec.sample.cfg,
+            "cfg_schedule": run.spec.sample.cfg_schedule,
+            "temperature": run.spec.sample.temperature,
+            "mar_steps": run.spec.sample.mar_steps,
+            "sampling_steps": run.spec.head.sampling_steps,
+            "reference": format!("{}:test", ds.name),
+        });
+        let feature_net = format!("classifier:{}", ds.name);
+        let step = run.spec.train.steps as i64;
+        for (metric, value) in [
+            ("fid", scores.fid),
+            ("is", scores.is_mean),
+            ("is_std", scores.is_std),
+        ] {
+            self.db.insert_eval(&NewEval {
+                run_id,
+                step,
+                metric,
+                value,
+                sample_count: scores.samples as i64,
+                feature_net: &feature_net,
+                settings: &settings,
+            })?;
+        }
+        Ok((scores.fid, scores.is_mean))
+    }
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path)?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    db.insert_artifact(
+        run_id,
+        kind,
+        &path.display().to_string(),
+        &sha,
+        bytes.len() as i64,
+    )?;
+    Ok(())
+}
+
+/// The model configuration of a run, from its spec and its tokenizer.
+pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> GeneratorConfig {
+    let g = &run.spec.generator;
+    let h = &run.spec.head;
+    GeneratorConfig {
+        kind: match g.kind {
+            GeneratorKindSpec::Ar => GeneratorKind::Ar,
+            GeneratorKindSpec::Mar => GeneratorKind::Mar,
+        },
+        seq_len: tok.seq_len(),
+        token_dim: tok.token_dim(),
+        width: g.width,
+        depth: g.depth,
+        decoder_width: g.decoder_width.unwrap_or(g.width),
+        decoder_depth: g.decoder_depth.unwrap_or(g.depth),
+        heads: g.heads,
+        mlp_ratio: g.mlp_ratio,
+        num_classes: classes,
+        buffer_size: g.buffer,
+        label_drop: g.label_drop,
+        head: match run.arm {
+            Arm::CrossEntropy => HeadConfig::CrossEntropy {
+                vocab: tok.vocab().unwrap_or(2),
+            },
+            Arm::Diffusion => HeadConfig::Diffusion {
+                width: h.width,
+                depth: h.depth,
+                batch_mul: h.batch_mul,
+                train_steps: h.train_steps,
+                sampling_steps: h.sampling_steps,
+                schedule: match h.schedule {
+                    ScheduleSpec::Cosine => Schedule::Cosine,
+                    ScheduleSpec::Linear => Schedule::Linear,
+                },
+                learn_sigma: h.learn_sigma,
+            },
+        },
+    }
+}
+
+/// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
+/// so the order is the same for both arms and a resumed run continues where it stopped.
+struct DataOrder {
+    seed: u64,
+    n: usize,
+    epoch: usize,
+    perm: Vec<usize>,
+}
+
+impl DataOrder {
+    fn new(seed: u64, n: usize) -> Self {
+        DataOrder {
+            seed,
+            n,
+            epoch: usize::MAX,
+            perm: Vec::new(),
+        }
+    }
+
+    fn batch(&mut self, step: usize, batch: usize) -> Vec<usize> {
+        (0..batch)
+            .map(|j| {
+                let global = step * batch + j;
+                let epoch = global / self.n;
+                if epoch != self.epoch {
+                    self.perm = Rng::new(
+                        self.seed ^ 0xDA7A_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+                    )
+                    .permutation(self.n);
+                    self.epoch = epoch;
+                }
+                self.perm[global % self.n]
+            })
+            .collect()
+    }
+}
+
+fn token_batch(
+    data: &TokenData,
+    idx: &[usize],
+    seq_len: usize,
+    token_dim: usize,
+    device: &Device,
+) -> candle_core::Result<Tokens> {
+    Ok(match data {
+        TokenData::Discrete(codes) => {
+            let mut v = Vec::with_capacity(idx.len() * seq_len);
+            for &i in idx {
+                v.extend_from_slice(&codes[i * seq_len..(i + 1) * seq_len]);
+            }
+            Tokens::Discrete(Tensor::from_vec(v, (idx.len(), seq_len), device)?)
+        }
+        TokenData::Continuous(x) => {
+            let row = seq_len * token_dim;
+            let mut v = Vec::with_capacity(idx.len() * row);
+            for &i in idx {
+                v.extend_from_slice(&x[i * row..(i + 1) * row]);
+            }
+            Tokens::Continuous(Tensor::from_vec(
+                v,
+                (idx.len(), seq_len, token_dim),
+                device,
+            )?)
+        }
+    })
+}
+
+/// Stage 2: train the generator, resuming from its checkpoint when there is one.
+#[allow(clippy::too_many_arguments)]
+fn train_generator(
+    db: &Db,
+    run_id: i64,
+    generator: &Generator,
+    varmap: &VarMap,
+    tokens: &TokenData,
+    train: &ImageSet,
+    run: &PlannedRun,
+    tok: &Tokenizer,
+    device: &Device,
+    dir: &Path,
+    quiet: bool,
+) -> Result<()> {
+    let t = &run.spec.train;
+    let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
+    let vars: Vec<_> = opt.vars().cloned().collect();
+    let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
+    let mut start = 0;
+    if let Some(step) = Checkpoint::load(dir, varmap, &mut opt)? {
+        start = step;
+        if let Some(state) = read_rng_state(dir) {
+            rng = Rng::from_state(state);
+        }
+        db.delete_metrics_after(run_id, step as i64)?;
+    }
+    let mut order = DataOrder::new(run.seed, train.n);
+    let pb = spinner(
+        quiet,
+        t.steps as u64,
+        format!("training {} · {}", run.cell, run.arm.as_str()),
+    );
+    pb.set_position(start as u64);
+    let mut writer = db.metric_writer(run_id, 100);
+    let (mut loss_sum, mut norm_sum, mut count) = (0f64, 0f64, 0usize);
+    let every = if t.checkpoint_every == 0 {
+        t.steps
+    } else {
+        t.checkpoint_every
+    };
+    for step in start..t.steps {
+        let idx = order.batch(step, t.batch);
+        let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
+        let batch = token_batch(tokens, &idx, tok.seq_len(), tok.token_dim(), device)?;
+        let loss = generator.loss(&batch, &labels, &mut rng)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(crate::train::TrainError::Diverged { step, loss: value }.into());
+        }
+        let mut grads = loss.backward()?;
+        let norm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
+        let lr = lr_at(step, t);
+        opt.step(&grads, lr)?;
+        loss_sum += value as f64;
+        norm_sum += norm;
+        count += 1;
+        if (step + 1) % t.log_every == 0 || step + 1 == t.steps {
+            let s = step as i64 + 1;
+            writer.push("train/loss", s, loss_sum / count as f64)?;
+            writer.push("train/grad_norm", s, norm_sum / count as f64)?;
+            writer.push("train/lr", s, lr)?;
+            pb.set_message(format!(
+                "{} · {} · loss {:.4}",
+                run.cell,
+                run.arm.as_str(),
+                loss_sum / count as f64
+            ));
+            (loss_sum, norm_sum, count) = (0.0, 0.0, 0);
+        }
+        pb.set_position(step as u64 + 1);
+        if (step + 1) % every == 0 || step + 1 == t.steps {
+            writer.flush()?;
+            Checkpoint::save(dir, varmap, &opt, step + 1)?;
+            write_rng_state(dir, &rng)?;
+        }
+    }
+    writer.flush()?;
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn write_rng_state(dir: &Path, rng: &Rng) -> Result<()> {
+    let s: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
+    let tmp = dir.join("rng.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string(&s)?)?;
+    std::fs::rename(&tmp, dir.join("rng.json"))?;
+    Ok(())
+}
+
+fn read_rng_state(dir: &Path) -> Option<[u64; 4]> {
+    let s: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rng.json")).ok()?).ok()?;
+    let v: Vec<u64> = s.iter().filter_map(|x| x.parse().ok()).collect();
+    v.try_into().ok()
+}
+
+/// Stage 3: `sample.count` images with balanced labels (i mod classes), decoded by the tokenizer.
+pub fn sample_images(
+    generator: &Generator,
+    tok: &Tokenizer,
+    run: &PlannedRun,
+    classes: usize,
+    device: &Device,
+    quiet: bool,
+) -> Result<ImageSet> {
+    let s = &run.spec.sample;
+    let opts = SampleOptions {
+        num_iter: s.mar_steps,
+        cfg: s.cfg,
+        cfg_schedule: match s.cfg_schedule {
+            CfgScheduleSpec::Linear => CfgSchedule::Linear,
+            CfgScheduleSpec::Constant => CfgSchedule::Constant,
+        },
+        temperature: s.temperature,
+    };
+    let _ = device;
+    let mut rng = Rng::new(run.seed ^ 0x5A3B_1E00);
+    let labels: Vec<u32> = (0..s.count).map(|i| (i % classes) as u32).collect();
+    let pb = spinner(
+        quiet,
+        s.count as u64,
+        format!("sampling {} · {}", run.cell, run.arm.as_str()),
+    );
+    let mut images = Vec::with_capacity(s.count * tok.channels * tok.size * tok.size);
+    for chunk in labels.chunks(s.batch) {
+        let tokens = generator.sample(chunk, &opts, &mut rng)?;
+        let data = match tokens {
+            Tokens::Discrete(t) => TokenData::Discrete(t.flatten_all()?.to_vec1::<u32>()?),
+            Tokens::Continuous(t) => {
+                TokenData::Continuous(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        };
+        images.extend(tok.decode(&data, chunk.len()));
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(ImageSet {
+        images,
+        labels,
+        n: s.count,
+        channels: tok.channels,
+        size: tok.size,
+    })
+}
+
+/// One row per class, `cols` samples each.
+fn save_class_grid(path: &Path, set: &ImageSet, classes: usize, cols: usize) -> Result<()> {
+    let len = set.image_len();
+    let mut picked = Vec::new();
+    let mut n = 0;
+    for c in 0..classes {
+        let of_class: Vec<usize> = (0..set.n)
+            .filter(|&i| set.labels[i] as usize == c)
+            .take(cols)
+            .collect();
+        for k in 0..cols {
+            match of_class.get(k) {
+                Some(&i) => picked.extend_from_slice(&set.images[i * len..(i + 1) * len]),
+                None => picked.extend(std::iter::repeat_n(1.0, len)),
+            }
+            n += 1;
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    data::save_grid(path, &picked, n, set.channels, set.size, cols, 3)?;
+    Ok(())
+}

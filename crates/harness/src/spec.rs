@@ -1,0 +1,1211 @@
+//! The experiment spec: serde types (`deny_unknown_fields` everywhere), validation with
+//! file:line:column errors, `--set` overrides, grid expansion into cells × arms × seeds, and the
+//! content hash that is each run's identity.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bumped when a change to the code changes what a run with the same spec produces.
+pub const RESULTS_VERSION: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{path}: cannot read the spec: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {key}{message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: {key}: {message}")]
+    Override {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------- types
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// experiment name, the key for `ablate report NAME`
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// "cpu" or "cuda:N"; `--device` overrides
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub data: DataSpec,
+    pub tokenizers: BTreeMap<String, TokenizerSpec>,
+    pub generator: GeneratorSpec,
+    #[serde(default)]
+    pub head: HeadSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub sample: SampleSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    pub arms: ArmsSpec,
+    /// dotted key → values; the cartesian product of all lists
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+    /// grid points to leave out: every key given must match
+    #[serde(default)]
+    pub exclude: Vec<BTreeMap<String, toml::Value>>,
+    /// per-metric drift tolerances for `ablate check`
+    #[serde(default)]
+    pub drift: BTreeMap<String, DriftTolerance>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataSource {
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub source: DataSource,
+    #[serde(default = "d_image_size")]
+    pub image_size: usize,
+    #[serde(default = "d_classes")]
+    pub classes: usize,
+    #[serde(default = "d_train")]
+    pub train: usize,
+    #[serde(default = "d_test")]
+    pub test: usize,
+    /// seed of the generated data set (fixed across run seeds so every run sees the same data)
+    #[serde(default)]
+    pub seed: u64,
+}
+fn d_image_size() -> usize {
+    16
+}
+fn d_classes() -> usize {
+    10
+}
+fn d_train() -> usize {
+    5000
+}
+fn d_test() -> usize {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenizerKind {
+    /// pixels of p×p patches as continuous tokens
+    Patch,
+    /// k-means codebook over the same patches: the discrete twin of `patch`
+    Kmeans,
+}
+
+impl TokenizerKind {
+    pub fn is_discrete(self) -> bool {
+        matches!(self, TokenizerKind::Kmeans)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpec {
+    pub kind: TokenizerKind,
+    #[serde(default = "d_patch")]
+    pub patch: usize,
+    /// codebook size (discrete tokenizers)
+    #[serde(default = "d_codebook")]
+    pub codebook: usize,
+    /// k-means iterations
+    #[serde(default = "d_iters")]
+    pub iters: usize,
+}
+fn d_patch() -> usize {
+    4
+}
+fn d_codebook() -> usize {
+    256
+}
+fn d_iters() -> usize {
+    20
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GeneratorKindSpec {
+    Ar,
+    Mar,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSpec {
+    pub kind: GeneratorKindSpec,
+    #[serde(default = "d_width")]
+    pub width: usize,
+    #[serde(default = "d_depth")]
+    pub depth: usize,
+    /// MAR decoder (defaults to width/depth)
+    #[serde(default)]
+    pub decoder_width: Option<usize>,
+    #[serde(default)]
+    pub decoder_depth: Option<usize>,
+    #[serde(default = "d_heads")]
+    pub heads: usize,
+    #[serde(default = "d_mlp_ratio")]
+    pub mlp_ratio: f64,
+    /// MAR's class buffer slots
+    #[serde(default = "d_buffer")]
+    pub buffer: usize,
+    #[serde(default = "d_label_drop")]
+    pub label_drop: f64,
+}
+fn d_width() -> usize {
+    64
+}
+fn d_depth() -> usize {
+    2
+}
+fn d_heads() -> usize {
+    4
+}
+fn d_mlp_ratio() -> f64 {
+    4.0
+}
+fn d_buffer() -> usize {
+    4
+}
+fn d_label_drop() -> f64 {
+    0.1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleSpec {
+    Cosine,
+    Linear,
+}
+
+/// The Diffusion Loss head (the cross-entropy head has no settings of its own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    #[serde(default = "d_head_width")]
+    pub width: usize,
+    #[serde(default = "d_head_depth")]
+    pub depth: usize,
+    #[serde(default = "d_batch_mul")]
+    pub batch_mul: usize,
+    #[serde(default = "d_train_steps")]
+    pub train_steps: usize,
+    #[serde(default = "d_sampling_steps")]
+    pub sampling_steps: usize,
+    #[serde(default = "d_schedule")]
+    pub schedule: ScheduleSpec,
+    #[serde(default = "d_true")]
+    pub learn_sigma: bool,
+}
+fn d_head_width() -> usize {
+    128
+}
+fn d_head_depth() -> usize {
+    2
+}
+fn d_batch_mul() -> usize {
+    4
+}
+fn d_train_steps() -> usize {
+    1000
+}
+fn d_sampling_steps() -> usize {
+    100
+}
+fn d_schedule() -> ScheduleSpec {
+    ScheduleSpec::Cosine
+}
+fn d_true() -> bool {
+    true
+}
+impl Default for HeadSpec {
+    fn default() -> Self {
+        HeadSpec {
+            width: d_head_width(),
+            depth: d_head_depth(),
+            batch_mul: d_batch_mul(),
+            train_steps: d_train_steps(),
+            sampling_steps: d_sampling_steps(),
+            schedule: d_schedule(),
+            learn_sigma: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrScheduleSpec {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    #[serde(default = "d_steps")]
+    pub steps: usize,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// base learning rate; the rate used is base_lr × batch / 256 (MAR)
+    #[serde(default = "d_base_lr")]
+    pub base_lr: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup: usize,
+    #[serde(default = "d_lr_schedule")]
+    pub lr_schedule: LrScheduleSpec,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "d_log_every")]
+    pub log_every: usize,
+    /// 0 = only at the end
+    #[serde(default)]
+    pub checkpoint_every: usize,
+}
+fn d_steps() -> usize {
+    500
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_base_lr() -> f64 {
+    4e-3
+}
+fn d_warmup() -> usize {
+    50
+}
+fn d_lr_schedule() -> LrScheduleSpec {
+    LrScheduleSpec::Constant
+}
+fn d_wd() -> f64 {
+    0.02
+}
+fn d_clip() -> f64 {
+    3.0
+}
+fn d_log_every() -> usize {
+    10
+}
+impl Default for TrainSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CfgScheduleSpec {
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleSpec {
+    /// images generated per run for evaluation
+    #[serde(default = "d_count")]
+    pub count: usize,
+    /// MAR sampling iterations (≤ number of tokens)
+    #[serde(default = "d_mar_steps")]
+    pub mar_steps: usize,
+    #[serde(default = "d_one")]
+    pub cfg: f64,
+    #[serde(default = "d_cfg_schedule")]
+    pub cfg_schedule: CfgScheduleSpec,
+    #[serde(default = "d_one")]
+    pub temperature: f64,
+    #[serde(default = "d_sample_batch")]
+    pub batch: usize,
+}
+fn d_count() -> usize {
+    500
+}
+fn d_mar_steps() -> usize {
+    8
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_cfg_schedule() -> CfgScheduleSpec {
+    CfgScheduleSpec::Linear
+}
+fn d_sample_batch() -> usize {
+    250
+}
+impl Default for SampleSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureNetSpec {
+    Classifier,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    #[serde(default = "d_feature_net")]
+    pub feature_net: FeatureNetSpec,
+    #[serde(default = "d_classifier_steps")]
+    pub classifier_steps: usize,
+    #[serde(default = "d_classifier_features")]
+    pub classifier_features: usize,
+    /// seed of the feature net; fixed so every run is measured in the same feature space
+    #[serde(default)]
+    pub classifier_seed: u64,
+    #[serde(default = "d_is_splits")]
+    pub is_splits: usize,
+}
+fn d_feature_net() -> FeatureNetSpec {
+    FeatureNetSpec::Classifier
+}
+fn d_classifier_steps() -> usize {
+    600
+}
+fn d_classifier_features() -> usize {
+    64
+}
+fn d_is_splits() -> usize {
+    10
+}
+impl Default for EvalSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmSpec {
+    /// name of a `[tokenizers.NAME]` table
+    pub tokenizer: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmsSpec {
+    #[serde(rename = "cross-entropy")]
+    pub cross_entropy: ArmSpec,
+    pub diffusion: ArmSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftTolerance {
+    /// allowed change in the metric's own units
+    pub absolute: Option<f64>,
+    /// allowed change as a fraction of the baseline value
+    pub relative: Option<f64>,
+    /// allowed change in units of the baseline's standard deviation over seeds
+    pub seed_spread: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arm {
+    CrossEntropy,
+    Diffusion,
+}
+
+impl Arm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arm::CrossEntropy => "cross-entropy",
+            Arm::Diffusion => "diffusion",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+/// One grid point with everything resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub label: String,
+    pub spec: Spec,
+}
+
+/// One run to do: a cell, an arm and a seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedRun {
+    pub cell: String,
+    pub arm: Arm,
+    pub seed: u64,
+    pub spec: Spec,
+}
+
+impl PlannedRun {
+    pub fn tokenizer_name(&self) -> &str {
+        match self.arm {
+            Arm::CrossEntropy => &self.spec.arms.cross_entropy.tokenizer,
+            Arm::Diffusion => &self.spec.arms.diffusion.tokenizer,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &TokenizerSpec {
+        // validated to exist
+        &self.spec.tokenizers[self.tokenizer_name()]
+    }
+
+    /// The configuration that decides what this run computes (device and bookkeeping excluded).
+    pub fn identity(&self) -> serde_json::Value {
+        let s = &self.spec;
+        serde_json::json!({
+            "results_version": RESULTS_VERSION,
+            "data": s.data,
+            "tokenizer": self.tokenizer(),
+            "generator": s.generator,
+            "head": if self.arm == Arm::Diffusion { serde_json::to_value(&s.head).unwrap_or_default() } else { serde_json::Value::Null },
+            "train": s.train,
+            "sample": s.sample,
+            "eval": s.eval,
+            "arm": self.arm,
+            "seed": self.seed,
+        })
+    }
+
+    pub fn hash(&self) -> String {
+        content_hash(&self.identity())
+    }
+}
+
+/// sha256 of the canonical JSON (serde_json sorts object keys) of a value, hex, 16 chars.
+pub fn content_hash(v: &serde_json::Value) -> String {
+    let mut h = Sha256::new();
+    h.update(v.to_string().as_bytes());
+    hex::encode(h.finalize())[..16].to_string()
+}
+
+/// A loaded spec: the source text, the base spec, and its expansion.
+#[derive(Debug, Clone)]
+pub struct LoadedSpec {
+    pub path: PathBuf,
+    pub source: String,
+    pub base: Spec,
+    pub cells: Vec<Cell>,
+}
+
+impl LoadedSpec {
+    pub fn runs(&self) -> Vec<PlannedRun> {
+        let mut out = Vec::new();
+        for cell in &self.cells {
+            for &seed in &cell.spec.seeds {
+                for arm in [Arm::CrossEntropy, Arm::Diffusion] {
+                    out.push(PlannedRun {
+                        cell: cell.label.clone(),
+                        arm,
+                        seed,
+                        spec: cell.spec.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
+    (line, col)
+}
+
+/// The dotted key defined on the line holding `offset`, with its table header.
+fn key_at(source: &str, offset: usize) -> String {
+    let mut table = String::new();
+    let mut pos = 0;
+    for line in source.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        if offset < pos + line.len() {
+            if let Some(eq) = t.find('=') {
+                let k = t[..eq].trim().trim_matches('"');
+                return if table.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{table}.{k}")
+                };
+            }
+            return table;
+        }
+        pos += line.len();
+    }
+    table
+}
+
+/// Where a dotted key (e.g. "train.base_lr") is written in the source: (line, column).
+pub fn locate(source: &str, key: &str) -> Option<(usize, usize)> {
+    let mut table = String::new();
+    let mut table_line = None;
+    for (i, line) in source.lines().enumerate() {
+        let t = line.trim_start();
+        let indent = line.len() - t.len();
+        if t.starts_with('[') {
+            table = t
+                .trim_matches(|c| c == '[' || c == ']' || c == ' ')
+                .to_string();
+            if table == key {
+                table_line = Some((i + 1, indent + 1));
+            }
+            continue;
+        }
+        if let Some(eq) = t.find('=') {
+            let k = t[..eq].trim().trim_matches('"');
+            let full = if table.is_empty() {
+                k.to_string()
+            } else {
+                format!("{table}.{k}")
+            };
+            if full == key {
+                return Some((i + 1, indent + 1));
+            }
+        }
+    }
+    table_line.or_else(|| {
+        // fall back to the enclosing table
+        let parent = key.rsplit_once('.')?.0;
+        if parent == key {
+            None
+        } else {
+            locate(source, parent)
+        }
+    })
+}
+
+/// Set a dotted key in a TOML table, creating tables on the way.
+fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = root;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("'{part}' is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn get_dotted<'a>(root: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let mut v = root.get(first)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+/// Parse the right-hand side of `--set key=value` as TOML, or as a bare string.
+pub fn parse_override(s: &str) -> Result<(String, toml::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--set {s}: expected KEY=VALUE"))?;
+    let k = k.trim().to_string();
+    let v = v.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()));
+    Ok((k, value))
+}
+
+fn fmt_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Read, parse, override, validate and expand a spec file.
+pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedSpec, SpecError> {
+    let source = std::fs::read_to_string(path).map_err(|e| SpecError::Read {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    load_str(&path.display().to_string(), &source, overrides).map(|mut l| {
+        l.path = path.to_path_buf();
+        l
+    })
+}
+
+pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<LoadedSpec, SpecError> {
+    let at = |offset: usize, message: String| {
+        let (line, column) = line_col(source, offset);
+        let key = key_at(source, offset);
+        SpecError::Invalid {
+            path: name.to_string(),
+            line,
+            column,
+            key: if key.is_empty() {
+                String::new()
+            } else {
+                format!("{key}: ")
+            },
+            message,
+        }
+    };
+    // 1. the file as written, with spans for every error
+    let base: Spec = toml::from_str(source).map_err(|e| {
+        at(
+            e.span().map(|s| s.start).unwrap_or(0),
+            e.message().to_string(),
+        )
+    })?;
+    let mut table: toml::Table = toml::from_str(source).map_err(|e| {
+        at(
+            e.span().map(|s| s.start).unwrap_or(0),
+            e.message().to_string(),
+        )
+    })?;
+    // 2. command-line overrides
+    for o in overrides {
+        let (k, v) = parse_override(o).map_err(|m| SpecError::Override {
+            origin: "--set".into(),
+            key: o.clone(),
+            message: m,
+        })?;
+        set_dotted(&mut table, &k, v).map_err(|m| SpecError::Override {
+            origin: "--set".into(),
+            key: k.clone(),
+            message: m,
+        })?;
+        toml::Value::Table(table.clone())
+            .try_into::<Spec>()
+            .map_err(|e| SpecError::Override {
+                origin: "--set".into(),
+                key: k.clone(),
+                message: e.message().to_string(),
+            })?;
+    }
+    let resolved: Spec = toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| at(0, e.message().to_string()))?;
+    let invalid = |key: &str, message: String| {
+        let (line, column) = locate(source, key).unwrap_or((1, 1));
+        SpecError::Invalid {
+            path: name.to_string(),
+            line,
+            column,
+            key: format!("{key}: "),
+            message,
+        }
+    };
+    // 3. the grid
+    let mut cells: Vec<(String, toml::Table)> = vec![(String::new(), table.clone())];
+    for (key, values) in &resolved.grid {
+        let gkey = format!("grid.{key}");
+        if values.is_empty() {
+            return Err(invalid(
+                &gkey,
+                "a grid axis needs at least one value".into(),
+            ));
+        }
+        if get_dotted(&table, key).is_none() && !grid_key_has_default(key) {
+            return Err(invalid(&gkey, format!("'{key}' is not a key of the spec")));
+        }
+        let mut next = Vec::new();
+        for (label, t) in &cells {
+            for v in values {
+                let mut t = t.clone();
+                t.remove("grid");
+                set_dotted(&mut t, key, v.clone()).map_err(|m| invalid(&gkey, m))?;
+                let l = if label.is_empty() {
+                    format!("{key}={}", fmt_value(v))
+                } else {
+                    format!("{label} · {key}={}", fmt_value(v))
+                };
+                next.push((l, t));
+            }
+        }
+        cells = next;
+    }
+    let mut out = Vec::new();
+    for (label, mut t) in cells {
+        if resolved.exclude.iter().any(|ex| {
+            !ex.is_empty()
+                && ex
+                    .iter()
+                    .all(|(k, v)| get_dotted(&t, k).map(|x| x == v).unwrap_or(false))
+        }) {
+            continue;
+        }
+        t.remove("grid");
+        let spec: Spec = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                invalid(
+                    &format!(
+                        "grid.{}",
+                        label
+                            .split(" · ")
+                            .last()
+                            .and_then(|s| s.split('=').next())
+                            .unwrap_or("")
+                    ),
+                    format!("in cell '{label}': {}", e.message()),
+                )
+            })?;
+        validate(&spec, &invalid)?;
+        out.push(Cell {
+            label: if label.is_empty() {
+                "base".into()
+            } else {
+                label
+            },
+            spec,
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid("exclude", "every grid cell is excluded".into()));
+    }
+    Ok(LoadedSpec {
+        path: PathBuf::from(name),
+        source: source.to_string(),
+        base,
+        cells: out,
+    })
+}
+
+/// Grid keys may name settings the file leaves at their defaults.
+fn grid_key_has_default(key: &str) -> bool {
+    let Some((section, field)) = key.split_once('.') else {
+        return false;
+    };
+    let default: Option<serde_json::Value> = match section {
+        "train" => serde_json::to_value(TrainSpec::default()).ok(),
+        "sample" => serde_json::to_value(SampleSpec::default()).ok(),
+        "eval" => serde_json::to_value(EvalSpec::default()).ok(),
+        "head" => serde_json::to_value(HeadSpec::default()).ok(),
+        "generator" => Some(
+            serde_json::json!({"width":0,"depth":0,"decoder_width":0,"decoder_depth":0,"heads":0,"mlp_ratio":0,"buffer":0,"label_drop":0}),
+        ),
+        "data" => Some(serde_json::json!({"image_size":0,"classes":0,"train":0,"test":0,"seed":0})),
+        _ => None,
+    };
+    default.map(|d| d.get(field).is_some()).unwrap_or(false)
+}
+
+/// Range and consistency checks; `err(key, message)` builds the located error.
+fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), SpecError> {
+    macro_rules! check {
+        ($cond:expr, $key:expr, $($msg:tt)*) => {
+            if !($cond) {
+                return Err(err($key, format!($($msg)*)));
+            }
+        };
+    }
+    check!(!s.name.trim().is_empty(), "name", "must not be empty");
+    check!(!s.seeds.is_empty(), "seeds", "needs at least one seed");
+    check!(
+        s.device == "cpu"
+            || s.device
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>().is_ok())
+                .unwrap_or(false),
+        "device",
+        "expected 'cpu' or 'cuda:N', found '{}'",
+        s.device
+    );
+    let d = &s.data;
+    check!(
+        (8..=64).contains(&d.image_size),
+        "data.image_size",
+        "expected 8..=64, found {}",
+        d.image_size
+    );
+    check!(
+        (2..=10).contains(&d.classes),
+        "data.classes",
+        "expected 2..=10 for synthetic data, found {}",
+        d.classes
+    );
+    check!(
+        d.train >= d.classes * 2,
+        "data.train",
+        "needs at least 2 images per class, found {}",
+        d.train
+    );
+    check!(
+        d.test >= d.classes * 2,
+        "data.test",
+        "needs at least 2 images per class, found {}",
+        d.test
+    );
+    for (name, t) in &s.tokenizers {
+        let key = format!("tokenizers.{name}.patch");
+        check!(
+            t.patch >= 1 && d.image_size % t.patch == 0,
+            &key,
+            "must divide data.image_size ({}), found {}",
+            d.image_size,
+            t.patch
+        );
+        if t.kind.is_discrete() {
+            let key = format!("tokenizers.{name}.codebook");
+            check!(
+                (2..=65536).contains(&t.codebook),
+                &key,
+                "expected 2..=65536, found {}",
+                t.codebook
+            );
+            check!(
+                t.codebook <= d.train * (d.image_size / t.patch).pow(2),
+                &key,
+                "larger than the number of training patches"
+            );
+            let key = format!("tokenizers.{name}.iters");
+            check!(t.iters >= 1, &key, "must be at least 1");
+        }
+    }
+    for (arm, a, discrete) in [
+        ("cross-entropy", &s.arms.cross_entropy, true),
+        ("diffusion", &s.arms.diffusion, false),
+    ] {
+        let key = format!("arms.{arm}.tokenizer");
+        let t = s.tokenizers.get(&a.tokenizer);
+        check!(
+            t.is_some(),
+            &key,
+            "no tokenizer named '{}' (defined: {})",
+            a.tokenizer,
+            s.tokenizers.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        let kind = t.map(|t| t.kind).unwrap_or(TokenizerKind::Patch);
+        check!(
+            kind.is_discrete() == discrete,
+            &key,
+            "the {arm} arm needs a {} tokenizer, '{}' is {:?}",
+            if discrete {
+                "discrete (kmeans)"
+            } else {
+                "continuous (patch)"
+            },
+            a.tokenizer,
+            kind
+        );
+    }
+    let g = &s.generator;
+    check!(
+        g.width >= 8,
+        "generator.width",
+        "expected at least 8, found {}",
+        g.width
+    );
+    check!(
+        g.depth >= 1,
+        "generator.depth",
+        "expected at least 1, found {}",
+        g.depth
+    );
+    check!(
+        g.heads >= 1 && g.width % g.heads == 0,
+        "generator.heads",
+        "must divide generator.width ({}), found {}",
+        g.width,
+        g.heads
+    );
+    if let Some(w) = g.decoder_width {
+        check!(
+            w % g.heads == 0,
+            "generator.decoder_width",
+            "must be divisible by generator.heads ({}), found {}",
+            g.heads,
+            w
+        );
+    }
+    check!(
+        g.mlp_ratio > 0.0,
+        "generator.mlp_ratio",
+        "must be positive, found {}",
+        g.mlp_ratio
+    );
+    check!(
+        (0.0..1.0).contains(&g.label_drop),
+        "generator.label_drop",
+        "expected [0, 1), found {}",
+        g.label_drop
+    );
+    check!(
+        g.buffer >= 1,
+        "generator.buffer",
+        "expected at least 1, found {}",
+        g.buffer
+    );
+    let h = &s.head;
+    check!(
+        h.width >= 1 && h.depth >= 1,
+        "head.width",
+        "width and depth must be positive"
+    );
+    check!(
+        h.batch_mul >= 1,
+        "head.batch_mul",
+        "expected at least 1, found {}",
+        h.batch_mul
+    );
+    check!(
+        h.train_steps >= 2,
+        "head.train_steps",
+        "expected at least 2, found {}",
+        h.train_steps
+    );
+    check!(
+        (1..=h.train_steps).contains(&h.sampling_steps),
+        "head.sampling_steps",
+        "expected 1..={} (head.train_steps), found {}",
+        h.train_steps,
+        h.sampling_steps
+    );
+    let t = &s.train;
+    check!(
+        t.steps >= 1,
+        "train.steps",
+        "expected at least 1, found {}",
+        t.steps
+    );
+    check!(
+        t.batch >= 1,
+        "train.batch",
+        "expected at least 1, found {}",
+        t.batch
+    );
+    check!(
+        t.base_lr > 0.0 && t.base_lr.is_finite(),
+        "train.base_lr",
+        "must be positive, found {}",
+        t.base_lr
+    );
+    check!(
+        t.weight_decay >= 0.0,
+        "train.weight_decay",
+        "must be ≥ 0, found {}",
+        t.weight_decay
+    );
+    check!(
+        t.grad_clip > 0.0,
+        "train.grad_clip",
+        "must be positive, found {}",
+        t.grad_clip
+    );
+    check!(
+        t.log_every >= 1,
+        "train.log_every",
+        "expected at least 1, found {}",
+        t.log_every
+    );
+    let sp = &s.sample;
+    let tokens = s
+        .tokenizers
+        .values()
+        .map(|t| (d.image_size / t.patch.max(1)).pow(2))
+        .min()
+        .unwrap_or(1);
+    check!(
+        sp.count >= 2,
+        "sample.count",
+        "expected at least 2, found {}",
+        sp.count
+    );
+    check!(
+        sp.batch >= 1,
+        "sample.batch",
+        "expected at least 1, found {}",
+        sp.batch
+    );
+    check!(
+        (1..=tokens).contains(&sp.mar_steps),
+        "sample.mar_steps",
+        "expected 1..={tokens} (the number of tokens), found {}",
+        sp.mar_steps
+    );
+    check!(
+        sp.cfg >= 1.0,
+        "sample.cfg",
+        "expected ≥ 1.0 (1.0 = no guidance), found {}",
+        sp.cfg
+    );
+    check!(
+        sp.temperature > 0.0,
+        "sample.temperature",
+        "must be positive, found {}",
+        sp.temperature
+    );
+    let e = &s.eval;
+    check!(
+        e.classifier_steps >= 1,
+        "eval.classifier_steps",
+        "expected at least 1"
+    );
+    check!(
+        e.classifier_features >= 2,
+        "eval.classifier_features",
+        "expected at least 2"
+    );
+    check!(
+        (1..=sp.count).contains(&e.is_splits),
+        "eval.is_splits",
+        "expected 1..={} (sample.count), found {}",
+        sp.count,
+        e.is_splits
+    );
+    for (metric, tol) in &s.drift {
+        check!(
+            tol.absolute.is_some() || tol.relative.is_some() || tol.seed_spread.is_some(),
+            &format!("drift.{metric}"),
+            "give at least one of absolute, relative, seed_spread"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINI: &str = r#"
+name = "t"
+seeds = [1, 2]
+
+[data]
+source = "synthetic"
+
+[tokenizers.px]
+kind = "patch"
+
+[tokenizers.km]
+kind = "kmeans"
+
+[generator]
+kind = "ar"
+
+[arms]
+cross-entropy = { tokenizer = "km" }
+diffusion = { tokenizer = "px" }
+
+[grid]
+"generator.kind" = ["ar", "mar"]
+"train.steps" = [10, 20]
+"#;
+
+    #[test]
+    fn grid_expands_to_cells_arms_and_seeds() {
+        let l = load_str("mini.toml", MINI, &[]).expect("valid");
+        assert_eq!(l.cells.len(), 4);
+        let runs = l.runs();
+        assert_eq!(runs.len(), 16);
+        let hashes: std::collections::HashSet<_> = runs.iter().map(|r| r.hash()).collect();
+        assert_eq!(hashes.len(), 16, "every run has its own identity");
+        assert!(l
+            .cells
+            .iter()
+            .any(|c| c.label == "generator.kind=mar · train.steps=20"));
+    }
+
+    #[test]
+    fn overrides_change_the_hash_of_what_they_touch() {
+        let a = load_str("m", MINI, &[]).expect("valid").runs();
+        let b = load_str("m", MINI, &["sample.count=100".into()])
+            .expect("valid")
+            .runs();
+        assert_eq!(b[0].spec.sample.count, 100);
+        assert_ne!(a[0].hash(), b[0].hash());
+        let c = load_str("m", MINI, &["device=\"cuda:0\"".into()])
+            .expect("valid")
+            .runs();
+        assert_eq!(
+            a[0].hash(),
+            c[0].hash(),
+            "the device is not part of a run's identity"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let bad = MINI.replace("kind = \"ar\"", "kind = \"ar\"\nordr = \"raster\"");
+        let e = load_str("bad.toml", &bad, &[])
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.starts_with("bad.toml:18:"), "{e}");
+        assert!(
+            e.contains("generator.ordr") && e.contains("unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_and_out_of_range_are_located() {
+        let bad = MINI.replace(
+            "seeds = [1, 2]",
+            "seeds = [1, 2]\n[train]\nbase_lr = \"fast\"",
+        );
+        let e = load_str("b.toml", &bad, &[]).expect_err("type").to_string();
+        assert!(
+            e.starts_with("b.toml:5:") && e.contains("train.base_lr"),
+            "{e}"
+        );
+        let bad = MINI.replace("seeds = [1, 2]", "seeds = [1, 2]\n[train]\nbase_lr = -1.0");
+        let e = load_str("b.toml", &bad, &[])
+            .expect_err("range")
+            .to_string();
+        assert!(
+            e.starts_with("b.toml:5:1: train.base_lr: must be positive"),
+            "{e}"
+        );
+        let e = load_str("b.toml", MINI, &["sample.mar_steps=99".into()])
+            .expect_err("range")
+            .to_string();
+        assert!(
+            e.contains("sample.mar_steps") && e.contains("1..=16"),
+            "{e}"
+        );
+        let bad = MINI.replace(
+            "diffusion = { tokenizer = \"px\" }",
+            "diffusion = { tokenizer = \"km\" }",
+        );
+        let e = load_str("b.toml", &bad, &[]).expect_err("arm").to_string();
+        assert!(
+            e.contains("arms.diffusion.tokenizer") && e.contains("continuous"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! Training machinery shared by every stage: AdamW with no-decay groups, global-norm gradient
+//! clipping, the warm-up learning-rate schedule, and checkpoints that resume exactly.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+
+use crate::spec::{LrScheduleSpec, TrainSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] models::Error),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("training diverged at step {step}: loss is {loss}")]
+    Diverged { step: usize, loss: f32 },
+}
+
+/// One parameter under AdamW.
+struct Param {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW (Loshchilov & Hutter 2019) with per-parameter weight-decay groups and inspectable state,
+/// so a checkpoint holds the moments and resuming continues the same trajectory.
+pub struct AdamW {
+    params: Vec<Param>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub t: usize,
+}
+
+/// No weight decay on biases, norms, 1-D parameters, and the Diffusion Loss MLP (DESIGN.md).
+pub fn decays(name: &str, var: &Var) -> bool {
+    !(var.rank() <= 1
+        || name.ends_with(".bias")
+        || name.contains("norm")
+        || name.contains("diffloss"))
+}
+
+impl AdamW {
+    pub fn new(
+        varmap: &VarMap,
+        weight_decay: f64,
+        beta1: f64,
+        beta2: f64,
+    ) -> candle_core::Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let params = names
+            .into_iter()
+            .map(|name| {
+                let var = data[name].clone();
+                Ok(Param {
+                    name: name.clone(),
+                    decay: decays(name, &var),
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
+                    var,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW {
+            params,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+        })
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.params.iter().map(|p| &p.var)
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            p.m = ((&p.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let m_hat = (&p.m / bc1)?;
+            let v_hat = (&p.v / bc2)?;
+            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+            let mut theta = p.var.as_tensor().clone();
+            if p.decay && self.weight_decay > 0.0 {
+                theta = (theta * (1.0 - lr * self.weight_decay))?;
+            }
+            p.var.set(&(theta - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Moments keyed `adam.m.NAME` / `adam.v.NAME`, for the checkpoint.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("adam.m.{}", p.name), p.m.clone());
+            out.insert(format!("adam.v.{}", p.name), p.v.clone());
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: usize) -> Result<(), String> {
+        for p in &mut self.params {
+            let m = state
+                .get(&format!("adam.m.{}", p.name))
+                .ok_or_else(|| format!("missing adam.m.{}", p.name))?;
+            let v = state
+                .get(&format!("adam.v.{}", p.name))
+                .ok_or_else(|| format!("missing adam.v.{}", p.name))?;
+            if m.shape() != p.var.shape() || v.shape() != p.var.shape() {
+                return Err(format!("optimizer state of {} has the wrong shape", p.name));
+            }
+            p.m = m.clone();
+            p.v = v.clone();
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Learning rate at `step` (0-based): base_lr × batch / 256, linear warm-up, then constant or cosine.
+pub fn lr_at(step: usize, t: &TrainSpec) -> f64 {
+    let peak = t.base_lr * t.batch as f64 / 256.0;
+    if step < t.warmup {
+        return peak * (step + 1) as f64 / t.warmup as f64;
+    }
+    match t.lr_schedule {
+        LrScheduleSpec::Constant => peak,
+        LrScheduleSpec::Cosine => {
+            let span = (t.steps - t.warmup).max(1) as f64;
+            let progress = (step - t.warmup) as f64 / span;
+            peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+        }
+    }
+}
+
+/// A checkpoint: weights, optimizer state and the step, written atomically.
+pub struct Checkpoint;
+
+impl Checkpoint {
+    pub fn weights_path(dir: &Path) -> PathBuf {
+        dir.join("checkpoint.safetensors")
+    }
+
+    fn meta_path(dir: &Path) -> PathBuf {
+        dir.join("checkpoint.json")
+    }
+
+    /// Save weights + optimizer moments, then the step; each file via write-then-rename.
+    pub fn save(dir: &Path, varmap: &VarMap, opt: &AdamW, step: usize) -> Result<(), TrainError> {
+        let err = |m: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: m,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        let mut tensors = opt.state();
+        {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| err("variable map lock poisoned".into()))?;
+            for (k, v) in data.iter() {
+                tensors.insert(k.clone(), v.as_tensor().clone());
+            }
+        }
+        let tmp = dir.join("checkpoint.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, Self::weights_path(dir)).map_err(|e| err(e.to_string()))?;
+        let meta = serde_json::json!({ "step": step, "adam_t": opt.t });
+        let tmp = dir.join("checkpoint.json.tmp");
+        std::fs::write(&tmp, meta.to_string()).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, Self::meta_path(dir)).map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Load into an already-built model and optimizer; returns the step to continue from, or None
+    /// when there is no checkpoint.
+    pub fn load(dir: &Path, varmap: &VarMap, opt: &mut AdamW) -> Result<Option<usize>, TrainError> {
+        let err = |m: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: m,
+        };
+        let meta_path = Self::meta_path(dir);
+        if !meta_path.exists() || !Self::weights_path(dir).exists() {
+            return Ok(None);
+        }
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&meta_path).map_err(|e| err(e.to_string()))?,
+        )
+        .map_err(|e| err(format!("unreadable checkpoint.json: {e}")))?;
+        let step = meta["step"]
+            .as_u64()
+            .ok_or_else(|| err("checkpoint.json has no step".into()))? as usize;
+        let adam_t = meta["adam_t"].as_u64().unwrap_or(step as u64) as usize;
+        let device = varmap
+            .all_vars()
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let tensors = candle_core::safetensors::load(Self::weights_path(dir), &device)?;
+        {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| err("variable map lock poisoned".into()))?;
+            for (name, var) in data.iter() {
+                let t = tensors
+                    .get(name)
+                    .ok_or_else(|| err(format!("missing tensor {name}")))?;
+                if t.shape() != var.shape() {
+                    return Err(err(format!(
+                        "tensor {name} has shape {:?}, the model expects {:?}",
+                        t.shape(),
+                        var.shape()
+                    )));
+                }
+                var.set(t)?;
+            }
+        }
+        opt.load_state(&tensors, adam_t).map_err(err)?;
+        Ok(Some(step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_constant() {
+        let mut t = TrainSpec::default();
+        t.base_lr = 1e-3;
+        t.batch = 256;
+        t.warmup = 10;
+        assert!((lr_at(0, &t) - 1e-4).abs() < 1e-12);
+        assert!((lr_at(9, &t) - 1e-3).abs() < 1e-12);
+        assert!((lr_at(100, &t) - 1e-3).abs() < 1e-12);
+        t.lr_schedule = LrScheduleSpec::Cosine;
+        t.steps = 110;
+        assert!(lr_at(109, &t) < 1e-5);
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_norm() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let a = Var::new(&[1f32, 2.0], &dev)?;
+        let b = Var::new(&[3f32], &dev)?;
+        let loss = ((a.as_tensor().sum_all()? * 10.0)? + (b.as_tensor().sum_all()? * 20.0)?)?;
+        let mut g = loss.backward()?;
+        let vars = vec![a.clone(), b.clone()];
+        let norm = clip_grad_norm(&mut g, &vars, 3.0)?;
+        assert!((norm - (100f64 + 100.0 + 400.0).sqrt()).abs() < 1e-4);
+        let after = clip_grad_norm(&mut g, &vars, 1e9)?;
+        assert!((after - 3.0).abs() < 1e-3, "{after}");
+        Ok(())
+    }
+}

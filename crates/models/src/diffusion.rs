@@ -1,0 +1,412 @@
+//! Gaussian diffusion as used by MAR's Diffusion Loss (from ADM/DiT, Nichol & Dhariwal 2021):
+//! noise schedules, the training terms (ε-MSE plus the variational bound with a learned-range
+//! variance) and the reverse step, with timestep respacing for sampling.
+use candle_core::{Device, Result, Tensor, D};
+
+use crate::rng::Rng;
+
+/// The β schedule over the training steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// cosine schedule, Nichol & Dhariwal 2021 (MAR's default)
+    Cosine,
+    /// linear schedule, Ho et al. 2020, scaled to the number of steps
+    Linear,
+}
+
+/// β_t for `steps` training steps.
+pub fn betas(schedule: Schedule, steps: usize) -> Vec<f64> {
+    match schedule {
+        Schedule::Linear => {
+            // linear from 1e-4 to 0.02 at 1000 steps, rescaled for other step counts (ADM)
+            let scale = 1000.0 / steps as f64;
+            let (start, end) = (scale * 0.0001, scale * 0.02);
+            (0..steps)
+                .map(|i| {
+                    if steps == 1 {
+                        start
+                    } else {
+                        start + (end - start) * i as f64 / (steps - 1) as f64
+                    }
+                })
+                .collect()
+        }
+        Schedule::Cosine => {
+            // ᾱ(t) = cos²((t + s)/(1 + s) · π/2), s = 0.008; β clipped at 0.999
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
+            (0..steps)
+                .map(|i| {
+                    let t1 = i as f64 / steps as f64;
+                    let t2 = (i + 1) as f64 / steps as f64;
+                    (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999)
+                })
+                .collect()
+        }
+    }
+}
+
+/// The timesteps kept when respacing `steps` to `count` (ADM's `space_timesteps` with one section).
+pub fn space_timesteps(steps: usize, count: usize) -> Vec<usize> {
+    if count >= steps {
+        return (0..steps).collect();
+    }
+    if count <= 1 {
+        return vec![0];
+    }
+    let stride = (steps - 1) as f64 / (count - 1) as f64;
+    let mut taken: Vec<usize> = (0..count)
+        .map(|i| (i as f64 * stride).round() as usize)
+        .collect();
+    taken.dedup();
+    taken
+}
+
+/// A diffusion process: all the per-step coefficients, in float64 like the reference.
+#[derive(Debug, Clone)]
+pub struct GaussianDiffusion {
+    pub betas: Vec<f64>,
+    pub alphas_cumprod: Vec<f64>,
+    pub alphas_cumprod_prev: Vec<f64>,
+    pub sqrt_alphas_cumprod: Vec<f64>,
+    pub sqrt_one_minus_alphas_cumprod: Vec<f64>,
+    pub sqrt_recip_alphas_cumprod: Vec<f64>,
+    pub sqrt_recipm1_alphas_cumprod: Vec<f64>,
+    pub posterior_variance: Vec<f64>,
+    pub posterior_log_variance_clipped: Vec<f64>,
+    pub posterior_mean_coef1: Vec<f64>,
+    pub posterior_mean_coef2: Vec<f64>,
+    /// The original timestep each (respaced) step stands for; the model sees these.
+    pub timestep_map: Vec<usize>,
+    /// Whether the model predicts the variance (learned range) besides ε.
+    pub learn_sigma: bool,
+}
+
+/// What the model predicts at x_t: the mean and log-variance of p(x_{t-1} | x_t).
+pub struct MeanVariance {
+    pub mean: Tensor,
+    pub log_variance: Tensor,
+    pub pred_xstart: Tensor,
+}
+
+/// The per-row training terms.
+pub struct TrainingTerms {
+    pub mse: Tensor,
+    pub vb: Option<Tensor>,
+    pub loss: Tensor,
+}
+
+impl GaussianDiffusion {
+    pub fn new(betas: Vec<f64>, learn_sigma: bool) -> Self {
+        let n = betas.len();
+        let mut alphas_cumprod = Vec::with_capacity(n);
+        let mut acc = 1.0;
+        for b in &betas {
+            acc *= 1.0 - b;
+            alphas_cumprod.push(acc);
+        }
+        let alphas_cumprod_prev: Vec<f64> = std::iter::once(1.0)
+            .chain(alphas_cumprod[..n - 1].iter().copied())
+            .collect();
+        let posterior_variance: Vec<f64> = (0..n)
+            .map(|i| betas[i] * (1.0 - alphas_cumprod_prev[i]) / (1.0 - alphas_cumprod[i]))
+            .collect();
+        // log of the posterior variance, clipped because it is 0 at t = 0 (ADM)
+        let posterior_log_variance_clipped: Vec<f64> = (0..n)
+            .map(|i| {
+                let v = if i == 0 && n > 1 {
+                    posterior_variance[1]
+                } else {
+                    posterior_variance[i]
+                };
+                v.ln()
+            })
+            .collect();
+        GaussianDiffusion {
+            sqrt_alphas_cumprod: alphas_cumprod.iter().map(|a| a.sqrt()).collect(),
+            sqrt_one_minus_alphas_cumprod: alphas_cumprod
+                .iter()
+                .map(|a| (1.0 - a).sqrt())
+                .collect(),
+            sqrt_recip_alphas_cumprod: alphas_cumprod.iter().map(|a| (1.0 / a).sqrt()).collect(),
+            sqrt_recipm1_alphas_cumprod: alphas_cumprod
+                .iter()
+                .map(|a| (1.0 / a - 1.0).sqrt())
+                .collect(),
+            posterior_mean_coef1: (0..n)
+                .map(|i| betas[i] * alphas_cumprod_prev[i].sqrt() / (1.0 - alphas_cumprod[i]))
+                .collect(),
+            posterior_mean_coef2: (0..n)
+                .map(|i| {
+                    (1.0 - alphas_cumprod_prev[i]) * (1.0 - betas[i]).sqrt()
+                        / (1.0 - alphas_cumprod[i])
+                })
+                .collect(),
+            posterior_variance,
+            posterior_log_variance_clipped,
+            alphas_cumprod_prev,
+            alphas_cumprod,
+            timestep_map: (0..n).collect(),
+            betas,
+            learn_sigma,
+        }
+    }
+
+    /// The training process: `steps` steps of `schedule`.
+    pub fn training(schedule: Schedule, steps: usize, learn_sigma: bool) -> Self {
+        Self::new(betas(schedule, steps), learn_sigma)
+    }
+
+    /// The sampling process: `steps` training steps respaced to `count` (ADM's `SpacedDiffusion`).
+    pub fn respaced(schedule: Schedule, steps: usize, count: usize, learn_sigma: bool) -> Self {
+        let base = Self::training(schedule, steps, learn_sigma);
+        let keep = space_timesteps(steps, count);
+        let mut last = 1.0;
+        let mut new_betas = Vec::with_capacity(keep.len());
+        for &i in &keep {
+            new_betas.push(1.0 - base.alphas_cumprod[i] / last);
+            last = base.alphas_cumprod[i];
+        }
+        let mut d = Self::new(new_betas, learn_sigma);
+        d.timestep_map = keep;
+        d
+    }
+
+    pub fn num_timesteps(&self) -> usize {
+        self.betas.len()
+    }
+
+    /// Gather `v[t]` for each row as an (N, 1) f32 tensor.
+    fn extract(v: &[f64], t: &[usize], device: &Device) -> Result<Tensor> {
+        let data: Vec<f32> = t.iter().map(|&i| v[i] as f32).collect();
+        Tensor::from_vec(data, (t.len(), 1), device)
+    }
+
+    /// x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε
+    pub fn q_sample(&self, x_start: &Tensor, t: &[usize], noise: &Tensor) -> Result<Tensor> {
+        let dev = x_start.device();
+        let a = Self::extract(&self.sqrt_alphas_cumprod, t, dev)?;
+        let b = Self::extract(&self.sqrt_one_minus_alphas_cumprod, t, dev)?;
+        x_start.broadcast_mul(&a)? + noise.broadcast_mul(&b)?
+    }
+
+    /// Mean and clipped log-variance of q(x_{t-1} | x_t, x_0).
+    pub fn q_posterior(
+        &self,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = x_t.device();
+        let c1 = Self::extract(&self.posterior_mean_coef1, t, dev)?;
+        let c2 = Self::extract(&self.posterior_mean_coef2, t, dev)?;
+        let mean = (x_start.broadcast_mul(&c1)? + x_t.broadcast_mul(&c2)?)?;
+        let logvar = Self::extract(&self.posterior_log_variance_clipped, t, dev)?
+            .broadcast_as(mean.shape())?;
+        Ok((mean, logvar))
+    }
+
+    /// p(x_{t-1} | x_t) from the model's output ([ε] or [ε, v] with v in [-1, 1], learned range).
+    pub fn p_mean_variance(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+    ) -> Result<MeanVariance> {
+        let dev = x_t.device();
+        let c = x_t.dim(D::Minus1)?;
+        let eps = model_output.narrow(D::Minus1, 0, c)?;
+        let log_variance = if self.learn_sigma {
+            let v = model_output.narrow(D::Minus1, c, c)?;
+            let min_log = Self::extract(&self.posterior_log_variance_clipped, t, dev)?;
+            let log_betas: Vec<f64> = self.betas.iter().map(|b| b.ln()).collect();
+            let max_log = Self::extract(&log_betas, t, dev)?;
+            // learned range: interpolate between β̃_t and β_t in log space (Nichol & Dhariwal 2021, eq. 15)
+            let frac = ((v + 1.0)? / 2.0)?;
+            (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?
+        } else {
+            // fixed small variance: the posterior variance β̃_t
+            Self::extract(&self.posterior_log_variance_clipped, t, dev)?
+                .broadcast_as(x_t.shape())?
+                .contiguous()?
+        };
+        let pred_xstart =
+            (x_t.broadcast_mul(&Self::extract(&self.sqrt_recip_alphas_cumprod, t, dev)?)?
+                - eps.broadcast_mul(&Self::extract(
+                    &self.sqrt_recipm1_alphas_cumprod,
+                    t,
+                    dev,
+                )?)?)?;
+        let (mean, _) = self.q_posterior(&pred_xstart, x_t, t)?;
+        Ok(MeanVariance {
+            mean,
+            log_variance,
+            pred_xstart,
+        })
+    }
+
+    /// One reverse step: x_{t-1} = mean + [t > 0] · exp(½ log σ²) · temperature · noise.
+    pub fn p_sample(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+        temperature: f64,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self.p_mean_variance(model_output, x_t, t)?;
+        let nonzero: Vec<f32> = t.iter().map(|&i| if i == 0 { 0.0 } else { 1.0 }).collect();
+        let nonzero = Tensor::from_vec(nonzero, (t.len(), 1), x_t.device())?;
+        let std = (out.log_variance * 0.5)?.exp()?;
+        out.mean
+            + (std * noise)?
+                .broadcast_mul(&nonzero)?
+                .affine(temperature, 0.0)?
+    }
+
+    /// ε-MSE per row, plus the variational bound with a stop-gradient on ε when σ is learned
+    /// (ADM's `training_losses` with `LossType.MSE` and `ModelVarType.LEARNED_RANGE`).
+    pub fn training_terms(
+        &self,
+        model_output: &Tensor,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+        noise: &Tensor,
+    ) -> Result<TrainingTerms> {
+        let c = x_start.dim(D::Minus1)?;
+        let eps = model_output.narrow(D::Minus1, 0, c)?;
+        let mse = (noise - &eps)?.sqr()?.mean(D::Minus1)?;
+        if !self.learn_sigma {
+            return Ok(TrainingTerms {
+                loss: mse.clone(),
+                mse,
+                vb: None,
+            });
+        }
+        let frozen = Tensor::cat(
+            &[eps.detach(), model_output.narrow(D::Minus1, c, c)?],
+            D::Minus1,
+        )?;
+        let vb = self.vb_terms_bpd(&frozen, x_start, x_t, t)?;
+        Ok(TrainingTerms {
+            loss: (&mse + &vb)?,
+            mse,
+            vb: Some(vb),
+        })
+    }
+
+    /// KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension, or the decoder NLL at t = 0.
+    pub fn vb_terms_bpd(
+        &self,
+        model_output: &Tensor,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+    ) -> Result<Tensor> {
+        let (true_mean, true_logvar) = self.q_posterior(x_start, x_t, t)?;
+        let out = self.p_mean_variance(model_output, x_t, t)?;
+        let ln2 = std::f64::consts::LN_2;
+        let kl = (normal_kl(&true_mean, &true_logvar, &out.mean, &out.log_variance)?
+            .mean(D::Minus1)?
+            / ln2)?;
+        let nll = (discretized_gaussian_log_likelihood(
+            x_start,
+            &out.mean,
+            &(&out.log_variance * 0.5)?,
+        )?
+        .neg()?
+        .mean(D::Minus1)?
+            / ln2)?;
+        let is_zero: Vec<u8> = t.iter().map(|&i| u8::from(i == 0)).collect();
+        let is_zero = Tensor::from_vec(is_zero, t.len(), x_t.device())?;
+        is_zero.where_cond(&nll, &kl)
+    }
+}
+
+/// KL divergence between two diagonal Gaussians given by mean and log-variance (elementwise).
+pub fn normal_kl(
+    mean1: &Tensor,
+    logvar1: &Tensor,
+    mean2: &Tensor,
+    logvar2: &Tensor,
+) -> Result<Tensor> {
+    // ½(−1 + lv2 − lv1 + e^{lv1−lv2} + (m1−m2)² e^{−lv2})
+    let a = ((logvar2 - logvar1)? - 1.0)?;
+    let b = (logvar1 - logvar2)?.exp()?;
+    let c = ((mean1 - mean2)?.sqr()? * logvar2.neg()?.exp()?)?;
+    ((a + b)? + c)? * 0.5
+}
+
+/// A fast approximation of the standard normal CDF (ADM, from Page 1977).
+fn approx_standard_normal_cdf(x: &Tensor) -> Result<Tensor> {
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * (2.0 / std::f64::consts::PI).sqrt())?;
+    (inner.tanh()? + 1.0)? * 0.5
+}
+
+/// log-likelihood of data in [-1, 1] discretised to 256 bins under a Gaussian (ADM).
+pub fn discretized_gaussian_log_likelihood(
+    x: &Tensor,
+    means: &Tensor,
+    log_scales: &Tensor,
+) -> Result<Tensor> {
+    let centered = (x - means)?;
+    let inv_stdv = log_scales.neg()?.exp()?;
+    let cdf_plus = approx_standard_normal_cdf(&((&centered + 1.0 / 255.0)? * &inv_stdv)?)?;
+    let cdf_min = approx_standard_normal_cdf(&((&centered - 1.0 / 255.0)? * &inv_stdv)?)?;
+    let log_cdf_plus = cdf_plus.clamp(1e-12, f64::INFINITY)?.log()?;
+    let log_one_minus_cdf_min = (1.0 - &cdf_min)?.clamp(1e-12, f64::INFINITY)?.log()?;
+    let log_cdf_delta = (cdf_plus - cdf_min)?.clamp(1e-12, f64::INFINITY)?.log()?;
+    let low = x.lt(-0.999)?;
+    let high = x.gt(0.999)?;
+    low.where_cond(
+        &log_cdf_plus,
+        &high.where_cond(&log_one_minus_cdf_min, &log_cdf_delta)?,
+    )
+}
+
+/// Draw one timestep per row, uniformly over the training steps.
+pub fn sample_timesteps(rng: &mut Rng, n: usize, steps: usize) -> Vec<usize> {
+    (0..n).map(|_| rng.below(steps)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_endpoints() {
+        let b = betas(Schedule::Cosine, 1000);
+        assert_eq!(b.len(), 1000);
+        assert!(b[0] > 0.0 && b[0] < 1e-3);
+        assert!((b[999] - 0.999).abs() < 1e-12);
+        let d = GaussianDiffusion::training(Schedule::Cosine, 1000, true);
+        assert!(d.alphas_cumprod[999] < 1e-6);
+    }
+
+    #[test]
+    fn respacing_keeps_endpoints_and_alpha_bar() {
+        let base = GaussianDiffusion::training(Schedule::Cosine, 1000, true);
+        let r = GaussianDiffusion::respaced(Schedule::Cosine, 1000, 100, true);
+        assert_eq!(r.num_timesteps(), 100);
+        assert_eq!(r.timestep_map[0], 0);
+        assert_eq!(r.timestep_map[99], 999);
+        for (k, &i) in r.timestep_map.iter().enumerate() {
+            assert!((r.alphas_cumprod[k] - base.alphas_cumprod[i]).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn q_sample_at_zero_noise_scales() -> Result<()> {
+        let d = GaussianDiffusion::training(Schedule::Linear, 1000, false);
+        let x = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+        let n = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+        let xt = d.q_sample(&x, &[0, 999], &n)?.to_vec2::<f32>()?;
+        assert!((xt[0][0] as f64 - d.sqrt_alphas_cumprod[0]).abs() < 1e-6);
+        assert!((xt[1][0] as f64 - d.sqrt_alphas_cumprod[999]).abs() < 1e-6);
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! ablate's neural networks, in plain candle: the generators of "Autoregressive Image Generation
+//! without Vector Quantization" (Li et al., 2024) — causal AR and MAR — with their two heads
+//! (cross-entropy over a codebook, Diffusion Loss), the Gaussian diffusion process, and the small
+//! classifier used as a feature net. No I/O, no printing: weights come in through `VarBuilder`.
+pub mod ar;
+pub mod classifier;
+pub mod diffloss;
+pub mod diffusion;
+pub mod generator;
+pub mod head;
+pub mod init;
+pub mod mar;
+pub mod nn;
+pub mod rng;
+pub mod tokens;
+
+pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, SampleOptions};
+pub use rng::Rng;
+pub use tokens::Tokens;
+
+/// The one error type of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

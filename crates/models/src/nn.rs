@@ -1,0 +1,266 @@
+//! Building blocks shared by the generators: LayerNorm from basic ops (the fused candle kernels
+//! drop gradients, see CRATES.md), and the pre-norm transformer block of timm's ViT as used by MAR.
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+/// Xavier-uniform linear layer with zero bias (the reference's `_init_weights`).
+pub fn linear_xavier(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
+    let w = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Linear layer initialised to zero (adaLN modulations and output layers of the Diffusion Loss MLP).
+pub fn linear_zero(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Linear layer with N(0, std²) weights and zero bias.
+pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// LayerNorm written from basic ops so that its backward pass exists.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, affine: bool, vb: VarBuilder) -> Result<Self> {
+        let (weight, bias) = if affine {
+            (
+                Some(vb.get_with_hints(dim, "weight", Init::Const(1.0))?),
+                Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(LayerNorm { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+}
+
+/// timm's `Mlp`: fc1 → GELU → fc2.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Mlp {
+            fc1: linear_xavier(dim, hidden, vb.pp("fc1"))?,
+            fc2: linear_xavier(hidden, dim, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection (timm's `Attention`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+/// Keys and values of the positions seen so far, for incremental (autoregressive) decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl Attention {
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Attention {
+            qkv: linear_xavier(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: linear_xavier(dim, dim, vb.pp("proj"))?,
+            heads,
+        })
+    }
+
+    /// Project to (q, k, v), each (batch, heads, positions, head_dim).
+    fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, l, c) = x.dims3()?;
+        let hd = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, l, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        Ok((
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        ))
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, l, hd) = q.dims4()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        self.proj.forward(&y)
+    }
+
+    /// `mask` is additive, broadcastable to (batch, heads, queries, keys): 0 or -inf.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (q, k, v) = self.qkv_heads(x)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// Attend from the new positions in `x` to everything cached plus themselves (causal within x).
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let l = x.dim(1)?;
+        let (q, k, v) = self.qkv_heads(x)?;
+        let (k, v) = match &cache.kv {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        cache.kv = Some((k.clone(), v.clone()));
+        let mask = if l > 1 {
+            Some(causal_mask(l, k.dim(2)?, x.device())?)
+        } else {
+            None
+        };
+        self.attend(&q, &k, &v, mask.as_ref())
+    }
+}
+
+/// Additive causal mask for `queries` new positions at the end of `keys` positions.
+pub fn causal_mask(queries: usize, keys: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let offset = keys - queries;
+    let data: Vec<f32> = (0..queries)
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (queries, keys), device)
+}
+
+/// Pre-norm transformer block (timm's `Block`): x + attn(norm1(x)); x + mlp(norm2(x)).
+#[derive(Debug, Clone)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(dim: usize, heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            norm1: LayerNorm::new(dim, 1e-6, true, vb.pp("norm1"))?,
+            attn: Attention::new(dim, heads, vb.pp("attn"))?,
+            norm2: LayerNorm::new(dim, 1e-6, true, vb.pp("norm2"))?,
+            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio) as usize, vb.pp("mlp"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, mask)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    }
+
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = (x + self.attn.forward_cached(&self.norm1.forward(x)?, cache)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn layer_norm_normalises_and_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let ln = LayerNorm::new(8, 1e-6, true, vb)?;
+        let x = Tensor::arange(0f32, 16., &dev)?.reshape((2, 8))?;
+        let y = ln.forward(&x)?;
+        let m = y.mean_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(m.iter().all(|v| v.abs() < 1e-5));
+        let loss = (y * &x)?.sum_all()?;
+        let g = loss.backward()?;
+        for v in vm.all_vars() {
+            let gv = g.get(v.as_tensor()).expect("gradient");
+            assert!(gv.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_attention_matches_masked_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let block = Block::new(16, 4, 2.0, vb)?;
+        let x = Tensor::randn(0f32, 1., (2, 5, 16), &dev)?;
+        let full = block.forward(&x, Some(&causal_mask(5, 5, &dev)?))?;
+        let mut cache = KvCache::default();
+        let first = block.forward_cached(&x.narrow(1, 0, 3)?, &mut cache)?;
+        let fourth = block.forward_cached(&x.narrow(1, 3, 1)?, &mut cache)?;
+        let fifth = block.forward_cached(&x.narrow(1, 4, 1)?, &mut cache)?;
+        let inc = Tensor::cat(&[first, fourth, fifth], 1)?;
+        let diff = (full - inc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "diff {diff}");
+        Ok(())
+    }
+}
