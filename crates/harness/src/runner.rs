@@ -559,6 +559,7 @@ impl Runner {
         let (tokenizer, train_tokens) = (&tok.0, &tok.1);
 
         self.db.set_stage(run_id, "train")?;
+        let t_train = Instant::now();
         let cfg = generator_config(run, tokenizer, ds.classes);
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
@@ -581,13 +582,21 @@ impl Runner {
         varmap.save(&weights)?;
         record_artifact(&self.db, run_id, "model", &weights)?;
 
+        let train_s = t_train.elapsed().as_secs_f64();
         self.db.set_stage(run_id, "sample")?;
-        let samples = sample_images(&generator, tokenizer, run, ds.classes, &device, self.quiet)?;
+        let t_sample = Instant::now();
+        let frozen = Generator::new(
+            &cfg,
+            models::init::frozen_var_builder(&varmap, DType::F32, &device)?,
+        )?;
+        let samples = sample_images(&frozen, tokenizer, run, ds.classes, &device, self.quiet)?;
         let grid = dir.join("samples.png");
         save_class_grid(&grid, &samples, ds.classes, 10)?;
         record_artifact(&self.db, run_id, "samples", &grid)?;
 
+        let sample_s = t_sample.elapsed().as_secs_f64();
         self.db.set_stage(run_id, "eval")?;
+        let t_eval = Instant::now();
         let (net, reference) = (&fnet.0, &fnet.1);
         let scores = eval::score(net, reference, &samples, run.spec.eval.is_splits)?;
         let settings = serde_json::json!({
@@ -615,6 +624,24 @@ impl Runner {
                 settings: &settings,
             })?;
         }
+        let eval_s = t_eval.elapsed().as_secs_f64();
+        let points: Vec<MetricPoint> = [
+            ("time/train_s", train_s),
+            ("time/sample_s", sample_s),
+            ("time/eval_s", eval_s),
+        ]
+        .into_iter()
+        .map(|(key, value)| MetricPoint {
+            key: key.into(),
+            step,
+            value,
+            wall_time: now(),
+        })
+        .collect();
+        self.db.insert_metrics(run_id, &points)?;
+        self.say(format!(
+            "    train {train_s:.1} s · sample {sample_s:.1} s · eval {eval_s:.1} s"
+        ));
         Ok((scores.fid, scores.is_mean))
     }
 }
@@ -675,6 +702,7 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
                     ScheduleSpec::Linear => Schedule::Linear,
                 },
                 learn_sigma: h.learn_sigma,
+                clip_denoised: h.clip_denoised,
             },
         },
     }

@@ -224,6 +224,9 @@ pub struct HeadSpec {
     pub schedule: ScheduleSpec,
     #[serde(default = "d_true")]
     pub learn_sigma: bool,
+    /// clip the predicted x_0 to [-1, 1] while sampling; right for pixel tokens (MAR: false)
+    #[serde(default)]
+    pub clip_denoised: bool,
 }
 fn d_head_width() -> usize {
     128
@@ -256,6 +259,7 @@ impl Default for HeadSpec {
             sampling_steps: d_sampling_steps(),
             schedule: d_schedule(),
             learn_sigma: true,
+            clip_denoised: false,
         }
     }
 }
@@ -609,27 +613,42 @@ pub fn locate(source: &str, key: &str) -> Option<(usize, usize)> {
     })
 }
 
+/// Split a dotted key into its parts; a quoted part may hold dots: `grid."train.steps"`.
+fn split_key(key: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in key.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
 /// Set a dotted key in a TOML table, creating tables on the way.
 fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
-    let parts: Vec<&str> = key.split('.').collect();
+    let parts = split_key(key);
     let mut table = root;
     for part in &parts[..parts.len() - 1] {
         let entry = table
-            .entry(part.to_string())
+            .entry(part.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = entry
             .as_table_mut()
             .ok_or_else(|| format!("'{part}' is not a table"))?;
     }
-    table.insert(parts[parts.len() - 1].to_string(), value);
+    table.insert(parts[parts.len() - 1].clone(), value);
     Ok(())
 }
 
 fn get_dotted<'a>(root: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
-    let mut parts = key.split('.');
-    let first = parts.next()?;
-    let mut v = root.get(first)?;
-    for p in parts {
+    let parts = split_key(key);
+    let mut v = root.get(&parts[0])?;
+    for p in &parts[1..] {
         v = v.as_table()?.get(p)?;
     }
     Some(v)

@@ -13,6 +13,7 @@ pub struct Classifier {
     fc: Linear,
     out: Linear,
     pub feature_dim: usize,
+    pub num_classes: usize,
 }
 
 impl Classifier {
@@ -39,6 +40,7 @@ impl Classifier {
             fc: linear_xavier(128, feature_dim, vb.pp("fc"))?,
             out: linear_xavier(feature_dim, num_classes, vb.pp("out"))?,
             feature_dim,
+            num_classes,
         })
     }
 

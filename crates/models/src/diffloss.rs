@@ -48,10 +48,27 @@ impl TimestepEmbedder {
         Tensor::from_vec(data, (t.len(), dim), device)
     }
 
+    /// Embed each row's timestep; the MLP runs once per distinct timestep, rows gather from it.
     fn forward(&self, t: &[f64], device: &candle_core::Device) -> Result<Tensor> {
-        let f = Self::timestep_embedding(t, self.freq_dim, device)?;
-        self.fc2
-            .forward(&candle_nn::ops::silu(&self.fc1.forward(&f)?)?)
+        let mut distinct: Vec<f64> = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        let index: Vec<u32> = t
+            .iter()
+            .map(|&ti| {
+                *seen.entry(ti.to_bits()).or_insert_with(|| {
+                    distinct.push(ti);
+                    (distinct.len() - 1) as u32
+                })
+            })
+            .collect();
+        let f = Self::timestep_embedding(&distinct, self.freq_dim, device)?;
+        let emb = self
+            .fc2
+            .forward(&candle_nn::ops::silu(&self.fc1.forward(&f)?)?)?;
+        if distinct.len() == t.len() {
+            return Ok(emb);
+        }
+        emb.index_select(&Tensor::from_vec(index, t.len(), device)?, 0)
     }
 }
 
@@ -189,6 +206,8 @@ pub struct DiffLossConfig {
     pub sampling_steps: usize,
     pub schedule: Schedule,
     pub learn_sigma: bool,
+    /// clip predicted tokens to [-1, 1] while sampling (for pixel tokens; MAR: false)
+    pub clip_denoised: bool,
 }
 
 /// The Diffusion Loss head: the denoiser plus its training and sampling processes.
@@ -207,6 +226,13 @@ impl DiffLoss {
         } else {
             cfg.token_dim
         };
+        let mut gen_diffusion = GaussianDiffusion::respaced(
+            cfg.schedule,
+            cfg.train_steps,
+            cfg.sampling_steps,
+            cfg.learn_sigma,
+        );
+        gen_diffusion.clip_denoised = cfg.clip_denoised;
         Ok(DiffLoss {
             net: SimpleMlpAdaLn::new(
                 cfg.token_dim,
@@ -221,12 +247,7 @@ impl DiffLoss {
                 cfg.train_steps,
                 cfg.learn_sigma,
             ),
-            gen_diffusion: GaussianDiffusion::respaced(
-                cfg.schedule,
-                cfg.train_steps,
-                cfg.sampling_steps,
-                cfg.learn_sigma,
-            ),
+            gen_diffusion,
             token_dim: cfg.token_dim,
         })
     }

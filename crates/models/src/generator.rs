@@ -32,6 +32,7 @@ pub enum HeadConfig {
         sampling_steps: usize,
         schedule: Schedule,
         learn_sigma: bool,
+        clip_denoised: bool,
     },
 }
 
@@ -117,6 +118,7 @@ impl GeneratorConfig {
                 sampling_steps,
                 schedule,
                 learn_sigma,
+                clip_denoised,
             } => Head::diffusion(
                 &DiffLossConfig {
                     token_dim: self.token_dim,
@@ -127,6 +129,7 @@ impl GeneratorConfig {
                     sampling_steps: *sampling_steps,
                     schedule: *schedule,
                     learn_sigma: *learn_sigma,
+                    clip_denoised: *clip_denoised,
                 },
                 *batch_mul,
                 vb,
@@ -291,6 +294,7 @@ mod tests {
                     sampling_steps: 10,
                     schedule: Schedule::Cosine,
                     learn_sigma: true,
+                    clip_denoised: false,
                 }
             } else {
                 HeadConfig::CrossEntropy { vocab: 5 }

@@ -117,14 +117,20 @@ impl FeatureNet {
         Ok(())
     }
 
-    /// Features and logits for every image of a set, in batches.
+    /// Features and logits for every image of a set, in batches (on frozen weights: no autograd).
     pub fn extract(&self, set: &ImageSet) -> Result<(Vec<f32>, Vec<f32>), EvalError> {
+        let frozen = Classifier::new(
+            set.channels,
+            self.model.num_classes,
+            self.model.feature_dim,
+            models::init::frozen_var_builder(&self.varmap, DType::F32, &self.device)?,
+        )?;
         let mut feats = Vec::with_capacity(set.n * self.model.feature_dim);
         let mut logits = Vec::new();
         let all: Vec<usize> = (0..set.n).collect();
         for chunk in all.chunks(500) {
             let x = self.batch_tensor(set, chunk)?;
-            let (f, l) = self.model.forward(&x)?;
+            let (f, l) = frozen.forward(&x)?;
             feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
             logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
         }

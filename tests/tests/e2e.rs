@@ -1,0 +1,218 @@
+//! End-to-end: the real CLI on tiny specs, checked against the real database and report files.
+use ablate_tests::{ablate, stderr, stdout};
+use db::Db;
+
+#[test]
+fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let out = ablate(root, &["run", "experiments/tiny.toml"]);
+    assert!(out.status.success(), "stderr:\n{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("| generator.kind=ar |"),
+        "table printed:\n{text}"
+    );
+    assert!(text.contains("database: "), "{text}");
+
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    assert_eq!(generators.len(), 4, "2 cells × 2 arms × 1 seed");
+    for r in &generators {
+        assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+        assert!(r.arm.is_some());
+        assert_eq!(r.params["name"], "tiny");
+        assert!(!r.host.is_empty());
+        let evals = db.evals_for_run(r.id).expect("evals");
+        let fid = evals.iter().find(|e| e.metric == "fid").expect("fid row");
+        let is = evals.iter().find(|e| e.metric == "is").expect("is row");
+        assert!(
+            fid.value.is_finite() && fid.value >= 0.0,
+            "fid {}",
+            fid.value
+        );
+        assert!(
+            is.value >= 1.0 - 1e-9 && is.value <= 3.0 + 1e-9,
+            "IS of 3 classes in [1, 3]: {}",
+            is.value
+        );
+        assert_eq!(fid.sample_count, 20);
+        assert!(fid.feature_net.starts_with("classifier:"));
+        let losses = db.metrics(r.id, Some("train/loss")).expect("metrics");
+        assert_eq!(
+            losses.iter().map(|m| m.step).collect::<Vec<_>>(),
+            vec![2, 4, 6]
+        );
+        let kinds: Vec<String> = db
+            .artifacts(r.id)
+            .expect("artifacts")
+            .into_iter()
+            .map(|a| a.kind)
+            .collect();
+        assert!(
+            kinds.contains(&"model".to_string()) && kinds.contains(&"samples".to_string()),
+            "{kinds:?}"
+        );
+    }
+    // stage-1 runs: one tokenizer per arm (shared by both cells), one feature net
+    assert_eq!(runs.iter().filter(|r| r.kind == "tokenizer").count(), 2);
+    assert_eq!(runs.iter().filter(|r| r.kind == "classifier").count(), 1);
+    let classifier = runs
+        .iter()
+        .find(|r| r.kind == "classifier")
+        .expect("classifier run");
+    let acc = db
+        .metrics(classifier.id, Some("test/accuracy"))
+        .expect("accuracy");
+    assert_eq!(acc.len(), 1);
+
+    // the report files, with the table's numbers taken from the database
+    let report_dir = root.join("reports/tiny");
+    let md = std::fs::read_to_string(report_dir.join("report.md")).expect("report.md");
+    let ar_ce = generators
+        .iter()
+        .find(|r| r.cell == "generator.kind=ar" && r.arm.as_deref() == Some("cross-entropy"))
+        .expect("ar ce run");
+    let fid = db
+        .evals_for_run(ar_ce.id)
+        .expect("evals")
+        .into_iter()
+        .find(|e| e.metric == "fid")
+        .expect("fid");
+    assert!(
+        md.contains(&format!("{:.2} ± – (n=1)", fid.value)),
+        "report has the AR cross-entropy FID:\n{md}"
+    );
+    assert!(md.contains("| generator.kind=mar |"));
+    let png = std::fs::read(report_dir.join("fid_bars.png")).expect("fid_bars.png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let csv = std::fs::read_to_string(report_dir.join("metrics.csv")).expect("metrics.csv");
+    assert!(csv.lines().count() > 4);
+
+    // running again trains nothing
+    let again = ablate(root, &["run", "experiments/tiny.toml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let err = stderr(&again);
+    assert!(
+        err.contains("4 run(s): 4 finished (4 earlier), 0 failed"),
+        "{err}"
+    );
+    assert_eq!(
+        db.list_runs(Some("tiny")).expect("runs").len(),
+        runs.len(),
+        "no new runs"
+    );
+
+    // plan, list and show read the same database
+    let plan = stdout(&ablate(root, &["plan", "experiments/tiny.toml"]));
+    assert_eq!(plan.matches("finished").count(), 4, "{plan}");
+    let list = stdout(&ablate(root, &["list"]));
+    assert!(list.contains("tiny"), "{list}");
+    let show = ablate(root, &["show", &ar_ce.id.to_string()]);
+    assert!(show.status.success());
+    assert!(stdout(&show).contains("fid"), "{}", stdout(&show));
+    let missing = ablate(root, &["show", "99999"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no run with id 99999"));
+}
+
+/// Each bad spec is refused with file, line and key, exit code 2, and nothing written.
+#[test]
+fn bad_specs_are_refused_with_location_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let tiny =
+        std::fs::read_to_string(ablate_tests::workspace_root().join("experiments/tiny.toml"))
+            .expect("tiny spec");
+    let cases = [
+        (
+            "unknown-key",
+            tiny.replace("kind = \"ar\"\n", "kind = \"ar\"\nordr = \"raster\"\n"),
+            "generator.ordr",
+            "unknown field",
+        ),
+        (
+            "wrong-type",
+            tiny.replace("steps = 6", "steps = \"six\""),
+            "train.steps",
+            "invalid type",
+        ),
+        (
+            "out-of-range",
+            tiny.replace("steps = 6", "steps = 6\nbase_lr = -0.5"),
+            "train.base_lr",
+            "must be positive",
+        ),
+        (
+            "bad-variant",
+            tiny.replace("kind = \"ar\"\n", "kind = \"gpt\"\n"),
+            "generator.kind",
+            "unknown variant",
+        ),
+    ];
+    for (name, text, key, what) in cases {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, &text).expect("write spec");
+        let out = ablate(&root, &["run", path.to_str().expect("utf-8 path")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        let line = text
+            .lines()
+            .position(|l| {
+                let k = key.rsplit('.').next().unwrap_or(key);
+                l.trim_start().starts_with(&format!("{k} ="))
+                    && (name != "unknown-key" || l.contains("ordr"))
+                    && (name != "bad-variant" || l.contains("gpt"))
+            })
+            .map(|i| i + 1)
+            .expect("key in spec");
+        assert!(
+            err.contains(&format!("{}:{line}:", path.display())),
+            "{name}: expected line {line}: {err}"
+        );
+        assert!(err.contains(key) && err.contains(what), "{name}: {err}");
+        assert!(
+            !root.join("ablate.sqlite").exists(),
+            "{name}: the database was created"
+        );
+    }
+    // with a database in place, a bad spec leaves it untouched
+    let ok = ablate(&root, &["plan", "experiments/tiny.toml"]);
+    assert!(ok.status.success());
+    let bad = dir.path().join("unknown-key.toml");
+    let good = ablate(
+        &root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "sample.count=10",
+            "--no-report",
+        ],
+    );
+    assert!(good.status.success(), "{}", stderr(&good));
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let before = db.list_runs(None).expect("runs").len();
+    let out = ablate(&root, &["run", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = ablate(
+        &root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--set",
+            "sample.mar_steps=99",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("sample.mar_steps"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(db.list_runs(None).expect("runs").len(), before);
+    assert_eq!(db.list_experiments().expect("experiments").len(), 1);
+}
