@@ -845,6 +845,8 @@ fn grid_key_has_default(key: &str) -> bool {
 }
 
 /// Range and consistency checks; `err(key, message)` builds the located error.
+/// Conditions are written positively so that NaN fails them.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), SpecError> {
     macro_rules! check {
         ($cond:expr, $key:expr, $($msg:tt)*) => {
@@ -893,7 +895,7 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
     for (name, t) in &s.tokenizers {
         let key = format!("tokenizers.{name}.patch");
         check!(
-            t.patch >= 1 && d.image_size % t.patch == 0,
+            t.patch >= 1 && d.image_size.is_multiple_of(t.patch),
             &key,
             "must divide data.image_size ({}), found {}",
             d.image_size,
@@ -957,7 +959,7 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         g.depth
     );
     check!(
-        g.heads >= 1 && g.width % g.heads == 0,
+        g.heads >= 1 && g.width.is_multiple_of(g.heads),
         "generator.heads",
         "must divide generator.width ({}), found {}",
         g.width,

@@ -279,10 +279,12 @@ mod tests {
 
     #[test]
     fn warmup_then_constant() {
-        let mut t = TrainSpec::default();
-        t.base_lr = 1e-3;
-        t.batch = 256;
-        t.warmup = 10;
+        let mut t = TrainSpec {
+            base_lr: 1e-3,
+            batch: 256,
+            warmup: 10,
+            ..TrainSpec::default()
+        };
         assert!((lr_at(0, &t) - 1e-4).abs() < 1e-12);
         assert!((lr_at(9, &t) - 1e-3).abs() < 1e-12);
         assert!((lr_at(100, &t) - 1e-3).abs() < 1e-12);

@@ -63,13 +63,13 @@ impl GeneratorConfig {
         if self.seq_len == 0 || self.width == 0 || self.heads == 0 || self.num_classes == 0 {
             return bad("seq_len, width, heads and num_classes must be positive".into());
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return bad(format!(
                 "width {} is not divisible by heads {}",
                 self.width, self.heads
             ));
         }
-        if self.kind == GeneratorKind::Mar && self.decoder_width % self.heads != 0 {
+        if self.kind == GeneratorKind::Mar && !self.decoder_width.is_multiple_of(self.heads) {
             return bad(format!(
                 "decoder width {} is not divisible by heads {}",
                 self.decoder_width, self.heads

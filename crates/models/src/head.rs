@@ -16,7 +16,7 @@ pub enum Head {
     CrossEntropy(Linear),
     /// Diffusion Loss, with each token's z reused for `batch_mul` noise draws
     Diffusion {
-        diffloss: DiffLoss,
+        diffloss: Box<DiffLoss>,
         batch_mul: usize,
     },
 }
@@ -32,7 +32,7 @@ impl Head {
 
     pub fn diffusion(cfg: &DiffLossConfig, batch_mul: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Head::Diffusion {
-            diffloss: DiffLoss::new(cfg, vb.pp("diffloss"))?,
+            diffloss: Box::new(DiffLoss::new(cfg, vb.pp("diffloss"))?),
             batch_mul: batch_mul.max(1),
         })
     }
