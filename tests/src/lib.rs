@@ -59,3 +59,58 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The parity fixture folder: `ABLATE_PARITY_DIR`, or `../shared/parity` from the project root.
+/// Returns None (the caller skips) when it is missing outside CI; under CI a missing folder fails.
+pub fn parity_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("ABLATE_PARITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/parity"));
+    if dir.join("manifest.json").exists() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "parity fixtures not found at {} (set ABLATE_PARITY_DIR to a folder with manifest.json)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    None
+}
+
+/// (atol, rtol) parsed from a manifest tolerance text such as "atol 1e-5, rtol 1e-4" or "abs 1e-12".
+pub fn tolerance(text: &str) -> (f64, f64) {
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut atol = 0.0;
+    let mut rtol = 0.0;
+    for pair in words.windows(2) {
+        if let Ok(v) = pair[1].parse::<f64>() {
+            match pair[0] {
+                "atol" | "abs" => atol = v,
+                "rtol" => rtol = v,
+                _ => {}
+            }
+        }
+    }
+    (atol, rtol)
+}
+
+/// Largest violation of |ours − theirs| ≤ atol + rtol·|theirs| (≤ 0 means within tolerance),
+/// with the index where it happens.
+pub fn worst_violation(ours: &[f64], theirs: &[f64], atol: f64, rtol: f64) -> (f64, usize) {
+    assert_eq!(ours.len(), theirs.len(), "length mismatch");
+    let mut worst = (f64::NEG_INFINITY, 0);
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let v = (a - b).abs() - (atol + rtol * b.abs());
+        let v = if v.is_nan() { f64::INFINITY } else { v };
+        if v > worst.0 {
+            worst = (v, i);
+        }
+    }
+    worst
+}

@@ -31,16 +31,19 @@ impl TimestepEmbedder {
         })
     }
 
-    /// [cos(t·f_i), sin(t·f_i)], f_i = 10000^(-i/half) (DiT).
+    /// [cos(t·f_i), sin(t·f_i)], f_i = 10000^(-i/half) (DiT), in float32 like the reference so
+    /// that large arguments round the same way.
     fn timestep_embedding(t: &[f64], dim: usize, device: &candle_core::Device) -> Result<Tensor> {
         let half = dim / 2;
+        let log_period = -(10000f32.ln());
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (log_period * i as f32 / half as f32).exp())
+            .collect();
         let mut data = Vec::with_capacity(t.len() * dim);
         for &ti in t {
-            let args: Vec<f64> = (0..half)
-                .map(|i| ti * (-(10000f64.ln()) * i as f64 / half as f64).exp())
-                .collect();
-            data.extend(args.iter().map(|a| a.cos() as f32));
-            data.extend(args.iter().map(|a| a.sin() as f32));
+            let args: Vec<f32> = freqs.iter().map(|f| ti as f32 * f).collect();
+            data.extend(args.iter().map(|a| a.cos()));
+            data.extend(args.iter().map(|a| a.sin()));
             if dim % 2 == 1 {
                 data.push(0.0);
             }

@@ -57,10 +57,14 @@ pub fn space_timesteps(steps: usize, count: usize) -> Vec<usize> {
     if count <= 1 {
         return vec![0];
     }
+    // ADM accumulates the fractional index and rounds with Python's round (ties to even)
     let stride = (steps - 1) as f64 / (count - 1) as f64;
-    let mut taken: Vec<usize> = (0..count)
-        .map(|i| (i as f64 * stride).round() as usize)
-        .collect();
+    let mut cur = 0.0f64;
+    let mut taken = Vec::with_capacity(count);
+    for _ in 0..count {
+        taken.push(cur.round_ties_even() as usize);
+        cur += stride;
+    }
     taken.dedup();
     taken
 }

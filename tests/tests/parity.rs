@@ -1,0 +1,285 @@
+//! Parity with the reference MAR implementation, driven by the fixtures' manifest.json so any
+//! folder in that format (ABLATE_PARITY_DIR) is checked the same way.
+use std::collections::HashMap;
+use std::path::Path;
+
+use ablate_tests::{parity_dir, tolerance, worst_violation};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use models::diffloss::{DiffLoss, DiffLossConfig};
+use models::diffusion::{GaussianDiffusion, Schedule};
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest.json is JSON")
+}
+
+fn load(dir: &Path, file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join(file), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("tensor to f64")
+}
+
+fn check(what: &str, ours: &[f64], theirs: &[f64], tol: (f64, f64)) {
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "{what}: length {} vs {}",
+        ours.len(),
+        theirs.len()
+    );
+    let (v, i) = worst_violation(ours, theirs, tol.0, tol.1);
+    assert!(
+        v <= 0.0,
+        "{what}: index {i}: ours {} vs reference {} (atol {}, rtol {})",
+        ours[i],
+        theirs[i],
+        tol.0,
+        tol.1
+    );
+}
+
+fn timesteps(t: &Tensor) -> Vec<usize> {
+    t.to_dtype(DType::I64)
+        .and_then(|t| t.to_vec1::<i64>())
+        .expect("timesteps")
+        .into_iter()
+        .map(|v| v as usize)
+        .collect()
+}
+
+#[test]
+fn diffusion_schedules_match_the_reference() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "diffusion_schedules.safetensors";
+    let entry = &manifest(&dir)[file];
+    let tol = tolerance(entry["tolerance"].as_str().expect("tolerance"));
+    let fixtures = load(&dir, file);
+    let mut checked = 0;
+    let mut names: Vec<&String> = fixtures.keys().collect();
+    names.sort();
+    for name in names {
+        let (process, array) = name.split_once('.').expect("<schedule>_<steps>.<array>");
+        let (schedule, steps) = process.split_once('_').expect("<schedule>_<steps>");
+        let schedule = match schedule {
+            "cosine" => Schedule::Cosine,
+            "linear" => Schedule::Linear,
+            other => panic!("unknown schedule {other} in {name}"),
+        };
+        let steps: usize = steps.parse().expect("step count");
+        let d = if steps == 1000 {
+            GaussianDiffusion::training(schedule, 1000, true)
+        } else {
+            GaussianDiffusion::respaced(schedule, 1000, steps, true)
+        };
+        let n = d.num_timesteps();
+        let ours: Vec<f64> = match array {
+            "betas" => d.betas.clone(),
+            "alphas_cumprod" => d.alphas_cumprod.clone(),
+            "alphas_cumprod_prev" => d.alphas_cumprod_prev.clone(),
+            "alphas_cumprod_next" => (0..n)
+                .map(|i| {
+                    if i + 1 < n {
+                        d.alphas_cumprod[i + 1]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            "sqrt_alphas_cumprod" => d.sqrt_alphas_cumprod.clone(),
+            "sqrt_one_minus_alphas_cumprod" => d.sqrt_one_minus_alphas_cumprod.clone(),
+            "log_one_minus_alphas_cumprod" => {
+                d.alphas_cumprod.iter().map(|a| (1.0 - a).ln()).collect()
+            }
+            "sqrt_recip_alphas_cumprod" => d.sqrt_recip_alphas_cumprod.clone(),
+            "sqrt_recipm1_alphas_cumprod" => d.sqrt_recipm1_alphas_cumprod.clone(),
+            "posterior_variance" => d.posterior_variance.clone(),
+            "posterior_log_variance_clipped" => d.posterior_log_variance_clipped.clone(),
+            "posterior_mean_coef1" => d.posterior_mean_coef1.clone(),
+            "posterior_mean_coef2" => d.posterior_mean_coef2.clone(),
+            "timestep_map" => d.timestep_map.iter().map(|&t| t as f64).collect(),
+            other => panic!("{name}: unknown array {other}"),
+        };
+        check(name, &ours, &f64s(&fixtures[name]), tol);
+        checked += 1;
+    }
+    assert!(checked > 0, "no schedule arrays in {file}");
+}
+
+/// The denoiser of diffloss_mlp.safetensors, built by our code from the reference names.
+fn reference_diffloss(dir: &Path, sampling_steps: usize) -> DiffLoss {
+    let entry = &manifest(dir)["diffloss_mlp.safetensors"]["config"];
+    let get = |k: &str| entry[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
+    let (in_ch, out_ch) = (get("in_channels"), get("out_channels"));
+    let cfg = DiffLossConfig {
+        token_dim: in_ch,
+        z_dim: get("z_channels"),
+        width: get("width"),
+        depth: get("depth"),
+        train_steps: 1000,
+        sampling_steps,
+        schedule: Schedule::Cosine,
+        learn_sigma: out_ch == 2 * in_ch,
+        clip_denoised: false,
+    };
+    let weights: HashMap<String, Tensor> = load(dir, "diffloss_mlp.safetensors")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("net."))
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).expect("f32")))
+        .collect();
+    DiffLoss::new(
+        &cfg,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .expect("build the denoiser from the reference weights")
+}
+
+#[test]
+fn diffloss_mlp_forward_and_guided_forward_match() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "diffloss_mlp.safetensors";
+    let tol = tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let f = load(&dir, file);
+    let dl = reference_diffloss(&dir, 100);
+    let t: Vec<f64> = timesteps(&f["input.t"])
+        .into_iter()
+        .map(|v| v as f64)
+        .collect();
+    let out = dl
+        .net
+        .forward(&f["input.x"], &t, &f["input.c"])
+        .expect("forward");
+    check("output.out", &f64s(&out), &f64s(&f["output.out"]), tol);
+    let out = dl
+        .net
+        .forward_with_cfg(&f["input_cfg.x"], &t, &f["input.c"], 3.0)
+        .expect("guided forward");
+    check(
+        "output_cfg.out",
+        &f64s(&out),
+        &f64s(&f["output_cfg.out"]),
+        tol,
+    );
+}
+
+#[test]
+fn diffloss_training_terms_match() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "diffloss_training_terms.safetensors";
+    let tol = tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let f = load(&dir, file);
+    let dl = reference_diffloss(&dir, 100);
+    let t = timesteps(&f["input.t"]);
+    let terms = dl
+        .loss_terms(&f["input.x_start"], &f["input.c"], &t, &f["input.noise"])
+        .expect("loss terms");
+    check(
+        "output.mse",
+        &f64s(&terms.mse),
+        &f64s(&f["output.mse"]),
+        tol,
+    );
+    check(
+        "output.vb",
+        &f64s(terms.vb.as_ref().expect("vb term")),
+        &f64s(&f["output.vb"]),
+        tol,
+    );
+    check(
+        "output.loss",
+        &f64s(&terms.loss),
+        &f64s(&f["output.loss"]),
+        tol,
+    );
+    let masked =
+        models::diffloss::masked_mean(&terms.loss, Some(&f["input.mask"])).expect("masked mean");
+    check(
+        "output.masked_mean_loss",
+        &f64s(&masked),
+        &f64s(&f["output.masked_mean_loss"]),
+        tol,
+    );
+}
+
+#[test]
+fn diffloss_reverse_step_matches() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "diffloss_sample_step.safetensors";
+    let tol = tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let f = load(&dir, file);
+    let dl = reference_diffloss(&dir, 100);
+    let d = &dl.gen_diffusion;
+    let t = timesteps(&f["input.t"]);
+    let model_t: Vec<f64> = t.iter().map(|&i| d.timestep_map[i] as f64).collect();
+    let out = dl
+        .net
+        .forward(&f["input.x_t"], &model_t, &f["input.c"])
+        .expect("forward");
+    let mv = d
+        .p_mean_variance(&out, &f["input.x_t"], &t)
+        .expect("p_mean_variance");
+    check(
+        "output.mean",
+        &f64s(&mv.mean),
+        &f64s(&f["output.mean"]),
+        tol,
+    );
+    check(
+        "output.log_variance",
+        &f64s(&mv.log_variance),
+        &f64s(&f["output.log_variance"]),
+        tol,
+    );
+    check(
+        "output.pred_xstart",
+        &f64s(&mv.pred_xstart),
+        &f64s(&f["output.pred_xstart"]),
+        tol,
+    );
+    for (key, temperature) in [
+        ("output.temp_1_0.sample", 1.0),
+        ("output.temp_0_95.sample", 0.95),
+    ] {
+        let s = d
+            .p_sample(&out, &f["input.x_t"], &t, temperature, &f["input.noise"])
+            .expect("p_sample");
+        check(key, &f64s(&s), &f64s(&f[key]), tol);
+    }
+    let out = dl
+        .net
+        .forward_with_cfg(&f["input_cfg.x_t"], &model_t, &f["input.c"], 2.5)
+        .expect("guided forward");
+    let mv = d
+        .p_mean_variance(&out, &f["input_cfg.x_t"], &t)
+        .expect("p_mean_variance");
+    check(
+        "output_cfg.mean",
+        &f64s(&mv.mean),
+        &f64s(&f["output_cfg.mean"]),
+        tol,
+    );
+    check(
+        "output_cfg.log_variance",
+        &f64s(&mv.log_variance),
+        &f64s(&f["output_cfg.log_variance"]),
+        tol,
+    );
+}
