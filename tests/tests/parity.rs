@@ -283,3 +283,202 @@ fn diffloss_reverse_step_matches() {
         tol,
     );
 }
+
+#[test]
+fn mar_sampling_schedule_matches() {
+    let Some(dir) = parity_dir() else { return };
+    let text = std::fs::read_to_string(dir.join("mar_sampling_schedule.json"))
+        .expect("mar_sampling_schedule.json");
+    let cases: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let mut checked = 0;
+    for (name, case) in cases.as_object().expect("object") {
+        let Some(rest) = name.strip_prefix("seq") else {
+            continue;
+        };
+        let Some((seq, iters)) = rest.split_once("_iter") else {
+            continue;
+        };
+        let (l, k): (usize, usize) = (
+            seq.parse().expect("seq len"),
+            iters.parse().expect("iterations"),
+        );
+        let opts = models::SampleOptions {
+            num_iter: k,
+            cfg: 3.0,
+            cfg_schedule: models::generator::CfgSchedule::Linear,
+            temperature: 1.0,
+        };
+        let mut masked = l;
+        for step in 0..k {
+            let mask_len = models::mar::tokens_masked_after(step, k, l, masked);
+            let predicted = if step + 1 == k {
+                masked
+            } else {
+                masked - mask_len
+            };
+            assert_eq!(
+                mask_len as u64,
+                case["mask_len_after_step"][step].as_u64().expect("count"),
+                "{name} step {step}"
+            );
+            assert_eq!(
+                predicted as u64,
+                case["tokens_predicted"][step].as_u64().expect("count"),
+                "{name} step {step}"
+            );
+            let cfg = opts.cfg_at(l - mask_len, l);
+            let want = case["linear_cfg_for_cfg3"][step].as_f64().expect("scale");
+            assert!(
+                (cfg - want).abs() <= 1e-12,
+                "{name} step {step}: cfg {cfg} vs {want}"
+            );
+            masked = mask_len;
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no seqN_iterK cases");
+    let moments = cases
+        .get("mask_ratio_truncnorm")
+        .expect("mask_ratio_truncnorm moments");
+    {
+        let mean = moments["mean"].as_f64().expect("mean");
+        let std = moments["std"].as_f64().expect("std");
+        let mut rng = models::Rng::new(0);
+        let n = 100_000;
+        let draws: Vec<f64> = (0..n)
+            .map(|_| models::mar::sample_mask_ratio(&mut rng))
+            .collect();
+        let m = draws.iter().sum::<f64>() / n as f64;
+        let s = (draws.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!((m - mean).abs() <= 2e-3, "mask ratio mean {m} vs {mean}");
+        assert!((s - std).abs() <= 2e-3, "mask ratio std {s} vs {std}");
+    }
+}
+
+#[test]
+fn small_mar_matches_the_reference() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "mar_small.safetensors";
+    let entry = &manifest(&dir)[file];
+    let tol = tolerance(entry["tolerance"].as_str().expect("tolerance"));
+    let c = &entry["config"];
+    let get = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
+    let side = get("img_size") / get("vae_stride") / get("patch_size");
+    let p = get("patch_size");
+    let cfg = models::GeneratorConfig {
+        kind: models::GeneratorKind::Mar,
+        seq_len: side * side,
+        token_dim: get("vae_embed_dim") * p * p,
+        width: get("encoder_embed_dim"),
+        depth: get("encoder_depth"),
+        decoder_width: get("decoder_embed_dim"),
+        decoder_depth: get("decoder_depth"),
+        heads: get("encoder_num_heads"),
+        mlp_ratio: c["mlp_ratio"].as_f64().expect("mlp_ratio"),
+        num_classes: get("class_num"),
+        buffer_size: get("buffer_size"),
+        label_drop: 0.0,
+        head: models::HeadConfig::Diffusion {
+            width: get("diffloss_w"),
+            depth: get("diffloss_d"),
+            batch_mul: get("diffusion_batch_mul"),
+            train_steps: 1000,
+            sampling_steps: c["num_sampling_steps"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(100),
+            schedule: Schedule::Cosine,
+            learn_sigma: true,
+            clip_denoised: false,
+        },
+    };
+    let f = load(&dir, file);
+    let weights: HashMap<String, Tensor> = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).expect("f32")))
+        .collect();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
+
+    let tokens = models::mar::patchify(&f["input.latents"], p).expect("patchify");
+    check(
+        "output.tokens",
+        &f64s(&tokens),
+        &f64s(&f["output.tokens"]),
+        tol,
+    );
+    let labels: Vec<u32> = f["input.labels"]
+        .to_vec1::<i64>()
+        .expect("labels")
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let mask: Vec<bool> = f64s(&f["input.mask"])
+        .into_iter()
+        .map(|v| v > 0.5)
+        .collect();
+    let class = mar
+        .class_embedding(&labels, false)
+        .expect("class embedding");
+    let enc = mar
+        .forward_encoder(&models::Tokens::Continuous(tokens.clone()), &mask, &class)
+        .expect("encoder");
+    check(
+        "output.encoder_out",
+        &f64s(&enc),
+        &f64s(&f["output.encoder_out"]),
+        tol,
+    );
+    let z = mar.forward_decoder(&enc, &mask).expect("decoder");
+    check("output.z", &f64s(&z), &f64s(&f["output.z"]), tol);
+
+    // loss: rows repeated diffusion_batch_mul times, fixed timesteps and noise, masked mean
+    let models::head::Head::Diffusion {
+        diffloss,
+        batch_mul,
+    } = mar.head()
+    else {
+        panic!("diffusion head")
+    };
+    let (b, l, d) = tokens.dims3().expect("dims");
+    let target = tokens
+        .reshape((b * l, d))
+        .and_then(|t| t.repeat((*batch_mul, 1)))
+        .expect("target rows");
+    let zr = z
+        .reshape((b * l, z.dim(2).expect("z dim")))
+        .and_then(|t| t.repeat((*batch_mul, 1)))
+        .expect("z rows");
+    let mask_rows = f["input.mask"]
+        .flatten_all()
+        .and_then(|m| m.repeat(*batch_mul))
+        .expect("mask rows");
+    let terms = diffloss
+        .loss_terms(
+            &target,
+            &zr,
+            &timesteps(&f["input.loss_t"]),
+            &f["input.loss_noise"],
+        )
+        .expect("loss terms");
+    let loss = models::diffloss::masked_mean(&terms.loss, Some(&mask_rows)).expect("masked mean");
+    check("output.loss", &f64s(&loss), &f64s(&f["output.loss"]), tol);
+
+    // the first sampling step: everything masked, batch doubled with the fake class
+    let all = vec![true; 2 * b * l];
+    let class = mar
+        .class_embedding(&labels, true)
+        .expect("guided class embedding");
+    let zeros = Tensor::zeros((2 * b, l, d), DType::F32, &Device::Cpu).expect("zeros");
+    let enc = mar
+        .forward_encoder(&models::Tokens::Continuous(zeros), &all, &class)
+        .expect("encoder");
+    let z = mar.forward_decoder(&enc, &all).expect("decoder");
+    check(
+        "output.first_step_z",
+        &f64s(&z),
+        &f64s(&f["output.first_step_z"]),
+        tol,
+    );
+}

@@ -55,7 +55,26 @@ pub fn tokens_masked_after(
     len.min(currently_masked.saturating_sub(1)).max(1)
 }
 
+/// MAR's `patchify`: (B, C, H, W) → (B, (H/p)(W/p), C·p·p), channel-major within a token.
+pub fn patchify(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / p, p, w / p, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, (h / p) * (w / p), c * p * p))
+}
+
 impl Mar {
+    /// The head that turns each token's z into a loss or a sample.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Class embeddings as used when sampling: conditional rows, then fake-class rows if `guided`.
+    pub fn class_embedding(&self, labels: &[u32], guided: bool) -> candle_core::Result<Tensor> {
+        self.class
+            .sample(labels, guided, self.encoder_pos_embed_learned.device())
+    }
+
     pub fn new(cfg: &GeneratorConfig, vb: VarBuilder) -> Result<Self> {
         let w = cfg.width;
         let wd = cfg.decoder_width;
