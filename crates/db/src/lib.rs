@@ -106,7 +106,28 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = rt.block_on(async {
+        // Several processes opening a fresh file at the same moment can see SQLITE_BUSY while
+        // one of them switches the file to WAL (that switch does not always wait on the busy
+        // handler); retry the open with a growing pause instead of failing.
+        let mut attempt = 0u64;
+        let pool = loop {
+            match rt.block_on(Self::connect_pool(options.clone())) {
+                Err(e) if attempt < 40 && e.to_string().contains("database is locked") => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10 * attempt));
+                }
+                other => break other?,
+            }
+        };
+        Ok(Db {
+            pool,
+            rt,
+            path: path.to_path_buf(),
+        })
+    }
+
+    async fn connect_pool(options: SqliteConnectOptions) -> Result<SqlitePool> {
+        {
             let pool = SqlitePoolOptions::new()
                 .max_connections(MAX_CONNECTIONS)
                 .connect_with(options)
@@ -118,12 +139,7 @@ impl Db {
             sqlx::migrate!("./migrations").run(&mut tx).await?;
             tx.commit().await?;
             Ok::<_, Error>(pool)
-        })?;
-        Ok(Db {
-            pool,
-            rt,
-            path: path.to_path_buf(),
-        })
+        }
     }
 
     /// Runs `fut` to completion on this handle's runtime.

@@ -20,7 +20,7 @@ use crate::spec::{
     self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, PlannedRun, ScheduleSpec, Spec,
 };
 use crate::tokenize::{TokenData, Tokenizer};
-use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint};
+use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -565,7 +565,7 @@ impl Runner {
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
         let generator = Generator::new(&cfg, vb)?;
         let dir = self.layout.run_dir(hash);
-        train_generator(
+        let ema = train_generator(
             &self.db,
             run_id,
             &generator,
@@ -581,14 +581,21 @@ impl Runner {
         let weights = dir.join("model.safetensors");
         varmap.save(&weights)?;
         record_artifact(&self.db, run_id, "model", &weights)?;
+        // evaluate the EMA weights when there are some (MAR evaluates EMA), on detached tensors
+        let eval_vb = match &ema {
+            Some(ema) => {
+                let path = dir.join("model_ema.safetensors");
+                candle_core::safetensors::save(&ema.tensors(), &path)?;
+                record_artifact(&self.db, run_id, "model-ema", &path)?;
+                candle_nn::VarBuilder::from_tensors(ema.tensors(), DType::F32, &device)
+            }
+            None => models::init::frozen_var_builder(&varmap, DType::F32, &device)?,
+        };
 
         let train_s = t_train.elapsed().as_secs_f64();
         self.db.set_stage(run_id, "sample")?;
         let t_sample = Instant::now();
-        let frozen = Generator::new(
-            &cfg,
-            models::init::frozen_var_builder(&varmap, DType::F32, &device)?,
-        )?;
+        let frozen = Generator::new(&cfg, eval_vb)?;
         let samples = sample_images(&frozen, tokenizer, run, ds.classes, &device, self.quiet)?;
         let grid = dir.join("samples.png");
         save_class_grid(&grid, &samples, ds.classes, 10)?;
@@ -789,13 +796,18 @@ fn train_generator(
     device: &Device,
     dir: &Path,
     quiet: bool,
-) -> Result<()> {
+) -> Result<Option<Ema>> {
     let t = &run.spec.train;
     let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
+    let mut ema = if t.ema > 0.0 {
+        Some(Ema::new(varmap, t.ema)?)
+    } else {
+        None
+    };
     let vars: Vec<_> = opt.vars().cloned().collect();
     let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
     let mut start = 0;
-    if let Some(step) = Checkpoint::load(dir, varmap, &mut opt)? {
+    if let Some(step) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
         start = step;
         if let Some(state) = read_rng_state(dir) {
             rng = Rng::from_state(state);
@@ -829,6 +841,9 @@ fn train_generator(
         let norm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
         let lr = lr_at(step, t);
         opt.step(&grads, lr)?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(step + 1)?;
+        }
         loss_sum += value as f64;
         norm_sum += norm;
         count += 1;
@@ -848,13 +863,13 @@ fn train_generator(
         pb.set_position(step as u64 + 1);
         if (step + 1) % every == 0 || step + 1 == t.steps {
             writer.flush()?;
-            Checkpoint::save(dir, varmap, &opt, step + 1)?;
+            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1)?;
             write_rng_state(dir, &rng)?;
         }
     }
     writer.flush()?;
     pb.finish_and_clear();
-    Ok(())
+    Ok(ema)
 }
 
 fn write_rng_state(dir: &Path, rng: &Rng) -> Result<()> {

@@ -294,6 +294,12 @@ pub struct TrainSpec {
     /// 0 = only at the end
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// EMA decay of the weights used for evaluation; 0 evaluates the raw weights
+    #[serde(default = "d_ema")]
+    pub ema: f64,
+}
+fn d_ema() -> f64 {
+    0.999
 }
 fn d_steps() -> usize {
     500

@@ -141,6 +141,73 @@ impl AdamW {
     }
 }
 
+/// Exponential moving average of the weights, used for evaluation (MAR evaluates EMA weights).
+/// The decay ramps up as min(decay, (1 + t) / (10 + t)) so short runs get a usable average.
+pub struct Ema {
+    pub decay: f64,
+    shadow: Vec<(String, Var, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(varmap: &VarMap, decay: f64) -> candle_core::Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let shadow = names
+            .into_iter()
+            .map(|n| {
+                Ok((
+                    n.clone(),
+                    data[n].clone(),
+                    data[n].as_tensor().detach().copy()?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Ema { decay, shadow })
+    }
+
+    /// Fold in the current weights after optimizer step `t` (1-based).
+    pub fn update(&mut self, t: usize) -> candle_core::Result<()> {
+        let d = self.decay.min((1.0 + t as f64) / (10.0 + t as f64));
+        for (_, var, avg) in &mut self.shadow {
+            *avg = ((&*avg * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+        }
+        Ok(())
+    }
+
+    /// The averaged weights under the parameter names.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.shadow
+            .iter()
+            .map(|(n, _, t)| (n.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Entries `ema.NAME`, for the checkpoint.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        self.shadow
+            .iter()
+            .map(|(n, _, t)| (format!("ema.{n}"), t.clone()))
+            .collect()
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<(), String> {
+        for (n, var, avg) in &mut self.shadow {
+            let t = state
+                .get(&format!("ema.{n}"))
+                .ok_or_else(|| format!("missing ema.{n}"))?;
+            if t.shape() != var.shape() {
+                return Err(format!("EMA weights of {n} have the wrong shape"));
+            }
+            *avg = t.clone();
+        }
+        Ok(())
+    }
+}
+
 /// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm(
     grads: &mut GradStore,
@@ -198,13 +265,22 @@ impl Checkpoint {
     }
 
     /// Save weights + optimizer moments, then the step; each file via write-then-rename.
-    pub fn save(dir: &Path, varmap: &VarMap, opt: &AdamW, step: usize) -> Result<(), TrainError> {
+    pub fn save(
+        dir: &Path,
+        varmap: &VarMap,
+        opt: &AdamW,
+        ema: Option<&Ema>,
+        step: usize,
+    ) -> Result<(), TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
             message: m,
         };
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         let mut tensors = opt.state();
+        if let Some(ema) = ema {
+            tensors.extend(ema.state());
+        }
         {
             let data = varmap
                 .data()
@@ -226,7 +302,12 @@ impl Checkpoint {
 
     /// Load into an already-built model and optimizer; returns the step to continue from, or None
     /// when there is no checkpoint.
-    pub fn load(dir: &Path, varmap: &VarMap, opt: &mut AdamW) -> Result<Option<usize>, TrainError> {
+    pub fn load(
+        dir: &Path,
+        varmap: &VarMap,
+        opt: &mut AdamW,
+        ema: Option<&mut Ema>,
+    ) -> Result<Option<usize>, TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
             message: m,
@@ -269,6 +350,9 @@ impl Checkpoint {
             }
         }
         opt.load_state(&tensors, adam_t).map_err(err)?;
+        if let Some(ema) = ema {
+            ema.load_state(&tensors).map_err(err)?;
+        }
         Ok(Some(step))
     }
 }
