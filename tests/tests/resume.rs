@@ -49,29 +49,22 @@ fn killed_run_resumes_to_the_same_weights() {
         .spawn()
         .expect("spawn ablate");
     let started = Instant::now();
-    let killed_at = loop {
-        let ckpt = std::fs::read_dir(killed.join("artifacts"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path().join("checkpoint.json"));
-        if let Some(meta) = ckpt.filter(|p| p.exists()) {
-            let text = std::fs::read_to_string(&meta).unwrap_or_default();
-            let step = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["step"].as_u64());
-            if let Some(step) = step {
-                child.kill().expect("SIGKILL");
-                child.wait().expect("wait");
-                break step;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    let checkpoint_step = || -> Option<u64> {
+        let entry = std::fs::read_dir(killed.join("artifacts"))
+            .ok()?
+            .next()?
+            .ok()?;
+        let text = std::fs::read_to_string(entry.path().join("checkpoint.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
     };
+    let mut seen = None;
+    while seen.is_none() && started.elapsed() < Duration::from_secs(120) {
+        seen = checkpoint_step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let killed_at = seen.expect("a checkpoint appeared within 120 s");
     assert!(
         killed_at < 300,
         "killed after training had finished (step {killed_at})"
