@@ -60,12 +60,20 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The parity fixture folder: `ABLATE_PARITY_DIR`, or `../shared/parity` from the project root.
+/// The parity fixture folder: `ABLATE_PARITY_DIR`, else `../shared/parity` from the project root,
+/// else the copy committed in `tests/fixtures/parity` (the fixtures the tests use today).
 /// Returns None (the caller skips) when it is missing outside CI; under CI a missing folder fails.
 pub fn parity_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("ABLATE_PARITY_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/parity"));
+        .unwrap_or_else(|| {
+            let shared = workspace_root().join("../shared/parity");
+            if shared.join("manifest.json").exists() {
+                shared
+            } else {
+                workspace_root().join("tests/fixtures/parity")
+            }
+        });
     if dir.join("manifest.json").exists() {
         return Some(dir);
     }

@@ -112,6 +112,50 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     let show = ablate(root, &["show", &ar_ce.id.to_string()]);
     assert!(show.status.success());
     assert!(stdout(&show).contains("fid"), "{}", stdout(&show));
+    // a sampling-only change (CFG) makes new runs that reuse the trained weights
+    let cfg = ablate(
+        root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--set",
+            "sample.cfg=2.0",
+            "--no-report",
+        ],
+    );
+    assert!(cfg.status.success(), "{}", stderr(&cfg));
+    let all = db.list_runs(Some("tiny")).expect("runs");
+    let guided: Vec<_> = all
+        .iter()
+        .filter(|r| r.kind == "generator" && r.params["sample"]["cfg"] == 2.0)
+        .collect();
+    assert_eq!(guided.len(), 4);
+    for g in &guided {
+        assert_eq!(g.status, "finished");
+        let twin = generators
+            .iter()
+            .find(|r| r.cell == g.cell && r.arm == g.arm)
+            .expect("unguided twin");
+        let model = |id: i64| {
+            db.artifacts(id)
+                .expect("artifacts")
+                .into_iter()
+                .find(|a| a.kind == "model")
+                .expect("model")
+                .path
+        };
+        assert_eq!(
+            model(g.id),
+            model(twin.id),
+            "{}: weights are shared",
+            g.name
+        );
+        assert!(db
+            .evals_for_run(g.id)
+            .expect("evals")
+            .iter()
+            .any(|e| e.metric == "fid"));
+    }
     let missing = ablate(root, &["show", "99999"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("no run with id 99999"));

@@ -367,6 +367,7 @@ fn small_mar_matches_the_reference() {
     let p = get("patch_size");
     let cfg = models::GeneratorConfig {
         kind: models::GeneratorKind::Mar,
+        order: models::Order::Random,
         seq_len: side * side,
         token_dim: get("vae_embed_dim") * p * p,
         width: get("encoder_embed_dim"),

@@ -18,11 +18,15 @@ const ARGS: [&str; 8] = [
     "sample.count=10",
 ];
 
-fn weights(
-    root: &std::path::Path,
-    hash: &str,
-) -> std::collections::HashMap<String, candle_core::Tensor> {
-    let path = root.join("artifacts").join(hash).join("model.safetensors");
+/// The final weights a run recorded as its `model` artifact.
+fn weights(db: &Db, run_id: i64) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let path = db
+        .artifacts(run_id)
+        .expect("artifacts")
+        .into_iter()
+        .find(|a| a.kind == "model")
+        .map(|a| std::path::PathBuf::from(a.path))
+        .expect("a model artifact");
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -71,6 +75,7 @@ fn killed_run_resumes_to_the_same_weights() {
     );
 
     let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
     let first = db
         .list_runs(Some("tiny"))
         .expect("runs")
@@ -96,8 +101,12 @@ fn killed_run_resumes_to_the_same_weights() {
     assert_eq!(runs.len(), 2);
     for r in &runs {
         assert_eq!(r.status, "finished");
-        let a = weights(&clean, &r.hash);
-        let b = weights(&killed, &r.hash);
+        let clean_run = clean_db
+            .run_by_hash(&r.hash)
+            .expect("query")
+            .expect("same run in the clean root");
+        let a = weights(&clean_db, clean_run.id);
+        let b = weights(&db, r.id);
         assert_eq!(a.len(), b.len());
         let mut worst = 0f32;
         for (name, ta) in &a {

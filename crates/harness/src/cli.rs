@@ -64,6 +64,20 @@ pub enum Command {
 
 /// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
 pub fn main() -> i32 {
+    // `ablate plan … | head` closes stdout early: end quietly instead of panicking
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

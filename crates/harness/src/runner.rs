@@ -17,7 +17,8 @@ use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Rng, SampleO
 use crate::data::{self, Dataset, ImageSet};
 use crate::eval::{self, metrics, FeatureNet};
 use crate::spec::{
-    self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, PlannedRun, ScheduleSpec, Spec,
+    self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec,
+    Spec,
 };
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
@@ -564,7 +565,9 @@ impl Runner {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
         let generator = Generator::new(&cfg, vb)?;
-        let dir = self.layout.run_dir(hash);
+        // weights live under the training identity, shared by runs that only sample differently
+        let dir = self.layout.run_dir(&run.train_hash());
+        let out_dir = self.layout.run_dir(hash);
         let ema = train_generator(
             &self.db,
             run_id,
@@ -597,7 +600,7 @@ impl Runner {
         let t_sample = Instant::now();
         let frozen = Generator::new(&cfg, eval_vb)?;
         let samples = sample_images(&frozen, tokenizer, run, ds.classes, &device, self.quiet)?;
-        let grid = dir.join("samples.png");
+        let grid = out_dir.join("samples.png");
         save_class_grid(&grid, &samples, ds.classes, 10)?;
         record_artifact(&self.db, run_id, "samples", &grid)?;
 
@@ -682,6 +685,10 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
         kind: match g.kind {
             GeneratorKindSpec::Ar => GeneratorKind::Ar,
             GeneratorKindSpec::Mar => GeneratorKind::Mar,
+        },
+        order: match (g.kind, g.order) {
+            (GeneratorKindSpec::Ar, OrderSpec::Raster) => models::Order::Raster,
+            _ => models::Order::Random,
         },
         seq_len: tok.seq_len(),
         token_dim: tok.token_dim(),

@@ -1,10 +1,13 @@
-//! Causal autoregressive generator (GPT-style, raster order): the class embedding is the first
-//! position, position i predicts token i from the tokens before it, and sampling decodes one
-//! token per step with a kv-cache.
-use candle_core::{Module, Tensor};
+//! Causal autoregressive generator (GPT-style). The class embedding is the first input; input i
+//! carries the token generated at step i−1 and output i predicts the token of step i, under a
+//! causal mask. In raster order step i is position i. In random order (Table 1's "random-order
+//! AR") every image gets its own permutation, and the position of the token to predict is added
+//! to each input so the model knows where it is going. Sampling decodes one token per step with a
+//! kv-cache.
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
+use crate::generator::{ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
 use crate::mar::SampleState;
 use crate::nn::{causal_mask, Block, KvCache, LayerNorm};
@@ -16,13 +19,57 @@ use crate::Result;
 pub struct Ar {
     embed: TokenEmbed,
     class: ClassEmbed,
+    /// position of the token each step predicts
     pos_embed_learned: Tensor,
+    /// position of the token each input carries (random order only)
+    input_pos_embed_learned: Option<Tensor>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     head: Head,
     seq_len: usize,
     width: usize,
     label_drop: f64,
+}
+
+/// Rows `orders[b][i]` of a (L, W) table, as (B, K, W) with K = orders[b].len().
+fn gather_positions(
+    table: &Tensor,
+    orders: &[Vec<usize>],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let w = table.dim(1)?;
+    let l = orders.first().map(|o| o.len()).unwrap_or(0);
+    let idx: Vec<u32> = orders.iter().flatten().map(|&p| p as u32).collect();
+    table
+        .index_select(&Tensor::from_vec(idx, orders.len() * l, device)?, 0)?
+        .reshape((orders.len(), l, w))
+}
+
+/// Tokens reordered so that step i holds position `orders[b][i]`.
+fn permute_tokens(tokens: &Tokens, orders: &[Vec<usize>]) -> candle_core::Result<Tokens> {
+    let t = tokens.tensor();
+    let l = orders.first().map(|o| o.len()).unwrap_or(0);
+    let idx: Vec<u32> = orders
+        .iter()
+        .enumerate()
+        .flat_map(|(b, o)| o.iter().map(move |&p| (b * l + p) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, orders.len() * l, t.device())?;
+    Ok(match tokens {
+        Tokens::Discrete(t) => Tokens::Discrete(
+            t.flatten_all()?
+                .index_select(&idx, 0)?
+                .reshape((orders.len(), l))?,
+        ),
+        Tokens::Continuous(t) => {
+            let c = t.dim(2)?;
+            Tokens::Continuous(
+                t.reshape((orders.len() * l, c))?
+                    .index_select(&idx, 0)?
+                    .reshape((orders.len(), l, c))?,
+            )
+        }
+    })
 }
 
 impl Ar {
@@ -36,6 +83,12 @@ impl Ar {
             embed: cfg.token_embed(w, vb.clone())?,
             class: ClassEmbed::new(cfg.num_classes, w, vb.clone())?,
             pos_embed_learned: vb.get_with_hints((1, cfg.seq_len, w), "pos_embed_learned", init)?,
+            input_pos_embed_learned: match cfg.order {
+                Order::Raster => None,
+                Order::Random => {
+                    Some(vb.get_with_hints((1, cfg.seq_len, w), "input_pos_embed_learned", init)?)
+                }
+            },
             blocks: (0..cfg.depth)
                 .map(|i| Block::new(w, cfg.heads, cfg.mlp_ratio, vb.pp(format!("blocks.{i}"))))
                 .collect::<candle_core::Result<_>>()?,
@@ -47,19 +100,43 @@ impl Ar {
         })
     }
 
-    /// Teacher forcing: inputs [class, x_0 … x_{L−2}], outputs z_0 … z_{L−1}.
-    pub fn forward(&self, tokens: &Tokens, class_embedding: &Tensor) -> Result<Tensor> {
+    fn random_order(&self) -> bool {
+        self.input_pos_embed_learned.is_some()
+    }
+
+    /// Teacher forcing. `orders` (random order) gives each image's generation order; `tokens`
+    /// must already be in that order. Returns z for every step, (B, L, W).
+    pub fn forward(
+        &self,
+        tokens: &Tokens,
+        class_embedding: &Tensor,
+        orders: Option<&[Vec<usize>]>,
+    ) -> Result<Tensor> {
         let x = self.embed.forward(tokens)?;
         let (b, l, w) = x.dims3()?;
-        let inputs = Tensor::cat(
-            &[
-                &class_embedding.reshape((b, 1, w))?,
-                &x.narrow(1, 0, l - 1)?,
-            ],
-            1,
-        )?;
-        let mut h = inputs.broadcast_add(&self.pos_embed_learned)?;
-        let mask = causal_mask(l, l, h.device())?;
+        let dev = x.device().clone();
+        let mut h = match (orders, &self.input_pos_embed_learned) {
+            (Some(orders), Some(input_pos)) => {
+                let x = (x + gather_positions(&input_pos.squeeze(0)?, orders, &dev)?)?;
+                let inputs = Tensor::cat(
+                    &[
+                        &class_embedding.reshape((b, 1, w))?,
+                        &x.narrow(1, 0, l - 1)?,
+                    ],
+                    1,
+                )?;
+                (inputs + gather_positions(&self.pos_embed_learned.squeeze(0)?, orders, &dev)?)?
+            }
+            _ => Tensor::cat(
+                &[
+                    &class_embedding.reshape((b, 1, w))?,
+                    &x.narrow(1, 0, l - 1)?,
+                ],
+                1,
+            )?
+            .broadcast_add(&self.pos_embed_learned)?,
+        };
+        let mask = causal_mask(l, l, &dev)?;
         for block in &self.blocks {
             h = block.forward(&h, Some(&mask))?;
         }
@@ -70,8 +147,14 @@ impl Ar {
         let dev = tokens.tensor().device().clone();
         let b = labels.len();
         let class_embedding = self.class.train(labels, self.label_drop, rng, &dev)?;
+        let (tokens, orders) = if self.random_order() {
+            let orders: Vec<Vec<usize>> = (0..b).map(|_| rng.permutation(self.seq_len)).collect();
+            (permute_tokens(tokens, &orders)?, Some(orders))
+        } else {
+            (tokens.clone(), None)
+        };
         let z = self
-            .forward(tokens, &class_embedding)?
+            .forward(&tokens, &class_embedding, orders.as_deref())?
             .reshape((b * self.seq_len, self.width))?;
         self.head.loss(&z, &tokens.flatten_rows()?, None, rng)
     }
@@ -85,13 +168,37 @@ impl Ar {
         Ok(self.norm.forward(&h)?)
     }
 
-    /// Raster-order sampling, one token per step, kv-cached; CFG linear in the tokens generated.
+    /// (rows, 1, W) embedding of position `orders[b][i]` from `table`, repeated for the
+    /// unconditional rows when guiding.
+    fn position_rows(
+        &self,
+        table: &Tensor,
+        orders: &[Vec<usize>],
+        i: usize,
+        guided: bool,
+    ) -> candle_core::Result<Tensor> {
+        let col: Vec<Vec<usize>> = orders.iter().map(|o| vec![o[i]]).collect();
+        let table = table.squeeze(0)?;
+        let rows = gather_positions(&table, &col, table.device())?;
+        if guided {
+            Tensor::cat(&[&rows, &rows], 0)
+        } else {
+            Ok(rows)
+        }
+    }
+
+    /// One token per step, kv-cached; CFG linear in the number of tokens generated.
     pub fn sample(&self, labels: &[u32], opts: &SampleOptions, rng: &mut Rng) -> Result<Tokens> {
         let dev = self.pos_embed_learned.device().clone();
         let b = labels.len();
         let l = self.seq_len;
         let guided = opts.cfg != 1.0;
         let rows = if guided { 2 * b } else { b };
+        let orders: Vec<Vec<usize>> = if self.random_order() {
+            (0..b).map(|_| rng.permutation(l)).collect()
+        } else {
+            vec![(0..l).collect(); b]
+        };
         let mut caches = vec![KvCache::default(); self.blocks.len()];
         let mut state = SampleState::new(&self.head, b, l);
         let cls = self
@@ -99,7 +206,7 @@ impl Ar {
             .sample(labels, guided, &dev)?
             .reshape((rows, 1, self.width))?;
         let mut z = self.step(
-            &cls.broadcast_add(&self.pos_embed_learned.narrow(1, 0, 1)?)?,
+            &(cls + self.position_rows(&self.pos_embed_learned, &orders, 0, guided)?)?,
             &mut caches,
         )?;
         for i in 0..l {
@@ -107,7 +214,7 @@ impl Ar {
             let token = self
                 .head
                 .sample(&zi, opts.temperature, guided, opts.cfg_at(i, l), rng)?;
-            let at: Vec<usize> = (0..b).map(|bi| bi * l + i).collect();
+            let at: Vec<usize> = (0..b).map(|bi| bi * l + orders[bi][i]).collect();
             state.write(&at, &token)?;
             if i + 1 < l {
                 let token = match &token {
@@ -120,10 +227,91 @@ impl Ar {
                 } else {
                     x
                 };
-                let x = x.broadcast_add(&self.pos_embed_learned.narrow(1, i + 1, 1)?)?;
+                let mut x =
+                    (x + self.position_rows(&self.pos_embed_learned, &orders, i + 1, guided)?)?;
+                if let Some(input_pos) = &self.input_pos_embed_learned {
+                    x = (x + self.position_rows(input_pos, &orders, i, guided)?)?;
+                }
                 z = self.step(&x, &mut caches)?;
             }
         }
         state.tokens(b, l, &dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::{GeneratorKind, HeadConfig};
+    use candle_core::DType;
+
+    /// The kv-cached decoder must compute the same z as teacher forcing on the same tokens.
+    #[test]
+    fn cached_sampling_matches_teacher_forcing_in_both_orders() -> Result<()> {
+        let dev = Device::Cpu;
+        for order in [Order::Raster, Order::Random] {
+            let cfg = GeneratorConfig {
+                kind: GeneratorKind::Ar,
+                order,
+                seq_len: 5,
+                token_dim: 3,
+                width: 8,
+                depth: 2,
+                decoder_width: 8,
+                decoder_depth: 1,
+                heads: 2,
+                mlp_ratio: 2.0,
+                num_classes: 2,
+                buffer_size: 1,
+                label_drop: 0.0,
+                head: HeadConfig::CrossEntropy { vocab: 7 },
+            };
+            let vm = candle_nn::VarMap::new();
+            let ar = Ar::new(
+                &cfg,
+                crate::init::seeded_var_builder(&vm, 4, DType::F32, &dev),
+            )?;
+            for v in vm.all_vars() {
+                v.set(&(v.randn_like(0.0, 0.3)?))?;
+            }
+            let orders = vec![vec![3, 0, 4, 1, 2]];
+            let codes = Tensor::new(&[[1u32, 5, 2, 6, 3]], &dev)?;
+            let tokens = Tokens::Discrete(codes);
+            let cls = ar.class.sample(&[1], false, &dev)?;
+            let ordered = if order == Order::Random {
+                permute_tokens(&tokens, &orders)?
+            } else {
+                tokens.clone()
+            };
+            let used = if order == Order::Random {
+                orders.clone()
+            } else {
+                vec![(0..5).collect()]
+            };
+            let full = ar.forward(
+                &ordered,
+                &cls,
+                (order == Order::Random).then_some(orders.as_slice()),
+            )?;
+            // incremental: class first, then each ordered token with its positions
+            let mut caches = vec![KvCache::default(); ar.blocks.len()];
+            let x0 = (cls.reshape((1, 1, 8))?
+                + ar.position_rows(&ar.pos_embed_learned, &used, 0, false)?)?;
+            let mut outs = vec![ar.step(&x0, &mut caches)?];
+            let seq = ordered.tensor().to_vec2::<u32>()?[0].clone();
+            for (i, &code) in seq.iter().take(4).enumerate() {
+                let t = Tokens::Discrete(Tensor::new(&[[code]], &dev)?);
+                let mut x = (ar.embed.forward(&t)?
+                    + ar.position_rows(&ar.pos_embed_learned, &used, i + 1, false)?)?;
+                if let Some(ip) = &ar.input_pos_embed_learned {
+                    x = (x + ar.position_rows(ip, &used, i, false)?)?;
+                }
+                outs.push(ar.step(&x, &mut caches)?);
+            }
+            let inc = Tensor::cat(&outs, 1)?;
+            let diff = (full - inc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{order:?}: {diff}");
+        }
+        Ok(())
     }
 }

@@ -19,6 +19,15 @@ pub enum GeneratorKind {
     Mar,
 }
 
+/// The order in which a causal AR model generates tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// left to right, top to bottom
+    Raster,
+    /// a fresh random permutation per image; the next token's position is given to the model
+    Random,
+}
+
 #[derive(Debug, Clone)]
 pub enum HeadConfig {
     CrossEntropy {
@@ -39,6 +48,8 @@ pub enum HeadConfig {
 #[derive(Debug, Clone)]
 pub struct GeneratorConfig {
     pub kind: GeneratorKind,
+    /// generation order of the causal AR model (MAR is always random)
+    pub order: Order,
     pub seq_len: usize,
     /// dimension of a continuous token (ignored by the cross-entropy head)
     pub token_dim: usize,
@@ -271,9 +282,16 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 
-    fn config(kind: GeneratorKind, diffusion: bool) -> GeneratorConfig {
+    const VARIANTS: [(GeneratorKind, Order); 3] = [
+        (GeneratorKind::Ar, Order::Raster),
+        (GeneratorKind::Ar, Order::Random),
+        (GeneratorKind::Mar, Order::Random),
+    ];
+
+    fn config(kind: GeneratorKind, order: Order, diffusion: bool) -> GeneratorConfig {
         GeneratorConfig {
             kind,
+            order,
             seq_len: 6,
             token_dim: 4,
             width: 16,
@@ -322,9 +340,9 @@ mod tests {
     #[test]
     fn every_variable_gets_a_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        for kind in [GeneratorKind::Ar, GeneratorKind::Mar] {
+        for (kind, order) in VARIANTS {
             for diffusion in [false, true] {
-                let cfg = config(kind, diffusion);
+                let cfg = config(kind, order, diffusion);
                 let vm = VarMap::new();
                 let g = Generator::new(
                     &cfg,
@@ -366,9 +384,9 @@ mod tests {
     #[test]
     fn training_reduces_loss_and_sampling_has_the_right_shape() -> Result<()> {
         let dev = Device::Cpu;
-        for kind in [GeneratorKind::Ar, GeneratorKind::Mar] {
+        for (kind, order) in VARIANTS {
             for diffusion in [false, true] {
-                let cfg = config(kind, diffusion);
+                let cfg = config(kind, order, diffusion);
                 let vm = VarMap::new();
                 let g = Generator::new(
                     &cfg,

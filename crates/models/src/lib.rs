@@ -14,7 +14,7 @@ pub mod nn;
 pub mod rng;
 pub mod tokens;
 
-pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, SampleOptions};
+pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, SampleOptions};
 pub use rng::Rng;
 pub use tokens::Tokens;
 
