@@ -318,30 +318,16 @@ impl Runner {
             "seed": run.seed,
         });
         let hash = spec::content_hash(&identity);
+        // recorded (or linked to this experiment) whether or not it is fitted now
+        let name = format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed);
+        let id = self.db.create_run(
+            exp,
+            &self.stage_run(&hash, "tokenizer", &name, run.seed, &identity),
+        )?;
         if let Some(t) = self.tokenizers.get(&hash) {
-            self.db.create_run(
-                exp,
-                &self.stage_run(
-                    &hash,
-                    "tokenizer",
-                    &format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed),
-                    run.seed,
-                    &identity,
-                ),
-            )?;
             return Ok(t.clone());
         }
         let path = self.layout.tokenizer(&hash);
-        let id = self.db.create_run(
-            exp,
-            &self.stage_run(
-                &hash,
-                "tokenizer",
-                &format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed),
-                run.seed,
-                &identity,
-            ),
-        )?;
         let finished = self
             .db
             .run(id)?

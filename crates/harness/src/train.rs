@@ -41,6 +41,17 @@ pub struct AdamW {
     pub t: usize,
 }
 
+/// The variables of a `VarMap` in name order, so optimizer and EMA state line up deterministically.
+fn sorted_vars(varmap: &VarMap) -> candle_core::Result<Vec<(String, Var)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
 /// No weight decay on biases, norms, 1-D parameters, and the Diffusion Loss MLP (DESIGN.md).
 pub fn decays(name: &str, var: &Var) -> bool {
     !(var.rank() <= 1
@@ -56,19 +67,12 @@ impl AdamW {
         beta1: f64,
         beta2: f64,
     ) -> candle_core::Result<Self> {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        let params = names
+        let params = sorted_vars(varmap)?
             .into_iter()
-            .map(|name| {
-                let var = data[name].clone();
+            .map(|(name, var)| {
                 Ok(Param {
-                    name: name.clone(),
-                    decay: decays(name, &var),
+                    decay: decays(&name, &var),
+                    name,
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     var,
@@ -150,20 +154,11 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(varmap: &VarMap, decay: f64) -> candle_core::Result<Self> {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        let shadow = names
+        let shadow = sorted_vars(varmap)?
             .into_iter()
-            .map(|n| {
-                Ok((
-                    n.clone(),
-                    data[n].clone(),
-                    data[n].as_tensor().detach().copy()?,
-                ))
+            .map(|(n, var)| {
+                let avg = var.as_tensor().detach().copy()?;
+                Ok((n, var, avg))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Ema { decay, shadow })
