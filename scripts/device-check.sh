@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Device check for a GPU machine with no Rust toolchain and no network (NVIDIA H200, CUDA 13
+# driver, PyTorch with its CUDA 13 libraries under its Python's site-packages).
+#
+# Usage: scripts/device-check.sh BINARY OUT_DIR
+#   BINARY   ablate built here with `--features cuda` (optionally gzip-compressed, *.gz)
+#   OUT_DIR  everything the check writes: logs, databases, reports, a summary
+# Budget: well under 8 minutes on an H200.
+set -uo pipefail
+BIN_IN=${1:?usage: scripts/device-check.sh BINARY OUT_DIR}
+OUT=${2:?usage: scripts/device-check.sh BINARY OUT_DIR}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+BIN=/tmp/ablate-device
+case "$BIN_IN" in
+  *.gz) gzip -dc "$BIN_IN" > "$BIN" ;;
+  *) cp "$BIN_IN" "$BIN" ;;
+esac
+chmod +x "$BIN"
+
+# the CUDA libraries (cublas, cublasLt, curand, nvrtc, cudart) of the installed PyTorch, and the driver
+LIBDIRS=$(python3 - <<'PY'
+import glob, site
+dirs = set()
+for sp in site.getsitepackages():
+    for lib in glob.glob(sp + "/nvidia/**/lib*.so*", recursive=True):
+        dirs.add(lib.rsplit("/", 1)[0])
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${LIBDIRS}:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+ldd "$BIN" > "$OUT/ldd.txt" 2>&1
+if grep -q "not found" "$OUT/ldd.txt"; then say "missing libraries:"; grep "not found" "$OUT/ldd.txt" | tee -a "$SUMMARY"; fi
+"$BIN" --version >> "$SUMMARY" 2>&1
+
+timed() { # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  timeout "$limit" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  rc=$?
+  t1=$(date +%s.%N)
+  say "$name: rc=$rc, $(awk "BEGIN{printf \"%.1f\", $t1-$t0}") s"
+  grep -E "run\(s\)|failed|error" "$OUT/$name.err" | tail -5 | tee -a "$SUMMARY"
+}
+
+# 1. the tiny end-to-end spec on the GPU
+timed tiny-cuda 120 "$BIN" --root "$OUT/tiny-cuda" run experiments/tiny.toml --device cuda:0
+# 2. the quickstart (one seed) on the GPU, then on this machine's CPU, for a side-by-side time
+timed quickstart-cuda 240 "$BIN" --root "$OUT/qs-cuda" run experiments/quickstart.toml --device cuda:0 --set 'seeds=[0]'
+grep -E "^\[|train |done" "$OUT/quickstart-cuda.err" > "$OUT/quickstart-cuda.stages.txt"
+timed quickstart-cpu 200 "$BIN" --root "$OUT/qs-cpu" run experiments/quickstart.toml --device cpu --set 'seeds=[0]'
+grep -E "^\[|train |done" "$OUT/quickstart-cpu.err" > "$OUT/quickstart-cpu.stages.txt"
+say "done"
