@@ -210,11 +210,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::List { experiment } => {
             let db = Db::open_existing(&layout.db())
                 .with_context(|| format!("no database under {}", layout.root.display()))?;
-            let reaped = db.reap_dead_runs(
+            // show runs whose process died as interrupted, not running
+            db.reap_dead_runs(
                 &crate::runner::Environment::detect().host,
                 &crate::runner::pid_alive,
             )?;
-            let _ = reaped;
             match experiment {
                 None => {
                     println!(

@@ -585,7 +585,7 @@ impl Runner {
         self.db.set_stage(run_id, "sample")?;
         let t_sample = Instant::now();
         let frozen = Generator::new(&cfg, eval_vb)?;
-        let samples = sample_images(&frozen, tokenizer, run, ds.classes, &device, self.quiet)?;
+        let samples = sample_images(&frozen, tokenizer, run, ds.classes, self.quiet)?;
         let grid = out_dir.join("samples.png");
         save_class_grid(&grid, &samples, ds.classes, 10)?;
         record_artifact(&self.db, run_id, "samples", &grid)?;
@@ -886,7 +886,6 @@ pub fn sample_images(
     tok: &Tokenizer,
     run: &PlannedRun,
     classes: usize,
-    device: &Device,
     quiet: bool,
 ) -> Result<ImageSet> {
     let s = &run.spec.sample;
@@ -899,7 +898,6 @@ pub fn sample_images(
         },
         temperature: s.temperature,
     };
-    let _ = device;
     let mut rng = Rng::new(run.seed ^ 0x5A3B_1E00);
     let labels: Vec<u32> = (0..s.count).map(|i| (i % classes) as u32).collect();
     let pb = spinner(
