@@ -48,11 +48,16 @@ timed() { # name, timeout, command...
   grep -E "run\(s\)|failed|error" "$OUT/$name.err" | tail -5 | tee -a "$SUMMARY"
 }
 
+# 0. throughput of the named workloads on the GPU (one JSON object per line)
+timed bench-cuda 240 "$BIN" bench --device cuda:0 --workload mar-tiny --workload mar-tiny-ce --workload ar-tiny --workload ar-tiny-ce --workload mar-base
+cat "$OUT/bench-cuda.out" >> "$SUMMARY"
 # 1. the tiny end-to-end spec on the GPU
 timed tiny-cuda 120 "$BIN" --root "$OUT/tiny-cuda" run experiments/tiny.toml --device cuda:0
 # 2. the quickstart (one seed) on the GPU, then on this machine's CPU, for a side-by-side time
 timed quickstart-cuda 240 "$BIN" --root "$OUT/qs-cuda" run experiments/quickstart.toml --device cuda:0 --set 'seeds=[0]'
 grep -E "^\[|train |done" "$OUT/quickstart-cuda.err" > "$OUT/quickstart-cuda.stages.txt"
-timed quickstart-cpu 200 "$BIN" --root "$OUT/qs-cpu" run experiments/quickstart.toml --device cpu --set 'seeds=[0]'
-grep -E "^\[|train |done" "$OUT/quickstart-cpu.err" > "$OUT/quickstart-cpu.stages.txt"
+if [ "${WITH_CPU:-0}" = 1 ]; then
+  timed quickstart-cpu 200 "$BIN" --root "$OUT/qs-cpu" run experiments/quickstart.toml --device cpu --set 'seeds=[0]'
+  grep -E "^\[|train |done" "$OUT/quickstart-cpu.err" > "$OUT/quickstart-cpu.stages.txt"
+fi
 say "done"

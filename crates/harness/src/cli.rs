@@ -60,6 +60,21 @@ pub enum Command {
     },
     /// Show one run: parameters, status, metrics, evals, artifacts
     Show { run: i64 },
+    /// Measure training and sampling throughput of named workloads (one JSON object per line)
+    Bench {
+        /// cpu or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Workloads to run (default: all but mar-base); see `--list`
+        #[arg(long = "workload")]
+        workloads: Vec<String>,
+        /// Timed training steps (after 2 warm-up steps); the median is reported
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// List the workloads and exit
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 /// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
@@ -247,6 +262,47 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         );
                     }
                 }
+            }
+            Ok(0)
+        }
+        Command::Bench {
+            device,
+            workloads,
+            steps,
+            list,
+        } => {
+            let all = crate::bench::workloads();
+            if list {
+                for w in &all {
+                    println!(
+                        "{:<12} {:?} {}×{} tokens, width {}, depth {}+{}, batch {}",
+                        w.name, w.kind, w.side, w.side, w.width, w.depth, w.decoder_depth, w.batch
+                    );
+                }
+                return Ok(0);
+            }
+            let dev = crate::runner::parse_device(&device)?;
+            let chosen: Vec<_> = if workloads.is_empty() {
+                all.into_iter().filter(|w| w.name != "mar-base").collect()
+            } else {
+                let mut v = Vec::new();
+                for name in &workloads {
+                    match all.iter().find(|w| w.name == name) {
+                        Some(w) => v.push(w.clone()),
+                        None => anyhow::bail!(
+                            "unknown workload '{name}'; known: {}",
+                            all.iter().map(|w| w.name).collect::<Vec<_>>().join(", ")
+                        ),
+                    }
+                }
+                v
+            };
+            if steps == 0 {
+                anyhow::bail!("--steps must be at least 1");
+            }
+            for w in &chosen {
+                let line = crate::bench::run(w, &dev, &device, steps)?;
+                println!("{line}");
             }
             Ok(0)
         }
