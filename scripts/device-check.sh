@@ -54,8 +54,10 @@ cat "$OUT/bench-cuda.out" >> "$SUMMARY"
 # 1. the tiny end-to-end spec on the GPU
 timed tiny-cuda 120 "$BIN" --root "$OUT/tiny-cuda" run experiments/tiny.toml --device cuda:0
 # 2. the quickstart (one seed) on the GPU, then on this machine's CPU, for a side-by-side time
+if [ "${SKIP_QUICKSTART:-0}" != 1 ]; then
 timed quickstart-cuda 240 "$BIN" --root "$OUT/qs-cuda" run experiments/quickstart.toml --device cuda:0 --set 'seeds=[0]'
 grep -E "^\[|train |done" "$OUT/quickstart-cuda.err" > "$OUT/quickstart-cuda.stages.txt"
+fi
 if [ "${WITH_CPU:-0}" = 1 ]; then
   timed quickstart-cpu 200 "$BIN" --root "$OUT/qs-cpu" run experiments/quickstart.toml --device cpu --set 'seeds=[0]'
   grep -E "^\[|train |done" "$OUT/quickstart-cpu.err" > "$OUT/quickstart-cpu.stages.txt"
