@@ -156,6 +156,25 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
             .iter()
             .any(|e| e.metric == "fid"));
     }
+    // compare a guided run with its unguided twin: the CFG scale is the difference
+    let twin = generators
+        .iter()
+        .find(|r| r.cell == guided[0].cell && r.arm == guided[0].arm)
+        .expect("twin");
+    let cmp = ablate(
+        root,
+        &["compare", &twin.id.to_string(), &guided[0].id.to_string()],
+    );
+    assert!(cmp.status.success(), "{}", stderr(&cmp));
+    let text = stdout(&cmp);
+    assert!(
+        text.contains("sample.cfg") && text.contains("fid"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("train.steps"),
+        "only differing parameters are listed:\n{text}"
+    );
     let missing = ablate(root, &["show", "99999"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("no run with id 99999"));

@@ -60,6 +60,8 @@ pub enum Command {
     },
     /// Show one run: parameters, status, metrics, evals, artifacts
     Show { run: i64 },
+    /// The parameters that differ between two runs, and their metric differences (B − A)
+    Compare { run_a: i64, run_b: i64 },
     /// Measure training and sampling throughput of named workloads (one JSON object per line)
     Bench {
         /// cpu or cuda:N
@@ -303,6 +305,69 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             for w in &chosen {
                 let line = crate::bench::run(w, &dev, &device, steps)?;
                 println!("{line}");
+            }
+            Ok(0)
+        }
+        Command::Compare { run_a, run_b } => {
+            let db = Db::open_existing(&layout.db())
+                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let get = |id: i64| -> anyhow::Result<db::RunRow> {
+                db.run(id)?.ok_or_else(|| {
+                    anyhow::anyhow!("no run with id {id} (see `ablate list EXPERIMENT`)")
+                })
+            };
+            let (a, b) = (get(run_a)?, get(run_b)?);
+            println!("A = run {}: {}", a.id, a.name);
+            println!("B = run {}: {}", b.id, b.name);
+            let mut pa = a.params.clone();
+            let mut pb = b.params.clone();
+            for (p, r) in [(&mut pa, &a), (&mut pb, &b)] {
+                if let Some(o) = p.as_object_mut() {
+                    o.insert("arm".into(), serde_json::json!(r.arm));
+                    o.insert("seed".into(), serde_json::json!(r.seed));
+                }
+            }
+            let diff = crate::compare::differing(&pa, &pb);
+            if diff.is_empty() {
+                println!("parameters: identical");
+            } else {
+                println!("{:<32} {:<24} {:<24}", "parameter", "A", "B");
+                for (k, va, vb) in diff {
+                    println!("{k:<32} {va:<24} {vb:<24}");
+                }
+            }
+            let last = |id: i64| -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+                let mut m = std::collections::BTreeMap::new();
+                let mut steps = std::collections::BTreeMap::new();
+                for e in db.evals_for_run(id)? {
+                    if e.step >= *steps.get(&e.metric).unwrap_or(&i64::MIN) {
+                        steps.insert(e.metric.clone(), e.step);
+                        m.insert(e.metric, e.value);
+                    }
+                }
+                Ok(m)
+            };
+            let (ea, eb) = (last(a.id)?, last(b.id)?);
+            let mut metrics: Vec<&String> = ea.keys().chain(eb.keys()).collect();
+            metrics.sort();
+            metrics.dedup();
+            if !metrics.is_empty() {
+                println!("{:<12} {:>12} {:>12} {:>12}", "metric", "A", "B", "B − A");
+                for m in metrics {
+                    let fmt = |v: Option<&f64>| {
+                        v.map(|x| format!("{x:.4}"))
+                            .unwrap_or_else(|| "missing".into())
+                    };
+                    let d = match (ea.get(m), eb.get(m)) {
+                        (Some(x), Some(y)) => format!("{:+.4}", y - x),
+                        _ => "–".into(),
+                    };
+                    println!(
+                        "{m:<12} {:>12} {:>12} {d:>12}",
+                        fmt(ea.get(m)),
+                        fmt(eb.get(m))
+                    );
+                }
             }
             Ok(0)
         }

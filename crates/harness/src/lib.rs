@@ -2,6 +2,7 @@
 //! and the runner that ties them to the tracking database. The `ablate` binary is `main.rs`.
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod runner;
