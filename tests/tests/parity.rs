@@ -45,6 +45,26 @@ fn check(what: &str, ours: &[f64], theirs: &[f64], tol: (f64, f64)) {
     );
 }
 
+/// A fixture folder, the tensors of one of its files, and that file's (atol, rtol).
+type Fixture = (std::path::PathBuf, HashMap<String, Tensor>, (f64, f64));
+
+/// The fixture folder, the tensors of `file` and its manifest tolerance; None when skipped.
+fn fixture(file: &str) -> Option<Fixture> {
+    let dir = parity_dir()?;
+    let tol = tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let f = load(&dir, file);
+    Some((dir, f, tol))
+}
+
+/// Compare a tensor of ours with the fixture tensor under the same key.
+fn check_key(f: &HashMap<String, Tensor>, key: &str, ours: &Tensor, tol: (f64, f64)) {
+    check(key, &f64s(ours), &f64s(&f[key]), tol);
+}
+
 fn timesteps(t: &Tensor) -> Vec<usize> {
     t.to_dtype(DType::I64)
         .and_then(|t| t.to_vec1::<i64>())
@@ -142,14 +162,9 @@ fn reference_diffloss(dir: &Path, sampling_steps: usize) -> DiffLoss {
 
 #[test]
 fn diffloss_mlp_forward_and_guided_forward_match() {
-    let Some(dir) = parity_dir() else { return };
-    let file = "diffloss_mlp.safetensors";
-    let tol = tolerance(
-        manifest(&dir)[file]["tolerance"]
-            .as_str()
-            .expect("tolerance"),
-    );
-    let f = load(&dir, file);
+    let Some((dir, f, tol)) = fixture("diffloss_mlp.safetensors") else {
+        return;
+    };
     let dl = reference_diffloss(&dir, 100);
     let t: Vec<f64> = timesteps(&f["input.t"])
         .into_iter()
@@ -159,72 +174,37 @@ fn diffloss_mlp_forward_and_guided_forward_match() {
         .net
         .forward(&f["input.x"], &t, &f["input.c"])
         .expect("forward");
-    check("output.out", &f64s(&out), &f64s(&f["output.out"]), tol);
+    check_key(&f, "output.out", &out, tol);
     let out = dl
         .net
         .forward_with_cfg(&f["input_cfg.x"], &t, &f["input.c"], 3.0)
         .expect("guided forward");
-    check(
-        "output_cfg.out",
-        &f64s(&out),
-        &f64s(&f["output_cfg.out"]),
-        tol,
-    );
+    check_key(&f, "output_cfg.out", &out, tol);
 }
 
 #[test]
 fn diffloss_training_terms_match() {
-    let Some(dir) = parity_dir() else { return };
-    let file = "diffloss_training_terms.safetensors";
-    let tol = tolerance(
-        manifest(&dir)[file]["tolerance"]
-            .as_str()
-            .expect("tolerance"),
-    );
-    let f = load(&dir, file);
+    let Some((dir, f, tol)) = fixture("diffloss_training_terms.safetensors") else {
+        return;
+    };
     let dl = reference_diffloss(&dir, 100);
     let t = timesteps(&f["input.t"]);
     let terms = dl
         .loss_terms(&f["input.x_start"], &f["input.c"], &t, &f["input.noise"])
         .expect("loss terms");
-    check(
-        "output.mse",
-        &f64s(&terms.mse),
-        &f64s(&f["output.mse"]),
-        tol,
-    );
-    check(
-        "output.vb",
-        &f64s(terms.vb.as_ref().expect("vb term")),
-        &f64s(&f["output.vb"]),
-        tol,
-    );
-    check(
-        "output.loss",
-        &f64s(&terms.loss),
-        &f64s(&f["output.loss"]),
-        tol,
-    );
+    check_key(&f, "output.mse", &terms.mse, tol);
+    check_key(&f, "output.vb", terms.vb.as_ref().expect("vb term"), tol);
+    check_key(&f, "output.loss", &terms.loss, tol);
     let masked =
         models::diffloss::masked_mean(&terms.loss, Some(&f["input.mask"])).expect("masked mean");
-    check(
-        "output.masked_mean_loss",
-        &f64s(&masked),
-        &f64s(&f["output.masked_mean_loss"]),
-        tol,
-    );
+    check_key(&f, "output.masked_mean_loss", &masked, tol);
 }
 
 #[test]
 fn diffloss_reverse_step_matches() {
-    let Some(dir) = parity_dir() else { return };
-    let file = "diffloss_sample_step.safetensors";
-    let tol = tolerance(
-        manifest(&dir)[file]["tolerance"]
-            .as_str()
-            .expect("tolerance"),
-    );
-    let f = load(&dir, file);
+    let Some((dir, f, tol)) = fixture("diffloss_sample_step.safetensors") else {
+        return;
+    };
     let dl = reference_diffloss(&dir, 100);
     let d = &dl.gen_diffusion;
     let t = timesteps(&f["input.t"]);
@@ -236,24 +216,9 @@ fn diffloss_reverse_step_matches() {
     let mv = d
         .p_mean_variance(&out, &f["input.x_t"], &t)
         .expect("p_mean_variance");
-    check(
-        "output.mean",
-        &f64s(&mv.mean),
-        &f64s(&f["output.mean"]),
-        tol,
-    );
-    check(
-        "output.log_variance",
-        &f64s(&mv.log_variance),
-        &f64s(&f["output.log_variance"]),
-        tol,
-    );
-    check(
-        "output.pred_xstart",
-        &f64s(&mv.pred_xstart),
-        &f64s(&f["output.pred_xstart"]),
-        tol,
-    );
+    check_key(&f, "output.mean", &mv.mean, tol);
+    check_key(&f, "output.log_variance", &mv.log_variance, tol);
+    check_key(&f, "output.pred_xstart", &mv.pred_xstart, tol);
     for (key, temperature) in [
         ("output.temp_1_0.sample", 1.0),
         ("output.temp_0_95.sample", 0.95),
@@ -270,18 +235,8 @@ fn diffloss_reverse_step_matches() {
     let mv = d
         .p_mean_variance(&out, &f["input_cfg.x_t"], &t)
         .expect("p_mean_variance");
-    check(
-        "output_cfg.mean",
-        &f64s(&mv.mean),
-        &f64s(&f["output_cfg.mean"]),
-        tol,
-    );
-    check(
-        "output_cfg.log_variance",
-        &f64s(&mv.log_variance),
-        &f64s(&f["output_cfg.log_variance"]),
-        tol,
-    );
+    check_key(&f, "output_cfg.mean", &mv.mean, tol);
+    check_key(&f, "output_cfg.log_variance", &mv.log_variance, tol);
 }
 
 #[test]
@@ -403,12 +358,7 @@ fn small_mar_matches_the_reference() {
     let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
 
     let tokens = models::mar::patchify(&f["input.latents"], p).expect("patchify");
-    check(
-        "output.tokens",
-        &f64s(&tokens),
-        &f64s(&f["output.tokens"]),
-        tol,
-    );
+    check_key(&f, "output.tokens", &tokens, tol);
     let labels: Vec<u32> = f["input.labels"]
         .to_vec1::<i64>()
         .expect("labels")
@@ -425,14 +375,9 @@ fn small_mar_matches_the_reference() {
     let enc = mar
         .forward_encoder(&models::Tokens::Continuous(tokens.clone()), &mask, &class)
         .expect("encoder");
-    check(
-        "output.encoder_out",
-        &f64s(&enc),
-        &f64s(&f["output.encoder_out"]),
-        tol,
-    );
+    check_key(&f, "output.encoder_out", &enc, tol);
     let z = mar.forward_decoder(&enc, &mask).expect("decoder");
-    check("output.z", &f64s(&z), &f64s(&f["output.z"]), tol);
+    check_key(&f, "output.z", &z, tol);
 
     // loss: rows repeated diffusion_batch_mul times, fixed timesteps and noise, masked mean
     let models::head::Head::Diffusion {
@@ -464,7 +409,7 @@ fn small_mar_matches_the_reference() {
         )
         .expect("loss terms");
     let loss = models::diffloss::masked_mean(&terms.loss, Some(&mask_rows)).expect("masked mean");
-    check("output.loss", &f64s(&loss), &f64s(&f["output.loss"]), tol);
+    check_key(&f, "output.loss", &loss, tol);
 
     // the first sampling step: everything masked, batch doubled with the fake class
     let all = vec![true; 2 * b * l];
@@ -476,10 +421,5 @@ fn small_mar_matches_the_reference() {
         .forward_encoder(&models::Tokens::Continuous(zeros), &all, &class)
         .expect("encoder");
     let z = mar.forward_decoder(&enc, &all).expect("decoder");
-    check(
-        "output.first_step_z",
-        &f64s(&z),
-        &f64s(&f["output.first_step_z"]),
-        tol,
-    );
+    check_key(&f, "output.first_step_z", &z, tol);
 }
