@@ -123,6 +123,12 @@ pub fn main() -> i32 {
     }
 }
 
+/// The tracking database of a root that must already have one (report, list, show, compare).
+fn open_db(layout: &Layout) -> anyhow::Result<Db> {
+    Db::open_existing(&layout.db())
+        .with_context(|| format!("no database under {}", layout.root.display()))
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let layout = Layout {
         root: cli.root.clone(),
@@ -179,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Plan { spec, set } => {
             let loaded = spec::load(&spec, &set)?;
             let db = if layout.db().exists() {
-                Some(Db::open_existing(&layout.db())?)
+                Some(open_db(&layout)?)
             } else {
                 None
             };
@@ -214,8 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Report { experiment, out } => {
-            let db = Db::open_existing(&layout.db())
-                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let db = open_db(&layout)?;
             let out = out.unwrap_or_else(|| layout.report_dir(&experiment));
             let r = reports::write_report(&db, &experiment, &out)?;
             println!("{}", r.markdown);
@@ -225,8 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::List { experiment } => {
-            let db = Db::open_existing(&layout.db())
-                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let db = open_db(&layout)?;
             // show runs whose process died as interrupted, not running
             db.reap_dead_runs(
                 &crate::runner::Environment::detect().host,
@@ -309,8 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Compare { run_a, run_b } => {
-            let db = Db::open_existing(&layout.db())
-                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let db = open_db(&layout)?;
             let get = |id: i64| -> anyhow::Result<db::RunRow> {
                 db.run(id)?.ok_or_else(|| {
                     anyhow::anyhow!("no run with id {id} (see `ablate list EXPERIMENT`)")
@@ -372,8 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Show { run } => {
-            let db = Db::open_existing(&layout.db())
-                .with_context(|| format!("no database under {}", layout.root.display()))?;
+            let db = open_db(&layout)?;
             let r = db.run(run)?.ok_or_else(|| {
                 anyhow::anyhow!("no run with id {run} (see `ablate list EXPERIMENT`)")
             })?;

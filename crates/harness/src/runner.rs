@@ -333,79 +333,80 @@ impl Runner {
             .run(id)?
             .map(|r| r.status == "finished")
             .unwrap_or(false);
-        let tok = if finished && (path.exists() || !tspec.kind.is_discrete()) {
-            Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path)?
+        let (tok, data) = if finished && (path.exists() || !tspec.kind.is_discrete()) {
+            let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path)?;
+            let data = tok.encode(&ds.train);
+            (tok, data)
         } else {
-            self.db.start_run(
-                id,
-                self.env.pid,
-                &self.env.host,
-                "cpu",
-                self.env.git_commit.as_deref(),
-                self.env.git_dirty,
-            )?;
-            let t0 = Instant::now();
-            let pb = spinner(
-                self.quiet,
-                1,
-                format!("fitting tokenizer {}", run.tokenizer_name()),
-            );
-            let result = Tokenizer::fit(&tspec, &ds.train, run.seed);
-            pb.finish_and_clear();
-            let tok = match result {
-                Ok(t) => t,
-                Err(e) => {
-                    self.db.fail_run(id, &e.to_string())?;
-                    return Err(e.into());
-                }
-            };
-            tok.save(&path)?;
-            let (mse, psnr) = tok.reconstruction(&ds.test);
-            let mut points = vec![MetricPoint {
-                key: "recon/mse".into(),
-                step: 0,
-                value: mse,
-                wall_time: now(),
-            }];
-            if psnr.is_finite() {
-                points.push(MetricPoint {
-                    key: "recon/psnr".into(),
-                    step: 0,
-                    value: psnr,
-                    wall_time: now(),
-                });
-            }
-            if let Some(km) = &tok.codebook {
-                if let TokenData::Discrete(codes) = tok.encode(&ds.train) {
-                    let (used, perplexity) = km.usage(&codes);
-                    points.push(MetricPoint {
-                        key: "codebook/used".into(),
-                        step: 0,
-                        value: used as f64,
-                        wall_time: now(),
-                    });
-                    points.push(MetricPoint {
-                        key: "codebook/perplexity".into(),
-                        step: 0,
-                        value: perplexity,
-                        wall_time: now(),
-                    });
-                }
-            }
-            self.db.insert_metrics(id, &points)?;
-            record_artifact(&self.db, id, "tokenizer", &path)?;
-            self.db.finish_run(id)?;
-            self.say(format!(
-                "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5})",
-                run.tokenizer_name(),
-                t0.elapsed().as_secs_f64()
-            ));
-            tok
+            self.fit_tokenizer(id, run, ds, &path)?
         };
-        let data = tok.encode(&ds.train);
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
         Ok(t)
+    }
+
+    /// Fit, save and record a tokenizer run (reconstruction on the held-out split, codebook use);
+    /// returns the tokenizer and the training split's tokens.
+    fn fit_tokenizer(
+        &self,
+        id: i64,
+        run: &PlannedRun,
+        ds: &Dataset,
+        path: &Path,
+    ) -> Result<(Tokenizer, TokenData)> {
+        self.db.start_run(
+            id,
+            self.env.pid,
+            &self.env.host,
+            "cpu",
+            self.env.git_commit.as_deref(),
+            self.env.git_dirty,
+        )?;
+        let t0 = Instant::now();
+        let pb = spinner(
+            self.quiet,
+            1,
+            format!("fitting tokenizer {}", run.tokenizer_name()),
+        );
+        let result = Tokenizer::fit(run.tokenizer(), &ds.train, run.seed);
+        pb.finish_and_clear();
+        let tok = match result {
+            Ok(t) => t,
+            Err(e) => {
+                self.db.fail_run(id, &e.to_string())?;
+                return Err(e.into());
+            }
+        };
+        tok.save(path)?;
+        let (mse, psnr) = tok.reconstruction(&ds.test);
+        let mut values = vec![("recon/mse", mse)];
+        if psnr.is_finite() {
+            values.push(("recon/psnr", psnr));
+        }
+        let data = tok.encode(&ds.train);
+        if let (Some(km), TokenData::Discrete(codes)) = (&tok.codebook, &data) {
+            let (used, perplexity) = km.usage(codes);
+            values.push(("codebook/used", used as f64));
+            values.push(("codebook/perplexity", perplexity));
+        }
+        let points: Vec<MetricPoint> = values
+            .into_iter()
+            .map(|(key, value)| MetricPoint {
+                key: key.into(),
+                step: 0,
+                value,
+                wall_time: now(),
+            })
+            .collect();
+        self.db.insert_metrics(id, &points)?;
+        record_artifact(&self.db, id, "tokenizer", path)?;
+        self.db.finish_run(id)?;
+        self.say(format!(
+            "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5})",
+            run.tokenizer_name(),
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok((tok, data))
     }
 
     fn stage_run<'a>(

@@ -115,26 +115,26 @@ impl Ar {
         let x = self.embed.forward(tokens)?;
         let (b, l, w) = x.dims3()?;
         let dev = x.device().clone();
-        let mut h = match (orders, &self.input_pos_embed_learned) {
+        // input i carries the token of step i−1 (with its position, in random order) …
+        let x = match (orders, &self.input_pos_embed_learned) {
             (Some(orders), Some(input_pos)) => {
-                let x = (x + gather_positions(&input_pos.squeeze(0)?, orders, &dev)?)?;
-                let inputs = Tensor::cat(
-                    &[
-                        &class_embedding.reshape((b, 1, w))?,
-                        &x.narrow(1, 0, l - 1)?,
-                    ],
-                    1,
-                )?;
+                (x + gather_positions(&input_pos.squeeze(0)?, orders, &dev)?)?
+            }
+            _ => x,
+        };
+        let inputs = Tensor::cat(
+            &[
+                &class_embedding.reshape((b, 1, w))?,
+                &x.narrow(1, 0, l - 1)?,
+            ],
+            1,
+        )?;
+        // … plus the position of the token step i predicts
+        let mut h = match orders {
+            Some(orders) if self.random_order() => {
                 (inputs + gather_positions(&self.pos_embed_learned.squeeze(0)?, orders, &dev)?)?
             }
-            _ => Tensor::cat(
-                &[
-                    &class_embedding.reshape((b, 1, w))?,
-                    &x.narrow(1, 0, l - 1)?,
-                ],
-                1,
-            )?
-            .broadcast_add(&self.pos_embed_learned)?,
+            _ => inputs.broadcast_add(&self.pos_embed_learned)?,
         };
         let mask = causal_mask(l, l, &dev)?;
         for block in &self.blocks {

@@ -73,6 +73,8 @@ pub fn space_timesteps(steps: usize, count: usize) -> Vec<usize> {
 #[derive(Debug, Clone)]
 pub struct GaussianDiffusion {
     pub betas: Vec<f64>,
+    /// log β_t, the upper end of the learned variance range
+    pub log_betas: Vec<f64>,
     pub alphas_cumprod: Vec<f64>,
     pub alphas_cumprod_prev: Vec<f64>,
     pub sqrt_alphas_cumprod: Vec<f64>,
@@ -156,6 +158,7 @@ impl GaussianDiffusion {
             alphas_cumprod_prev,
             alphas_cumprod,
             timestep_map: (0..n).collect(),
+            log_betas: betas.iter().map(|b| b.ln()).collect(),
             betas,
             learn_sigma,
             clip_denoised: false,
@@ -229,8 +232,7 @@ impl GaussianDiffusion {
         let log_variance = if self.learn_sigma {
             let v = model_output.narrow(D::Minus1, c, c)?;
             let min_log = Self::extract(&self.posterior_log_variance_clipped, t, dev)?;
-            let log_betas: Vec<f64> = self.betas.iter().map(|b| b.ln()).collect();
-            let max_log = Self::extract(&log_betas, t, dev)?;
+            let max_log = Self::extract(&self.log_betas, t, dev)?;
             // learned range: interpolate between β̃_t and β_t in log space (Nichol & Dhariwal 2021, eq. 15)
             let frac = ((v + 1.0)? / 2.0)?;
             (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?

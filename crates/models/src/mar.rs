@@ -134,18 +134,19 @@ impl Mar {
         })
     }
 
+    /// Whether position `p` of image `bi` (buffer slots first) reaches the encoder.
+    fn kept(&self, mask: &[bool], bi: usize, p: usize) -> bool {
+        p < self.buffer_size || !mask[bi * self.seq_len + p - self.buffer_size]
+    }
+
     /// Indices (into the flattened (B·(L+buffer)) sequence) of the buffer and the unmasked tokens.
     fn kept_indices(&self, mask: &[bool], b: usize) -> Vec<u32> {
         let total = self.seq_len + self.buffer_size;
-        let mut idx = Vec::new();
-        for bi in 0..b {
-            for p in 0..total {
-                if p < self.buffer_size || !mask[bi * self.seq_len + p - self.buffer_size] {
-                    idx.push((bi * total + p) as u32);
-                }
-            }
-        }
-        idx
+        (0..b)
+            .flat_map(|bi| (0..total).map(move |p| (bi, p)))
+            .filter(|&(bi, p)| self.kept(mask, bi, p))
+            .map(|(bi, p)| (bi * total + p) as u32)
+            .collect()
     }
 
     /// MAE encoder: buffer ← class embedding, add positions, drop masked tokens, transform.
@@ -193,7 +194,7 @@ impl Mar {
         for bi in 0..b {
             let mut rank = 0;
             for p in 0..total {
-                if p < self.buffer_size || !mask[bi * self.seq_len + p - self.buffer_size] {
+                if self.kept(mask, bi, p) {
                     idx.push((bi * kept + rank) as u32);
                     rank += 1;
                 } else {
