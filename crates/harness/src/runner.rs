@@ -221,7 +221,6 @@ impl Runner {
                     version: env!("CARGO_PKG_VERSION"),
                 },
             )?;
-            let row = self.db.run(run_id)?;
             let mut outcome = RunOutcome {
                 run_id,
                 cell: run.cell.clone(),
@@ -234,11 +233,7 @@ impl Runner {
                 seconds: 0.0,
                 error: None,
             };
-            if row
-                .as_ref()
-                .map(|r| r.status == "finished")
-                .unwrap_or(false)
-            {
+            if self.is_finished(run_id)? {
                 let evals = self.db.evals_for_run(run_id)?;
                 outcome.fid = evals
                     .iter()
@@ -260,14 +255,7 @@ impl Runner {
                 continue;
             }
             self.say(format!("[{}/{total}] {name} (run {run_id}, {hash})", i + 1));
-            self.db.start_run(
-                run_id,
-                self.env.pid,
-                &self.env.host,
-                &device_name,
-                self.env.git_commit.as_deref(),
-                self.env.git_dirty,
-            )?;
+            self.start(run_id, &device_name)?;
             match self.execute(exp, run_id, &hash, run, &device_name) {
                 Ok((fid, is)) => {
                     self.db.finish_run(run_id)?;
@@ -328,11 +316,7 @@ impl Runner {
             return Ok(t.clone());
         }
         let path = self.layout.tokenizer(&hash);
-        let finished = self
-            .db
-            .run(id)?
-            .map(|r| r.status == "finished")
-            .unwrap_or(false);
+        let finished = self.is_finished(id)?;
         let (tok, data) = if finished && (path.exists() || !tspec.kind.is_discrete()) {
             let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path)?;
             let data = tok.encode(&ds.train);
@@ -354,14 +338,7 @@ impl Runner {
         ds: &Dataset,
         path: &Path,
     ) -> Result<(Tokenizer, TokenData)> {
-        self.db.start_run(
-            id,
-            self.env.pid,
-            &self.env.host,
-            "cpu",
-            self.env.git_commit.as_deref(),
-            self.env.git_dirty,
-        )?;
+        self.start(id, "cpu")?;
         let t0 = Instant::now();
         let pb = spinner(
             self.quiet,
@@ -407,6 +384,27 @@ impl Runner {
             t0.elapsed().as_secs_f64()
         ));
         Ok((tok, data))
+    }
+
+    /// Mark a run as running here: this process, host, device and code version.
+    fn start(&self, run_id: i64, device: &str) -> Result<()> {
+        self.db.start_run(
+            run_id,
+            self.env.pid,
+            &self.env.host,
+            device,
+            self.env.git_commit.as_deref(),
+            self.env.git_dirty,
+        )?;
+        Ok(())
+    }
+
+    fn is_finished(&self, run_id: i64) -> Result<bool> {
+        Ok(self
+            .db
+            .run(run_id)?
+            .map(|r| r.status == "finished")
+            .unwrap_or(false))
     }
 
     fn stage_run<'a>(
@@ -466,22 +464,11 @@ impl Runner {
         }
         let path = self.layout.classifier(&hash);
         let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
-        let finished = self
-            .db
-            .run(id)?
-            .map(|r| r.status == "finished")
-            .unwrap_or(false);
+        let finished = self.is_finished(id)?;
         if finished && path.exists() {
             net.load(&path)?;
         } else {
-            self.db.start_run(
-                id,
-                self.env.pid,
-                &self.env.host,
-                "cpu",
-                self.env.git_commit.as_deref(),
-                self.env.git_dirty,
-            )?;
+            self.start(id, "cpu")?;
             let pb = spinner(
                 self.quiet,
                 spec.eval.classifier_steps as u64,
