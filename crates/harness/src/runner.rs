@@ -18,7 +18,7 @@ use crate::data::{self, Dataset, ImageSet};
 use crate::eval::{self, metrics, FeatureNet};
 use crate::spec::{
     self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec,
-    Spec,
+    Spec, TokenizerKind,
 };
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
@@ -93,6 +93,14 @@ impl Environment {
                 .unwrap_or(false),
             pid: std::process::id() as i64,
         }
+    }
+}
+
+/// "cpu" or "cuda:N", as recorded with a run.
+fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".into(),
     }
 }
 
@@ -297,6 +305,8 @@ impl Runner {
         exp: i64,
         run: &PlannedRun,
         ds: &Dataset,
+        fnet: &(FeatureNet, metrics::Gaussian),
+        device: &Device,
     ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
         let tspec = run.tokenizer().clone();
         let identity = serde_json::json!({
@@ -317,36 +327,55 @@ impl Runner {
         }
         let path = self.layout.tokenizer(&hash);
         let finished = self.is_finished(id)?;
-        let (tok, data) = if finished && (path.exists() || !tspec.kind.is_discrete()) {
-            let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path)?;
-            let data = tok.encode(&ds.train);
+        let (tok, data) = if finished && (path.exists() || tspec.kind == TokenizerKind::Patch) {
+            let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path, device)?;
+            let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
-            self.fit_tokenizer(id, run, ds, &path)?
+            self.fit_tokenizer(id, run, ds, fnet, &path, device)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
         Ok(t)
     }
 
-    /// Fit, save and record a tokenizer run (reconstruction on the held-out split, codebook use);
-    /// returns the tokenizer and the training split's tokens.
+    /// Fit, save and record a tokenizer run: training curves (autoencoders), reconstruction of
+    /// the held-out split (MSE, PSNR, rFID with the feature net), codebook use; returns the
+    /// tokenizer and the training split's tokens.
     fn fit_tokenizer(
         &self,
         id: i64,
         run: &PlannedRun,
         ds: &Dataset,
+        fnet: &(FeatureNet, metrics::Gaussian),
         path: &Path,
+        device: &Device,
     ) -> Result<(Tokenizer, TokenData)> {
-        self.start(id, "cpu")?;
+        let tspec = run.tokenizer();
+        self.start(id, &device_label(device))?;
         let t0 = Instant::now();
+        let steps = if tspec.kind.is_autoencoder() {
+            tspec.steps as u64
+        } else {
+            1
+        };
         let pb = spinner(
             self.quiet,
-            1,
+            steps,
             format!("fitting tokenizer {}", run.tokenizer_name()),
         );
-        let result = Tokenizer::fit(run.tokenizer(), &ds.train, run.seed);
+        let mut curves = Vec::new();
+        let result = Tokenizer::fit(tspec, &ds.train, run.seed, device, &mut |step, values| {
+            pb.set_position(step as u64);
+            curves.extend(values.iter().map(|&(key, value)| MetricPoint {
+                key: key.into(),
+                step: step as i64,
+                value,
+                wall_time: now(),
+            }));
+        });
         pb.finish_and_clear();
+        self.db.insert_metrics(id, &curves)?;
         let tok = match result {
             Ok(t) => t,
             Err(e) => {
@@ -355,31 +384,50 @@ impl Runner {
             }
         };
         tok.save(path)?;
-        let (mse, psnr) = tok.reconstruction(&ds.test);
+        let (recon, mse, psnr) = tok.reconstruct(&ds.test)?;
         let mut values = vec![("recon/mse", mse)];
         if psnr.is_finite() {
             values.push(("recon/psnr", psnr));
         }
-        let data = tok.encode(&ds.train);
-        if let (Some(km), TokenData::Discrete(codes)) = (&tok.codebook, &data) {
-            let (used, perplexity) = km.usage(codes);
+        // rFID: reconstructions of the held-out split against its own statistics
+        let (net, reference) = fnet;
+        let (feats, _) = net.extract(&recon)?;
+        let rec_stats = metrics::gaussian_stats(&feats, recon.n, net.model.feature_dim)?;
+        values.push((
+            "recon/rfid",
+            metrics::frechet_distance(&rec_stats, reference)?,
+        ));
+        let data = tok.encode(&ds.train)?;
+        if let Some((used, perplexity)) = tok.usage(&data) {
             values.push(("codebook/used", used as f64));
             values.push(("codebook/perplexity", perplexity));
         }
+        let step = if tspec.kind.is_autoencoder() {
+            tspec.steps as i64
+        } else {
+            0
+        };
         let points: Vec<MetricPoint> = values
-            .into_iter()
-            .map(|(key, value)| MetricPoint {
+            .iter()
+            .map(|&(key, value)| MetricPoint {
                 key: key.into(),
-                step: 0,
+                step,
                 value,
                 wall_time: now(),
             })
             .collect();
         self.db.insert_metrics(id, &points)?;
-        record_artifact(&self.db, id, "tokenizer", path)?;
+        if path.exists() {
+            record_artifact(&self.db, id, "tokenizer", path)?;
+        }
         self.db.finish_run(id)?;
+        let rfid = values
+            .iter()
+            .find(|(k, _)| *k == "recon/rfid")
+            .map(|v| v.1)
+            .unwrap_or(f64::NAN);
         self.say(format!(
-            "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5})",
+            "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5}, rFID {rfid:.2})",
             run.tokenizer_name(),
             t0.elapsed().as_secs_f64()
         ));
@@ -527,10 +575,10 @@ impl Runner {
         let device = parse_device(device_name)?;
         self.db.set_stage(run_id, "data")?;
         let ds = self.dataset(&run.spec)?;
-        self.db.set_stage(run_id, "tokenizer")?;
-        let tok = self.tokenizer(exp, run, &ds)?;
         self.db.set_stage(run_id, "feature-net")?;
         let fnet = self.feature_net(exp, &run.spec, &ds, &device)?;
+        self.db.set_stage(run_id, "tokenizer")?;
+        let tok = self.tokenizer(exp, run, &ds, &fnet, &device)?;
         let (tokenizer, train_tokens) = (&tok.0, &tok.1);
 
         self.db.set_stage(run_id, "train")?;
@@ -690,7 +738,8 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
                     ScheduleSpec::Linear => Schedule::Linear,
                 },
                 learn_sigma: h.learn_sigma,
-                clip_denoised: h.clip_denoised,
+                // clipping x₀ to [-1, 1] only makes sense for pixel tokens; latents are unbounded
+                clip_denoised: h.clip_denoised && tok.kind == TokenizerKind::Patch,
             },
         },
     }
@@ -902,7 +951,7 @@ pub fn sample_images(
                 TokenData::Continuous(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             }
         };
-        images.extend(tok.decode(&data, chunk.len()));
+        images.extend(tok.decode(&data, chunk.len())?);
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();

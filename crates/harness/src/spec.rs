@@ -81,16 +81,34 @@ fn default_device() -> String {
 #[serde(rename_all = "kebab-case")]
 pub enum DataSource {
     Synthetic,
+    Mnist,
+    Cifar10,
+    ImageFolder,
+}
+
+impl DataSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataSource::Synthetic => "synthetic",
+            DataSource::Mnist => "mnist",
+            DataSource::Cifar10 => "cifar10",
+            DataSource::ImageFolder => "image-folder",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     pub source: DataSource,
+    /// folder holding the files (mnist, cifar10, image-folder); relative to the working directory
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     #[serde(default = "d_image_size")]
     pub image_size: usize,
-    #[serde(default = "d_classes")]
-    pub classes: usize,
+    /// synthetic: number of classes (default 10); real sets: keep the first k classes (default all)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
     #[serde(default = "d_train")]
     pub train: usize,
     #[serde(default = "d_test")]
@@ -101,9 +119,6 @@ pub struct DataSpec {
 }
 fn d_image_size() -> usize {
     16
-}
-fn d_classes() -> usize {
-    10
 }
 fn d_train() -> usize {
     5000
@@ -119,11 +134,19 @@ pub enum TokenizerKind {
     Patch,
     /// k-means codebook over the same patches: the discrete twin of `patch`
     Kmeans,
+    /// conv autoencoder with a vector-quantized bottleneck (discrete codes)
+    Vq,
+    /// the same autoencoder with a diagonal Gaussian (KL) bottleneck (continuous latents)
+    Kl,
 }
 
 impl TokenizerKind {
     pub fn is_discrete(self) -> bool {
-        matches!(self, TokenizerKind::Kmeans)
+        matches!(self, TokenizerKind::Kmeans | TokenizerKind::Vq)
+    }
+
+    pub fn is_autoencoder(self) -> bool {
+        matches!(self, TokenizerKind::Vq | TokenizerKind::Kl)
     }
 }
 
@@ -131,15 +154,56 @@ impl TokenizerKind {
 #[serde(deny_unknown_fields)]
 pub struct TokenizerSpec {
     pub kind: TokenizerKind,
+    /// patch side in pixels (patch, kmeans)
     #[serde(default = "d_patch")]
     pub patch: usize,
-    /// codebook size (discrete tokenizers)
+    /// codebook size (kmeans, vq)
     #[serde(default = "d_codebook")]
     pub codebook: usize,
     /// k-means iterations
     #[serde(default = "d_iters")]
     pub iters: usize,
+    /// autoencoder (vq, kl): spatial downsampling factor, 4 or 8
+    #[serde(default = "d_downsample")]
+    pub downsample: usize,
+    /// autoencoder: channels of the first level (deeper levels use twice as many)
+    #[serde(default = "d_ae_width")]
+    pub width: usize,
+    /// autoencoder: channels per latent position = token dimension (kl) or code dimension (vq)
+    #[serde(default = "d_latent_dim")]
+    pub latent_dim: usize,
+    /// vq: commitment weight β (0.25 in VQ-VAE)
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// kl: weight of the mean KL per latent value against the pixel MSE
+    #[serde(default = "d_kl_weight")]
+    pub kl_weight: f64,
+    /// vq: re-seed codes unused for `restart_every` steps with encoder outputs (0 = never)
+    #[serde(default = "d_restart_every")]
+    pub restart_every: usize,
+    /// kl: fixed latent scale (the paper's KL-16 uses 0.2325); default 1/std of the training latents
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// autoencoder training steps, batch size and Adam learning rate
+    #[serde(default = "d_ae_steps")]
+    pub steps: usize,
+    #[serde(default = "d_ae_batch")]
+    pub batch: usize,
+    #[serde(default = "d_ae_lr")]
+    pub lr: f64,
 }
+impl TokenizerSpec {
+    /// Tokens per image of side `image_size`: patches, or positions of the latent grid.
+    pub fn seq_len(&self, image_size: usize) -> usize {
+        let side = if self.kind.is_autoencoder() {
+            self.downsample
+        } else {
+            self.patch
+        };
+        (image_size / side.max(1)).pow(2)
+    }
+}
+
 fn d_patch() -> usize {
     4
 }
@@ -148,6 +212,33 @@ fn d_codebook() -> usize {
 }
 fn d_iters() -> usize {
     20
+}
+fn d_downsample() -> usize {
+    4
+}
+fn d_ae_width() -> usize {
+    32
+}
+fn d_latent_dim() -> usize {
+    8
+}
+fn d_beta() -> f64 {
+    0.25
+}
+fn d_kl_weight() -> f64 {
+    1e-4
+}
+fn d_restart_every() -> usize {
+    50
+}
+fn d_ae_steps() -> usize {
+    1000
+}
+fn d_ae_batch() -> usize {
+    64
+}
+fn d_ae_lr() -> f64 {
+    1e-3
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -830,6 +921,10 @@ pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<Loaded
                     format!("in cell '{label}': {}", e.message()),
                 )
             })?;
+        let mut spec = spec;
+        if spec.data.source == DataSource::Synthetic && spec.data.classes.is_none() {
+            spec.data.classes = Some(10);
+        }
         validate(&spec, &invalid)?;
         out.push(Cell {
             label: if label.is_empty() {
@@ -881,48 +976,116 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         "expected 8..=64, found {}",
         d.image_size
     );
+    let classes = d.classes.unwrap_or(10);
     check!(
-        (2..=10).contains(&d.classes),
+        d.source != DataSource::Synthetic || (2..=10).contains(&classes),
         "data.classes",
         "expected 2..=10 for synthetic data, found {}",
-        d.classes
+        classes
     );
     check!(
-        d.train >= d.classes * 2,
+        d.classes.is_none_or(|k| k >= 2),
+        "data.classes",
+        "expected at least 2 classes, found {}",
+        classes
+    );
+    check!(
+        (d.source == DataSource::Synthetic) == d.path.is_none(),
+        "data.path",
+        "{}",
+        if d.source == DataSource::Synthetic {
+            "synthetic data is generated and takes no path".to_string()
+        } else {
+            format!(
+                "data.source = \"{}\" needs data.path, the folder holding its files",
+                d.source.as_str()
+            )
+        }
+    );
+    check!(
+        d.train >= classes * 2,
         "data.train",
         "needs at least 2 images per class, found {}",
         d.train
     );
     check!(
-        d.test >= d.classes * 2,
+        d.test >= classes * 2,
         "data.test",
         "needs at least 2 images per class, found {}",
         d.test
     );
     for (name, t) in &s.tokenizers {
-        let key = format!("tokenizers.{name}.patch");
-        check!(
-            t.patch >= 1 && d.image_size.is_multiple_of(t.patch),
-            &key,
-            "must divide data.image_size ({}), found {}",
-            d.image_size,
-            t.patch
-        );
+        let key = |k: &str| format!("tokenizers.{name}.{k}");
+        if t.kind.is_autoencoder() {
+            check!(
+                [4, 8].contains(&t.downsample) && d.image_size.is_multiple_of(t.downsample),
+                &key("downsample"),
+                "expected 4 or 8, dividing data.image_size ({}), found {}",
+                d.image_size,
+                t.downsample
+            );
+            check!(
+                (4..=256).contains(&t.width),
+                &key("width"),
+                "expected 4..=256, found {}",
+                t.width
+            );
+            check!(
+                (1..=64).contains(&t.latent_dim),
+                &key("latent_dim"),
+                "expected 1..=64, found {}",
+                t.latent_dim
+            );
+            check!(t.steps >= 1, &key("steps"), "must be at least 1");
+            check!(t.batch >= 1, &key("batch"), "must be at least 1");
+            check!(
+                t.lr > 0.0 && t.lr.is_finite(),
+                &key("lr"),
+                "must be a positive number, found {}",
+                t.lr
+            );
+            check!(
+                t.beta >= 0.0 && t.beta.is_finite(),
+                &key("beta"),
+                "must be ≥ 0, found {}",
+                t.beta
+            );
+            check!(
+                t.kl_weight >= 0.0 && t.kl_weight.is_finite(),
+                &key("kl_weight"),
+                "must be ≥ 0, found {}",
+                t.kl_weight
+            );
+            check!(
+                t.scale.is_none_or(|v| v > 0.0 && v.is_finite()),
+                &key("scale"),
+                "must be a positive number, found {}",
+                t.scale.unwrap_or(0.0)
+            );
+        } else {
+            check!(
+                t.patch >= 1 && d.image_size.is_multiple_of(t.patch),
+                &key("patch"),
+                "must divide data.image_size ({}), found {}",
+                d.image_size,
+                t.patch
+            );
+        }
         if t.kind.is_discrete() {
-            let key = format!("tokenizers.{name}.codebook");
             check!(
                 (2..=65536).contains(&t.codebook),
-                &key,
+                &key("codebook"),
                 "expected 2..=65536, found {}",
                 t.codebook
             );
+        }
+        if t.kind == TokenizerKind::Kmeans {
             check!(
                 t.codebook <= d.train * (d.image_size / t.patch).pow(2),
-                &key,
+                &key("codebook"),
                 "larger than the number of training patches"
             );
-            let key = format!("tokenizers.{name}.iters");
-            check!(t.iters >= 1, &key, "must be at least 1");
+            check!(t.iters >= 1, &key("iters"), "must be at least 1");
         }
     }
     for (arm, a, discrete) in [
@@ -944,9 +1107,9 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
             &key,
             "the {arm} arm needs a {} tokenizer, '{}' is {:?}",
             if discrete {
-                "discrete (kmeans)"
+                "discrete (kmeans or vq)"
             } else {
-                "continuous (patch)"
+                "continuous (patch or kl)"
             },
             a.tokenizer,
             kind
@@ -1065,7 +1228,7 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
     let tokens = s
         .tokenizers
         .values()
-        .map(|t| (d.image_size / t.patch.max(1)).pow(2))
+        .map(|t| t.seq_len(d.image_size))
         .min()
         .unwrap_or(1);
     check!(

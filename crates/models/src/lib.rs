@@ -3,6 +3,7 @@
 //! (cross-entropy over a codebook, Diffusion Loss), the Gaussian diffusion process, and the small
 //! classifier used as a feature net. No I/O, no printing: weights come in through `VarBuilder`.
 pub mod ar;
+pub mod autoencoder;
 pub mod classifier;
 pub mod diffloss;
 pub mod diffusion;

@@ -319,26 +319,7 @@ impl KMeans {
     /// Codebook usage of `codes`: number of distinct codes used and the perplexity
     /// exp(−Σ p log p) of the code histogram (codes ≥ k are ignored; (0, 0.0) when none).
     pub fn usage(&self, codes: &[u32]) -> (usize, f64) {
-        let mut counts = vec![0usize; self.k];
-        for &c in codes {
-            if let Some(slot) = counts.get_mut(c as usize) {
-                *slot += 1;
-            }
-        }
-        let total: usize = counts.iter().sum();
-        if total == 0 {
-            return (0, 0.0);
-        }
-        let used = counts.iter().filter(|&&c| c > 0).count();
-        let entropy: f64 = counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| {
-                let p = c as f64 / total as f64;
-                -p * p.ln()
-            })
-            .sum();
-        (used, entropy.exp())
+        models::autoencoder::code_usage(codes, self.k)
     }
 }
 

@@ -1,12 +1,16 @@
-//! Stage 1 of every run: images ↔ tokens. The diffusion arm's `patch` tokenizer takes p×p pixel
-//! patches as continuous tokens; the cross-entropy arm's `kmeans` tokenizer quantizes the same
-//! patches to a learned codebook, so the only difference between the arms is quantization.
+//! Stage 1 of every run: images ↔ tokens. Pixel-space twins: the diffusion arm's `patch`
+//! tokenizer takes p×p pixel patches as continuous tokens and the cross-entropy arm's `kmeans`
+//! quantizes the same patches to a learned codebook. Latent-space twins: `kl` and `vq` share one
+//! conv autoencoder (models::autoencoder) and differ only in the bottleneck. Either way the only
+//! difference between the arms is quantization.
+pub mod autoencoder;
 pub mod kmeans;
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use models::autoencoder::{code_usage, Autoencoder};
 
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
@@ -17,8 +21,12 @@ pub enum TokenizeError {
     KMeans(#[from] kmeans::KMeansError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] models::Error),
     #[error("tokenizer file {path}: {message}")]
     File { path: String, message: String },
+    #[error("autoencoder training diverged at step {step} (loss {loss}); lower tokenizers.*.lr")]
+    Diverged { step: usize, loss: f32 },
 }
 
 /// Token data for a whole split, on the host.
@@ -30,14 +38,35 @@ pub enum TokenData {
     Continuous(Vec<f32>),
 }
 
+/// How a tokenizer maps images to tokens.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Patch {
+        patch: usize,
+    },
+    Kmeans {
+        patch: usize,
+        km: kmeans::KMeans,
+    },
+    /// `scale` multiplies KL latents into tokens (1 for VQ); the model holds detached weights
+    Autoencoder {
+        model: Box<Autoencoder>,
+        weights: HashMap<String, Tensor>,
+        scale: f64,
+        device: Device,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     pub kind: TokenizerKind,
-    pub patch: usize,
     pub channels: usize,
     pub size: usize,
-    pub codebook: Option<kmeans::KMeans>,
+    pub backend: Backend,
 }
+
+/// Images per forward pass when encoding or decoding with an autoencoder.
+const AE_BATCH: usize = 256;
 
 /// MAR's `patchify`: (N, C, H, W) in [0,1] → (N, L, C·p·p) in [-1, 1], channel-major in a token.
 pub fn patchify(images: &[f32], n: usize, c: usize, size: usize, p: usize) -> Vec<f32> {
@@ -85,21 +114,49 @@ pub fn unpatchify(tokens: &[f32], n: usize, c: usize, size: usize, p: usize) -> 
 
 impl Tokenizer {
     pub fn seq_len(&self) -> usize {
-        (self.size / self.patch).pow(2)
+        match &self.backend {
+            Backend::Patch { patch } | Backend::Kmeans { patch, .. } => (self.size / patch).pow(2),
+            Backend::Autoencoder { model, .. } => model.latent_side(self.size).pow(2),
+        }
     }
 
     pub fn token_dim(&self) -> usize {
-        self.channels * self.patch * self.patch
+        match &self.backend {
+            Backend::Patch { patch } | Backend::Kmeans { patch, .. } => {
+                self.channels * patch * patch
+            }
+            Backend::Autoencoder { model, .. } => model.config.latent_dim,
+        }
     }
 
+    /// Codebook size of a discrete tokenizer.
     pub fn vocab(&self) -> Option<usize> {
-        self.codebook.as_ref().map(|k| k.k)
+        match &self.backend {
+            Backend::Kmeans { km, .. } => Some(km.k),
+            Backend::Autoencoder { model, .. } => model.codebook().map(|c| c.dims()[0]),
+            Backend::Patch { .. } => None,
+        }
     }
 
-    /// Fit on the training split (k-means for discrete tokenizers; nothing to learn for patches).
-    pub fn fit(spec: &TokenizerSpec, train: &ImageSet, seed: u64) -> Result<Self, TokenizeError> {
-        let codebook = match spec.kind {
-            TokenizerKind::Patch => None,
+    /// Codes used and perplexity of a discrete tokenizer's codes.
+    pub fn usage(&self, data: &TokenData) -> Option<(usize, f64)> {
+        match (data, self.vocab()) {
+            (TokenData::Discrete(codes), Some(k)) => Some(code_usage(codes, k)),
+            _ => None,
+        }
+    }
+
+    /// Fit on the training split: k-means for `kmeans`, nothing for `patch`, a trained
+    /// autoencoder for `vq` / `kl` (`log` receives its training metrics per logged step).
+    pub fn fit(
+        spec: &TokenizerSpec,
+        train: &ImageSet,
+        seed: u64,
+        device: &Device,
+        log: &mut dyn FnMut(usize, &[(&'static str, f64)]),
+    ) -> Result<Self, TokenizeError> {
+        let backend = match spec.kind {
+            TokenizerKind::Patch => Backend::Patch { patch: spec.patch },
             TokenizerKind::Kmeans => {
                 let patches = patchify(
                     &train.images,
@@ -110,46 +167,131 @@ impl Tokenizer {
                 );
                 let dim = train.channels * spec.patch * spec.patch;
                 let n = patches.len() / dim;
-                Some(kmeans::fit(
-                    &patches,
-                    n,
-                    dim,
-                    spec.codebook,
-                    spec.iters,
-                    seed,
-                )?)
+                let km = kmeans::fit(&patches, n, dim, spec.codebook, spec.iters, seed)?;
+                Backend::Kmeans {
+                    patch: spec.patch,
+                    km,
+                }
+            }
+            TokenizerKind::Vq | TokenizerKind::Kl => {
+                let trained = autoencoder::train(spec, train, seed, device, log)?;
+                autoencoder::backend(spec, &trained, train, device)?
             }
         };
         Ok(Tokenizer {
             kind: spec.kind,
-            patch: spec.patch,
             channels: train.channels,
             size: train.size,
-            codebook,
+            backend,
         })
     }
 
-    pub fn encode(&self, set: &ImageSet) -> TokenData {
-        let patches = patchify(&set.images, set.n, set.channels, set.size, self.patch);
-        match &self.codebook {
-            None => TokenData::Continuous(patches),
-            Some(km) => TokenData::Discrete(km.assign(&patches, patches.len() / self.token_dim())),
+    pub fn encode(&self, set: &ImageSet) -> Result<TokenData, TokenizeError> {
+        match &self.backend {
+            Backend::Patch { patch } => Ok(TokenData::Continuous(patchify(
+                &set.images,
+                set.n,
+                set.channels,
+                set.size,
+                *patch,
+            ))),
+            Backend::Kmeans { patch, km } => {
+                let p = patchify(&set.images, set.n, set.channels, set.size, *patch);
+                Ok(TokenData::Discrete(
+                    km.assign(&p, p.len() / self.token_dim()),
+                ))
+            }
+            Backend::Autoencoder {
+                model,
+                scale,
+                device,
+                ..
+            } => {
+                let len = set.image_len();
+                let mut codes = Vec::new();
+                let mut values = Vec::new();
+                for start in (0..set.n).step_by(AE_BATCH) {
+                    let b = AE_BATCH.min(set.n - start);
+                    let x = Tensor::from_slice(
+                        &set.images[start * len..(start + b) * len],
+                        (b, set.channels, set.size, set.size),
+                        device,
+                    )?
+                    .affine(2.0, -1.0)?;
+                    let t = model.encode(&x)?;
+                    if model.codebook().is_some() {
+                        codes.extend(t.flatten_all()?.to_vec1::<u32>()?);
+                    } else {
+                        values.extend((t * *scale)?.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                }
+                Ok(if model.codebook().is_some() {
+                    TokenData::Discrete(codes)
+                } else {
+                    TokenData::Continuous(values)
+                })
+            }
         }
     }
 
     /// Tokens back to images (N×C×H×W in [0, 1]).
-    pub fn decode(&self, tokens: &TokenData, n: usize) -> Vec<f32> {
-        let values = match (tokens, &self.codebook) {
-            (TokenData::Continuous(v), _) => v.clone(),
-            (TokenData::Discrete(codes), Some(km)) => km.decode(codes),
-            (TokenData::Discrete(codes), None) => vec![0.0; codes.len() * self.token_dim()],
-        };
-        unpatchify(&values, n, self.channels, self.size, self.patch)
+    pub fn decode(&self, tokens: &TokenData, n: usize) -> Result<Vec<f32>, TokenizeError> {
+        let (seq, dim) = (self.seq_len(), self.token_dim());
+        match (&self.backend, tokens) {
+            (Backend::Patch { patch }, TokenData::Continuous(v)) => {
+                Ok(unpatchify(v, n, self.channels, self.size, *patch))
+            }
+            (Backend::Kmeans { patch, km }, TokenData::Discrete(codes)) => Ok(unpatchify(
+                &km.decode(codes),
+                n,
+                self.channels,
+                self.size,
+                *patch,
+            )),
+            (
+                Backend::Autoencoder {
+                    model,
+                    scale,
+                    device,
+                    ..
+                },
+                data,
+            ) => {
+                let mut out = Vec::with_capacity(n * self.channels * self.size * self.size);
+                for start in (0..n).step_by(AE_BATCH) {
+                    let b = AE_BATCH.min(n - start);
+                    let t = match data {
+                        TokenData::Discrete(c) => Tensor::from_slice(
+                            &c[start * seq..(start + b) * seq],
+                            (b, seq),
+                            device,
+                        )?,
+                        TokenData::Continuous(v) => {
+                            (Tensor::from_slice(
+                                &v[start * seq * dim..(start + b) * seq * dim],
+                                (b, seq, dim),
+                                device,
+                            )? / *scale)?
+                        }
+                    };
+                    let img = model
+                        .decode_tokens(&t)?
+                        .affine(0.5, 0.5)?
+                        .clamp(0f32, 1f32)?;
+                    out.extend(img.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            }
+            _ => Err(TokenizeError::File {
+                path: String::new(),
+                message: "token kind does not match the tokenizer (discrete vs continuous)".into(),
+            }),
+        }
     }
 
-    /// Reconstruction MSE and PSNR (pixels in [0, 1]) over a split.
-    pub fn reconstruction(&self, set: &ImageSet) -> (f64, f64) {
-        let rec = self.decode(&self.encode(set), set.n);
+    /// Reconstructions of a split and their MSE and PSNR (pixels in [0, 1]).
+    pub fn reconstruct(&self, set: &ImageSet) -> Result<(ImageSet, f64, f64), TokenizeError> {
+        let rec = self.decode(&self.encode(set)?, set.n)?;
         let mse = rec
             .iter()
             .zip(&set.images)
@@ -161,29 +303,26 @@ impl Tokenizer {
         } else {
             f64::INFINITY
         };
-        (mse, psnr)
+        let images = ImageSet {
+            images: rec,
+            labels: set.labels.clone(),
+            n: set.n,
+            channels: set.channels,
+            size: set.size,
+        };
+        Ok((images, mse, psnr))
     }
 
     pub fn save(&self, path: &Path) -> Result<(), TokenizeError> {
-        let mut t = HashMap::new();
-        if let Some(km) = &self.codebook {
-            t.insert(
+        let t: HashMap<String, Tensor> = match &self.backend {
+            Backend::Patch { .. } => HashMap::new(),
+            Backend::Kmeans { km, .. } => HashMap::from([(
                 "codebook".to_string(),
                 Tensor::from_vec(km.centroids.clone(), (km.k, km.dim), &Device::Cpu)?,
-            );
-        }
-        let tmp = path.with_extension("tmp");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| TokenizeError::File {
-                path: dir.display().to_string(),
-                message: e.to_string(),
-            })?;
-        }
-        candle_core::safetensors::save(&t, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|e| TokenizeError::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+            )]),
+            Backend::Autoencoder { weights, scale, .. } => autoencoder::tensors(weights, *scale)?,
+        };
+        save_tensors(&t, path)
     }
 
     pub fn load(
@@ -191,31 +330,55 @@ impl Tokenizer {
         channels: usize,
         size: usize,
         path: &Path,
+        device: &Device,
     ) -> Result<Self, TokenizeError> {
-        let codebook = match spec.kind {
-            TokenizerKind::Patch => None,
+        let file_err = |message: String| TokenizeError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let backend = match spec.kind {
+            TokenizerKind::Patch => Backend::Patch { patch: spec.patch },
             TokenizerKind::Kmeans => {
-                let t = candle_core::safetensors::load(path, &Device::Cpu)?;
-                let cb = t.get("codebook").ok_or_else(|| TokenizeError::File {
-                    path: path.display().to_string(),
-                    message: "no 'codebook' tensor".into(),
-                })?;
+                let t = candle_core::safetensors::load(path, &Device::Cpu)
+                    .map_err(|e| file_err(e.to_string()))?;
+                let cb = t
+                    .get("codebook")
+                    .ok_or_else(|| file_err("no 'codebook' tensor".into()))?;
                 let (k, dim) = cb.dims2()?;
-                Some(kmeans::KMeans {
-                    centroids: cb.flatten_all()?.to_vec1::<f32>()?,
-                    k,
-                    dim,
-                })
+                Backend::Kmeans {
+                    patch: spec.patch,
+                    km: kmeans::KMeans {
+                        centroids: cb.flatten_all()?.to_vec1::<f32>()?,
+                        k,
+                        dim,
+                    },
+                }
+            }
+            TokenizerKind::Vq | TokenizerKind::Kl => {
+                autoencoder::load(spec, channels, path, device)?
             }
         };
         Ok(Tokenizer {
             kind: spec.kind,
-            patch: spec.patch,
             channels,
             size,
-            codebook,
+            backend,
         })
     }
+}
+
+/// Writes tensors to `path` through a temporary file, so a crash never leaves half a file.
+pub fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<(), TokenizeError> {
+    let file_err = |p: &Path, e: &dyn std::fmt::Display| TokenizeError::File {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, &e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(t, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, &e))
 }
 
 #[cfg(test)]

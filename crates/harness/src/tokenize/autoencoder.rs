@@ -1,0 +1,278 @@
+//! Training, saving and loading the `vq` / `kl` autoencoder tokenizers.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use models::autoencoder::{code_usage, Autoencoder, AutoencoderConfig, Bottleneck};
+use models::init::{frozen_var_builder, seeded_var_builder};
+use models::Rng;
+
+use super::{Backend, TokenizeError};
+use crate::data::ImageSet;
+use crate::spec::{TokenizerKind, TokenizerSpec};
+use crate::train::{clip_grad_norm, AdamW};
+
+/// Name of the latent scale in a saved tokenizer.
+const SCALE: &str = "tokenizer.scale";
+/// Name of the VQ codebook variable (reference name of taming-transformers' quantizer).
+const CODEBOOK: &str = "quantize.embedding.weight";
+/// Training metrics are reported every this many steps (and at the last step).
+const LOG_EVERY: usize = 25;
+/// Linear warm-up of the learning rate over the first steps.
+const WARMUP: usize = 50;
+
+pub fn config(spec: &TokenizerSpec, channels: usize) -> AutoencoderConfig {
+    AutoencoderConfig {
+        in_channels: channels,
+        width: spec.width,
+        downsample: spec.downsample,
+        latent_dim: spec.latent_dim,
+        bottleneck: match spec.kind {
+            TokenizerKind::Vq => Bottleneck::Vq {
+                codebook: spec.codebook,
+                beta: spec.beta,
+            },
+            _ => Bottleneck::Kl {
+                kl_weight: spec.kl_weight,
+            },
+        },
+    }
+}
+
+/// A trained autoencoder: its variables and the latent scale.
+pub struct Trained {
+    pub varmap: VarMap,
+    pub scale: f64,
+}
+
+fn batch_tensor(set: &ImageSet, idx: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let len = set.image_len();
+    let mut v = Vec::with_capacity(idx.len() * len);
+    for &i in idx {
+        v.extend_from_slice(&set.images[i * len..(i + 1) * len]);
+    }
+    Tensor::from_vec(v, (idx.len(), set.channels, set.size, set.size), device)?.affine(2.0, -1.0)
+}
+
+/// Trains the autoencoder with Adam (no weight decay), linear warm-up, gradient clipping at 1.0
+/// and, for VQ, restarts of codes unused over the last `restart_every` steps from encoder outputs.
+pub fn train(
+    spec: &TokenizerSpec,
+    train: &ImageSet,
+    seed: u64,
+    device: &Device,
+    log: &mut dyn FnMut(usize, &[(&'static str, f64)]),
+) -> Result<Trained, TokenizeError> {
+    let cfg = config(spec, train.channels);
+    let varmap = VarMap::new();
+    let model = Autoencoder::new(&cfg, seeded_var_builder(&varmap, seed, DType::F32, device))?;
+    let mut opt = AdamW::new(&varmap, 0.0, 0.9, 0.999)?;
+    let vars: Vec<_> = opt.vars().cloned().collect();
+    let mut rng = Rng::new(seed ^ 0xAE00_0001);
+    let vocab = match cfg.bottleneck {
+        Bottleneck::Vq { codebook, .. } => codebook,
+        Bottleneck::Kl { .. } => 0,
+    };
+    let mut since_restart = vec![0usize; vocab];
+    let (mut loss_sum, mut recon_sum, mut reg_sum, mut count) = (0f64, 0f64, 0f64, 0usize);
+    let mut restarted = 0usize;
+    for step in 0..spec.steps {
+        let idx: Vec<usize> = (0..spec.batch).map(|_| rng.below(train.n)).collect();
+        let x = batch_tensor(train, &idx, device)?;
+        let out = model.losses(&x, &mut rng)?;
+        let loss = out.loss.to_scalar::<f32>()?;
+        if !loss.is_finite() {
+            return Err(TokenizeError::Diverged { step, loss });
+        }
+        let mut grads = out.loss.backward()?;
+        clip_grad_norm(&mut grads, &vars, 1.0)?;
+        let lr = spec.lr * ((step + 1) as f64 / WARMUP as f64).min(1.0);
+        opt.step(&grads, lr)?;
+        loss_sum += loss as f64;
+        recon_sum += out.recon.to_scalar::<f32>()? as f64;
+        reg_sum += out.reg.to_scalar::<f32>()? as f64;
+        count += 1;
+        if let (Some(codes), Some(latents)) = (&out.codes, &out.latents) {
+            for c in codes.to_vec1::<u32>()? {
+                since_restart[c as usize] += 1;
+            }
+            if spec.restart_every > 0 && (step + 1) % spec.restart_every == 0 {
+                restarted += restart_dead_codes(&varmap, &since_restart, latents, &mut rng)?;
+                since_restart.iter_mut().for_each(|n| *n = 0);
+            }
+        }
+        if (step + 1) % LOG_EVERY == 0 || step + 1 == spec.steps {
+            let n = count as f64;
+            let reg_key = if vocab > 0 {
+                "train/vq_loss"
+            } else {
+                "train/kl"
+            };
+            let mut values = vec![
+                ("train/loss", loss_sum / n),
+                ("train/recon_mse", recon_sum / n),
+                (reg_key, reg_sum / n),
+                ("train/lr", lr),
+            ];
+            if vocab > 0 {
+                let codes = out
+                    .codes
+                    .as_ref()
+                    .map(|c| c.to_vec1::<u32>())
+                    .transpose()?
+                    .unwrap_or_default();
+                values.push(("train/batch_codes_used", code_usage(&codes, vocab).0 as f64));
+                values.push(("train/codes_restarted", restarted as f64));
+            }
+            log(step + 1, &values);
+            (loss_sum, recon_sum, reg_sum, count) = (0.0, 0.0, 0.0, 0);
+        }
+    }
+    let scale = match (spec.kind, spec.scale) {
+        (TokenizerKind::Kl, Some(s)) => s,
+        (TokenizerKind::Kl, None) => {
+            let frozen = Autoencoder::new(&cfg, frozen_var_builder(&varmap, DType::F32, device)?)?;
+            1.0 / latent_std(&frozen, train, device)?
+        }
+        _ => 1.0,
+    };
+    Ok(Trained { varmap, scale })
+}
+
+/// Standard deviation of the posterior means over the training split (LDM's scale factor is
+/// 1/std of the latents; MAR's KL-16 uses a fixed 0.2325).
+fn latent_std(
+    model: &Autoencoder,
+    train: &ImageSet,
+    device: &Device,
+) -> Result<f64, TokenizeError> {
+    let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
+    let all: Vec<usize> = (0..train.n).collect();
+    for chunk in all.chunks(super::AE_BATCH) {
+        let z = model.encode(&batch_tensor(train, chunk, device)?)?;
+        for v in z.flatten_all()?.to_vec1::<f32>()? {
+            sum += v as f64;
+            sq += (v as f64).powi(2);
+            n += 1.0;
+        }
+    }
+    let var = (sq / n - (sum / n).powi(2)).max(0.0);
+    if var <= 1e-12 || !var.is_finite() {
+        return Err(TokenizeError::File {
+            path: String::new(),
+            message: "KL latents have zero variance; cannot compute the latent scale".into(),
+        });
+    }
+    Ok(var.sqrt())
+}
+
+/// Re-seeds every code with no use since the last restart with a random encoder output of the
+/// current batch (Dhariwal et al. 2020, Jukebox; Zeghidour et al. 2021); the number restarted.
+fn restart_dead_codes(
+    varmap: &VarMap,
+    uses: &[usize],
+    latents: &Tensor,
+    rng: &mut Rng,
+) -> Result<usize, TokenizeError> {
+    let dead: Vec<usize> = (0..uses.len()).filter(|&i| uses[i] == 0).collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let data = varmap.data().lock().map_err(|_| TokenizeError::File {
+        path: String::new(),
+        message: "variable map lock poisoned".into(),
+    })?;
+    let Some(var) = data.get(CODEBOOK) else {
+        return Ok(0);
+    };
+    let mut codebook = var.as_tensor().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let candidates = latents.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    for &d in &dead {
+        codebook[d] = candidates[rng.below(candidates.len())].clone();
+    }
+    let (k, dim) = (codebook.len(), codebook[0].len());
+    let flat: Vec<f32> = codebook.into_iter().flatten().collect();
+    var.set(&Tensor::from_vec(flat, (k, dim), var.device())?.to_dtype(var.dtype())?)?;
+    Ok(dead.len())
+}
+
+/// The inference backend of a trained autoencoder (detached weights: no autograd graph).
+pub fn backend(
+    spec: &TokenizerSpec,
+    trained: &Trained,
+    train: &ImageSet,
+    device: &Device,
+) -> Result<Backend, TokenizeError> {
+    let weights: HashMap<String, Tensor> = {
+        let data = trained
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| TokenizeError::File {
+                path: String::new(),
+                message: "variable map lock poisoned".into(),
+            })?;
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    };
+    build(spec, train.channels, weights, trained.scale, device)
+}
+
+fn build(
+    spec: &TokenizerSpec,
+    channels: usize,
+    weights: HashMap<String, Tensor>,
+    scale: f64,
+    device: &Device,
+) -> Result<Backend, TokenizeError> {
+    let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, device);
+    let model = Autoencoder::new(&config(spec, channels), vb)?;
+    Ok(Backend::Autoencoder {
+        model: Box::new(model),
+        weights,
+        scale,
+        device: device.clone(),
+    })
+}
+
+/// The weights under their names plus the latent scale, as saved in one safetensors file.
+pub fn tensors(
+    weights: &HashMap<String, Tensor>,
+    scale: f64,
+) -> Result<HashMap<String, Tensor>, TokenizeError> {
+    let mut t = weights.clone();
+    t.insert(
+        SCALE.to_string(),
+        Tensor::new(&[scale as f32], &Device::Cpu)?,
+    );
+    Ok(t)
+}
+
+/// Loads an autoencoder tokenizer saved by [`save`]; a missing or mis-shaped tensor is named.
+pub fn load(
+    spec: &TokenizerSpec,
+    channels: usize,
+    path: &Path,
+    device: &Device,
+) -> Result<Backend, TokenizeError> {
+    let file_err = |message: String| TokenizeError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut tensors =
+        candle_core::safetensors::load(path, device).map_err(|e| file_err(e.to_string()))?;
+    let scale = tensors
+        .remove(SCALE)
+        .ok_or_else(|| file_err(format!("no '{SCALE}' tensor")))?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?
+        .first()
+        .copied()
+        .unwrap_or(1.0) as f64;
+    build(spec, channels, tensors, scale, device).map_err(|e| file_err(e.to_string()))
+}
