@@ -1122,6 +1122,19 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
             &format!("drift.{metric}"),
             "give at least one of absolute, relative, seed_spread"
         );
+        for (mode, v) in [
+            ("absolute", tol.absolute),
+            ("relative", tol.relative),
+            ("seed_spread", tol.seed_spread),
+        ] {
+            if let Some(v) = v {
+                check!(
+                    v.is_finite() && v >= 0.0,
+                    &format!("drift.{metric}.{mode}"),
+                    "expected a finite number ≥ 0, found {v}"
+                );
+            }
+        }
     }
     Ok(())
 }
