@@ -448,8 +448,11 @@ where
     Ok(())
 }
 
+/// One line of the trade-off plot: (label, arm, (IS, FID, cfg) points).
+type TradeoffSeries = (String, String, Vec<(f64, f64, f64)>);
+
 /// (IS, FID, cfg) points of each (row, arm) of a CFG sweep, matched on the scale.
-fn tradeoff_points(sweep: &Sweep) -> Vec<(String, String, Vec<(f64, f64, f64)>)> {
+fn tradeoff_points(sweep: &Sweep) -> Vec<TradeoffSeries> {
     sweep
         .fid
         .iter()

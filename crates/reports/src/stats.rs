@@ -346,8 +346,8 @@ pub(crate) fn loss_curves(losses: &DataFrame, runs: &DataFrame) -> PolarsResult<
     mean_curves(lf, keys, "step")
 }
 
-/// FID over training steps, mean over seeds per (row, guidance, arm); empty unless some run
-/// was evaluated at two or more steps.
+/// FID over training steps, mean over seeds per (row, CFG scale, arm), for the series with
+/// evaluations at two or more steps (empty when every run was evaluated once).
 pub(crate) fn fid_over_training(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<Vec<Curve>> {
     let lf = evals
         .clone()
@@ -375,7 +375,9 @@ pub(crate) fn fid_over_training(evals: &DataFrame, runs: &DataFrame) -> PolarsRe
     if most_steps.column("n")?.u32()?.get(0).unwrap_or(0) < 2 {
         return Ok(Vec::new());
     }
-    mean_curves(lf, vec![col("label"), col("arm")], "step")
+    let mut curves = mean_curves(lf, vec![col("label"), col("arm")], "step")?;
+    curves.retain(|c| c.points.len() >= 2);
+    Ok(curves)
 }
 
 /// One sweep plot's data: FID and IS curves over the swept setting.
