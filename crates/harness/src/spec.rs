@@ -1201,6 +1201,27 @@ diffusion = { tokenizer = "px" }
     }
 
     #[test]
+    fn drift_tolerances_load_and_negative_ones_are_refused() {
+        let ok = format!("{MINI}\n[drift]\nfid = {{ absolute = 0.5, seed_spread = 2.0 }}\n");
+        let l = load_str("d.toml", &ok, &[]).expect("valid drift");
+        let fid = &l.base.drift["fid"];
+        assert_eq!(
+            (fid.absolute, fid.relative, fid.seed_spread),
+            (Some(0.5), None, Some(2.0))
+        );
+        let bad = format!("{MINI}\n[drift]\nis = {{ relative = -0.1 }}\n");
+        let e = load_str("d.toml", &bad, &[])
+            .expect_err("negative")
+            .to_string();
+        assert!(e.contains("drift.is.relative") && e.contains("≥ 0"), "{e}");
+        let empty = format!("{MINI}\n[drift]\nis = {{}}\n");
+        let e = load_str("d.toml", &empty, &[])
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("drift.is") && e.contains("at least one"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let bad = MINI.replace("kind = \"ar\"", "kind = \"ar\"\nordr = \"raster\"");
         let e = load_str("bad.toml", &bad, &[])

@@ -24,6 +24,7 @@ const STYLE: &str = "
 body { font-family: 'DejaVu Sans', Verdana, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; } h3 { font-size: 15px; }
 table { border-collapse: collapse; font-size: 11px; }
+.scroll { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; }
 td.num { white-space: nowrap; }
 th { background: #f2f2f2; }
@@ -136,7 +137,7 @@ pub(crate) fn render(
 
 /// The table with a two-level header: descriptor columns, then one group per (guidance, metric).
 fn table_html(h: &mut String, table: &Table1) {
-    h.push_str("<table>\n<thead>\n<tr>");
+    h.push_str("<div class=\"scroll\">\n<table>\n<thead>\n<tr>");
     let mut descriptors: Vec<&str> = DESCRIPTOR_COLUMNS.to_vec();
     if table.with_setting {
         descriptors.push("setting");
@@ -192,7 +193,7 @@ fn table_html(h: &mut String, table: &Table1) {
             nd + 16
         );
     }
-    h.push_str("</tbody>\n</table>\n");
+    h.push_str("</tbody>\n</table>\n</div>\n");
 }
 
 /// plotters' SVG starts with the `<svg` element already, but be safe about a declaration.
