@@ -10,7 +10,7 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     assert!(out.status.success(), "stderr:\n{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("| generator.kind=ar |"),
+        text.contains("| AR | raster | causal | 1 |"),
         "table printed:\n{text}"
     );
     assert!(text.contains("database: "), "{text}");
@@ -84,7 +84,10 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         md.contains(&format!("{:.2} ± – (n=1)", fid.value)),
         "report has the AR cross-entropy FID:\n{md}"
     );
-    assert!(md.contains("| generator.kind=mar |"));
+    // 8×8 images in 4×4 patches = 4 tokens, sampled in 2 MAR steps: many per step
+    assert!(md.contains("| MAR | random | bidirectional | many (2 steps) |"));
+    let html = std::fs::read_to_string(report_dir.join("report.html")).expect("report.html");
+    assert!(html.contains("<svg") && html.contains("data:image/png;base64,"));
     let png = std::fs::read(report_dir.join("fid_bars.png")).expect("fid_bars.png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let csv = std::fs::read_to_string(report_dir.join("metrics.csv")).expect("metrics.csv");
@@ -175,6 +178,81 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         !text.contains("train.steps"),
         "only differing parameters are listed:\n{text}"
     );
+    // the report now has the CFG columns filled (scale 2, paired by seed)
+    let rep = ablate(root, &["report", "tiny", "--format", "md"]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    assert!(stdout(&rep).contains("(n=1, cfg 2)"), "{}", stdout(&rep));
+    let bad_format = ablate(root, &["report", "tiny", "--format", "pdf"]);
+    assert_eq!(bad_format.status.code(), Some(2));
+    let unknown = ablate(root, &["report", "nope"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+
+    // baseline pin, then check: unchanged passes, a FID rise past the tolerance fails
+    let pin = ablate(root, &["baseline", "pin", "tiny", "--name", "main"]);
+    assert!(pin.status.success(), "{}", stderr(&pin));
+    assert!(
+        stdout(&pin).contains("16 entries pinned"),
+        "{}",
+        stdout(&pin)
+    );
+    let junit = root.join("junit/check.xml");
+    let junit_arg = junit.to_str().expect("utf-8");
+    let ok = ablate(
+        root,
+        &["check", "tiny", "--baseline", "main", "--junit", junit_arg],
+    );
+    assert_eq!(ok.status.code(), Some(0), "{}{}", stdout(&ok), stderr(&ok));
+    assert!(stdout(&ok).contains("0 failing: ok"), "{}", stdout(&ok));
+    let xml = std::fs::read_to_string(&junit).expect("junit");
+    assert!(xml.contains("tests=\"16\" failures=\"0\""), "{xml}");
+    let fid = db
+        .evals_for_run(ar_ce.id)
+        .expect("evals")
+        .into_iter()
+        .find(|e| e.metric == "fid")
+        .expect("fid");
+    let settings: serde_json::Value = serde_json::from_str(&fid.settings).expect("json");
+    db.insert_eval(&db::NewEval {
+        run_id: ar_ce.id,
+        step: fid.step,
+        metric: "fid",
+        value: fid.value + 0.75,
+        sample_count: fid.sample_count,
+        feature_net: &fid.feature_net,
+        settings: &settings,
+    })
+    .expect("raise the FID");
+    let drift = ablate(
+        root,
+        &["check", "tiny", "--baseline", "main", "--junit", junit_arg],
+    );
+    let text = stdout(&drift);
+    assert_eq!(drift.status.code(), Some(1), "{text}{}", stderr(&drift));
+    assert!(
+        text.contains("DRIFT") && text.contains("fid rise of 0.7500 exceeds the allowed 0.5000"),
+        "{text}"
+    );
+    let xml = std::fs::read_to_string(&junit).expect("junit");
+    assert!(
+        xml.contains("failures=\"1\"") && xml.contains("<failure"),
+        "{xml}"
+    );
+    for (args, what) in [
+        (
+            &["check", "tiny", "--baseline", "nope"][..],
+            "no baseline named 'nope'",
+        ),
+        (
+            &["check", "nope", "--baseline", "main"][..],
+            "no experiment named 'nope'",
+        ),
+        (&["check", "tiny"][..], "--baseline"),
+    ] {
+        let out = ablate(root, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(what), "{args:?}: {}", stderr(&out));
+    }
+
     let missing = ablate(root, &["show", "99999"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("no run with id 99999"));

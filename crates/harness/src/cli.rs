@@ -1,4 +1,5 @@
-//! The command line: `ablate run | plan | report | list | show`.
+//! The command line: `ablate run | plan | report | list | show | compare | baseline | check |
+//! bench`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -46,12 +47,31 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Write the paper-style table and plots of an experiment
+    /// Write the paper-style table (Markdown, HTML), plots, sample grids and CSV of an experiment
     Report {
         experiment: String,
         /// Output folder (default: ROOT/reports/EXPERIMENT)
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Formats to write, comma-separated
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "md,html,csv")]
+        format: Vec<ReportFormat>,
+    },
+    /// Pin an experiment's current results as a named baseline
+    Baseline {
+        #[command(subcommand)]
+        action: BaselineAction,
+    },
+    /// Compare an experiment with a pinned baseline under the spec's [drift] tolerances
+    /// (exit 1 on drift)
+    Check {
+        experiment: String,
+        /// Name of the baseline (see `ablate baseline pin`)
+        #[arg(long)]
+        baseline: String,
+        /// Also write the result as JUnit XML to this file
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
     },
     /// List experiments, or the runs of one
     List {
@@ -77,6 +97,50 @@ pub enum Command {
         #[arg(long)]
         list: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BaselineAction {
+    /// Store the experiment's current table entries (mean, std, n per row, arm, metric) as NAME
+    Pin {
+        experiment: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// Output formats of `ablate report --format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// report.md
+    Md,
+    /// report.html (single file: inline SVG plots, sample grids as data URIs)
+    Html,
+    /// metrics.csv (every eval, long format)
+    Csv,
+}
+
+impl From<ReportFormat> for reports::Format {
+    fn from(f: ReportFormat) -> Self {
+        match f {
+            ReportFormat::Md => reports::Format::Markdown,
+            ReportFormat::Html => reports::Format::Html,
+            ReportFormat::Csv => reports::Format::Csv,
+        }
+    }
+}
+
+/// A request that cannot be served as asked (unknown name, missing configuration): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit code 2 for errors caused by the request rather than by the work.
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<spec::SpecError>().is_some()
+        || e.downcast_ref::<UsageError>().is_some()
+        || e.downcast_ref::<reports::Error>()
+            .is_some_and(reports::Error::is_usage)
 }
 
 /// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
@@ -112,11 +176,7 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = if e.downcast_ref::<spec::SpecError>().is_some() {
-                2
-            } else {
-                1
-            };
+            let code = if is_usage(&e) { 2 } else { 1 };
             eprintln!("error: {e:#}");
             code
         }
@@ -127,6 +187,66 @@ pub fn main() -> i32 {
 fn open_db(layout: &Layout) -> anyhow::Result<Db> {
     Db::open_existing(&layout.db())
         .with_context(|| format!("no database under {}", layout.root.display()))
+}
+
+/// The report files, one a line; the per-run sample grids as one line for their folder.
+fn print_report_files(files: &[PathBuf]) {
+    let is_grid = |f: &PathBuf| {
+        f.parent()
+            .and_then(|d| d.file_name())
+            .is_some_and(|n| n == "samples")
+    };
+    for f in files.iter().filter(|f| !is_grid(f)) {
+        println!("report: {}", f.display());
+    }
+    let grids: Vec<&PathBuf> = files.iter().filter(|f| is_grid(f)).collect();
+    if let Some(dir) = grids.first().and_then(|f| f.parent()) {
+        println!(
+            "report: {}/ ({} sample grids, one per run)",
+            dir.display(),
+            grids.len()
+        );
+    }
+}
+
+/// The `[drift]` tolerances of the spec stored with `experiment` in the database.
+fn drift_tolerances(
+    db: &Db,
+    experiment: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, reports::Tolerance>> {
+    let Some((path, source)) = db.experiment_spec(experiment)? else {
+        return Err(UsageError(format!(
+            "no experiment named '{experiment}' in the tracking database (see `ablate list`)"
+        ))
+        .into());
+    };
+    let loaded = spec::load_str(&path, &source, &[]).map_err(|e| {
+        UsageError(format!(
+            "the spec stored with experiment '{experiment}' no longer loads: {e}"
+        ))
+    })?;
+    if loaded.base.drift.is_empty() {
+        return Err(UsageError(format!(
+            "the spec of experiment '{experiment}' ({path}) has no [drift] tolerances; add e.g. \
+             `[drift]` with `fid = {{ absolute = 2.0 }}` (see experiments/README.md)"
+        ))
+        .into());
+    }
+    Ok(loaded
+        .base
+        .drift
+        .iter()
+        .map(|(metric, t)| {
+            (
+                metric.clone(),
+                reports::Tolerance {
+                    absolute: t.absolute,
+                    relative: t.relative,
+                    seed_spread: t.seed_spread,
+                },
+            )
+        })
+        .collect())
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -169,12 +289,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             if !no_report {
                 let out = layout.report_dir(&loaded.base.name);
-                match reports::write_report(&runner.db, &loaded.base.name, &out) {
+                match reports::write_report(
+                    &runner.db,
+                    &loaded.base.name,
+                    &out,
+                    &reports::Format::ALL,
+                ) {
                     Ok(r) => {
                         println!("{}", r.markdown);
-                        for f in &r.files {
-                            println!("report: {}", f.display());
-                        }
+                        print_report_files(&r.files);
                     }
                     Err(e) => eprintln!("report not written: {e}"),
                 }
@@ -219,15 +342,61 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Report { experiment, out } => {
+        Command::Report {
+            experiment,
+            out,
+            format,
+        } => {
             let db = open_db(&layout)?;
             let out = out.unwrap_or_else(|| layout.report_dir(&experiment));
-            let r = reports::write_report(&db, &experiment, &out)?;
-            println!("{}", r.markdown);
-            for f in &r.files {
-                println!("report: {}", f.display());
+            let formats: Vec<reports::Format> = format.into_iter().map(Into::into).collect();
+            let r = reports::write_report(&db, &experiment, &out, &formats)?;
+            if formats.contains(&reports::Format::Markdown) {
+                println!("{}", r.markdown);
+            }
+            print_report_files(&r.files);
+            Ok(0)
+        }
+        Command::Baseline {
+            action: BaselineAction::Pin { experiment, name },
+        } => {
+            let db = open_db(&layout)?;
+            let entries = reports::pin_baseline(&db, &experiment, &name)?;
+            println!(
+                "baseline '{name}' of '{experiment}': {} entries pinned",
+                entries.len()
+            );
+            for e in &entries {
+                let sd = e.std.map_or("–".to_string(), |s| format!("{s:.4}"));
+                println!(
+                    "  {:<4} {:.4} ± {sd} (n={})  {}",
+                    e.metric,
+                    e.mean,
+                    e.n,
+                    e.name()
+                );
             }
             Ok(0)
+        }
+        Command::Check {
+            experiment,
+            baseline,
+            junit,
+        } => {
+            let db = open_db(&layout)?;
+            let tolerances = drift_tolerances(&db, &experiment)?;
+            let report = reports::check(&db, &experiment, &baseline, &tolerances)?;
+            print!("{}", report.render_table());
+            if let Some(path) = junit {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                std::fs::write(&path, report.junit_xml())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("junit: {}", path.display());
+            }
+            Ok(if report.failed() { 1 } else { 0 })
         }
         Command::List { experiment } => {
             let db = open_db(&layout)?;

@@ -1285,6 +1285,19 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
             &format!("drift.{metric}"),
             "give at least one of absolute, relative, seed_spread"
         );
+        for (mode, v) in [
+            ("absolute", tol.absolute),
+            ("relative", tol.relative),
+            ("seed_spread", tol.seed_spread),
+        ] {
+            if let Some(v) = v {
+                check!(
+                    v.is_finite() && v >= 0.0,
+                    &format!("drift.{metric}.{mode}"),
+                    "expected a finite number ≥ 0, found {v}"
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -1348,6 +1361,27 @@ diffusion = { tokenizer = "px" }
             c[0].hash(),
             "the device is not part of a run's identity"
         );
+    }
+
+    #[test]
+    fn drift_tolerances_load_and_negative_ones_are_refused() {
+        let ok = format!("{MINI}\n[drift]\nfid = {{ absolute = 0.5, seed_spread = 2.0 }}\n");
+        let l = load_str("d.toml", &ok, &[]).expect("valid drift");
+        let fid = &l.base.drift["fid"];
+        assert_eq!(
+            (fid.absolute, fid.relative, fid.seed_spread),
+            (Some(0.5), None, Some(2.0))
+        );
+        let bad = format!("{MINI}\n[drift]\nis = {{ relative = -0.1 }}\n");
+        let e = load_str("d.toml", &bad, &[])
+            .expect_err("negative")
+            .to_string();
+        assert!(e.contains("drift.is.relative") && e.contains("≥ 0"), "{e}");
+        let empty = format!("{MINI}\n[drift]\nis = {{}}\n");
+        let e = load_str("d.toml", &empty, &[])
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("drift.is") && e.contains("at least one"), "{e}");
     }
 
     #[test]

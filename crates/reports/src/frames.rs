@@ -8,6 +8,8 @@ use polars::prelude::*;
 use polars_io::csv::write::CsvWriter;
 use polars_io::SerWriter;
 
+use crate::rows::{fmt_num, RunInfo};
+use crate::stats::{WITHOUT_CFG, WITH_CFG};
 use crate::{Error, Result};
 
 /// Long-format eval records: one row per (run, step, metric).
@@ -110,6 +112,92 @@ pub(crate) fn metrics_frame(records: &[MetricRecord]) -> PolarsResult<DataFrame>
             ),
         ],
     )
+}
+
+/// The generator runs' descriptors: run_id, row (the Table 1 row key), row_label (its
+/// descriptor for plots), guidance (`without` / `with`), cfg, curve_label (row label and CFG
+/// scale).
+pub(crate) fn runs_frame(runs: &[RunInfo]) -> PolarsResult<DataFrame> {
+    let r = runs;
+    DataFrame::new(
+        r.len(),
+        vec![
+            Column::new(
+                "run_id".into(),
+                r.iter().map(|x| x.run_id).collect::<Vec<i64>>(),
+            ),
+            Column::new(
+                "row".into(),
+                r.iter().map(|x| x.row.key.as_str()).collect::<Vec<&str>>(),
+            ),
+            Column::new(
+                "row_label".into(),
+                r.iter().map(|x| x.row.short()).collect::<Vec<String>>(),
+            ),
+            Column::new(
+                "guidance".into(),
+                r.iter()
+                    .map(|x| if x.guided() { WITH_CFG } else { WITHOUT_CFG })
+                    .collect::<Vec<&str>>(),
+            ),
+            Column::new("cfg".into(), r.iter().map(|x| x.cfg).collect::<Vec<f64>>()),
+            Column::new(
+                "curve_label".into(),
+                r.iter()
+                    .map(|x| format!("{} · cfg {}", x.row.short(), fmt_num(x.cfg)))
+                    .collect::<Vec<String>>(),
+            ),
+        ],
+    )
+}
+
+/// (run_id, label, x) of the runs that have a value for sweep axis `axis`: x is the setting,
+/// label the series the run belongs to (see [`RunInfo::sweep_group`]).
+pub(crate) fn axis_frame(
+    runs: &[RunInfo],
+    axis: usize,
+    varying: &[bool; 4],
+) -> PolarsResult<DataFrame> {
+    let r: Vec<&RunInfo> = runs.iter().filter(|x| !x.sweep[axis].is_nan()).collect();
+    DataFrame::new(
+        r.len(),
+        vec![
+            Column::new(
+                "run_id".into(),
+                r.iter().map(|x| x.run_id).collect::<Vec<i64>>(),
+            ),
+            Column::new(
+                "label".into(),
+                r.iter()
+                    .map(|x| x.sweep_group(axis, varying))
+                    .collect::<Vec<String>>(),
+            ),
+            Column::new(
+                "x".into(),
+                r.iter().map(|x| x.sweep[axis]).collect::<Vec<f64>>(),
+            ),
+        ],
+    )
+}
+
+/// The long-format eval records with each generator run's Table 1 row, guidance and CFG scale
+/// added (empty for other runs), for the CSV export.
+pub(crate) fn long_frame(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<DataFrame> {
+    evals
+        .clone()
+        .lazy()
+        .join(
+            runs.clone()
+                .lazy()
+                .select([col("run_id"), col("row"), col("guidance"), col("cfg")]),
+            [col("run_id")],
+            [col("run_id")],
+            JoinArgs {
+                maintain_order: MaintainOrderJoin::Left,
+                ..JoinArgs::new(JoinType::Left)
+            },
+        )
+        .collect()
 }
 
 /// Writes `df` as CSV with a header row.

@@ -1,30 +1,48 @@
-//! Reports: reads the tracking database only, aggregates with polars, renders the paper-style
-//! table (Li et al. 2024, Table 1 layout) as Markdown and draws the plots with plotters.
+//! Reports: reads the tracking database only, aggregates with polars, renders the paper's
+//! Table 1 layout (Li et al. 2024) as Markdown and as a single-file HTML report, draws the plots
+//! with plotters, and checks an experiment against a pinned baseline.
 //!
-//! Entry point: [`write_report`]. It writes into `out_dir`:
-//! - `report.md` — the table (mean ± std over seeds per arm, the paired difference
-//!   diffusion − cross-entropy with a 95% paired-t interval and a verdict) and links to the plots;
-//! - `fid_bars.png`, `fid_bars.svg` — paired FID bars per cell, error bars = std over seeds;
-//! - `loss_curves.png` — mean training loss (`train/loss`) over step per arm (band = ± std over runs);
-//! - `metrics.csv` — every eval record of the experiment in long format.
+//! Entry points:
+//! - [`write_report`] writes into `out_dir`, for the [`Format`]s asked for:
+//!   - `report.md` — the table (rows = generator / order / attention / predictions per step;
+//!     columns = cross-entropy vs diffusion, FID and IS without and with CFG, mean ± std over
+//!     seeds, the paired difference with a 95% paired-t interval and a verdict), plot and grid
+//!     links;
+//!   - `report.html` — the same table, the plots as inline SVG and the sample grids as PNG data
+//!     URIs, in one file that opens offline;
+//!   - the plots as `NAME.png` + `NAME.svg` (with Markdown or HTML): `fid_bars`,
+//!     `fid_bars_cfg`, `loss_curves`, `fid_over_training`, `sweep_cfg`, `sweep_temperature`,
+//!     `sweep_mar_steps`, `sweep_sampling_steps`, `fid_is_tradeoff` — each only when the data
+//!     for it exists;
+//!   - `samples/run-ID.png` — each generator run's sample grid (one row per class);
+//!   - `metrics.csv` — every eval record of the experiment in long format.
+//! - [`pin_baseline`] and [`check`]: see [`drift`].
 
+pub mod drift;
 mod frames;
+mod html;
 mod plots;
+mod rows;
 mod stats;
 mod table;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+pub use drift::{CheckReport, CheckRow, Entry, Status, Tolerance};
 
 /// Arm name of the VQ-token + softmax-head side of a pair.
 pub const ARM_CROSS_ENTROPY: &str = "cross-entropy";
 /// Arm name of the continuous-token + Diffusion Loss side of a pair.
 pub const ARM_DIFFUSION: &str = "diffusion";
-/// Run kind of generator runs (the only runs that enter the table and the loss plot).
+/// Run kind of generator runs (the only runs that enter the table and the plots).
 pub const KIND_GENERATOR: &str = "generator";
-/// Metric key of the training loss drawn in `loss_curves.png`.
+/// Metric key of the training loss drawn in `loss_curves`.
 pub const LOSS_KEY: &str = "train/loss";
+/// Artifact kind of a run's sample grid.
+pub const SAMPLES_ARTIFACT: &str = "samples";
 
-/// Everything that can go wrong while writing a report.
+/// Everything that can go wrong while writing a report or checking drift.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading the tracking database: {0}")]
@@ -39,96 +57,398 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "experiment '{0}' has no generator evaluation results (fid/is) to report; \
-         run `ablate run` first or check the experiment name"
-    )]
+    #[error("no experiment named '{0}' in the tracking database (see `ablate list`)")]
+    UnknownExperiment(String),
+    #[error("experiment '{experiment}' has no baseline named '{name}' (pin one with `ablate baseline pin {experiment} --name {name}`)")]
+    UnknownBaseline { experiment: String, name: String },
+    #[error("baseline '{name}': {message}")]
+    Baseline { name: String, message: String },
+    #[error("experiment '{0}' has no generator evaluation results (fid/is) to pin as a baseline")]
     NoResults(String),
+}
+
+impl Error {
+    /// Errors caused by what the user asked for (an unknown name), not by the data or the
+    /// machine: the CLI exits with 2 on these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::UnknownExperiment(_) | Error::UnknownBaseline { .. }
+        )
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// An output format of [`write_report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Format {
+    /// `report.md` (and the plot files it links).
+    Markdown,
+    /// `report.html`, self-contained (the plot files are written beside it, too).
+    Html,
+    /// `metrics.csv`.
+    Csv,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Markdown, Format::Html, Format::Csv];
+}
+
 /// What [`write_report`] produced.
 #[derive(Debug, Clone)]
 pub struct ReportOutput {
-    /// The Markdown text exactly as written to `report.md` (title, table, how-to-read line,
-    /// plot links).
+    /// The Markdown text (as written to `report.md` when Markdown was asked for).
     pub markdown: String,
-    /// Every file written, `report.md` first.
+    /// Every file written: reports first, then plots, sample grids and the CSV.
     pub files: Vec<PathBuf>,
 }
 
-/// Reads the evals and training-loss metrics of `experiment` from `db`, and writes
-/// `report.md`, `fid_bars.png`, `fid_bars.svg`, `loss_curves.png` (when any `train/loss` was
-/// recorded) and `metrics.csv` into `out_dir` (created if missing).
-///
-/// Fails with [`Error::NoResults`] when the experiment is unknown or has no generator run with a
-/// `fid` or `is` evaluation.
-pub fn write_report(db: &db::Db, experiment: &str, out_dir: &Path) -> Result<ReportOutput> {
+/// Everything read and aggregated for one experiment.
+struct Loaded {
+    infos: Vec<rows::RunInfo>,
+    /// Table rows in the experiment's run order.
+    rows: Vec<rows::RowInfo>,
+    evals_df: polars::prelude::DataFrame,
+    runs_df: polars::prelude::DataFrame,
+    summary: stats::Summary,
+}
+
+fn load(db: &db::Db, experiment: &str) -> Result<Loaded> {
     if db.experiment_id(experiment)?.is_none() {
-        return Err(Error::NoResults(experiment.to_string()));
+        return Err(Error::UnknownExperiment(experiment.to_string()));
     }
     let evals = db.evals_for_experiment(experiment)?;
     let runs = db.list_runs(Some(experiment))?;
-    let losses = db.metrics_for_experiment(experiment, LOSS_KEY)?;
-
-    let evals_df = frames::evals_frame(&evals)?;
-    let summary = stats::summarize(&evals_df)?;
-    if summary.arms.is_empty() {
-        return Err(Error::NoResults(experiment.to_string()));
-    }
-
-    // Cells that have generator runs but no usable evals still get a row ("missing").
-    let mut cells = summary.cells.clone();
-    for run in runs.iter().filter(|r| r.kind == KIND_GENERATOR) {
-        if !cells.contains(&run.cell) {
-            cells.push(run.cell.clone());
+    let infos = rows::describe(&runs);
+    let mut table_rows: Vec<rows::RowInfo> = Vec::new();
+    for info in &infos {
+        if !table_rows.iter().any(|r| r.key == info.row.key) {
+            table_rows.push(info.row.clone());
         }
     }
+    let evals_df = frames::evals_frame(&evals)?;
+    let runs_df = frames::runs_frame(&infos)?;
+    let summary = stats::summarize(&evals_df, &runs_df)?;
+    Ok(Loaded {
+        infos,
+        rows: table_rows,
+        evals_df,
+        runs_df,
+        summary,
+    })
+}
 
-    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
-        path: out_dir.to_path_buf(),
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
         source,
-    })?;
+    }
+}
+
+/// Reads the experiment from `db` and writes the report files of `formats` into `out_dir`
+/// (created if missing). Works on partial experiments: rows without results show "missing".
+/// [`Error::UnknownExperiment`] when the experiment is not registered.
+pub fn write_report(
+    db: &db::Db,
+    experiment: &str,
+    out_dir: &Path,
+    formats: &[Format],
+) -> Result<ReportOutput> {
+    let l = load(db, experiment)?;
+    let want = |f: Format| formats.contains(&f);
+    let documents = want(Format::Markdown) || want(Format::Html);
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+
+    let table = table::table1(&l.rows, &l.summary);
+    let notes = notes(&l);
+    let mut figures = Vec::new();
+    let mut grids = Vec::new();
+    let mut grid_files = Vec::new();
+    if documents {
+        figures = draw_plots(db, experiment, &l, out_dir)?;
+        (grids, grid_files) = copy_grids(db, &l, out_dir)?;
+    }
+    let csv_name = "metrics.csv";
+    let csv = want(Format::Csv).then_some(csv_name);
+
+    let plot_links: Vec<table::Link> = figures
+        .iter()
+        .map(|f| table::Link {
+            title: f.title.clone(),
+            files: [&f.png, &f.svg_path]
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
+        })
+        .collect();
+    let mut grid_links: Vec<table::Link> = Vec::new();
+    for (g, file) in grids.iter().zip(&grid_files) {
+        let name = file
+            .as_ref()
+            .and_then(|p: &PathBuf| p.strip_prefix(out_dir).ok())
+            .map(|p| p.to_string_lossy().into_owned());
+        match grid_links.last_mut() {
+            Some(link) if link.title == g.row => link.files.extend(name),
+            _ => grid_links.push(table::Link {
+                title: g.row.clone(),
+                files: name.into_iter().collect(),
+            }),
+        }
+    }
+    let markdown = table::markdown(experiment, &table, &notes, &plot_links, &grid_links, csv);
 
     let mut files = Vec::new();
-    let report_path = out_dir.join("report.md");
-    let mut plot_files = Vec::new();
-
-    let bars_png = out_dir.join("fid_bars.png");
-    let bars_svg = out_dir.join("fid_bars.svg");
-    plots::fid_bars_png(&bars_png, &cells, &summary.arms)?;
-    plots::fid_bars_svg(&bars_svg, &cells, &summary.arms)?;
-    plot_files.push(bars_png);
-    plot_files.push(bars_svg);
-
-    let generator_runs: Vec<i64> = runs
-        .iter()
-        .filter(|r| r.kind == KIND_GENERATOR)
-        .map(|r| r.id)
-        .collect();
-    let loss_df = frames::metrics_frame(&losses)?;
-    let curves = stats::loss_curves(&loss_df, &generator_runs)?;
-    let loss_png = out_dir.join("loss_curves.png");
-    let has_loss = !curves.is_empty();
-    if has_loss {
-        plots::loss_curves_png(&loss_png, &curves)?;
-        plot_files.push(loss_png);
+    if want(Format::Markdown) {
+        let path = out_dir.join("report.md");
+        std::fs::write(&path, &markdown).map_err(io_err(&path))?;
+        files.push(path);
     }
-
-    let csv_path = out_dir.join("metrics.csv");
-    frames::write_csv(evals_df, &csv_path)?;
-
-    let markdown = table::render(experiment, &cells, &summary, has_loss);
-    std::fs::write(&report_path, &markdown).map_err(|source| Error::Io {
-        path: report_path.clone(),
-        source,
-    })?;
-
-    files.push(report_path);
-    files.extend(plot_files);
-    files.push(csv_path);
+    if want(Format::Html) {
+        let path = out_dir.join("report.html");
+        let text = html::render(experiment, &table, &notes, &figures, &grids, csv);
+        std::fs::write(&path, text).map_err(io_err(&path))?;
+        files.push(path);
+    }
+    for f in &figures {
+        files.push(f.png.clone());
+        files.push(f.svg_path.clone());
+    }
+    files.extend(grid_files.into_iter().flatten());
+    if want(Format::Csv) {
+        let path = out_dir.join(csv_name);
+        frames::write_csv(frames::long_frame(&l.evals_df, &l.runs_df)?, &path)?;
+        files.push(path);
+    }
     Ok(ReportOutput { markdown, files })
+}
+
+/// Remarks on partial experiments.
+fn notes(l: &Loaded) -> Vec<String> {
+    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    for info in &l.infos {
+        if info.status != "finished" {
+            *by_status.entry(info.status.as_str()).or_default() += 1;
+        }
+    }
+    let mut notes = Vec::new();
+    if !by_status.is_empty() {
+        let parts: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        notes.push(format!(
+            "Partial experiment: {} of {} generator runs are not finished ({}); their entries \
+             show as missing until they are.",
+            by_status.values().sum::<usize>(),
+            l.infos.len(),
+            parts.join(", ")
+        ));
+    }
+    notes
+}
+
+fn draw_plots(
+    db: &db::Db,
+    experiment: &str,
+    l: &Loaded,
+    out_dir: &Path,
+) -> Result<Vec<plots::Figure>> {
+    let mut figures = Vec::new();
+    let has_fid = |guidance: &str| {
+        l.summary
+            .arms
+            .iter()
+            .any(|a| a.guidance == guidance && a.metric == stats::FID)
+    };
+    if has_fid(stats::WITHOUT_CFG) || !has_fid(stats::WITH_CFG) {
+        figures.push(plots::fid_bars(
+            out_dir,
+            "fid_bars",
+            "FID per row without CFG (mean ± std over seeds, lower is better)",
+            &l.rows,
+            &l.summary.arms,
+            stats::WITHOUT_CFG,
+        )?);
+    }
+    if has_fid(stats::WITH_CFG) {
+        figures.push(plots::fid_bars(
+            out_dir,
+            "fid_bars_cfg",
+            "FID per row with CFG, best scale per arm (mean ± std over seeds)",
+            &l.rows,
+            &l.summary.arms,
+            stats::WITH_CFG,
+        )?);
+    }
+    let losses = db.metrics_for_experiment(experiment, LOSS_KEY)?;
+    let curves = stats::loss_curves(&frames::metrics_frame(&losses)?, &l.runs_df)?;
+    if !curves.is_empty() {
+        figures.push(plots::lines(
+            out_dir,
+            "loss_curves",
+            "Training loss per arm (mean over seeds, band = ± std)",
+            "step",
+            LOSS_KEY,
+            &curves,
+        )?);
+    }
+    let over_training = stats::fid_over_training(&l.evals_df, &l.runs_df)?;
+    if !over_training.is_empty() {
+        figures.push(plots::lines(
+            out_dir,
+            "fid_over_training",
+            "FID over training steps (mean over seeds, band = ± std)",
+            "training step",
+            "FID",
+            &over_training,
+        )?);
+    }
+    // A setting is swept when the runs that have results use two or more values of it.
+    let evaluated: Vec<&rows::RunInfo> = l
+        .infos
+        .iter()
+        .filter(|i| l.summary.arms.iter().any(|a| a.row == i.row.key))
+        .collect();
+    let mut varying = [false; 4];
+    for (k, v) in varying.iter_mut().enumerate() {
+        let mut values: Vec<f64> = evaluated
+            .iter()
+            .map(|i| i.sweep[k])
+            .filter(|x| !x.is_nan())
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values.dedup();
+        *v = values.len() >= 2;
+    }
+    for (k, axis) in rows::SWEEP_AXES.iter().enumerate() {
+        if !varying[k] {
+            continue;
+        }
+        let axis_df = frames::axis_frame(&l.infos, k, &varying)?;
+        let sweep = stats::sweep(&l.evals_df, &l.runs_df, &axis_df)?;
+        let has_line = |c: &[stats::Curve]| c.iter().any(|c| c.points.len() >= 2);
+        if !has_line(&sweep.fid) && !has_line(&sweep.is) {
+            continue;
+        }
+        figures.push(plots::sweep(
+            out_dir,
+            &format!("sweep_{}", axis.file),
+            &format!(
+                "FID and IS over {} (mean over seeds, band = ± std)",
+                axis.name
+            ),
+            axis.name,
+            &sweep,
+        )?);
+        if k == 0 {
+            figures.push(plots::tradeoff(
+                out_dir,
+                "fid_is_tradeoff",
+                "FID–IS trade-off over the CFG scale (mean over seeds)",
+                &sweep,
+            )?);
+        }
+    }
+    Ok(figures)
+}
+
+/// Copies each generator run's sample grid into `out_dir/samples/run-ID.png`; the grids for
+/// the HTML report (bytes inline) and the copied paths (`None` where the file is gone).
+fn copy_grids(
+    db: &db::Db,
+    l: &Loaded,
+    out_dir: &Path,
+) -> Result<(Vec<html::Grid>, Vec<Option<PathBuf>>)> {
+    let mut grids = Vec::new();
+    let mut files = Vec::new();
+    // Grouped by row, in table order.
+    for row in &l.rows {
+        for info in l.infos.iter().filter(|i| i.row.key == row.key) {
+            let Some(artifact) = db
+                .artifacts(info.run_id)?
+                .into_iter()
+                .rev()
+                .find(|a| a.kind == SAMPLES_ARTIFACT)
+            else {
+                continue;
+            };
+            let caption = format!(
+                "{} · seed {} · cfg {} · run {}",
+                info.arm.as_deref().unwrap_or("?"),
+                info.seed,
+                rows::fmt_num(info.cfg),
+                info.run_id
+            );
+            let png = std::fs::read(&artifact.path).ok();
+            let copied = match &png {
+                Some(bytes) => {
+                    let dir = out_dir.join("samples");
+                    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                    let path = dir.join(format!("run-{}.png", info.run_id));
+                    std::fs::write(&path, bytes).map_err(io_err(&path))?;
+                    Some(path)
+                }
+                None => None,
+            };
+            grids.push(html::Grid {
+                row: row.short(),
+                caption,
+                png,
+                path: artifact.path.clone(),
+            });
+            files.push(copied);
+        }
+    }
+    Ok((grids, files))
+}
+
+/// The current table entries of `experiment` (what a baseline stores).
+pub fn current_entries(db: &db::Db, experiment: &str) -> Result<Vec<Entry>> {
+    let l = load(db, experiment)?;
+    let labels: BTreeMap<String, String> =
+        l.rows.iter().map(|r| (r.key.clone(), r.short())).collect();
+    let mut entries = drift::entries(&l.summary, &labels);
+    // Table order: rows as in the table, without CFG before with, then arm and metric.
+    let position = |row: &str| l.rows.iter().position(|r| r.key == row);
+    entries.sort_by(|a, b| {
+        (
+            position(&a.row),
+            a.guidance != stats::WITHOUT_CFG,
+            &a.arm,
+            &a.metric,
+        )
+            .cmp(&(
+                position(&b.row),
+                b.guidance != stats::WITHOUT_CFG,
+                &b.arm,
+                &b.metric,
+            ))
+    });
+    Ok(entries)
+}
+
+/// Stores the current table entries of `experiment` as baseline `name` (replacing one of that
+/// name); the entries stored. [`Error::NoResults`] when there is nothing to pin.
+pub fn pin_baseline(db: &db::Db, experiment: &str, name: &str) -> Result<Vec<Entry>> {
+    let entries = current_entries(db, experiment)?;
+    if entries.is_empty() {
+        return Err(Error::NoResults(experiment.to_string()));
+    }
+    drift::pin(db, experiment, name, entries.clone())?;
+    Ok(entries)
+}
+
+/// Compares the current entries of `experiment` with baseline `baseline` under `tolerances`
+/// (metric → tolerance).
+pub fn check(
+    db: &db::Db,
+    experiment: &str,
+    baseline: &str,
+    tolerances: &BTreeMap<String, Tolerance>,
+) -> Result<CheckReport> {
+    let current = current_entries(db, experiment)?;
+    let pinned = drift::load(db, experiment, baseline)?;
+    Ok(drift::compare(
+        experiment, baseline, &pinned, &current, tolerances,
+    ))
 }
 
 #[cfg(test)]

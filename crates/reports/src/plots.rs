@@ -1,8 +1,9 @@
 //! Plots drawn with plotters (headless: bitmap and SVG backends, text through an embedded
-//! DejaVu Sans registered as "sans-serif").
+//! DejaVu Sans registered as "sans-serif"). Every figure is written as PNG and SVG, and the SVG
+//! text is kept for the single-file HTML report.
 
 use std::error::Error as StdError;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use plotters::coord::Shift;
@@ -10,7 +11,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
-use crate::stats::{ArmStat, Curve, FID};
+use crate::rows::{fmt_num, RowInfo};
+use crate::stats::{ArmStat, Curve, Sweep, FID};
 use crate::{Error, Result, ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 
 /// DejaVu Sans (Debian fonts-dejavu-core; licence in assets/DejaVuSans.LICENSE).
@@ -47,28 +49,113 @@ fn plot_error(path: &Path, e: Box<dyn StdError>) -> Error {
     }
 }
 
-fn bars_size(cells: &[String]) -> (u32, u32) {
-    ((200 + 150 * cells.len() as u32).max(800), 500)
+/// A figure written as `NAME.png` and `NAME.svg`.
+#[derive(Debug, Clone)]
+pub(crate) struct Figure {
+    pub title: String,
+    pub png: PathBuf,
+    pub svg_path: PathBuf,
+    /// The SVG document, for inlining.
+    pub svg: String,
 }
 
-pub(crate) fn fid_bars_png(path: &Path, cells: &[String], arms: &[ArmStat]) -> Result<()> {
-    ensure_font();
-    let root = BitMapBackend::new(path, bars_size(cells)).into_drawing_area();
-    draw_fid_bars(&root, cells, arms).map_err(|e| plot_error(path, e))
+/// Draws `$draw(&root, args…)` once on a PNG and once on an SVG backend of `$size`, writes
+/// `$dir/$name.{png,svg}` and evaluates to a [`Figure`].
+macro_rules! figure {
+    ($dir:expr, $name:expr, $title:expr, $size:expr, $draw:ident ( $($arg:expr),* )) => {{
+        ensure_font();
+        let png = $dir.join(format!("{}.png", $name));
+        let svg_path = $dir.join(format!("{}.svg", $name));
+        {
+            let root = BitMapBackend::new(&png, $size).into_drawing_area();
+            $draw(&root, $($arg),*).map_err(|e| plot_error(&png, e))?;
+        }
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, $size).into_drawing_area();
+            $draw(&root, $($arg),*).map_err(|e| plot_error(&svg_path, e))?;
+        }
+        std::fs::write(&svg_path, &svg).map_err(|source| Error::Io {
+            path: svg_path.clone(),
+            source,
+        })?;
+        Ok(Figure {
+            title: $title.to_string(),
+            png,
+            svg_path,
+            svg,
+        })
+    }};
 }
 
-pub(crate) fn fid_bars_svg(path: &Path, cells: &[String], arms: &[ArmStat]) -> Result<()> {
-    ensure_font();
-    let root = SVGBackend::new(path, bars_size(cells)).into_drawing_area();
-    draw_fid_bars(&root, cells, arms).map_err(|e| plot_error(path, e))
+/// Paired FID bars per Table 1 row for one guidance setting.
+pub(crate) fn fid_bars(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    rows: &[RowInfo],
+    arms: &[ArmStat],
+    guidance: &str,
+) -> Result<Figure> {
+    let size = ((160 + 230 * rows.len() as u32).max(800), 560);
+    figure!(
+        dir,
+        name,
+        title,
+        size,
+        draw_fid_bars(rows, arms, guidance, title)
+    )
 }
 
-/// Two bars per cell (cross-entropy left, diffusion right), error bars = std over seeds, the
+/// Lines of mean ± std (band) over x, one per curve.
+pub(crate) fn lines(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    curves: &[Curve],
+) -> Result<Figure> {
+    figure!(
+        dir,
+        name,
+        title,
+        (960, 540),
+        draw_lines(curves, title, x_desc, y_desc)
+    )
+}
+
+/// FID (left) and IS (right) over a swept sampling setting.
+pub(crate) fn sweep(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    x_desc: &str,
+    sweep: &Sweep,
+) -> Result<Figure> {
+    figure!(dir, name, title, (1280, 540), draw_sweep(sweep, x_desc))
+}
+
+/// The FID–IS trade-off over CFG scales: one line per (row, arm) through (IS, FID) points,
+/// each point labelled with its scale.
+pub(crate) fn tradeoff(dir: &Path, name: &str, title: &str, cfg_sweep: &Sweep) -> Result<Figure> {
+    figure!(
+        dir,
+        name,
+        title,
+        (960, 600),
+        draw_tradeoff(cfg_sweep, title)
+    )
+}
+
+/// Two bars per row (cross-entropy left, diffusion right), error bars = std over seeds, the
 /// mean written above each bar, "missing" where an arm has no FID.
 fn draw_fid_bars<DB>(
     root: &DrawingArea<DB, Shift>,
-    cells: &[String],
+    rows: &[RowInfo],
     arms: &[ArmStat],
+    guidance: &str,
+    title: &str,
 ) -> PlotResult
 where
     DB: DrawingBackend,
@@ -77,25 +164,27 @@ where
     const LEFT: f64 = 0.12;
     const WIDTH: f64 = 0.38;
     root.fill(&WHITE)?;
-    let fid = |cell: &str, arm: &str| {
+    let fid = |row: &str, arm: &str| {
         arms.iter()
-            .find(|s| s.cell == cell && s.arm == arm && s.metric == FID)
+            .find(|s| s.row == row && s.arm == arm && s.metric == FID && s.guidance == guidance)
     };
     let top = arms
         .iter()
-        .filter(|s| s.metric == FID)
+        .filter(|s| s.metric == FID && s.guidance == guidance)
         .map(|s| s.mean + s.std.unwrap_or(0.0))
         .fold(0.0f64, f64::max);
     let y_max = if top > 0.0 { top * 1.18 } else { 1.0 };
-    let n = cells.len().max(1) as f64;
+    let n = rows.len().max(1) as f64;
+    let label_lines = if rows.iter().any(|r| !r.setting.is_empty()) {
+        4
+    } else {
+        3
+    };
 
     let mut chart = ChartBuilder::on(root)
-        .caption(
-            "FID per cell (mean ± std over seeds, lower is better)",
-            (FONT_FAMILY, 22),
-        )
+        .caption(title, (FONT_FAMILY, 22))
         .margin(20)
-        .x_label_area_size(45)
+        .x_label_area_size(20 + 19 * label_lines)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..n, 0f64..y_max)?;
     chart
@@ -115,10 +204,10 @@ where
         let color = arm_color(arm);
         let x0 = |i: usize| i as f64 + LEFT + k as f64 * WIDTH;
         let center = |i: usize| x0(i) + WIDTH / 2.0;
-        let present: Vec<(usize, &ArmStat)> = cells
+        let present: Vec<(usize, &ArmStat)> = rows
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| fid(c, arm).map(|s| (i, s)))
+            .filter_map(|(i, r)| fid(&r.key, arm).map(|s| (i, s)))
             .collect();
 
         chart
@@ -147,15 +236,16 @@ where
 
         chart.draw_series(present.iter().map(|&(i, s)| {
             let y = s.mean + s.std.unwrap_or(0.0) + y_max * 0.01;
-            Text::new(
-                format!("{:.2}", s.mean),
-                (center(i), y),
-                value_style.clone(),
-            )
+            let text = if s.guidance == guidance && guidance == crate::stats::WITH_CFG {
+                format!("{:.2} (cfg {})", s.mean, fmt_num(s.cfg))
+            } else {
+                format!("{:.2}", s.mean)
+            };
+            Text::new(text, (center(i), y), value_style.clone())
         }))?;
 
-        let missing: Vec<usize> = (0..cells.len())
-            .filter(|&i| fid(&cells[i], arm).is_none())
+        let missing: Vec<usize> = (0..rows.len())
+            .filter(|&i| fid(&rows[i].key, arm).is_none())
             .collect();
         chart.draw_series(
             missing
@@ -172,32 +262,36 @@ where
         .border_style(BLACK)
         .draw()?;
 
-    // Cell names under the axis, centred on each pair of bars (drawn in pixel coordinates on the
-    // root area, since the x axis is numeric).
-    let cell_style =
+    // Row descriptors under the axis, centred on each pair of bars (drawn in pixel coordinates
+    // on the root area, since the x axis is numeric).
+    let row_style =
         TextStyle::from((FONT_FAMILY, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
-    for (i, cell) in cells.iter().enumerate() {
+    for (i, row) in rows.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-        root.draw(&Text::new(cell.clone(), (px, py + 8), cell_style.clone()))?;
+        let mut lines = vec![
+            format!("{} · {}", row.generator, row.order),
+            row.attention.clone(),
+            format!("preds/step: {}", row.preds),
+        ];
+        if !row.setting.is_empty() {
+            lines.push(row.setting.clone());
+        }
+        for (k, line) in lines.into_iter().enumerate() {
+            root.draw(&Text::new(
+                line,
+                (px, py + 8 + 19 * k as i32),
+                row_style.clone(),
+            ))?;
+        }
     }
     root.present()?;
     Ok(())
 }
 
-/// Training loss over step: one line per curve (mean over runs) with a ± std band.
-pub(crate) fn loss_curves_png(path: &Path, curves: &[Curve]) -> Result<()> {
-    ensure_font();
-    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-    draw_loss_curves(&root, curves).map_err(|e| plot_error(path, e))
-}
-
-fn draw_loss_curves<DB>(root: &DrawingArea<DB, Shift>, curves: &[Curve]) -> PlotResult
-where
-    DB: DrawingBackend,
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE)?;
-    let points = curves.iter().flat_map(|c| c.points.iter());
+/// The value range of some curves' bands, padded; a unit range when empty.
+fn ranges<'a>(
+    points: impl Iterator<Item = &'a (f64, f64, Option<f64>)>,
+) -> ((f64, f64), (f64, f64)) {
     let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, m, s) in points {
         let s = s.unwrap_or(0.0);
@@ -210,54 +304,92 @@ where
         (x_min, x_max, y_min, y_max) = (0.0, 1.0, 0.0, 1.0);
     }
     if x_max <= x_min {
-        x_max = x_min + 1.0;
+        let pad = x_min.abs().max(1.0) * 0.1;
+        (x_min, x_max) = (x_min - pad, x_max + pad);
     }
     let pad = if y_max > y_min {
         (y_max - y_min) * 0.05
     } else {
-        0.5
+        y_max.abs().max(1.0) * 0.1
     };
-    let (y_min, y_max) = (y_min - pad, y_max + pad);
+    ((x_min, x_max), (y_min - pad, y_max + pad))
+}
 
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Training loss (mean over runs, band = ± std)",
-            (FONT_FAMILY, 22),
-        )
+/// Arm colours when each arm has one curve, else a palette.
+fn curve_colors(curves: &[Curve]) -> Vec<RGBAColor> {
+    let arm_coloured = [ARM_CROSS_ENTROPY, ARM_DIFFUSION]
+        .iter()
+        .all(|arm| curves.iter().filter(|c| c.arm == *arm).count() <= 1);
+    curves
+        .iter()
+        .enumerate()
+        .map(|(idx, c)| {
+            if arm_coloured {
+                arm_color(&c.arm).to_rgba()
+            } else {
+                Palette99::pick(idx).to_rgba()
+            }
+        })
+        .collect()
+}
+
+fn draw_lines<DB>(
+    root: &DrawingArea<DB, Shift>,
+    curves: &[Curve],
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+) -> PlotResult
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    draw_lines_on(root, curves, title, x_desc, y_desc)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Mean lines with a ± std band (where some x has two or more runs) and point markers.
+fn draw_lines_on<DB>(
+    area: &DrawingArea<DB, Shift>,
+    curves: &[Curve],
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+) -> PlotResult
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    let ((x_min, x_max), (y_min, y_max)) = ranges(curves.iter().flat_map(|c| c.points.iter()));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT_FAMILY, 20))
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d(x_min..x_max, y_min..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| fmt_num((x * 1000.0).round() / 1000.0))
         .light_line_style(RGBColor(235, 235, 235))
-        .y_desc("train/loss")
         .label_style((FONT_FAMILY, 14))
         .axis_desc_style((FONT_FAMILY, 16))
         .draw()?;
 
-    // Arm colours (as in the bar plot) when each arm has one curve, else a palette.
-    let arm_coloured = [ARM_CROSS_ENTROPY, ARM_DIFFUSION]
-        .iter()
-        .all(|arm| curves.iter().filter(|c| c.arm == *arm).count() <= 1);
-    for (idx, curve) in curves.iter().enumerate() {
-        let color: RGBAColor = if arm_coloured {
-            arm_color(&curve.arm).to_rgba()
-        } else {
-            Palette99::pick(idx).to_rgba()
-        };
-        let upper = curve
-            .points
-            .iter()
-            .map(|&(x, m, s)| (x, m + s.unwrap_or(0.0)));
-        let lower = curve
-            .points
-            .iter()
-            .rev()
-            .map(|&(x, m, s)| (x, m - s.unwrap_or(0.0)));
+    for (curve, color) in curves.iter().zip(curve_colors(curves)) {
         if curve.points.iter().any(|p| p.2.is_some()) {
+            let upper = curve
+                .points
+                .iter()
+                .map(|&(x, m, s)| (x, m + s.unwrap_or(0.0)));
+            let lower = curve
+                .points
+                .iter()
+                .rev()
+                .map(|&(x, m, s)| (x, m - s.unwrap_or(0.0)));
             chart.draw_series(std::iter::once(Polygon::new(
                 upper.chain(lower).collect::<Vec<_>>(),
                 color.mix(0.2).filled(),
@@ -272,11 +404,134 @@ where
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
+        if curve.points.len() <= 30 {
+            chart.draw_series(
+                curve
+                    .points
+                    .iter()
+                    .map(|&(x, m, _)| Circle::new((x, m), 3, color.filled())),
+            )?;
+        }
     }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT_FAMILY, 14))
+        .label_font((FONT_FAMILY, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn draw_sweep<DB>(root: &DrawingArea<DB, Shift>, sweep: &Sweep, x_desc: &str) -> PlotResult
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
+    draw_lines_on(
+        &left,
+        &sweep.fid,
+        &format!("FID over {x_desc} (lower is better)"),
+        x_desc,
+        "FID",
+    )?;
+    draw_lines_on(
+        &right,
+        &sweep.is,
+        &format!("IS over {x_desc} (higher is better)"),
+        x_desc,
+        "IS",
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// One line of the trade-off plot: (label, arm, (IS, FID, cfg) points).
+type TradeoffSeries = (String, String, Vec<(f64, f64, f64)>);
+
+/// (IS, FID, cfg) points of each (row, arm) of a CFG sweep, matched on the scale.
+fn tradeoff_points(sweep: &Sweep) -> Vec<TradeoffSeries> {
+    sweep
+        .fid
+        .iter()
+        .filter_map(|f| {
+            let is = sweep.is.iter().find(|c| c.label == f.label)?;
+            let points: Vec<(f64, f64, f64)> = f
+                .points
+                .iter()
+                .filter_map(|&(x, fid, _)| {
+                    let (_, v, _) = is.points.iter().find(|p| p.0 == x)?;
+                    Some((*v, fid, x))
+                })
+                .collect();
+            (!points.is_empty()).then(|| (f.label.clone(), f.arm.clone(), points))
+        })
+        .collect()
+}
+
+fn draw_tradeoff<DB>(root: &DrawingArea<DB, Shift>, sweep: &Sweep, title: &str) -> PlotResult
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let series = tradeoff_points(sweep);
+    let as_curves: Vec<Curve> = series
+        .iter()
+        .map(|(label, arm, pts)| Curve {
+            label: label.clone(),
+            arm: arm.clone(),
+            points: pts.iter().map(|&(is, fid, _)| (is, fid, None)).collect(),
+        })
+        .collect();
+    let ((x_min, x_max), (y_min, y_max)) = ranges(as_curves.iter().flat_map(|c| c.points.iter()));
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT_FAMILY, 20))
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_min..x_max, y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("IS (higher is better)")
+        .y_desc("FID (lower is better)")
+        .light_line_style(RGBColor(235, 235, 235))
+        .label_style((FONT_FAMILY, 14))
+        .axis_desc_style((FONT_FAMILY, 16))
+        .draw()?;
+    let label_style =
+        TextStyle::from((FONT_FAMILY, 12).into_font()).pos(Pos::new(HPos::Left, VPos::Bottom));
+    for ((label, _, pts), color) in series.iter().zip(curve_colors(&as_curves)) {
+        let mut sorted = pts.clone();
+        sorted.sort_by(|a, b| a.2.total_cmp(&b.2));
+        chart
+            .draw_series(LineSeries::new(
+                sorted.iter().map(|&(is, fid, _)| (is, fid)),
+                color.stroke_width(2),
+            ))?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            sorted
+                .iter()
+                .map(|&(is, fid, _)| Circle::new((is, fid), 4, color.filled())),
+        )?;
+        chart.draw_series(sorted.iter().map(|&(is, fid, cfg)| {
+            Text::new(
+                format!(" cfg {}", fmt_num(cfg)),
+                (is, fid),
+                label_style.clone(),
+            )
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT_FAMILY, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;

@@ -1,6 +1,6 @@
-//! Aggregation in polars: per-arm mean ± std over seeds, the paired difference
-//! diffusion − cross-entropy with a 95% paired-t interval and its verdict, and the mean training
-//! loss curves.
+//! Aggregation in polars: per-arm mean ± std over seeds for each Table 1 row and guidance
+//! setting, the paired difference diffusion − cross-entropy with a 95% paired-t interval and its
+//! verdict, the mean training-loss and FID-over-training curves, and the sweep curves.
 
 use polars::prelude::*;
 
@@ -10,14 +10,23 @@ use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION, KIND_GENERATOR};
 pub(crate) const FID: &str = "fid";
 pub(crate) const IS: &str = "is";
 
-/// With at most this many cells the loss plot draws one line per (cell, arm), else per arm.
-const MAX_CELLS_PER_CELL_CURVES: u32 = 3;
+/// With at most this many rows the loss plot draws one line per (row, arm), else per arm.
+const MAX_ROWS_PER_ROW_CURVES: u32 = 3;
 
-/// mean ± sample std (ddof 1) over seeds of one (cell, arm, metric).
+/// Guidance column of the table: runs sampled with a CFG scale of 1 …
+pub(crate) const WITHOUT_CFG: &str = "without";
+/// … and runs sampled with classifier-free guidance (the best scale per row and arm).
+pub(crate) const WITH_CFG: &str = "with";
+
+/// mean ± sample std (ddof 1) over seeds of one (row, guidance, arm, metric).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ArmStat {
-    pub cell: String,
+    pub row: String,
+    pub guidance: String,
     pub arm: String,
+    /// The CFG scale the entry was sampled at (for [`WITH_CFG`]: the one with the lowest mean
+    /// FID of this row and arm).
+    pub cfg: f64,
     pub metric: String,
     pub mean: f64,
     /// `None` when n = 1.
@@ -28,7 +37,8 @@ pub(crate) struct ArmStat {
 /// Paired difference diffusion − cross-entropy over the seeds both arms share.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PairStat {
-    pub cell: String,
+    pub row: String,
+    pub guidance: String,
     pub metric: String,
     pub mean: f64,
     /// 95% paired-t interval; `None` when n < 2.
@@ -39,34 +49,32 @@ pub(crate) struct PairStat {
     pub verdict: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Summary {
-    /// Cells that have generator evals, smallest `position` first.
-    pub cells: Vec<String>,
     pub arms: Vec<ArmStat>,
     pub pairs: Vec<PairStat>,
 }
 
 impl Summary {
-    pub fn arm(&self, cell: &str, arm: &str, metric: &str) -> Option<&ArmStat> {
+    pub fn arm(&self, row: &str, guidance: &str, arm: &str, metric: &str) -> Option<&ArmStat> {
         self.arms
             .iter()
-            .find(|s| s.cell == cell && s.arm == arm && s.metric == metric)
+            .find(|s| s.row == row && s.guidance == guidance && s.arm == arm && s.metric == metric)
     }
 
-    pub fn pair(&self, cell: &str, metric: &str) -> Option<&PairStat> {
+    pub fn pair(&self, row: &str, guidance: &str, metric: &str) -> Option<&PairStat> {
         self.pairs
             .iter()
-            .find(|p| p.cell == cell && p.metric == metric)
+            .find(|p| p.row == row && p.guidance == guidance && p.metric == metric)
     }
 }
 
-/// One line of the loss plot: mean (and std over runs) of the loss at each step.
+/// One line of a line plot: mean (and std over runs) of a value at each x.
 #[derive(Debug, Clone)]
 pub(crate) struct Curve {
     pub label: String,
     pub arm: String,
-    /// (step, mean, std over runs — `None` where one run logged that step)
+    /// (x, mean, std over runs — `None` where one run has that x)
     pub points: Vec<(f64, f64, Option<f64>)>,
 }
 
@@ -102,10 +110,9 @@ fn t_table(max_df: i64) -> PolarsResult<DataFrame> {
     )
 }
 
-/// The table's input: one value per (cell, arm, seed, metric) of generator runs, taken from each
-/// run's evals at its highest evaluated step; when a (cell, arm, seed) has several runs, the
-/// latest run (highest id) wins.
-fn per_seed(evals: &DataFrame) -> PolarsResult<LazyFrame> {
+/// The last evaluated step of every generator run's FID and IS, with the run's row, guidance
+/// and CFG scale (`runs`: see [`crate::frames::runs_frame`]).
+fn last_evals(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<LazyFrame> {
     let table_metric = col("metric").eq(lit(FID)).or(col("metric").eq(lit(IS)));
     Ok(evals
         .clone()
@@ -117,41 +124,88 @@ fn per_seed(evals: &DataFrame) -> PolarsResult<LazyFrame> {
                 .and(table_metric),
         )
         .filter(col("step").eq(col("step").max().over([col("run_id")])?))
-        .group_by([col("cell"), col("arm"), col("seed"), col("metric")])
+        .join(
+            runs.clone()
+                .lazy()
+                .select([col("run_id"), col("row"), col("guidance"), col("cfg")]),
+            [col("run_id")],
+            [col("run_id")],
+            JoinArgs::new(JoinType::Inner),
+        ))
+}
+
+/// The table's input: one value per (row, guidance, arm, seed, metric), taken from each run's
+/// evals at its highest evaluated step; when a (row, CFG scale, arm, seed) has several runs, the
+/// latest run (highest id) wins. With CFG, each (row, arm) keeps the scale with the lowest mean
+/// FID over seeds (the paper reports each model at its best guidance scale).
+fn per_seed(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<LazyFrame> {
+    let all = last_evals(evals, runs)?
+        .group_by([
+            col("row"),
+            col("guidance"),
+            col("cfg"),
+            col("arm"),
+            col("seed"),
+            col("metric"),
+        ])
         .agg([col("value")
             .sort_by([col("run_id")], SortMultipleOptions::default())
             .last()
-            .alias("value")]))
+            .alias("value")]);
+    let keys = || [col("row"), col("guidance"), col("arm")];
+    let best_scale = all
+        .clone()
+        .group_by([col("row"), col("guidance"), col("arm"), col("cfg")])
+        .agg([col("value")
+            .filter(col("metric").eq(lit(FID)))
+            .mean()
+            .alias("score")])
+        .group_by(keys())
+        .agg([col("cfg")
+            .sort_by(
+                [col("score"), col("cfg")],
+                SortMultipleOptions::default().with_nulls_last(true),
+            )
+            .first()
+            .alias("cfg")]);
+    let mut on = keys().to_vec();
+    on.push(col("cfg"));
+    Ok(all.join(best_scale, on.clone(), on, JoinArgs::new(JoinType::Inner)))
 }
 
-/// Per (cell, arm, metric): mean, std (ddof 1), n.
+/// Per (row, guidance, arm, metric): mean, std (ddof 1), n and the CFG scale.
 fn arm_stats(per_seed: LazyFrame) -> PolarsResult<DataFrame> {
     per_seed
-        .group_by([col("cell"), col("arm"), col("metric")])
+        .group_by([col("row"), col("guidance"), col("arm"), col("metric")])
         .agg([
             col("value").mean().alias("mean"),
             col("value").std(1).alias("std"),
             col("value").len().cast(DataType::Int64).alias("n"),
+            col("cfg").first().alias("cfg"),
         ])
-        .sort(["cell", "arm", "metric"], SortMultipleOptions::default())
+        .sort(
+            ["row", "guidance", "arm", "metric"],
+            SortMultipleOptions::default(),
+        )
         .collect()
 }
 
-/// Per (cell, metric): paired difference diffusion − cross-entropy (arms joined on cell + seed),
-/// its mean, 95% paired-t interval and verdict.
+/// Per (row, guidance, metric): paired difference diffusion − cross-entropy (arms joined on
+/// row, guidance and seed), its mean, 95% paired-t interval and verdict.
 fn pair_stats(per_seed: LazyFrame, max_df: i64) -> PolarsResult<DataFrame> {
     let side = |arm: &str, name: &str| {
         per_seed
             .clone()
             .filter(col("arm").eq(lit(arm.to_string())))
             .select([
-                col("cell"),
+                col("row"),
+                col("guidance"),
                 col("seed"),
                 col("metric"),
                 col("value").alias(name),
             ])
     };
-    let keys = [col("cell"), col("seed"), col("metric")];
+    let keys = [col("row"), col("guidance"), col("seed"), col("metric")];
     let lower_is_better = col("metric").eq(lit(FID));
     let favourable = when(lower_is_better.clone())
         .then(col("hi").lt(lit(0.0)))
@@ -167,7 +221,7 @@ fn pair_stats(per_seed: LazyFrame, max_df: i64) -> PolarsResult<DataFrame> {
             JoinArgs::new(JoinType::Inner),
         )
         .with_column((col("diffusion") - col("cross_entropy")).alias("delta"))
-        .group_by([col("cell"), col("metric")])
+        .group_by([col("row"), col("guidance"), col("metric")])
         .agg([
             col("delta").mean().alias("mean"),
             col("delta").std(1).alias("std"),
@@ -197,45 +251,37 @@ fn pair_stats(per_seed: LazyFrame, max_df: i64) -> PolarsResult<DataFrame> {
                 .otherwise(lit("inconclusive"))
                 .alias("verdict"),
         )
-        .sort(["cell", "metric"], SortMultipleOptions::default())
+        .sort(
+            ["row", "guidance", "metric"],
+            SortMultipleOptions::default(),
+        )
         .collect()
 }
 
-/// Cells of generator evals in row order: smallest `position` first (ties by name).
-fn cell_order(evals: &DataFrame) -> PolarsResult<Vec<String>> {
-    let df = evals
-        .clone()
-        .lazy()
-        .filter(col("kind").eq(lit(KIND_GENERATOR)))
-        .group_by([col("cell")])
-        .agg([col("position").min().alias("position")])
-        .sort(["position", "cell"], SortMultipleOptions::default())
-        .collect()?;
-    Ok(strs(&df, "cell")?
-        .into_iter()
-        .map(|s| s.unwrap_or_default())
-        .collect())
-}
-
-pub(crate) fn summarize(evals: &DataFrame) -> PolarsResult<Summary> {
-    let cells = cell_order(evals)?;
-    let seeds = per_seed(evals)?;
+/// The table's numbers: `evals` in long format (see [`crate::frames::evals_frame`]) and the
+/// generator runs' descriptors (see [`crate::frames::runs_frame`]).
+pub(crate) fn summarize(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<Summary> {
+    let seeds = per_seed(evals, runs)?;
     let arms_df = arm_stats(seeds.clone())?;
     let max_df = evals.height() as i64;
     let pairs_df = pair_stats(seeds, max_df)?;
 
     let arms = {
-        let cell = strs(&arms_df, "cell")?;
+        let row = strs(&arms_df, "row")?;
+        let guidance = strs(&arms_df, "guidance")?;
         let arm = strs(&arms_df, "arm")?;
         let metric = strs(&arms_df, "metric")?;
         let mean = f64s(&arms_df, "mean")?;
         let std = f64s(&arms_df, "std")?;
         let n = i64s(&arms_df, "n")?;
+        let cfg = f64s(&arms_df, "cfg")?;
         (0..arms_df.height())
             .filter_map(|i| {
                 Some(ArmStat {
-                    cell: cell[i].clone()?,
+                    row: row[i].clone()?,
+                    guidance: guidance[i].clone()?,
                     arm: arm[i].clone()?,
+                    cfg: cfg[i]?,
                     metric: metric[i].clone()?,
                     mean: mean[i]?,
                     std: std[i],
@@ -245,7 +291,8 @@ pub(crate) fn summarize(evals: &DataFrame) -> PolarsResult<Summary> {
             .collect()
     };
     let pairs = {
-        let cell = strs(&pairs_df, "cell")?;
+        let row = strs(&pairs_df, "row")?;
+        let guidance = strs(&pairs_df, "guidance")?;
         let metric = strs(&pairs_df, "metric")?;
         let mean = f64s(&pairs_df, "mean")?;
         let lo = f64s(&pairs_df, "lo")?;
@@ -256,7 +303,8 @@ pub(crate) fn summarize(evals: &DataFrame) -> PolarsResult<Summary> {
             .filter_map(|i| {
                 let n = n[i]?;
                 Some(PairStat {
-                    cell: cell[i].clone()?,
+                    row: row[i].clone()?,
+                    guidance: guidance[i].clone()?,
                     metric: metric[i].clone()?,
                     mean: mean[i]?,
                     lo: lo[i].filter(|_| n >= 2),
@@ -267,72 +315,146 @@ pub(crate) fn summarize(evals: &DataFrame) -> PolarsResult<Summary> {
             })
             .collect()
     };
-    Ok(Summary { cells, arms, pairs })
+    Ok(Summary { arms, pairs })
 }
 
-/// Mean (± std over runs) of the training loss per step, for generator runs only: one curve per
-/// (cell, arm) when there are few cells, else one per arm.
-pub(crate) fn loss_curves(losses: &DataFrame, generator_runs: &[i64]) -> PolarsResult<Vec<Curve>> {
-    let runs = DataFrame::new(
-        generator_runs.len(),
-        vec![Column::new("run_id".into(), generator_runs.to_vec())],
-    )?;
+/// Mean (± std over runs) of a metric history per step, for the generator runs in `runs` only:
+/// one curve per (row, arm) when there are few rows, else one per arm.
+pub(crate) fn loss_curves(losses: &DataFrame, runs: &DataFrame) -> PolarsResult<Vec<Curve>> {
     let lf = losses
         .clone()
         .lazy()
         .join(
-            runs.lazy(),
+            runs.clone()
+                .lazy()
+                .select([col("run_id"), col("row_label").alias("label")]),
             [col("run_id")],
             [col("run_id")],
             JoinArgs::new(JoinType::Inner),
         )
         .filter(col("arm").is_not_null());
-    let n_cells = lf
+    let n_rows = lf
         .clone()
-        .select([col("cell").n_unique().cast(DataType::UInt32).alias("n")])
+        .select([col("label").n_unique().cast(DataType::UInt32).alias("n")])
         .collect()?;
-    let n_cells = n_cells.column("n")?.u32()?.get(0).unwrap_or(0);
-    let per_cell = n_cells <= MAX_CELLS_PER_CELL_CURVES;
-    let keys: Vec<Expr> = if per_cell {
-        vec![col("cell"), col("arm")]
+    let n_rows = n_rows.column("n")?.u32()?.get(0).unwrap_or(0);
+    let keys = if n_rows <= MAX_ROWS_PER_ROW_CURVES {
+        vec![col("label"), col("arm")]
     } else {
         vec![col("arm")]
     };
-    let mut by = keys.clone();
-    by.push(col("step"));
+    mean_curves(lf, keys, "step")
+}
+
+/// FID over training steps, mean over seeds per (row, CFG scale, arm), for the series with
+/// evaluations at two or more steps (empty when every run was evaluated once).
+pub(crate) fn fid_over_training(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<Vec<Curve>> {
+    let lf = evals
+        .clone()
+        .lazy()
+        .filter(
+            col("kind")
+                .eq(lit(KIND_GENERATOR))
+                .and(col("arm").is_not_null())
+                .and(col("metric").eq(lit(FID))),
+        )
+        .join(
+            runs.clone()
+                .lazy()
+                .select([col("run_id"), col("curve_label").alias("label")]),
+            [col("run_id")],
+            [col("run_id")],
+            JoinArgs::new(JoinType::Inner),
+        );
+    let most_steps = lf
+        .clone()
+        .group_by([col("run_id")])
+        .agg([col("step").n_unique().cast(DataType::UInt32).alias("n")])
+        .select([col("n").max()])
+        .collect()?;
+    if most_steps.column("n")?.u32()?.get(0).unwrap_or(0) < 2 {
+        return Ok(Vec::new());
+    }
+    let mut curves = mean_curves(lf, vec![col("label"), col("arm")], "step")?;
+    curves.retain(|c| c.points.len() >= 2);
+    Ok(curves)
+}
+
+/// One sweep plot's data: FID and IS curves over the swept setting.
+#[derive(Debug, Clone)]
+pub(crate) struct Sweep {
+    pub fid: Vec<Curve>,
+    pub is: Vec<Curve>,
+}
+
+/// FID and IS over a swept sampling setting: `axis` holds (run_id, label, x) for the generator
+/// runs that have a value of the setting; each curve is one (group, arm), mean ± std over seeds at each x.
+pub(crate) fn sweep(evals: &DataFrame, runs: &DataFrame, axis: &DataFrame) -> PolarsResult<Sweep> {
+    let lf = last_evals(evals, runs)?.join(
+        axis.clone().lazy(),
+        [col("run_id")],
+        [col("run_id")],
+        JoinArgs::new(JoinType::Inner),
+    );
+    let curves = |metric: &str| {
+        mean_curves(
+            lf.clone().filter(col("metric").eq(lit(metric.to_string()))),
+            vec![col("label"), col("arm")],
+            "x",
+        )
+    };
+    Ok(Sweep {
+        fid: curves(FID)?,
+        is: curves(IS)?,
+    })
+}
+
+/// Groups `lf` (columns: the key columns, `x_col`, `value`) by keys + x and returns one curve
+/// per key, points sorted by x. Keys are `label` and/or `arm`.
+fn mean_curves(lf: LazyFrame, keys: Vec<Expr>, x_col: &str) -> PolarsResult<Vec<Curve>> {
+    let with_label = keys.len() > 1;
+    let mut by = keys;
+    by.push(col(x_col).alias("x"));
+    let sort_by: Vec<&str> = if with_label {
+        vec!["label", "arm", "x"]
+    } else {
+        vec!["arm", "x"]
+    };
     let df = lf
-        .group_by(by.clone())
+        .group_by(by)
         .agg([
             col("value").mean().alias("mean"),
             col("value").std(1).alias("std"),
         ])
-        .sort_by_exprs(by, SortMultipleOptions::default())
+        .with_column(col("x").cast(DataType::Float64))
+        .sort(sort_by, SortMultipleOptions::default())
         .collect()?;
 
-    let cell = if per_cell {
-        strs(&df, "cell")?
+    let label = if with_label {
+        strs(&df, "label")?
     } else {
         vec![None; df.height()]
     };
     let arm = strs(&df, "arm")?;
-    let step = i64s(&df, "step")?;
+    let x = f64s(&df, "x")?;
     let mean = f64s(&df, "mean")?;
     let std = f64s(&df, "std")?;
     let mut curves: Vec<Curve> = Vec::new();
     for i in 0..df.height() {
-        let (Some(a), Some(s), Some(m)) = (arm[i].clone(), step[i], mean[i]) else {
+        let (Some(a), Some(x), Some(m)) = (arm[i].clone(), x[i], mean[i]) else {
             continue;
         };
-        let label = match &cell[i] {
-            Some(c) => format!("{c} / {a}"),
+        let name = match &label[i] {
+            Some(l) => format!("{l} / {a}"),
             None => a.clone(),
         };
+        let std = std[i].filter(|s| s.is_finite());
         match curves.last_mut() {
-            Some(curve) if curve.label == label => curve.points.push((s as f64, m, std[i])),
+            Some(curve) if curve.label == name => curve.points.push((x, m, std)),
             _ => curves.push(Curve {
-                label,
+                label: name,
                 arm: a,
-                points: vec![(s as f64, m, std[i])],
+                points: vec![(x, m, std)],
             }),
         }
     }

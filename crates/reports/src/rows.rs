@@ -1,0 +1,291 @@
+//! What each generator run is in the paper's terms, read from the resolved parameters stored with
+//! the run: the Table 1 row it belongs to (generator, order, attention, predictions per step and
+//! whatever else the grid varies), whether it samples with classifier-free guidance, and its
+//! sampling settings (the axes a sweep plot can have).
+
+use db::RunRow;
+use serde_json::Value;
+
+use crate::KIND_GENERATOR;
+
+/// Grid keys whose values are sampling settings; a sweep over one of them is plotted against it.
+pub(crate) const SWEEP_AXES: [SweepAxis; 4] = [
+    SweepAxis {
+        key: "sample.cfg",
+        name: "CFG scale",
+        file: "cfg",
+    },
+    SweepAxis {
+        key: "sample.temperature",
+        name: "temperature",
+        file: "temperature",
+    },
+    SweepAxis {
+        key: "sample.mar_steps",
+        name: "MAR sampling steps",
+        file: "mar_steps",
+    },
+    SweepAxis {
+        key: "head.sampling_steps",
+        name: "diffusion sampling steps",
+        file: "sampling_steps",
+    },
+];
+
+/// Cell-label components that the Table 1 descriptor columns already show.
+const DESCRIBED_KEYS: [&str; 2] = ["generator.kind", "generator.order"];
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SweepAxis {
+    /// Dotted spec key, as written in cell labels.
+    pub key: &'static str,
+    /// Axis title.
+    pub name: &'static str,
+    /// File-name part of the plot.
+    pub file: &'static str,
+}
+
+/// The Table 1 descriptor of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowInfo {
+    /// Row identity: the cell label without its `sample.cfg` part (the CFG sweep becomes the
+    /// "without / with CFG" columns).
+    pub key: String,
+    /// "AR" or "MAR" ("?" when the parameters do not say).
+    pub generator: String,
+    /// "raster" or "random".
+    pub order: String,
+    /// "causal" (AR) or "bidirectional" (MAR).
+    pub attention: String,
+    /// "1" or "many (K steps)".
+    pub preds: String,
+    /// The rest of the cell label (grid keys the descriptor does not show), "" when none.
+    pub setting: String,
+}
+
+impl RowInfo {
+    /// "AR · raster · causal · 1" plus the setting, for plot labels.
+    pub fn short(&self) -> String {
+        let base = format!(
+            "{} · {} · {} · {}",
+            self.generator, self.order, self.attention, self.preds
+        );
+        if self.setting.is_empty() {
+            base
+        } else {
+            format!("{base} · {}", self.setting)
+        }
+    }
+}
+
+/// One generator run with what the report needs from its parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct RunInfo {
+    pub run_id: i64,
+    pub arm: Option<String>,
+    pub seed: i64,
+    pub status: String,
+    pub row: RowInfo,
+    /// CFG scale (1 = no guidance).
+    pub cfg: f64,
+    /// Values of [`SWEEP_AXES`], in that order; NaN when the parameters lack one.
+    pub sweep: [f64; 4],
+}
+
+impl RunInfo {
+    /// True when the run samples with classifier-free guidance (scale ≠ 1).
+    pub fn guided(&self) -> bool {
+        self.cfg != 1.0
+    }
+
+    /// Series key of a sweep plot along `SWEEP_AXES[axis]`: the cell label without any sweep
+    /// axis, plus the values of the other sweep axes (so points on one line differ only in
+    /// the swept setting).
+    pub fn sweep_group(&self, axis: usize, varying: &[bool; 4]) -> String {
+        let r = &self.row;
+        let mut parts = vec![r.generator.clone(), r.order.clone(), r.attention.clone()];
+        // Predictions per step follow from the MAR steps: not a series of its own on that axis.
+        if SWEEP_AXES[axis].key != "sample.mar_steps" {
+            parts.push(r.preds.clone());
+        }
+        parts.extend(
+            label_parts(&r.setting)
+                .filter(|p| !SWEEP_AXES.iter().any(|a| has_key(p, a.key)))
+                .map(str::to_string),
+        );
+        for (k, a) in SWEEP_AXES.iter().enumerate() {
+            if k != axis && varying[k] {
+                parts.push(format!("{}={}", a.key, fmt_num(self.sweep[k])));
+            }
+        }
+        parts.join(" · ")
+    }
+}
+
+/// The generator runs of an experiment, in the experiment's run order.
+pub(crate) fn describe(runs: &[RunRow]) -> Vec<RunInfo> {
+    runs.iter()
+        .filter(|r| r.kind == KIND_GENERATOR)
+        .map(|r| {
+            let p = &r.params;
+            let num = |path: &[&str], default: f64| {
+                get(p, path).and_then(Value::as_f64).unwrap_or(default)
+            };
+            RunInfo {
+                run_id: r.id,
+                arm: r.arm.clone(),
+                seed: r.seed,
+                status: r.status.clone(),
+                row: row_info(&r.cell, p, r.arm.as_deref()),
+                cfg: num(&["sample", "cfg"], 1.0),
+                sweep: [
+                    num(&["sample", "cfg"], 1.0),
+                    num(&["sample", "temperature"], f64::NAN),
+                    num(&["sample", "mar_steps"], f64::NAN),
+                    num(&["head", "sampling_steps"], f64::NAN),
+                ],
+            }
+        })
+        .collect()
+}
+
+fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(k))
+}
+
+fn label_parts(cell: &str) -> impl Iterator<Item = &str> {
+    cell.split(" · ").filter(|p| !p.is_empty() && *p != "base")
+}
+
+fn has_key(part: &str, key: &str) -> bool {
+    part.split_once('=').is_some_and(|(k, _)| k == key)
+}
+
+/// The Table 1 descriptor of a run from its cell label and resolved parameters.
+pub(crate) fn row_info(cell: &str, params: &Value, arm: Option<&str>) -> RowInfo {
+    let key_parts: Vec<&str> = label_parts(cell)
+        .filter(|p| !has_key(p, "sample.cfg"))
+        .collect();
+    let key = if key_parts.is_empty() {
+        "base".to_string()
+    } else {
+        key_parts.join(" · ")
+    };
+    let setting = key_parts
+        .iter()
+        .filter(|p| !DESCRIBED_KEYS.iter().any(|k| has_key(p, k)))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" · ");
+    let kind = get(params, &["generator", "kind"]).and_then(Value::as_str);
+    let (generator, attention) = match kind {
+        Some("ar") => ("AR", "causal"),
+        Some("mar") => ("MAR", "bidirectional"),
+        _ => ("?", "?"),
+    };
+    let order = match kind {
+        // MAR always generates in a random order.
+        Some("mar") => "random".to_string(),
+        _ => get(params, &["generator", "order"])
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string(),
+    };
+    let preds = match kind {
+        Some("ar") => "1".to_string(),
+        Some("mar") => {
+            let steps = get(params, &["sample", "mar_steps"]).and_then(Value::as_u64);
+            match (steps, tokens_per_image(params, arm)) {
+                (Some(s), Some(t)) if s >= t => "1".to_string(),
+                (Some(s), _) => format!("many ({s} steps)"),
+                _ => "?".to_string(),
+            }
+        }
+        _ => "?".to_string(),
+    };
+    RowInfo {
+        key,
+        generator: generator.to_string(),
+        order,
+        attention: attention.to_string(),
+        preds,
+        setting,
+    }
+}
+
+/// (image_size / patch)² of the arm's tokenizer (the diffusion arm's when the arm is unknown).
+fn tokens_per_image(params: &Value, arm: Option<&str>) -> Option<u64> {
+    let arm = arm.unwrap_or(crate::ARM_DIFFUSION);
+    let tok = get(params, &["arms", arm, "tokenizer"])?.as_str()?;
+    let patch = get(params, &["tokenizers", tok, "patch"])?.as_u64()?;
+    let size = get(params, &["data", "image_size"])?.as_u64()?;
+    (patch > 0).then(|| (size / patch).pow(2))
+}
+
+/// A number as a spec would write it: "2", "1.5".
+pub(crate) fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "?".to_string()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(kind: &str, order: &str, mar_steps: u64) -> Value {
+        json!({
+            "generator": { "kind": kind, "order": order },
+            "sample": { "cfg": 1.0, "mar_steps": mar_steps, "temperature": 1.0 },
+            "data": { "image_size": 16 },
+            "arms": { "diffusion": { "tokenizer": "kl" }, "cross-entropy": { "tokenizer": "vq" } },
+            "tokenizers": { "kl": { "patch": 4 }, "vq": { "patch": 4 } },
+        })
+    }
+
+    #[test]
+    fn table1_descriptors_follow_the_paper() {
+        let r = row_info(
+            "generator.kind=ar · sample.cfg=3.0",
+            &params("ar", "raster", 4),
+            None,
+        );
+        assert_eq!(
+            (r.generator.as_str(), r.order.as_str(), r.attention.as_str()),
+            ("AR", "raster", "causal")
+        );
+        assert_eq!(
+            (r.preds.as_str(), r.key.as_str()),
+            ("1", "generator.kind=ar")
+        );
+        assert_eq!(r.setting, "");
+        // 16 tokens, 16 steps: one prediction per step; 4 steps: many.
+        let r = row_info("base", &params("mar", "raster", 16), Some("diffusion"));
+        assert_eq!(
+            (r.order.as_str(), r.attention.as_str(), r.preds.as_str()),
+            ("random", "bidirectional", "1")
+        );
+        assert_eq!(r.key, "base");
+        let r = row_info(
+            "generator.kind=mar · train.steps=20",
+            &params("mar", "raster", 4),
+            Some("cross-entropy"),
+        );
+        assert_eq!(r.preds, "many (4 steps)");
+        assert_eq!(r.setting, "train.steps=20");
+        let r = row_info("x", &json!({}), None);
+        assert_eq!((r.generator.as_str(), r.preds.as_str()), ("?", "?"));
+    }
+
+    #[test]
+    fn numbers_print_like_spec_values() {
+        assert_eq!(fmt_num(2.0), "2");
+        assert_eq!(fmt_num(1.5), "1.5");
+        assert_eq!(fmt_num(f64::NAN), "?");
+    }
+}
