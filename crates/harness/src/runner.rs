@@ -309,18 +309,19 @@ impl Runner {
         device: &Device,
     ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
         let tspec = run.tokenizer().clone();
+        let seed = tspec.seed.unwrap_or(run.seed);
         let identity = serde_json::json!({
             "results_version": spec::RESULTS_VERSION,
             "data": ds.fingerprint,
             "tokenizer": tspec,
-            "seed": run.seed,
+            "seed": seed,
         });
         let hash = spec::content_hash(&identity);
         // recorded (or linked to this experiment) whether or not it is fitted now
-        let name = format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed);
+        let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
         let id = self.db.create_run(
             exp,
-            &self.stage_run(&hash, "tokenizer", &name, run.seed, &identity),
+            &self.stage_run(&hash, "tokenizer", &name, seed, &identity),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
             return Ok(t.clone());
@@ -332,7 +333,7 @@ impl Runner {
             let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
-            self.fit_tokenizer(id, run, ds, fnet, &path, device)?
+            self.fit_tokenizer(id, run, seed, ds, fnet, &path, device)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
@@ -346,6 +347,7 @@ impl Runner {
         &self,
         id: i64,
         run: &PlannedRun,
+        seed: u64,
         ds: &Dataset,
         fnet: &(FeatureNet, metrics::Gaussian),
         path: &Path,
@@ -365,7 +367,7 @@ impl Runner {
             format!("fitting tokenizer {}", run.tokenizer_name()),
         );
         let mut curves = Vec::new();
-        let result = Tokenizer::fit(tspec, &ds.train, run.seed, device, &mut |step, values| {
+        let result = Tokenizer::fit(tspec, &ds.train, seed, device, &mut |step, values| {
             pb.set_position(step as u64);
             curves.extend(values.iter().map(|&(key, value)| MetricPoint {
                 key: key.into(),
@@ -393,10 +395,9 @@ impl Runner {
         let (net, reference) = fnet;
         let (feats, _) = net.extract(&recon)?;
         let rec_stats = metrics::gaussian_stats(&feats, recon.n, net.model.feature_dim)?;
-        values.push((
-            "recon/rfid",
-            metrics::frechet_distance(&rec_stats, reference)?,
-        ));
+        // (clamped: identical statistics can give −1e-7 from rounding)
+        let rfid = metrics::frechet_distance(&rec_stats, reference)?.max(0.0);
+        values.push(("recon/rfid", rfid));
         let data = tok.encode(&ds.train)?;
         if let Some((used, perplexity)) = tok.usage(&data) {
             values.push(("codebook/used", used as f64));
@@ -421,11 +422,6 @@ impl Runner {
             record_artifact(&self.db, id, "tokenizer", path)?;
         }
         self.db.finish_run(id)?;
-        let rfid = values
-            .iter()
-            .find(|(k, _)| *k == "recon/rfid")
-            .map(|v| v.1)
-            .unwrap_or(f64::NAN);
         self.say(format!(
             "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5}, rFID {rfid:.2})",
             run.tokenizer_name(),

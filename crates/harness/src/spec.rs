@@ -184,6 +184,10 @@ pub struct TokenizerSpec {
     /// kl: fixed latent scale (the paper's KL-16 uses 0.2325); default 1/std of the training latents
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
+    /// seed of the tokenizer's fit; unset = each run's seed (a tokenizer per generator seed), set =
+    /// one tokenizer shared by every seed, like the paper's single pretrained tokenizer
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// autoencoder training steps, batch size and Adam learning rate
     #[serde(default = "d_ae_steps")]
     pub steps: usize,
