@@ -1,5 +1,7 @@
-//! Evaluation: the feature net (a small classifier trained on the data set's training split, since
-//! synthetic data has no standard one), feature extraction, and FID / IS in float64.
+//! Evaluation: the feature nets (the Inception-v3 FID network, or a small classifier trained on
+//! the data set's training split for data without a standard one), feature extraction, and the
+//! metrics (FID, IS, KID, precision / recall) in float64.
+pub mod inception;
 pub mod metrics;
 
 use std::path::Path;
@@ -22,6 +24,10 @@ pub enum EvalError {
     Metric(#[from] metrics::MetricError),
     #[error("feature net weights {path}: {message}")]
     Weights { path: String, message: String },
+    #[error("reference statistics {path}: {message}")]
+    Stats { path: String, message: String },
+    #[error("{0}")]
+    Input(String),
 }
 
 /// The classifier used as feature net: 2-D features for FID, logits for IS.
