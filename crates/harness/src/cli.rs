@@ -1,4 +1,4 @@
-//! The command line: `ablate run | plan | report | list | show`.
+//! The command line: `ablate run | plan | report | list | show | compare | fid | bench`.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -62,6 +62,31 @@ pub enum Command {
     Show { run: i64 },
     /// The parameters that differ between two runs, and their metric differences (B − A)
     Compare { run_a: i64, run_b: i64 },
+    /// FID between two image folders or .npz statistics (mu, sigma; pytorch-fid's format)
+    Fid {
+        /// A B (each an image folder of PNGs or an .npz), or FOLDER OUT.npz with --save-stats
+        #[arg(value_name = "PATH", num_args = 2)]
+        paths: Vec<PathBuf>,
+        /// Write the statistics of FOLDER to OUT.npz instead of computing FID
+        #[arg(long)]
+        save_stats: bool,
+        /// Also print the Inception Score (10 splits) of each folder
+        #[arg(long = "is")]
+        inception_score: bool,
+        /// Inception-v3 weights: pt_inception-2015-12-05-6726825d.pth or a safetensors copy
+        /// (default: ROOT/weights/pt_inception-2015-12-05-6726825d.pth)
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Resize and normalisation: torch-fidelity (the paper's numbers) or pytorch-fid
+        #[arg(long, default_value = "torch-fidelity")]
+        convention: String,
+        /// inception (default), or classifier:RUN for the harness's classifier of a run (id or hash)
+        #[arg(long)]
+        feature_net: Option<String>,
+        /// Images per forward pass
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
     /// Measure training and sampling throughput of named workloads (one JSON object per line)
     Bench {
         /// cpu or cuda:N
@@ -112,7 +137,9 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = if e.downcast_ref::<spec::SpecError>().is_some() {
+            let code = if e.downcast_ref::<spec::SpecError>().is_some()
+                || e.downcast_ref::<crate::fid::UsageError>().is_some()
+            {
                 2
             } else {
                 1
@@ -269,6 +296,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     }
                 }
             }
+            Ok(0)
+        }
+        Command::Fid {
+            paths,
+            save_stats,
+            inception_score,
+            weights,
+            convention,
+            feature_net,
+            batch,
+        } => {
+            let o = crate::fid::FidOptions {
+                paths,
+                save_stats,
+                is: inception_score,
+                weights,
+                convention,
+                feature_net,
+                batch,
+            };
+            crate::fid::run(&layout, &o)?;
             Ok(0)
         }
         Command::Bench {

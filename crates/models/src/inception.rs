@@ -506,9 +506,12 @@ pub fn expected_tensors() -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// (name, shape) of each tensor requested, in order.
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>;
+
 #[derive(Default)]
 struct ShapeRecorder {
-    names: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>,
+    names: Requests,
 }
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {

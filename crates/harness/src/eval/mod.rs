@@ -1,6 +1,7 @@
 //! Evaluation: the feature nets (the Inception-v3 FID network, or a small classifier trained on
 //! the data set's training split for data without a standard one), feature extraction, and the
 //! metrics (FID, IS, KID, precision / recall) in float64.
+pub mod extractor;
 pub mod inception;
 pub mod metrics;
 
