@@ -39,6 +39,33 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         );
         assert_eq!(fid.sample_count, 20);
         assert!(fid.feature_net.starts_with("classifier:"));
+        // every row says which reference statistics and input convention it used
+        let settings: serde_json::Value =
+            serde_json::from_str(&fid.settings).expect("settings JSON");
+        assert_eq!(settings["convention"], "unit", "{settings}");
+        assert_eq!(settings["reference_count"], 60, "{settings}");
+        assert!(
+            settings["reference_stats"]
+                .as_str()
+                .is_some_and(|s| s.contains("-test-classifier-")),
+            "{settings}"
+        );
+        for metric in ["kid", "kid_std", "precision", "recall"] {
+            let row = evals
+                .iter()
+                .find(|e| e.metric == metric)
+                .unwrap_or_else(|| panic!("{metric} row"));
+            assert!(row.value.is_finite(), "{metric} {}", row.value);
+            assert_eq!(row.sample_count, 20);
+        }
+        for metric in ["precision", "recall"] {
+            let v = evals
+                .iter()
+                .find(|e| e.metric == metric)
+                .expect("row")
+                .value;
+            assert!((0.0..=1.0).contains(&v), "{metric} {v}");
+        }
         let losses = db.metrics(r.id, Some("train/loss")).expect("metrics");
         assert_eq!(
             losses.iter().map(|m| m.step).collect::<Vec<_>>(),

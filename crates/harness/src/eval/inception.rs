@@ -303,6 +303,49 @@ pub fn write_stats(path: &Path, g: &Gaussian) -> Result<(), EvalError> {
     std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
 }
 
+/// Write reference statistics with the features they came from (the extra `features` array is
+/// ignored by pytorch-fid; KID and precision / recall need it).
+pub fn write_reference(path: &Path, g: &Gaussian, features: &[f32]) -> Result<(), EvalError> {
+    let err = |m: String| EvalError::Stats {
+        path: path.display().to_string(),
+        message: m,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let n = features.len() / g.dim.max(1);
+    let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
+    let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
+    let feats = Tensor::from_slice(features, (n, g.dim), &Device::Cpu)?;
+    let tmp = path.with_extension("npz.tmp");
+    Tensor::write_npz(
+        &[("mu", &mu), ("sigma", &sigma), ("features", &feats)],
+        &tmp,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+/// Read what [`write_reference`] wrote: the statistics (with their sample count) and features.
+pub fn read_reference(path: &Path) -> Result<(Gaussian, Vec<f32>), EvalError> {
+    let mut g = read_stats(path)?;
+    let err = |m: String| EvalError::Stats {
+        path: path.display().to_string(),
+        message: m,
+    };
+    let npz = candle_core::npy::NpzTensors::new(path).map_err(|e| err(e.to_string()))?;
+    let feats = npz
+        .get("features")
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no array 'features'".into()))?;
+    let (n, d) = feats.dims2()?;
+    if d != g.dim {
+        return Err(err(format!("features are {d}-d, statistics {}-d", g.dim)));
+    }
+    g.n = n;
+    Ok((g, feats.flatten_all()?.to_vec1::<f32>()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
