@@ -333,9 +333,26 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         w.name, w.kind, w.side, w.side, w.width, w.depth, w.decoder_depth, w.batch
                     );
                 }
+                for (name, what) in crate::bench::EVAL_WORKLOADS {
+                    println!("{name:<12} {what}");
+                }
                 return Ok(0);
             }
             let dev = crate::runner::parse_device(&device)?;
+            if steps == 0 {
+                anyhow::bail!("--steps must be at least 1");
+            }
+            // evaluation workloads run only when named
+            let (eval, workloads): (Vec<String>, Vec<String>) = workloads
+                .into_iter()
+                .partition(|w| crate::bench::EVAL_WORKLOADS.iter().any(|(n, _)| n == w));
+            for name in &eval {
+                let line = crate::bench::run_eval(name, &dev, &device, steps)?;
+                println!("{line}");
+            }
+            if !eval.is_empty() && workloads.is_empty() {
+                return Ok(0);
+            }
             let chosen: Vec<_> = if workloads.is_empty() {
                 all.into_iter().filter(|w| w.name != "mar-base").collect()
             } else {

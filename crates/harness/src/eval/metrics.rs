@@ -1,6 +1,7 @@
 //! Metric math in float64: Gaussian feature statistics, Fréchet distance (FID), FID∞, Inception
 //! Score, Kernel Inception Distance and k-NN precision / recall.
 
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Side};
 use rayon::prelude::*;
@@ -132,11 +133,15 @@ pub fn gaussian_stats(features: &[f32], n: usize, dim: usize) -> Result<Gaussian
     for rows in features.chunks(block) {
         let count = rows.len() / dim;
         let centred = Mat::<f64>::from_fn(dim, count, |j, i| rows[i * dim + j] as f64 - mu[j]);
-        matmul(
+        // the scatter is symmetric: only its lower triangle is computed (half the flops)
+        triangular::matmul(
             scatter.as_mut(),
+            BlockStructure::TriangularLower,
             Accum::Add,
             centred.as_ref(),
+            BlockStructure::Rectangular,
             centred.transpose(),
+            BlockStructure::Rectangular,
             1.0,
             par,
         );
@@ -145,7 +150,7 @@ pub fn gaussian_stats(features: &[f32], n: usize, dim: usize) -> Result<Gaussian
     let mut sigma = vec![0f64; dim * dim];
     for i in 0..dim {
         for j in 0..dim {
-            sigma[i * dim + j] = 0.5 * (scatter[(i, j)] + scatter[(j, i)]) * scale;
+            sigma[i * dim + j] = scatter[(i.max(j), i.min(j))] * scale;
         }
     }
     Ok(Gaussian { mu, sigma, dim, n })
