@@ -606,7 +606,12 @@ impl Runner {
         }
         let name = format!("classifier:{}", ds.name);
         let net_id = format!("classifier-{hash}");
-        let f = std::rc::Rc::new(self.with_reference(Net::Classifier(net), name, &net_id, ds)?);
+        let f = std::rc::Rc::new(self.with_reference(
+            Net::Classifier(Box::new(net)),
+            name,
+            &net_id,
+            ds,
+        )?);
         self.feature_nets.insert(hash, f.clone());
         Ok(f)
     }

@@ -1,8 +1,8 @@
 //! Metric math in float64: Gaussian feature statistics, Fréchet distance (FID), FID∞, Inception
 //! Score, Kernel Inception Distance and k-NN precision / recall.
 
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, Side};
 use rayon::prelude::*;
 
@@ -891,5 +891,60 @@ mod tests {
             inception_score(&bad, 5, 4, 2),
             Err(MetricError::NonFinite { .. })
         ));
+    }
+
+    #[test]
+    fn kid_whole_sets_and_subsets() {
+        let d = 6;
+        let a = random_features(400, d, 20);
+        let b = random_features(300, d, 20); // same distribution (same mixing seed)
+        let mut shifted = random_features(300, d, 20);
+        shifted.iter_mut().for_each(|v| *v += 1.5);
+        let (same, s0) = kernel_inception_distance(&a, 400, &b, 300, d, 1, 1000, 0).expect("kid");
+        assert_eq!(s0, 0.0);
+        let (far, _) =
+            kernel_inception_distance(&a, 400, &shifted, 300, d, 1, 1000, 0).expect("kid");
+        assert!(far > 10.0 * same.abs(), "{far} vs {same}");
+        let (m, sd) =
+            kernel_inception_distance(&a, 400, &shifted, 300, d, 20, 100, 7).expect("kid");
+        assert!(
+            m > 0.0 && sd > 0.0 && (m - far).abs() < 0.5 * far,
+            "{m} ± {sd} vs {far}"
+        );
+        assert!(matches!(
+            kernel_inception_distance(&a, 400, &b, 300, d, 0, 100, 0),
+            Err(MetricError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn precision_recall_of_identical_and_disjoint_sets() {
+        let d = 4;
+        let a = random_features(200, d, 30);
+        assert_eq!(
+            precision_recall(&a, 200, &a, 200, d, 3).expect("prc"),
+            (1.0, 1.0)
+        );
+        let far: Vec<f32> = a.iter().map(|v| v + 1e3).collect();
+        assert_eq!(
+            precision_recall(&a, 200, &far, 200, d, 3).expect("prc"),
+            (0.0, 0.0)
+        );
+        assert!(matches!(
+            precision_recall(&a[..3 * d], 3, &a, 200, d, 3),
+            Err(MetricError::TooFewSamples { .. })
+        ));
+    }
+
+    #[test]
+    fn fid_infinity_removes_the_small_sample_bias() {
+        let d = 8;
+        let reference = gaussian_stats(&random_features(20_000, d, 40), 20_000, d).expect("stats");
+        let x = random_features(2000, d, 40);
+        let (fid_inf, points) = fid_infinity(&x, 2000, d, &reference, 100, 5, 1).expect("fid∞");
+        assert_eq!(points.len(), 5);
+        assert_eq!(points[0].0, 100);
+        assert_eq!(points[4].0, 2000);
+        assert!(fid_inf < points[0].1, "{fid_inf} vs {:?}", points);
     }
 }

@@ -169,7 +169,7 @@ impl FeatureNet {
 /// The feature net an evaluation uses.
 pub enum Net {
     /// the harness's classifier, on the [0, 1] float images directly
-    Classifier(FeatureNet),
+    Classifier(Box<FeatureNet>),
     /// the Inception-v3 FID network, on the images quantised to 8 bits as PNGs would be
     Inception {
         net: Box<InceptionV3>,
