@@ -503,7 +503,11 @@ fn fid_errors_are_clear() {
         ],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no .png images"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no .png or .jpg images"),
+        "{}",
+        stderr(&out)
+    );
 
     // an .npz without mu / sigma
     let bad = root.join("bad.npz");

@@ -168,7 +168,7 @@ pub fn extract(
     })
 }
 
-/// Every PNG of a folder (sorted by name), decoded in parallel to 8-bit RGB; all images must
+/// Every PNG or JPEG of a folder (sorted by name), decoded in parallel to 8-bit RGB; all images must
 /// have one size.
 pub fn read_folder(dir: &Path) -> Result<ImagesU8, EvalError> {
     let io = |e: std::io::Error| EvalError::Input(format!("{}: {e}", dir.display()));
@@ -184,14 +184,18 @@ pub fn read_folder(dir: &Path) -> Result<ImagesU8, EvalError> {
         .filter(|p| {
             p.extension()
                 .and_then(|e| e.to_str())
-                .map(|e| e.eq_ignore_ascii_case("png"))
+                .map(|e| {
+                    ["png", "jpg", "jpeg"]
+                        .iter()
+                        .any(|x| e.eq_ignore_ascii_case(x))
+                })
                 .unwrap_or(false)
         })
         .collect();
     files.sort();
     if files.is_empty() {
         return Err(EvalError::Input(format!(
-            "{}: no .png images in this folder",
+            "{}: no .png or .jpg images in this folder",
             dir.display()
         )));
     }
