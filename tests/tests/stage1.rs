@@ -136,6 +136,29 @@ fn mnist_autoencoder_tokenizers_trained_once_for_three_cells() {
             .expect("fid row");
         assert!(fid.value.is_finite());
     }
+
+    // the report's tokenizer table: both tokenizers, their rFID, and the MAR FID with each
+    let out = ablate(dir.path(), &["report", "mnist-tiny", "--format", "md"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = std::fs::read_to_string(dir.path().join("reports/mnist-tiny/report.md")).expect("md");
+    assert!(md.contains("## Tokenizers"), "{md}");
+    assert!(
+        md.contains(
+            "| tokenizer | kind | rFID | PSNR (dB) | codes used | perplexity | MAR FID | MAR IS |"
+        ),
+        "{md}"
+    );
+    for name in ["| vq | vq |", "| kl | kl |"] {
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {md}"));
+        // 3 cells of one seed each: n=3 generator runs per tokenizer
+        assert!(
+            line.contains("(n=3)") && !line.contains("missing"),
+            "{line}"
+        );
+    }
 }
 
 #[test]
