@@ -147,6 +147,7 @@ fn reference_diffloss(dir: &Path, sampling_steps: usize) -> DiffLoss {
         schedule: Schedule::Cosine,
         learn_sigma: out_ch == 2 * in_ch,
         clip_denoised: false,
+        precision: models::Precision::F32,
     };
     let weights: HashMap<String, Tensor> = load(dir, "diffloss_mlp.safetensors")
         .into_iter()
@@ -347,6 +348,7 @@ fn small_mar_matches_the_reference() {
             learn_sigma: true,
             clip_denoised: false,
         },
+        precision: models::Precision::F32,
     };
     let f = load(&dir, file);
     let weights: HashMap<String, Tensor> = f

@@ -8,7 +8,8 @@ use models::diffusion::Schedule;
 use models::generator::CfgSchedule;
 use models::init::{frozen_var_builder, seeded_var_builder};
 use models::{
-    Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Rng, SampleOptions, Tokens,
+    Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision, Rng, SampleOptions,
+    Tokens,
 };
 
 use crate::train::{clip_grad_norm, AdamW};
@@ -117,6 +118,7 @@ impl Workload {
                     clip_denoised: false,
                 },
             },
+            precision: Precision::F32,
         }
     }
 }
@@ -141,15 +143,36 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Parse `--precision`: f32 or bf16.
+pub fn parse_precision(s: &str) -> anyhow::Result<Precision> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "bf16" => Ok(Precision::Bf16),
+        other => anyhow::bail!("--precision: expected one of f32, bf16; found '{other}'"),
+    }
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    }
+}
+
 /// Train `steps` timed steps (after 2 warm-up steps) and sample 16 images with 16 MAR steps,
-/// 100 diffusion steps and CFG 3.0; returns the JSON line.
+/// 100 diffusion steps and CFG 3.0, with the generator's products in `precision` (weights and
+/// optimizer state f32, as in training); returns the JSON line.
 pub fn run(
     w: &Workload,
     device: &Device,
     device_name: &str,
     steps: usize,
+    precision: Precision,
 ) -> anyhow::Result<serde_json::Value> {
-    let cfg = w.config();
+    let cfg = GeneratorConfig {
+        precision,
+        ..w.config()
+    };
     let varmap = VarMap::new();
     let generator = Generator::new(&cfg, seeded_var_builder(&varmap, 0, DType::F32, device))?;
     let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
@@ -195,6 +218,7 @@ pub fn run(
     Ok(serde_json::json!({
         "workload": w.name,
         "device": device_name,
+        "precision": precision_name(precision),
         "params": params,
         "train_steps_timed": steps,
         "train_step_s": train_step_s,

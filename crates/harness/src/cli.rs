@@ -118,6 +118,10 @@ pub enum Command {
         /// Timed training steps (after 2 warm-up steps); the median is reported
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Arithmetic of the generator's matrix products: f32, or bf16 with f32 master weights
+        /// (as `train.precision`)
+        #[arg(long, default_value = "f32")]
+        precision: String,
         /// List the workloads and exit
         #[arg(long)]
         list: bool,
@@ -491,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             device,
             workloads,
             steps,
+            precision,
             list,
         } => {
             let all = crate::bench::workloads();
@@ -510,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
+            let precision = crate::bench::parse_precision(&precision)?;
             // evaluation workloads run only when named
             let (eval, workloads): (Vec<String>, Vec<String>) = workloads
                 .into_iter()
@@ -540,7 +546,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 anyhow::bail!("--steps must be at least 1");
             }
             for w in &chosen {
-                let line = crate::bench::run(w, &dev, &device, steps)?;
+                let line = crate::bench::run(w, &dev, &device, steps, precision)?;
                 println!("{line}");
             }
             Ok(0)

@@ -861,6 +861,7 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
                 clip_denoised: h.clip_denoised && tok.kind == TokenizerKind::Patch,
             },
         },
+        precision: run.spec.train.precision.to_model(),
     }
 }
 

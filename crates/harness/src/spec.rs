@@ -404,6 +404,33 @@ pub struct TrainSpec {
     /// EMA decay of the weights used for evaluation; 0 evaluates the raw weights
     #[serde(default = "d_ema")]
     pub ema: f64,
+    /// arithmetic of the generator's matrix products, in training and sampling (weights,
+    /// optimizer state and losses stay f32); left out of the identity at its default so the
+    /// hashes of existing runs stay the same
+    #[serde(default, skip_serializing_if = "PrecisionSpec::is_default")]
+    pub precision: PrecisionSpec,
+}
+
+/// `train.precision`: f32 everywhere, or bf16 matrix products with f32 master weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrecisionSpec {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl PrecisionSpec {
+    pub fn is_default(&self) -> bool {
+        *self == PrecisionSpec::default()
+    }
+
+    pub fn to_model(self) -> models::Precision {
+        match self {
+            PrecisionSpec::F32 => models::Precision::F32,
+            PrecisionSpec::Bf16 => models::Precision::Bf16,
+        }
+    }
 }
 fn d_ema() -> f64 {
     0.999

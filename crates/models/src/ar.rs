@@ -90,7 +90,15 @@ impl Ar {
                 }
             },
             blocks: (0..cfg.depth)
-                .map(|i| Block::new(w, cfg.heads, cfg.mlp_ratio, vb.pp(format!("blocks.{i}"))))
+                .map(|i| {
+                    Block::new(
+                        w,
+                        cfg.heads,
+                        cfg.mlp_ratio,
+                        cfg.precision,
+                        vb.pp(format!("blocks.{i}")),
+                    )
+                })
                 .collect::<candle_core::Result<_>>()?,
             norm: LayerNorm::new(w, 1e-6, true, vb.pp("norm"))?,
             head: cfg.build_head(vb)?,
@@ -265,6 +273,7 @@ mod tests {
                 buffer_size: 1,
                 label_drop: 0.0,
                 head: HeadConfig::CrossEntropy { vocab: 7 },
+                precision: Default::default(),
             };
             let vm = candle_nn::VarMap::new();
             let ar = Ar::new(

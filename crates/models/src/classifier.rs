@@ -1,9 +1,9 @@
 //! The small CNN the harness trains on a data set without a standard feature net; its penultimate
 //! activations are the features for FID and its logits give the Inception Score.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
-use crate::nn::linear_xavier;
+use crate::nn::{linear_xavier, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Classifier {

@@ -2,10 +2,10 @@
 //! per-token output z and the timestep, trained with the diffusion objective and sampled by the
 //! reverse process. Parameter names follow the reference `SimpleMLPAdaLN`.
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::diffusion::{sample_timesteps, GaussianDiffusion, Schedule};
-use crate::nn::{linear_normal, linear_xavier, linear_zero, LayerNorm};
+use crate::nn::{linear_normal, linear_xavier, linear_zero, LayerNorm, Linear, Precision};
 use crate::rng::Rng;
 
 /// x · (1 + scale) + shift (DiT's `modulate`).
@@ -13,7 +13,8 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
-/// Sinusoidal timestep embedding followed by a 2-layer MLP (DiT's `TimestepEmbedder`).
+/// Sinusoidal timestep embedding followed by a 2-layer MLP (DiT's `TimestepEmbedder`). Always f32:
+/// neighbouring timesteps differ in the low-frequency components by less than bf16 resolves.
 #[derive(Debug, Clone)]
 struct TimestepEmbedder {
     fc1: Linear,
@@ -85,12 +86,12 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(ch: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ch: usize, precision: Precision, vb: VarBuilder) -> Result<Self> {
         Ok(ResBlock {
             in_ln: LayerNorm::new(ch, 1e-6, true, vb.pp("in_ln"))?,
-            fc1: linear_xavier(ch, ch, vb.pp("mlp.0"))?,
-            fc2: linear_xavier(ch, ch, vb.pp("mlp.2"))?,
-            ada: linear_zero(ch, 3 * ch, vb.pp("adaLN_modulation.1"))?,
+            fc1: linear_xavier(ch, ch, vb.pp("mlp.0"))?.with_precision(precision),
+            fc2: linear_xavier(ch, ch, vb.pp("mlp.2"))?.with_precision(precision),
+            ada: linear_zero(ch, 3 * ch, vb.pp("adaLN_modulation.1"))?.with_precision(precision),
         })
     }
 
@@ -107,7 +108,8 @@ impl ResBlock {
     }
 }
 
-/// The reference `SimpleMLPAdaLN`.
+/// The reference `SimpleMLPAdaLN`. Its linear layers compute in the given precision (the
+/// timestep embedder excepted); LayerNorm, SiLU and the adaLN modulation arithmetic are f32.
 #[derive(Debug, Clone)]
 pub struct SimpleMlpAdaLn {
     time_embed: TimestepEmbedder,
@@ -127,15 +129,18 @@ impl SimpleMlpAdaLn {
         out_channels: usize,
         z_channels: usize,
         num_res_blocks: usize,
+        precision: Precision,
         vb: VarBuilder,
     ) -> Result<Self> {
         let res_blocks = (0..num_res_blocks)
-            .map(|i| ResBlock::new(model_channels, vb.pp(format!("res_blocks.{i}"))))
+            .map(|i| ResBlock::new(model_channels, precision, vb.pp(format!("res_blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(SimpleMlpAdaLn {
             time_embed: TimestepEmbedder::new(model_channels, vb.pp("time_embed"))?,
-            cond_embed: linear_xavier(z_channels, model_channels, vb.pp("cond_embed"))?,
-            input_proj: linear_xavier(in_channels, model_channels, vb.pp("input_proj"))?,
+            cond_embed: linear_xavier(z_channels, model_channels, vb.pp("cond_embed"))?
+                .with_precision(precision),
+            input_proj: linear_xavier(in_channels, model_channels, vb.pp("input_proj"))?
+                .with_precision(precision),
             res_blocks,
             norm_final: LayerNorm::new(
                 model_channels,
@@ -143,12 +148,14 @@ impl SimpleMlpAdaLn {
                 false,
                 vb.pp("final_layer.norm_final"),
             )?,
-            final_linear: linear_zero(model_channels, out_channels, vb.pp("final_layer.linear"))?,
+            final_linear: linear_zero(model_channels, out_channels, vb.pp("final_layer.linear"))?
+                .with_precision(precision),
             final_ada: linear_zero(
                 model_channels,
                 2 * model_channels,
                 vb.pp("final_layer.adaLN_modulation.1"),
-            )?,
+            )?
+            .with_precision(precision),
             in_channels,
         })
     }
@@ -211,6 +218,8 @@ pub struct DiffLossConfig {
     pub learn_sigma: bool,
     /// clip predicted tokens to [-1, 1] while sampling (for pixel tokens; MAR: false)
     pub clip_denoised: bool,
+    /// arithmetic of the MLP's matrix products (the diffusion math is f32 in every precision)
+    pub precision: Precision,
 }
 
 /// The Diffusion Loss head: the denoiser plus its training and sampling processes.
@@ -243,6 +252,7 @@ impl DiffLoss {
                 out,
                 cfg.z_dim,
                 cfg.depth,
+                cfg.precision,
                 vb.pp("net"),
             )?,
             train_diffusion: GaussianDiffusion::training(

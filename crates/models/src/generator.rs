@@ -7,6 +7,7 @@ use crate::diffloss::DiffLossConfig;
 use crate::diffusion::Schedule;
 use crate::head::Head;
 use crate::mar::Mar;
+use crate::nn::Precision;
 use crate::rng::Rng;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::{Error, Result};
@@ -66,6 +67,8 @@ pub struct GeneratorConfig {
     /// probability of replacing the class with the "fake" class in training (CFG)
     pub label_drop: f64,
     pub head: HeadConfig,
+    /// arithmetic of the linear layers and attention products (weights stay f32)
+    pub precision: Precision,
 }
 
 impl GeneratorConfig {
@@ -113,14 +116,16 @@ impl GeneratorConfig {
                 TokenEmbed::discrete(vocab, width, vb.pp("tok_embed"))
             }
             HeadConfig::Diffusion { .. } => {
-                TokenEmbed::continuous(self.token_dim, width, vb.pp("z_proj"))
+                TokenEmbed::continuous(self.token_dim, width, self.precision, vb.pp("z_proj"))
             }
         }
     }
 
     pub(crate) fn build_head(&self, vb: VarBuilder) -> Result<Head> {
         match &self.head {
-            HeadConfig::CrossEntropy { vocab } => Head::cross_entropy(self.z_dim(), *vocab, vb),
+            HeadConfig::CrossEntropy { vocab } => {
+                Head::cross_entropy(self.z_dim(), *vocab, self.precision, vb)
+            }
             HeadConfig::Diffusion {
                 width,
                 depth,
@@ -141,6 +146,7 @@ impl GeneratorConfig {
                     schedule: *schedule,
                     learn_sigma: *learn_sigma,
                     clip_denoised: *clip_denoised,
+                    precision: self.precision,
                 },
                 *batch_mul,
                 vb,
@@ -317,6 +323,7 @@ mod tests {
             } else {
                 HeadConfig::CrossEntropy { vocab: 5 }
             },
+            precision: Precision::F32,
         }
     }
 
@@ -336,46 +343,98 @@ mod tests {
         }
     }
 
-    /// Every trainable variable must receive a non-zero gradient (catches ops without backward).
+    /// Give every variable random values: zero-initialised layers block gradients upstream at init.
+    fn randomise(vm: &VarMap, rng: &mut Rng, dev: &Device) -> Result<()> {
+        for v in vm.all_vars() {
+            let r = rng.normal_tensor(v.dims(), dev)?;
+            v.set(&(r * 0.2)?)?;
+        }
+        Ok(())
+    }
+
+    /// Every trainable variable must receive a non-zero gradient (catches ops without backward),
+    /// in f32 and in bf16 (where the f32 weights are reached through casts).
     #[test]
     fn every_variable_gets_a_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for precision in [Precision::F32, Precision::Bf16] {
+            for (kind, order) in VARIANTS {
+                for diffusion in [false, true] {
+                    let cfg = GeneratorConfig {
+                        precision,
+                        ..config(kind, order, diffusion)
+                    };
+                    let vm = VarMap::new();
+                    let g = Generator::new(
+                        &cfg,
+                        crate::init::seeded_var_builder(&vm, 11, DType::F32, &dev),
+                    )?;
+                    let mut rng = Rng::new(3);
+                    randomise(&vm, &mut rng, &dev)?;
+                    let tokens = batch(&cfg, &mut rng, &dev);
+                    // several draws, so that MAR's random mask ratio leaves some tokens visible
+                    let mut loss = g.loss(&tokens, &[0, 1, 2, 1], &mut rng)?;
+                    for _ in 0..4 {
+                        loss = (loss + g.loss(&tokens, &[0, 1, 2, 1], &mut rng)?)?;
+                    }
+                    assert_eq!(loss.dtype(), DType::F32, "losses are f32");
+                    assert!(loss.to_scalar::<f32>()?.is_finite());
+                    let grads = loss.backward()?;
+                    let data = vm.data().lock().expect("varmap lock");
+                    for (name, v) in data.iter() {
+                        if name == "fake_latent" {
+                            continue; // only reached when a label is dropped
+                        }
+                        let what = format!("{precision:?} {kind:?} diffusion={diffusion}");
+                        let g = grads
+                            .get(v.as_tensor())
+                            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+                        assert_eq!(g.dtype(), DType::F32, "{what}: gradient of {name}");
+                        let s = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+                        assert!(s > 0.0, "{what}: zero gradient for {name}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// bf16 products change the loss on a fixed batch (same weights, masks, noise) only by
+    /// rounding.
+    #[test]
+    fn bf16_loss_is_close_to_the_f32_loss() -> Result<()> {
         let dev = Device::Cpu;
         for (kind, order) in VARIANTS {
             for diffusion in [false, true] {
                 let cfg = config(kind, order, diffusion);
                 let vm = VarMap::new();
-                let g = Generator::new(
-                    &cfg,
-                    crate::init::seeded_var_builder(&vm, 11, DType::F32, &dev),
-                )?;
-                // zero-initialised layers block gradients upstream at init: randomise everything
+                let vb = crate::init::seeded_var_builder(&vm, 11, DType::F32, &dev);
+                let f32_model = Generator::new(&cfg, vb.clone())?;
+                let bf16_cfg = GeneratorConfig {
+                    precision: Precision::Bf16,
+                    ..cfg.clone()
+                };
+                // the same variables: a builder over an existing VarMap hands them out again
+                let bf16_model = Generator::new(&bf16_cfg, vb)?;
                 let mut rng = Rng::new(3);
-                for v in vm.all_vars() {
-                    let r = rng.normal_tensor(v.dims(), &dev)?;
-                    v.set(&(r * 0.2)?)?;
-                }
+                randomise(&vm, &mut rng, &dev)?;
                 let tokens = batch(&cfg, &mut rng, &dev);
-                // several draws, so that MAR's random mask ratio leaves some tokens visible
-                let mut loss = g.loss(&tokens, &[0, 1, 2, 1], &mut rng)?;
-                for _ in 0..4 {
-                    loss = (loss + g.loss(&tokens, &[0, 1, 2, 1], &mut rng)?)?;
+                let labels = [0, 1, 2, 1];
+                let (mut a, mut b) = (0f32, 0f32);
+                for draw in 0..4 {
+                    a += f32_model
+                        .loss(&tokens, &labels, &mut Rng::new(100 + draw))?
+                        .to_scalar::<f32>()?;
+                    b += bf16_model
+                        .loss(&tokens, &labels, &mut Rng::new(100 + draw))?
+                        .to_scalar::<f32>()?;
                 }
-                assert!(loss.to_scalar::<f32>()?.is_finite());
-                let grads = loss.backward()?;
-                let data = vm.data().lock().expect("varmap lock");
-                for (name, v) in data.iter() {
-                    if name == "fake_latent" {
-                        continue; // only reached when a label is dropped
-                    }
-                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| {
-                        panic!("{kind:?} diffusion={diffusion}: no gradient for {name}")
-                    });
-                    let s = g.abs()?.sum_all()?.to_scalar::<f32>()?;
-                    assert!(
-                        s > 0.0,
-                        "{kind:?} diffusion={diffusion}: zero gradient for {name}"
-                    );
-                }
+                let rel = ((a - b) / a).abs();
+                assert!(
+                    rel < 2e-2,
+                    "{kind:?} diffusion={diffusion}: f32 {a} vs bf16 {b} (relative {rel})"
+                );
+                assert_ne!(a, b, "{kind:?} diffusion={diffusion}: bf16 was not used");
             }
         }
         Ok(())
@@ -384,9 +443,17 @@ mod tests {
     #[test]
     fn training_reduces_loss_and_sampling_has_the_right_shape() -> Result<()> {
         let dev = Device::Cpu;
-        for (kind, order) in VARIANTS {
+        let cases = VARIANTS.into_iter().flat_map(|v| {
+            [Precision::F32, Precision::Bf16]
+                .into_iter()
+                .map(move |p| (v, p))
+        });
+        for ((kind, order), precision) in cases {
             for diffusion in [false, true] {
-                let cfg = config(kind, order, diffusion);
+                let cfg = GeneratorConfig {
+                    precision,
+                    ..config(kind, order, diffusion)
+                };
                 let vm = VarMap::new();
                 let g = Generator::new(
                     &cfg,
@@ -417,7 +484,7 @@ mod tests {
                 let after = mean_loss(&g, &mut Rng::new(9))?;
                 assert!(
                     after < before,
-                    "{kind:?} diffusion={diffusion}: {before} -> {after}"
+                    "{precision:?} {kind:?} diffusion={diffusion}: {before} -> {after}"
                 );
                 for cfg_scale in [1.0, 2.0] {
                     let opts = SampleOptions {

@@ -2,10 +2,10 @@
 //! and Diffusion Loss on continuous tokens. Both map the transformer's per-token output z to a
 //! loss (training) or a token (sampling).
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::diffloss::{masked_mean, DiffLoss, DiffLossConfig};
-use crate::nn::linear_xavier;
+use crate::nn::{linear_xavier, Linear, Precision};
 use crate::rng::Rng;
 use crate::tokens::Tokens;
 use crate::Result;
@@ -22,12 +22,16 @@ pub enum Head {
 }
 
 impl Head {
-    pub fn cross_entropy(z_dim: usize, vocab: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Head::CrossEntropy(linear_xavier(
-            z_dim,
-            vocab,
-            vb.pp("head"),
-        )?))
+    /// Logits from a linear layer in `precision`; log-softmax and the loss are f32.
+    pub fn cross_entropy(
+        z_dim: usize,
+        vocab: usize,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Head::CrossEntropy(
+            linear_xavier(z_dim, vocab, vb.pp("head"))?.with_precision(precision),
+        ))
     }
 
     pub fn diffusion(cfg: &DiffLossConfig, batch_mul: usize, vb: VarBuilder) -> Result<Self> {

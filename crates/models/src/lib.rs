@@ -17,6 +17,7 @@ pub mod rng;
 pub mod tokens;
 
 pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, SampleOptions};
+pub use nn::Precision;
 pub use rng::Rng;
 pub use tokens::Tokens;
 

@@ -2,11 +2,11 @@
 //! bidirectional attention. An MAE-style encoder sees the class buffer and the known tokens; a
 //! decoder fills in mask tokens; its output, plus a position embedding, conditions the head.
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
 use crate::head::Head;
-use crate::nn::{linear_xavier, Block, LayerNorm};
+use crate::nn::{linear_xavier, Block, LayerNorm, Linear};
 use crate::rng::Rng;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
@@ -98,12 +98,14 @@ impl Mar {
                         w,
                         cfg.heads,
                         cfg.mlp_ratio,
+                        cfg.precision,
                         vb.pp(format!("encoder_blocks.{i}")),
                     )
                 })
                 .collect::<candle_core::Result<_>>()?,
             encoder_norm: LayerNorm::new(w, 1e-6, true, vb.pp("encoder_norm"))?,
-            decoder_embed: linear_xavier(w, wd, vb.pp("decoder_embed"))?,
+            decoder_embed: linear_xavier(w, wd, vb.pp("decoder_embed"))?
+                .with_precision(cfg.precision),
             mask_token: vb.get_with_hints((1, 1, wd), "mask_token", init)?,
             decoder_pos_embed_learned: vb.get_with_hints(
                 (1, total, wd),
@@ -116,6 +118,7 @@ impl Mar {
                         wd,
                         cfg.heads,
                         cfg.mlp_ratio,
+                        cfg.precision,
                         vb.pp(format!("decoder_blocks.{i}")),
                     )
                 })

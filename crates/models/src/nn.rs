@@ -1,7 +1,85 @@
 //! Building blocks shared by the generators: LayerNorm from basic ops (the fused candle kernels
-//! drop gradients, see CRATES.md), and the pre-norm transformer block of timm's ViT as used by MAR.
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+//! drop gradients, see CRATES.md), linear layers that can compute in bf16, and the pre-norm
+//! transformer block of timm's ViT as used by MAR.
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Arithmetic of the matrix products. The weights are f32 variables either way (master weights,
+/// optimizer state in f32); in bf16 mode a product casts its operands to bf16 and its result back
+/// to f32, and everything else (norms, softmax, biases, diffusion math, losses) stays f32.
+/// `to_dtype` is differentiable, so gradients reach the f32 weights as f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// `a · b` computed in this precision, returned as f32.
+    pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        match self {
+            Precision::F32 => a.matmul(b),
+            Precision::Bf16 => a
+                .to_dtype(DType::BF16)?
+                .matmul(&b.to_dtype(DType::BF16)?)?
+                .to_dtype(DType::F32),
+        }
+    }
+}
+
+/// A linear layer (y = x·Wᵀ + b) whose product runs in its [`Precision`]; the bias is added in f32.
+/// In f32 it is exactly candle's `Linear`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    precision: Precision,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            inner: candle_nn::Linear::new(weight, bias),
+            precision: Precision::F32,
+        }
+    }
+
+    /// The same layer computing in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.precision {
+            Precision::F32 => self.inner.forward(x),
+            Precision::Bf16 => {
+                let w = self.inner.weight().to_dtype(DType::BF16)?;
+                let y = candle_nn::Linear::new(w, None)
+                    .forward(&x.to_dtype(DType::BF16)?)?
+                    .to_dtype(DType::F32)?;
+                match self.inner.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
 
 /// Xavier-uniform linear layer with zero bias (the reference's `_init_weights`).
 pub fn linear_xavier(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -85,10 +163,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, hidden: usize, precision: Precision, vb: VarBuilder) -> Result<Self> {
         Ok(Mlp {
-            fc1: linear_xavier(dim, hidden, vb.pp("fc1"))?,
-            fc2: linear_xavier(hidden, dim, vb.pp("fc2"))?,
+            fc1: linear_xavier(dim, hidden, vb.pp("fc1"))?.with_precision(precision),
+            fc2: linear_xavier(hidden, dim, vb.pp("fc2"))?.with_precision(precision),
         })
     }
 }
@@ -105,6 +183,7 @@ pub struct Attention {
     qkv: Linear,
     proj: Linear,
     heads: usize,
+    precision: Precision,
 }
 
 /// Keys and values of the positions seen so far, for incremental (autoregressive) decoding.
@@ -114,11 +193,12 @@ pub struct KvCache {
 }
 
 impl Attention {
-    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, heads: usize, precision: Precision, vb: VarBuilder) -> Result<Self> {
         Ok(Attention {
-            qkv: linear_xavier(dim, 3 * dim, vb.pp("qkv"))?,
-            proj: linear_xavier(dim, dim, vb.pp("proj"))?,
+            qkv: linear_xavier(dim, 3 * dim, vb.pp("qkv"))?.with_precision(precision),
+            proj: linear_xavier(dim, dim, vb.pp("proj"))?.with_precision(precision),
             heads,
+            precision,
         })
     }
 
@@ -141,12 +221,17 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, l, hd) = q.dims4()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        // scores come back in f32: scale, mask and softmax are f32 in every precision
+        let mut att = (self.precision.matmul(q, &k.t()?)? * scale)?;
         if let Some(m) = mask {
             att = att.broadcast_add(m)?;
         }
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        let y = att.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        let y = self
+            .precision
+            .matmul(&att, v)?
+            .transpose(1, 2)?
+            .reshape((b, l, h * hd))?;
         self.proj.forward(&y)
     }
 
@@ -201,12 +286,23 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(dim: usize, heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Block {
             norm1: LayerNorm::new(dim, 1e-6, true, vb.pp("norm1"))?,
-            attn: Attention::new(dim, heads, vb.pp("attn"))?,
+            attn: Attention::new(dim, heads, precision, vb.pp("attn"))?,
             norm2: LayerNorm::new(dim, 1e-6, true, vb.pp("norm2"))?,
-            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio) as usize, vb.pp("mlp"))?,
+            mlp: Mlp::new(
+                dim,
+                (dim as f64 * mlp_ratio) as usize,
+                precision,
+                vb.pp("mlp"),
+            )?,
         })
     }
 
@@ -247,11 +343,34 @@ mod tests {
     }
 
     #[test]
+    fn linear_is_candles_in_f32_and_close_in_bf16() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = crate::init::seeded_var_builder(&vm, 1, DType::F32, &dev);
+        let l = linear_normal(32, 8, 0.5, vb)?;
+        let l = Linear::new(l.weight().clone(), Some(Tensor::ones(8, DType::F32, &dev)?));
+        let x = Tensor::randn(0f32, 1., (3, 5, 32), &dev)?;
+        let reference =
+            candle_nn::Linear::new(l.weight().clone(), l.bias().cloned()).forward(&x)?;
+        let exact = (l.forward(&x)? - &reference)?.abs()?.max_all()?;
+        assert_eq!(exact.to_scalar::<f32>()?, 0.0, "f32 is candle's Linear");
+        let y = l.clone().with_precision(Precision::Bf16).forward(&x)?;
+        assert_eq!(y.dtype(), DType::F32, "bf16 layers return f32");
+        let err = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            err > 0.0 && err < 2e-2 * scale,
+            "bf16 error {err} of {scale}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn cached_attention_matches_masked_attention() -> Result<()> {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        let block = Block::new(16, 4, 2.0, vb)?;
+        let block = Block::new(16, 4, 2.0, Precision::F32, vb)?;
         let x = Tensor::randn(0f32, 1., (2, 5, 16), &dev)?;
         let full = block.forward(&x, Some(&causal_mask(5, 5, &dev)?))?;
         let mut cache = KvCache::default();

@@ -1,9 +1,9 @@
 //! Token sequences as the generators see them: discrete codebook indices (the cross-entropy arm)
 //! or continuous vectors (the Diffusion Loss arm), and the input embedding of each kind.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, VarBuilder};
 
-use crate::nn::linear_xavier;
+use crate::nn::{linear_xavier, Linear, Precision};
 
 /// A batch of token sequences: `Discrete` is (B, L) u32 codes, `Continuous` is (B, L, C) f32.
 /// Flattened rows (N) and (N, C) use the same type.
@@ -53,8 +53,15 @@ impl TokenEmbed {
         Ok(TokenEmbed::Discrete(Embedding::new(w, width)))
     }
 
-    pub fn continuous(token_dim: usize, width: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(TokenEmbed::Continuous(linear_xavier(token_dim, width, vb)?))
+    pub fn continuous(
+        token_dim: usize,
+        width: usize,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(TokenEmbed::Continuous(
+            linear_xavier(token_dim, width, vb)?.with_precision(precision),
+        ))
     }
 
     pub fn forward(&self, tokens: &Tokens) -> crate::Result<Tensor> {
