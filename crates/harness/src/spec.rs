@@ -1498,4 +1498,51 @@ diffusion = { tokenizer = "px" }
             "{e}"
         );
     }
+
+    #[test]
+    fn precision_is_in_the_identity_only_when_not_f32() {
+        let base = load_str("m", MINI, &[]).expect("valid").runs();
+        let f32_runs = load_str("m", MINI, &["train.precision=f32".into()])
+            .expect("valid")
+            .runs();
+        assert_eq!(f32_runs[0].spec.train.precision, PrecisionSpec::F32);
+        assert_eq!(
+            base[0].hash(),
+            f32_runs[0].hash(),
+            "the default leaves existing hashes alone"
+        );
+        assert!(!serde_json::to_string(&base[0].spec)
+            .expect("json")
+            .contains("precision"));
+        let bf16 = MINI.replace(
+            "seeds = [1, 2]",
+            "seeds = [1, 2]\n[train]\nprecision = \"bf16\"",
+        );
+        let bf16_runs = load_str("p.toml", &bf16, &[]).expect("valid").runs();
+        assert_eq!(bf16_runs[0].spec.train.precision, PrecisionSpec::Bf16);
+        assert_ne!(base[0].hash(), bf16_runs[0].hash());
+        assert_ne!(base[0].train_hash(), bf16_runs[0].train_hash());
+        let params = serde_json::to_value(&bf16_runs[0].spec).expect("json");
+        assert_eq!(
+            params["train"]["precision"], "bf16",
+            "recorded in the params"
+        );
+        let bad = MINI.replace(
+            "seeds = [1, 2]",
+            "seeds = [1, 2]\n[train]\nprecision = \"fp16\"",
+        );
+        let e = load_str("p.toml", &bad, &[]).expect_err("fp16").to_string();
+        assert!(
+            e.starts_with("p.toml:5:")
+                && e.contains("train.precision")
+                && e.contains("f32")
+                && e.contains("bf16")
+                && e.contains("fp16"),
+            "{e}"
+        );
+        let e = load_str("m", MINI, &["train.precision=half".into()])
+            .expect_err("half")
+            .to_string();
+        assert!(e.contains("train.precision") && e.contains("bf16"), "{e}");
+    }
 }
