@@ -586,3 +586,44 @@ fn fid_errors_are_clear() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--convention"), "{}", stderr(&out));
 }
+
+/// `train.precision = "bf16"`: both generator kinds and both heads train and sample with bf16
+/// products to a finite FID, and the setting is in each run's recorded params.
+#[test]
+fn tiny_spec_runs_in_bf16() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let out = ablate(
+        root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--set",
+            "train.precision=bf16",
+        ],
+    );
+    assert!(out.status.success(), "stderr:\n{}", stderr(&out));
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    assert_eq!(generators.len(), 4, "2 cells × 2 arms × 1 seed");
+    for r in &generators {
+        assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+        assert_eq!(r.params["train"]["precision"], "bf16", "{}", r.params);
+        let evals = db.evals_for_run(r.id).expect("evals");
+        let fid = evals.iter().find(|e| e.metric == "fid").expect("fid row");
+        assert!(
+            fid.value.is_finite() && fid.value >= 0.0,
+            "{}: fid {}",
+            r.name,
+            fid.value
+        );
+        let losses = db.metrics(r.id, Some("train/loss")).expect("metrics");
+        assert!(
+            !losses.is_empty() && losses.iter().all(|m| m.value.is_finite()),
+            "{}: losses {:?}",
+            r.name,
+            losses.iter().map(|m| m.value).collect::<Vec<_>>()
+        );
+    }
+}
