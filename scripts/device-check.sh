@@ -51,6 +51,9 @@ timed() { # name, timeout, command...
 # 0. throughput of the named workloads on the GPU (one JSON object per line)
 timed bench-cuda 240 "$BIN" bench --device cuda:0 --workload mar-tiny --workload mar-tiny-ce --workload ar-tiny --workload ar-tiny-ce --workload mar-base
 cat "$OUT/bench-cuda.out" >> "$SUMMARY"
+# 0b. the same with bf16 products (f32 master weights), for the f32/bf16 comparison
+timed bench-cuda-bf16 90 "$BIN" bench --device cuda:0 --precision bf16 --workload mar-tiny --workload mar-base
+cat "$OUT/bench-cuda-bf16.out" >> "$SUMMARY"
 # 1. the tiny end-to-end spec on the GPU
 timed tiny-cuda 120 "$BIN" --root "$OUT/tiny-cuda" run experiments/tiny.toml --device cuda:0
 # 2. the quickstart (one seed) on the GPU, then on this machine's CPU, for a side-by-side time
