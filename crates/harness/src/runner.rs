@@ -128,6 +128,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
     anyhow::bail!("device '{name}': expected 'cpu' or 'cuda:N'")
 }
 
+/// A tokenizer fit: its run, its seed and where its file goes.
+struct TokenizerJob<'a> {
+    id: i64,
+    seed: u64,
+    path: &'a Path,
+}
+
 /// What happened to each planned run.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -337,7 +344,12 @@ impl Runner {
             let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
-            self.fit_tokenizer(id, run, seed, ds, fnet, &path, device)?
+            let job = TokenizerJob {
+                id,
+                seed,
+                path: &path,
+            };
+            self.fit_tokenizer(&job, run, ds, fnet, device)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
@@ -349,14 +361,13 @@ impl Runner {
     /// tokenizer and the training split's tokens.
     fn fit_tokenizer(
         &self,
-        id: i64,
+        job: &TokenizerJob,
         run: &PlannedRun,
-        seed: u64,
         ds: &Dataset,
         fnet: &EvalNet,
-        path: &Path,
         device: &Device,
     ) -> Result<(Tokenizer, TokenData)> {
+        let TokenizerJob { id, seed, path } = *job;
         let tspec = run.tokenizer();
         self.start(id, &device_label(device))?;
         let t0 = Instant::now();
