@@ -25,8 +25,11 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(v)
 }
 
+/// Class names and (image path, class index) pairs.
+pub type Listing = (Vec<String>, Vec<(PathBuf, u32)>);
+
 /// The class names (subfolder names, sorted) and every image with its class index.
-pub fn list(dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>), DataError> {
+pub fn list(dir: &Path) -> Result<Listing, DataError> {
     if !dir.is_dir() {
         return Err(DataError::Missing {
             path: dir.display().to_string(),

@@ -15,6 +15,9 @@ use models::autoencoder::{code_usage, Autoencoder};
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
 
+/// Receives (step, [(metric, value)]) while a tokenizer trains.
+pub type TrainLog<'a> = dyn FnMut(usize, &[(&'static str, f64)]) + 'a;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
     #[error(transparent)]
@@ -153,7 +156,7 @@ impl Tokenizer {
         train: &ImageSet,
         seed: u64,
         device: &Device,
-        log: &mut dyn FnMut(usize, &[(&'static str, f64)]),
+        log: &mut TrainLog,
     ) -> Result<Self, TokenizeError> {
         let backend = match spec.kind {
             TokenizerKind::Patch => Backend::Patch { patch: spec.patch },
