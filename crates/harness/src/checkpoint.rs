@@ -742,8 +742,7 @@ pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Re
             let ts: HashMap<String, Tensor> = ckpt.tensors(key)?.into_iter().collect();
             tensors.insert(key.to_string(), ts.len());
             let file = format!("{key}.safetensors");
-            candle_core::safetensors::save(&ts, tmp.join(&file))
-                .map_err(|e| anyhow::anyhow!("writing {file}: {e}"))?;
+            save_safetensors(&ts, &tmp.join(&file))?;
             names.push(file);
         }
         std::fs::write(
@@ -821,6 +820,20 @@ fn publish(tmp: &Path, out: &Path, names: &[String], stale: &[&str]) -> anyhow::
     Ok(())
 }
 
+/// `candle_core::safetensors::save`, made readable by others like any file we write: the
+/// safetensors crate writes through a private (0600) temporary file.
+fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Write `tensors` to `path` through a temporary file and a rename.
 pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
@@ -831,9 +844,9 @@ pub fn save_safetensors_atomic(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out.safetensors".into());
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
+    if let Err(e) = save_safetensors(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::bail!("writing {}: {e}", path.display());
+        return Err(e);
     }
     std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
