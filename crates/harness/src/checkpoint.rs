@@ -330,16 +330,21 @@ impl PthCheckpoint {
         // candle's pickle reader does not keep the dict's insertion order
         ckpt.entries.sort();
         if !ckpt.state_dicts.contains_key("model") {
+            let found = match ckpt.entries.len() {
+                0 => "nothing".to_string(),
+                n if n > 8 => format!("{}, … ({n} in all)", ckpt.entries[..8].join(", ")),
+                _ => ckpt.entries.join(", "),
+            };
+            let hint = if ckpt.entries.iter().any(|e| e == "z_proj.weight") {
+                "; this looks like a bare state_dict: save it as torch.save({'model': sd}, path)"
+            } else {
+                ""
+            };
             return fail(
                 path,
                 format!(
-                    "no 'model' entry (found: {}); expected the official MAR checkpoint format \
-                     {{'model': state_dict, 'model_ema': state_dict, ...}}",
-                    if ckpt.entries.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        ckpt.entries.join(", ")
-                    }
+                    "no 'model' entry (found: {found}); expected the official MAR checkpoint \
+                     format {{'model': state_dict, 'model_ema': state_dict, ...}}{hint}"
                 ),
             );
         }
