@@ -60,6 +60,19 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The test data folder (MNIST digits in `mnist-10k/`): `ABLATE_DATA_DIR`, else `../shared/data`
+/// from the project root, else the copy committed in `tests/fixtures/data`.
+pub fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ABLATE_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    let shared = workspace_root().join("../shared/data");
+    if shared.join("mnist-10k").is_dir() {
+        return shared;
+    }
+    workspace_root().join("tests/fixtures/data")
+}
+
 /// The parity fixture folder: `ABLATE_PARITY_DIR`, else `../shared/parity` from the project root,
 /// else the copy committed in `tests/fixtures/parity` (the fixtures the tests use today).
 /// Returns None (the caller skips) when it is missing outside CI; under CI a missing folder fails.

@@ -495,3 +495,204 @@ fn imported_reference_checkpoint_reproduces_the_reference_mar() {
     let (v, _) = worst_violation(&f64s(&z_ema), &f64s(&f["output.z"]), tol.0, tol.1);
     assert!(v > 0.0, "the EMA weights are a different (perturbed) set");
 }
+
+/// The Inception-v3 FID network, loaded by the harness's loader (the code that reads the real
+/// weight file), against torch-fidelity and pytorch-fid on every input of the fixture.
+#[test]
+fn inception_fid_network_matches_both_conventions() {
+    use harness::eval::inception::{extract, load_inception, ImagesU8};
+    use models::inception::Convention;
+    let Some(dir) = parity_dir() else { return };
+    let io_file = "inception_fid_io.safetensors";
+    let weights_file = "inception_fid_random_weights.safetensors";
+    let m = manifest(&dir);
+    assert!(
+        m.get(weights_file).is_some(),
+        "manifest.json lists {weights_file}"
+    );
+    let tol = tolerance(m[io_file]["tolerance"].as_str().expect("tolerance"));
+    let net = load_inception(&dir.join(weights_file), &Device::Cpu).expect("load the weights");
+    let f = load(&dir, io_file);
+    let mut checked = 0;
+    let mut inputs: Vec<&String> = f.keys().filter(|k| k.starts_with("input.")).collect();
+    inputs.sort();
+    for input in inputs {
+        let name = input.trim_start_matches("input.");
+        let t = &f[input];
+        let (n, c, h, w) = t.dims4().expect("NCHW images");
+        let images = ImagesU8 {
+            pixels: t.flatten_all().and_then(|t| t.to_vec1::<u8>()).expect("u8"),
+            n,
+            channels: c,
+            height: h,
+            width: w,
+        };
+        for (conv, prefix) in [
+            (Convention::TorchFidelity, "torch_fidelity"),
+            (Convention::PytorchFid, "pytorch_fid"),
+        ] {
+            let pool_key = format!("output.{prefix}.{name}.pool3");
+            let logits_key = format!("output.{prefix}.{name}.logits_unbiased");
+            if !f.contains_key(&pool_key) && !f.contains_key(&logits_key) {
+                continue;
+            }
+            let out = extract(&net, &images, conv, n).expect("forward");
+            if f.contains_key(&pool_key) {
+                let ours: Vec<f64> = out.pool.iter().map(|&v| v as f64).collect();
+                check(&pool_key, &ours, &f64s(&f[&pool_key]), tol);
+                checked += 1;
+            }
+            if f.contains_key(&logits_key) {
+                let ours: Vec<f64> = out.logits.iter().map(|&v| v as f64).collect();
+                check(&logits_key, &ours, &f64s(&f[&logits_key]), tol);
+                checked += 1;
+            }
+        }
+    }
+    let outputs = f.keys().filter(|k| k.starts_with("output.")).count();
+    assert_eq!(checked, outputs, "every output of {io_file} checked");
+}
+
+/// Tolerance of one metric and case from the metric_cases manifest text, e.g.
+/// "FID: rtol 1e-6 (full_rank, close), 1e-5 (rank_deficient); IS: rtol 1e-6; …".
+fn metric_tolerance(text: &str, metric: &str, case: &str) -> (f64, f64) {
+    let section = text
+        .split(';')
+        .map(str::trim)
+        .find(|s| s.starts_with(&format!("{metric}:")))
+        .unwrap_or_else(|| panic!("no {metric} tolerance in {text:?}"));
+    let body = &section[metric.len() + 1..];
+    // "rtol 1e-6 (a, b), 1e-5 (c)": the number before the parenthesis that names the case
+    let (mut kind, mut last) = ("rtol", None);
+    let mut rest = body;
+    while let Some(open) = rest.find('(') {
+        for w in rest[..open].split(|c: char| c.is_whitespace() || c == ',') {
+            match w {
+                "rtol" | "atol" | "abs" => kind = if w == "rtol" { "rtol" } else { "atol" },
+                _ => {
+                    if let Ok(v) = w.parse::<f64>() {
+                        last = Some(v)
+                    }
+                }
+            }
+        }
+        let close = rest[open..]
+            .find(')')
+            .map(|c| open + c)
+            .unwrap_or(rest.len());
+        let names = &rest[open + 1..close];
+        if names.split(',').any(|n| n.trim() == case) {
+            let v = last.unwrap_or_else(|| panic!("{metric} tolerance for {case}"));
+            return if kind == "rtol" { (0.0, v) } else { (v, 0.0) };
+        }
+        rest = &rest[(close + 1).min(rest.len())..];
+    }
+    // no parenthesis names the case (e.g. "rtol 1e-4 (float32 reference)"): one value for all
+    tolerance(body)
+}
+
+fn features(f: &HashMap<String, Tensor>, key: &str) -> (Vec<f32>, usize, usize) {
+    let t = &f[key];
+    let (n, d) = t.dims2().expect("n × d");
+    let v = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32");
+    (v, n, d)
+}
+
+#[test]
+fn metric_cases_match_pytorch_fid_and_torch_fidelity() {
+    use harness::eval::metrics;
+    let Some(dir) = parity_dir() else { return };
+    let file = "metric_cases.safetensors";
+    let text = manifest(&dir)[file]["tolerance"]
+        .as_str()
+        .expect("tolerance")
+        .to_string();
+    let f = load(&dir, file);
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("metric_cases.json")).expect("metric_cases.json"),
+    )
+    .expect("metric_cases.json is JSON");
+    let cases = expected.as_object().expect("an object of cases");
+    let mut checked = Vec::new();
+    for (case, values) in cases {
+        let key1 = format!("{case}.features_1");
+        if !f.contains_key(&key1) {
+            continue;
+        }
+        let (a, n1, d) = features(&f, &key1);
+        let (b, n2, d2) = features(&f, &format!("{case}.features_2"));
+        assert_eq!(d, d2, "{case}: feature widths");
+        let ga = metrics::gaussian_stats(&a, n1, d).expect("stats");
+        let gb = metrics::gaussian_stats(&b, n2, d).expect("stats");
+        let fid = metrics::frechet_distance(&ga, &gb).expect("fid");
+        let tol = metric_tolerance(&text, "FID", case);
+        for reference in ["pytorch_fid", "torch_fidelity_fid"] {
+            let theirs = values[reference].as_f64().expect("expected FID");
+            check(&format!("{case} {reference}"), &[fid], &[theirs], tol);
+            checked.push(format!("{case}/{reference}"));
+        }
+        // KID over one subset of min(n1, n2) rows is reproducible only when that is every row
+        if n1 == n2 {
+            let theirs = values["torch_fidelity_kid_one_subset_of_min_n"]
+                .as_f64()
+                .expect("expected KID");
+            let (kid, _) =
+                metrics::kernel_inception_distance(&a, n1, &b, n2, d, 1, n1, 0).expect("kid");
+            check(
+                &format!("{case} KID"),
+                &[kid],
+                &[theirs],
+                metric_tolerance(&text, "KID", case),
+            );
+            checked.push(format!("{case}/kid"));
+        }
+    }
+    let isc = &expected["isc"];
+    let (logits, n, c) = features(&f, "isc.logits");
+    let splits = isc["splits"].as_u64().expect("splits") as usize;
+    assert_eq!(
+        isc["shuffle"].as_bool(),
+        Some(false),
+        "IS without shuffling"
+    );
+    let (mean, std) = metrics::inception_score(&logits, n, c, splits).expect("is");
+    let tol = metric_tolerance(&text, "IS", "isc");
+    check(
+        "IS mean",
+        &[mean],
+        &[isc["mean"].as_f64().expect("mean")],
+        tol,
+    );
+    check("IS std", &[std], &[isc["std"].as_f64().expect("std")], tol);
+    checked.push("isc".into());
+
+    let prc = &expected["prc"];
+    let (real, nr, d) = features(&f, "prc.real");
+    let (generated, ng, _) = features(&f, "prc.generated");
+    let k = prc["k"].as_u64().expect("k") as usize;
+    let (precision, recall) =
+        metrics::precision_recall(&real, nr, &generated, ng, d, k).expect("prc");
+    let tol = tolerance(
+        text.split(';')
+            .find(|s| s.contains("precision/recall"))
+            .expect("precision/recall tolerance"),
+    );
+    check(
+        "precision",
+        &[precision],
+        &[prc["precision"].as_f64().expect("precision")],
+        tol,
+    );
+    check(
+        "recall",
+        &[recall],
+        &[prc["recall"].as_f64().expect("recall")],
+        tol,
+    );
+    checked.push("prc".into());
+    eprintln!("metric cases checked: {}", checked.join(", "));
+    assert!(checked.len() >= 9, "{checked:?}");
+}

@@ -205,3 +205,116 @@ pub fn run(
         "peak_rss_bytes": peak_rss_bytes(),
     }))
 }
+
+/// Evaluation workloads: (name, what it measures).
+pub const EVAL_WORKLOADS: &[(&str, &str)] = &[
+    (
+        "fid-10k",
+        "FID of two 10000×2048 feature sets: statistics (float64) and Fréchet distance",
+    ),
+    (
+        "inception-cpu",
+        "Inception-v3 feature extraction, batches of 16 images of 256 px (random weights)",
+    ),
+];
+
+/// Run an evaluation workload (`steps` timed repetitions, median reported).
+pub fn run_eval(
+    name: &str,
+    device: &Device,
+    device_name: &str,
+    steps: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::eval::metrics;
+    let mut rng = Rng::new(0);
+    match name {
+        "fid-10k" => {
+            let (n, d) = (10_000, 2048);
+            // correlated features: a shared random mixing of independent normals
+            let mix = rng
+                .normal_tensor(&[d, d], &Device::Cpu)?
+                .affine(0.03, 0.0)?;
+            let mut sets = Vec::new();
+            for shift in [0.0, 0.1] {
+                let z = rng.normal_tensor(&[n, d], &Device::Cpu)?;
+                let x = (z.matmul(&mix)?.relu()? + shift)?;
+                sets.push(x.flatten_all()?.to_vec1::<f32>()?);
+            }
+            let (mut stats_t, mut fid_t, mut total_t) = (Vec::new(), Vec::new(), Vec::new());
+            let mut fid = 0.0;
+            for _ in 0..steps {
+                let t0 = Instant::now();
+                let a = metrics::gaussian_stats(&sets[0], n, d)?;
+                let b = metrics::gaussian_stats(&sets[1], n, d)?;
+                let t1 = Instant::now();
+                fid = metrics::frechet_distance(&a, &b)?;
+                let t2 = Instant::now();
+                stats_t.push((t1 - t0).as_secs_f64());
+                fid_t.push((t2 - t1).as_secs_f64());
+                total_t.push((t2 - t0).as_secs_f64());
+            }
+            Ok(serde_json::json!({
+                "workload": name,
+                "device": "cpu",
+                "samples": n,
+                "dim": d,
+                "repeats": steps,
+                "stats_two_sets_s": median(stats_t),
+                "frechet_distance_s": median(fid_t),
+                "fid_total_s": median(total_t),
+                "fid": fid,
+                "threads": rayon::current_num_threads(),
+            }))
+        }
+        "inception-cpu" => {
+            let tensors: std::collections::HashMap<String, Tensor> =
+                models::inception::expected_tensors()
+                    .into_iter()
+                    .map(|(k, s)| {
+                        let t = if k.ends_with("running_var") || k.ends_with("bn.weight") {
+                            Tensor::ones(s, DType::F32, device)
+                        } else if k.ends_with("conv.weight") || k == "fc.weight" {
+                            rng.normal_tensor(&s, device)
+                                .and_then(|t| t.affine(0.05, 0.0))
+                        } else {
+                            Tensor::zeros(s, DType::F32, device)
+                        };
+                        t.map(|t| (k, t))
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+            let net = models::inception::InceptionV3::new(candle_nn::VarBuilder::from_tensors(
+                tensors,
+                DType::F32,
+                device,
+            ))?;
+            let batch = 16;
+            let pixels: Vec<u8> = (0..batch * 3 * 256 * 256)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect();
+            let x = Tensor::from_vec(pixels, (batch, 3, 256, 256), device)?;
+            let mut times = Vec::new();
+            for step in 0..steps + 1 {
+                device.synchronize()?;
+                let t0 = Instant::now();
+                let out = net.forward(&x, models::inception::Convention::TorchFidelity)?;
+                out.pool.to_device(&Device::Cpu)?;
+                device.synchronize()?;
+                if step >= 1 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let t = median(times);
+            Ok(serde_json::json!({
+                "workload": name,
+                "device": device_name,
+                "batch": batch,
+                "input_px": 256,
+                "batches_timed": steps,
+                "batch_s": t,
+                "images_per_s": batch as f64 / t,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }))
+        }
+        other => anyhow::bail!("unknown evaluation workload '{other}'"),
+    }
+}

@@ -1,5 +1,5 @@
-//! The command line: `ablate run | plan | report | list | show | compare | baseline | check |
-//! bench | import | sample`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
+//! The command line: `ablate run | plan | report | list | show | compare | baseline | check | fid
+//! | bench | import | sample`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -82,6 +82,31 @@ pub enum Command {
     Show { run: i64 },
     /// The parameters that differ between two runs, and their metric differences (B − A)
     Compare { run_a: i64, run_b: i64 },
+    /// FID between two image folders or .npz statistics (mu, sigma; pytorch-fid's format)
+    Fid {
+        /// A B (each an image folder of PNGs or an .npz), or FOLDER OUT.npz with --save-stats
+        #[arg(value_name = "PATH", num_args = 2)]
+        paths: Vec<PathBuf>,
+        /// Write the statistics of FOLDER to OUT.npz instead of computing FID
+        #[arg(long)]
+        save_stats: bool,
+        /// Also print the Inception Score (10 splits) of each folder
+        #[arg(long = "is")]
+        inception_score: bool,
+        /// Inception-v3 weights: pt_inception-2015-12-05-6726825d.pth or a safetensors copy
+        /// (default: ROOT/weights/pt_inception-2015-12-05-6726825d.pth)
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Resize and normalisation: torch-fidelity (the paper's numbers) or pytorch-fid
+        #[arg(long, default_value = "torch-fidelity")]
+        convention: String,
+        /// inception (default), or classifier:RUN for the harness's classifier of a run (id or hash)
+        #[arg(long)]
+        feature_net: Option<String>,
+        /// Images per forward pass
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
     /// Measure training and sampling throughput of named workloads (one JSON object per line)
     Bench {
         /// cpu or cuda:N
@@ -230,6 +255,7 @@ fn is_usage(e: &anyhow::Error) -> bool {
         || e.downcast_ref::<UsageError>().is_some()
         || e.downcast_ref::<crate::checkpoint::CheckpointError>()
             .is_some()
+        || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
             .is_some_and(reports::Error::is_usage)
 }
@@ -589,6 +615,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Fid {
+            paths,
+            save_stats,
+            inception_score,
+            weights,
+            convention,
+            feature_net,
+            batch,
+        } => {
+            let o = crate::fid::FidOptions {
+                paths,
+                save_stats,
+                is: inception_score,
+                weights,
+                convention,
+                feature_net,
+                batch,
+            };
+            crate::fid::run(&layout, &o)?;
+            Ok(0)
+        }
         Command::Bench {
             device,
             workloads,
@@ -603,9 +650,26 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         w.name, w.kind, w.side, w.side, w.width, w.depth, w.decoder_depth, w.batch
                     );
                 }
+                for (name, what) in crate::bench::EVAL_WORKLOADS {
+                    println!("{name:<12} {what}");
+                }
                 return Ok(0);
             }
             let dev = crate::runner::parse_device(&device)?;
+            if steps == 0 {
+                anyhow::bail!("--steps must be at least 1");
+            }
+            // evaluation workloads run only when named
+            let (eval, workloads): (Vec<String>, Vec<String>) = workloads
+                .into_iter()
+                .partition(|w| crate::bench::EVAL_WORKLOADS.iter().any(|(n, _)| n == w));
+            for name in &eval {
+                let line = crate::bench::run_eval(name, &dev, &device, steps)?;
+                println!("{line}");
+            }
+            if !eval.is_empty() && workloads.is_empty() {
+                return Ok(0);
+            }
             let chosen: Vec<_> = if workloads.is_empty() {
                 all.into_iter().filter(|w| w.name != "mar-base").collect()
             } else {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod compare;
 pub mod data;
 pub mod eval;
+pub mod fid;
 pub mod runner;
 pub mod spec;
 pub mod tokenize;

@@ -15,7 +15,7 @@ use models::init::seeded_var_builder;
 use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Rng, SampleOptions, Tokens};
 
 use crate::data::{self, Dataset, ImageSet};
-use crate::eval::{self, metrics, FeatureNet};
+use crate::eval::{self, metrics, EvalNet, FeatureNet, Net};
 use crate::spec::{
     self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec,
     Spec, TokenizerKind,
@@ -44,6 +44,10 @@ impl Layout {
         self.root
             .join("cache/classifiers")
             .join(format!("{hash}.safetensors"))
+    }
+    /// Reference statistics (and features) of a split, per data set, feature net and convention.
+    pub fn reference_stats(&self, key: &str) -> PathBuf {
+        self.root.join("cache/stats").join(format!("{key}.npz"))
     }
     pub fn run_dir(&self, hash: &str) -> PathBuf {
         self.root.join("artifacts").join(hash)
@@ -147,7 +151,7 @@ pub struct Runner {
     pub quiet: bool,
     datasets: HashMap<String, std::rc::Rc<Dataset>>,
     tokenizers: HashMap<String, std::rc::Rc<(Tokenizer, TokenData)>>,
-    feature_nets: HashMap<String, std::rc::Rc<(FeatureNet, metrics::Gaussian)>>,
+    feature_nets: HashMap<String, std::rc::Rc<EvalNet>>,
 }
 
 fn spinner(quiet: bool, len: u64, msg: String) -> ProgressBar {
@@ -305,22 +309,23 @@ impl Runner {
         exp: i64,
         run: &PlannedRun,
         ds: &Dataset,
-        fnet: &(FeatureNet, metrics::Gaussian),
+        fnet: &EvalNet,
         device: &Device,
     ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
         let tspec = run.tokenizer().clone();
+        let seed = tspec.seed.unwrap_or(run.seed);
         let identity = serde_json::json!({
             "results_version": spec::RESULTS_VERSION,
             "data": ds.fingerprint,
             "tokenizer": tspec,
-            "seed": run.seed,
+            "seed": seed,
         });
         let hash = spec::content_hash(&identity);
         // recorded (or linked to this experiment) whether or not it is fitted now
-        let name = format!("tokenizer {} · seed {}", run.tokenizer_name(), run.seed);
+        let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
         let id = self.db.create_run(
             exp,
-            &self.stage_run(&hash, "tokenizer", &name, run.seed, &identity),
+            &self.stage_run(&hash, "tokenizer", &name, seed, &identity),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
             return Ok(t.clone());
@@ -332,7 +337,7 @@ impl Runner {
             let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
-            self.fit_tokenizer(id, run, ds, fnet, &path, device)?
+            self.fit_tokenizer(id, run, seed, ds, fnet, &path, device)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
@@ -342,12 +347,15 @@ impl Runner {
     /// Fit, save and record a tokenizer run: training curves (autoencoders), reconstruction of
     /// the held-out split (MSE, PSNR, rFID with the feature net), codebook use; returns the
     /// tokenizer and the training split's tokens.
+    // one call site; the inputs are all distinct pieces of the runner's state
+    #[allow(clippy::too_many_arguments)]
     fn fit_tokenizer(
         &self,
         id: i64,
         run: &PlannedRun,
+        seed: u64,
         ds: &Dataset,
-        fnet: &(FeatureNet, metrics::Gaussian),
+        fnet: &EvalNet,
         path: &Path,
         device: &Device,
     ) -> Result<(Tokenizer, TokenData)> {
@@ -365,7 +373,7 @@ impl Runner {
             format!("fitting tokenizer {}", run.tokenizer_name()),
         );
         let mut curves = Vec::new();
-        let result = Tokenizer::fit(tspec, &ds.train, run.seed, device, &mut |step, values| {
+        let result = Tokenizer::fit(tspec, &ds.train, seed, device, &mut |step, values| {
             pb.set_position(step as u64);
             curves.extend(values.iter().map(|&(key, value)| MetricPoint {
                 key: key.into(),
@@ -390,13 +398,11 @@ impl Runner {
             values.push(("recon/psnr", psnr));
         }
         // rFID: reconstructions of the held-out split against its own statistics
-        let (net, reference) = fnet;
-        let (feats, _) = net.extract(&recon)?;
-        let rec_stats = metrics::gaussian_stats(&feats, recon.n, net.model.feature_dim)?;
-        values.push((
-            "recon/rfid",
-            metrics::frechet_distance(&rec_stats, reference)?,
-        ));
+        let f = fnet.net.features(&recon)?;
+        let rec_stats = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
+        // (clamped: identical statistics can give −1e-7 from rounding)
+        let rfid = metrics::frechet_distance(&rec_stats, &fnet.reference)?.max(0.0);
+        values.push(("recon/rfid", rfid));
         let data = tok.encode(&ds.train)?;
         if let Some((used, perplexity)) = tok.usage(&data) {
             values.push(("codebook/used", used as f64));
@@ -421,11 +427,6 @@ impl Runner {
             record_artifact(&self.db, id, "tokenizer", path)?;
         }
         self.db.finish_run(id)?;
-        let rfid = values
-            .iter()
-            .find(|(k, _)| *k == "recon/rfid")
-            .map(|v| v.1)
-            .unwrap_or(f64::NAN);
         self.say(format!(
             "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5}, rFID {rfid:.2})",
             run.tokenizer_name(),
@@ -487,7 +488,99 @@ impl Runner {
         spec: &Spec,
         ds: &Dataset,
         device: &Device,
-    ) -> Result<std::rc::Rc<(FeatureNet, metrics::Gaussian)>> {
+    ) -> Result<std::rc::Rc<EvalNet>> {
+        match spec.eval.feature_net {
+            spec::FeatureNetSpec::Classifier => self.classifier_net(exp, spec, ds, device),
+            spec::FeatureNetSpec::Inception => self.inception_net(spec, ds, device),
+        }
+    }
+
+    /// The Inception-v3 FID network from `eval.inception_weights` (identified by the file's
+    /// sha256), with the reference statistics of the test split.
+    fn inception_net(
+        &mut self,
+        spec: &Spec,
+        ds: &Dataset,
+        device: &Device,
+    ) -> Result<std::rc::Rc<EvalNet>> {
+        let path = match &spec.eval.inception_weights {
+            Some(p) => PathBuf::from(p),
+            None => crate::fid::inception_weights(&self.layout, None).map_err(|e| {
+                e.context("eval.feature_net = \"inception\" needs eval.inception_weights")
+            })?,
+        };
+        if !path.is_file() {
+            anyhow::bail!("eval.inception_weights: {}: no such file", path.display());
+        }
+        let net_id = format!("inception-{}", &file_sha256(&path)?[..16]);
+        let convention = spec.eval.convention.to_model();
+        let key = format!("{net_id}:{}:{}", convention.as_str(), ds.fingerprint);
+        if let Some(f) = self.feature_nets.get(&key) {
+            return Ok(f.clone());
+        }
+        let net = eval::inception::load_inception(&path, device)?;
+        let net = Net::Inception {
+            net: Box::new(net),
+            convention,
+        };
+        let f = std::rc::Rc::new(self.with_reference(net, "inception".into(), &net_id, ds)?);
+        self.feature_nets.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Attach the reference statistics of the test split, read from the cache when present.
+    fn with_reference(
+        &self,
+        net: Net,
+        name: String,
+        net_id: &str,
+        ds: &Dataset,
+    ) -> Result<EvalNet> {
+        let reference_id = format!(
+            "{}-{}-test-{net_id}-{}",
+            ds.name,
+            &ds.fingerprint[..ds.fingerprint.len().min(8)],
+            net.convention()
+        );
+        let path = self.layout.reference_stats(&reference_id);
+        let cached = if path.is_file() {
+            eval::inception::read_reference(&path).ok()
+        } else {
+            None
+        };
+        let (reference, reference_features) = match cached {
+            Some(c) => c,
+            None => {
+                let f = net.features(&ds.test)?;
+                let g = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
+                eval::inception::write_reference(&path, &g, &f.feats)?;
+                (g, f.feats)
+            }
+        };
+        if let Net::Inception { .. } = net {
+            if reference.n <= models::inception::FEATURE_DIM {
+                self.say(format!(
+                    "    warning: the reference split has only {} images (≤ 2048 feature dimensions): FID is strongly biased",
+                    reference.n
+                ));
+            }
+        }
+        Ok(EvalNet {
+            net,
+            name,
+            reference_id,
+            reference,
+            reference_features,
+        })
+    }
+
+    fn classifier_net(
+        &mut self,
+        exp: i64,
+        spec: &Spec,
+        ds: &Dataset,
+        device: &Device,
+    ) -> Result<std::rc::Rc<EvalNet>> {
         let identity = serde_json::json!({
             "results_version": spec::RESULTS_VERSION,
             "data": ds.fingerprint,
@@ -556,9 +649,14 @@ impl Runner {
                 acc * 100.0
             ));
         }
-        let (feats, _) = net.extract(&ds.test)?;
-        let reference = metrics::gaussian_stats(&feats, ds.test.n, net.model.feature_dim)?;
-        let f = std::rc::Rc::new((net, reference));
+        let name = format!("classifier:{}", ds.name);
+        let net_id = format!("classifier-{hash}");
+        let f = std::rc::Rc::new(self.with_reference(
+            Net::Classifier(Box::new(net)),
+            name,
+            &net_id,
+            ds,
+        )?);
         self.feature_nets.insert(hash, f.clone());
         Ok(f)
     }
@@ -629,8 +727,15 @@ impl Runner {
         let sample_s = t_sample.elapsed().as_secs_f64();
         self.db.set_stage(run_id, "eval")?;
         let t_eval = Instant::now();
-        let (net, reference) = (&fnet.0, &fnet.1);
-        let scores = eval::score(net, reference, &samples, run.spec.eval.is_splits)?;
+        if let Net::Inception { .. } = fnet.net {
+            if samples.n <= models::inception::FEATURE_DIM {
+                self.say(format!(
+                    "    warning: only {} samples for 2048-d Inception features: FID is strongly biased (use 10000 or more)",
+                    samples.n
+                ));
+            }
+        }
+        let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
         let settings = serde_json::json!({
             "cfg": run.spec.sample.cfg,
             "cfg_schedule": run.spec.sample.cfg_schedule,
@@ -638,13 +743,20 @@ impl Runner {
             "mar_steps": run.spec.sample.mar_steps,
             "sampling_steps": run.spec.head.sampling_steps,
             "reference": format!("{}:test", ds.name),
+            "reference_stats": fnet.reference_id,
+            "reference_count": fnet.reference.n,
+            "convention": fnet.net.convention(),
         });
-        let feature_net = format!("classifier:{}", ds.name);
+        let feature_net = fnet.name.clone();
         let step = run.spec.train.steps as i64;
         for (metric, value) in [
             ("fid", scores.fid),
             ("is", scores.is_mean),
             ("is_std", scores.is_std),
+            ("kid", scores.kid),
+            ("kid_std", scores.kid_std),
+            ("precision", scores.precision),
+            ("recall", scores.recall),
         ] {
             self.db.insert_eval(&NewEval {
                 run_id,
@@ -683,6 +795,15 @@ pub fn now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Hex sha256 of a file's bytes.
+fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {

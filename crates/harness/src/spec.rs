@@ -184,6 +184,10 @@ pub struct TokenizerSpec {
     /// kl: fixed latent scale (the paper's KL-16 uses 0.2325); default 1/std of the training latents
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
+    /// seed of the tokenizer's fit; unset = each run's seed (a tokenizer per generator seed), set =
+    /// one tokenizer shared by every seed, like the paper's single pretrained tokenizer
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// autoencoder training steps, batch size and Adam learning rate
     #[serde(default = "d_ae_steps")]
     pub steps: usize,
@@ -484,6 +488,32 @@ impl Default for SampleSpec {
 #[serde(rename_all = "kebab-case")]
 pub enum FeatureNetSpec {
     Classifier,
+    /// the Inception-v3 FID network (weights from `eval.inception_weights`)
+    Inception,
+}
+
+/// Resize and normalisation of images before the Inception network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConventionSpec {
+    /// TF1-style bilinear resize without half-pixel offset, (x − 128) / 128 (the paper's numbers)
+    #[default]
+    TorchFidelity,
+    /// half-pixel bilinear resize, 2x/255 − 1
+    PytorchFid,
+}
+
+impl ConventionSpec {
+    pub fn is_default(&self) -> bool {
+        *self == ConventionSpec::default()
+    }
+
+    pub fn to_model(self) -> models::inception::Convention {
+        match self {
+            ConventionSpec::TorchFidelity => models::inception::Convention::TorchFidelity,
+            ConventionSpec::PytorchFid => models::inception::Convention::PytorchFid,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -500,6 +530,14 @@ pub struct EvalSpec {
     pub classifier_seed: u64,
     #[serde(default = "d_is_splits")]
     pub is_splits: usize,
+    /// weight file of the Inception network (`pt_inception-2015-12-05-6726825d.pth` or a
+    /// safetensors copy); default ROOT/weights/pt_inception-2015-12-05-6726825d.pth
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inception_weights: Option<String>,
+    /// input convention of the Inception network (left out of the identity at its default so
+    /// the hashes of existing runs stay the same)
+    #[serde(default, skip_serializing_if = "ConventionSpec::is_default")]
+    pub convention: ConventionSpec,
 }
 fn d_feature_net() -> FeatureNetSpec {
     FeatureNetSpec::Classifier

@@ -168,6 +168,15 @@ impl Encoder {
     }
 }
 
+/// Nearest-neighbour ×2 upsampling as a broadcast: its backward is a plain sum, faster on CPU
+/// than candle's `upsample_nearest2d` backward (a grouped convolution).
+fn upsample2x(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
+}
+
 #[derive(Debug, Clone)]
 struct Decoder {
     conv_in: Conv2d,
@@ -205,10 +214,7 @@ impl Decoder {
     fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
         for (upsample, block) in &self.up {
-            let (_, _, hh, ww) = h.dims4()?;
-            // candle's nearest-upsample backward overwrites rather than accumulates: its input
-            // must feed nothing else (true here)
-            h = block.forward(&upsample.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?)?;
+            h = block.forward(&upsample.forward(&upsample2x(&h)?)?)?;
         }
         self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
     }
@@ -494,6 +500,18 @@ mod tests {
             }
             assert_eq!(ae.decode_tokens(&tokens)?.dims(), &[2, 3, 16, 16]);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn upsample_matches_nearest() -> Result<()> {
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)?.reshape((1, 2, 2, 2))?;
+        let ours = upsample2x(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let theirs = x
+            .upsample_nearest2d(4, 4)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(ours, theirs);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! ablate's neural networks, in plain candle: the generators of "Autoregressive Image Generation
 //! without Vector Quantization" (Li et al., 2024) — causal AR and MAR — with their two heads
 //! (cross-entropy over a codebook, Diffusion Loss), the Gaussian diffusion process, and the small
-//! classifier used as a feature net. No I/O, no printing: weights come in through `VarBuilder`.
+//! classifier and the Inception-v3 FID network used as feature nets. No I/O, no printing: weights come in through `VarBuilder`.
 pub mod ar;
 pub mod autoencoder;
 pub mod classifier;
@@ -9,6 +9,7 @@ pub mod diffloss;
 pub mod diffusion;
 pub mod generator;
 pub mod head;
+pub mod inception;
 pub mod init;
 pub mod mar;
 pub mod nn;

@@ -25,6 +25,7 @@ mod plots;
 mod rows;
 mod stats;
 mod table;
+mod tokenizers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -196,7 +197,13 @@ pub fn write_report(
             }),
         }
     }
-    let markdown = table::markdown(experiment, &table, &notes, &plot_links, &grid_links, csv);
+    let tokenizer_table = tokenizer_table(db, experiment)?;
+    let mut markdown = table::markdown(experiment, &table, &notes, &plot_links, &grid_links, csv);
+    if let Some(t) = &tokenizer_table {
+        // after the main table's notes, before the plots
+        let at = markdown.find("## Plots").unwrap_or(markdown.len());
+        markdown.insert_str(at, &tokenizers::markdown(t));
+    }
 
     let mut files = Vec::new();
     if want(Format::Markdown) {
@@ -206,7 +213,14 @@ pub fn write_report(
     }
     if want(Format::Html) {
         let path = out_dir.join("report.html");
-        let text = html::render(experiment, &table, &notes, &figures, &grids, csv);
+        let mut text = html::render(experiment, &table, &notes, &figures, &grids, csv);
+        if let Some(t) = &tokenizer_table {
+            let at = text
+                .find("<h2>Plots</h2>")
+                .or_else(|| text.find("</body>"))
+                .unwrap_or(text.len());
+            text.insert_str(at, &tokenizers::html(t));
+        }
         std::fs::write(&path, text).map_err(io_err(&path))?;
         files.push(path);
     }
@@ -221,6 +235,24 @@ pub fn write_report(
         files.push(path);
     }
     Ok(ReportOutput { markdown, files })
+}
+
+/// The tokenizer table of an experiment, from its tokenizer runs' last reconstruction metrics.
+fn tokenizer_table(db: &db::Db, experiment: &str) -> Result<Option<tokenizers::TokenizerTable>> {
+    let runs = db.list_runs(Some(experiment))?;
+    let mut recon = Vec::new();
+    for r in runs.iter().filter(|r| r.kind == "tokenizer") {
+        let mut last: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+        for m in db.metrics(r.id, None)? {
+            let newer = last.get(&m.key).is_none_or(|(step, _)| m.step >= *step);
+            if newer {
+                last.insert(m.key.clone(), (m.step, m.value));
+            }
+        }
+        recon.extend(last.into_iter().map(|(k, (_, v))| (r.id, k, v)));
+    }
+    let evals = db.evals_for_experiment(experiment)?;
+    Ok(tokenizers::tokenizer_table(&runs, &recon, &evals)?)
 }
 
 /// Remarks on partial experiments.

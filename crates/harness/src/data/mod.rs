@@ -351,3 +351,296 @@ pub fn save_grid(
     }
     img.save(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// An IDX images file (magic 0x803) of `n` images `rows`×`cols`, pixel = (i + y + x) mod 256.
+    fn idx_images(n: usize, rows: usize, cols: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [0x803u32, n as u32, rows as u32, cols as u32] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        for i in 0..n {
+            for y in 0..rows {
+                for x in 0..cols {
+                    b.push(((i + y + x) % 256) as u8);
+                }
+            }
+        }
+        b
+    }
+
+    fn idx_labels(n: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [0x801u32, n as u32] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b.extend((0..n).map(|i| (i % 10) as u8));
+        b
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn spec(source: DataSource, path: &Path, train: usize, test: usize) -> DataSpec {
+        DataSpec {
+            source,
+            path: Some(path.display().to_string()),
+            image_size: 8,
+            classes: None,
+            train,
+            test,
+            seed: 0,
+        }
+    }
+
+    fn err(source: DataSource, path: &Path) -> String {
+        match load(&spec(source, path, 20, 10)) {
+            Ok(_) => panic!("expected an error for {}", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn mnist_single_pair_gzip_splits_and_resizes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("images-idx3-ubyte.gz"),
+            gzip(&idx_images(50, 28, 28)),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("labels-idx1-ubyte.gz"),
+            gzip(&idx_labels(50)),
+        )
+        .unwrap();
+        let ds = load(&spec(DataSource::Mnist, dir.path(), 30, 20)).unwrap();
+        assert_eq!((ds.train.n, ds.test.n, ds.classes), (30, 20, 10));
+        assert_eq!((ds.train.channels, ds.train.size), (1, 8));
+        assert!(ds.train.images.iter().all(|v| (0.0..=1.0).contains(v)));
+        // the same seed gives the same split; another seed another one
+        let again = load(&spec(DataSource::Mnist, dir.path(), 30, 20)).unwrap();
+        assert_eq!(ds.fingerprint, again.fingerprint);
+        let mut other = spec(DataSource::Mnist, dir.path(), 30, 20);
+        other.seed = 1;
+        assert_ne!(load(&other).unwrap().fingerprint, ds.fingerprint);
+    }
+
+    #[test]
+    fn mnist_train_and_t10k_raw_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("train-images-idx3-ubyte"), idx_images(40, 8, 8)).unwrap();
+        std::fs::write(p.join("train-labels-idx1-ubyte"), idx_labels(40)).unwrap();
+        std::fs::write(p.join("t10k-images-idx3-ubyte"), idx_images(20, 8, 8)).unwrap();
+        std::fs::write(p.join("t10k-labels-idx1-ubyte"), idx_labels(20)).unwrap();
+        let mut s = spec(DataSource::Mnist, p, 40, 20);
+        s.classes = Some(5);
+        // only labels 0..5 are kept: 20 of 40 training images
+        let e = load(&s).err().unwrap().to_string();
+        assert!(
+            e.contains("data.train: 40 images requested") && e.contains("has 20"),
+            "{e}"
+        );
+        s.train = 20;
+        s.test = 10;
+        let ds = load(&s).unwrap();
+        assert!(ds.train.labels.iter().all(|&l| l < 5));
+        assert_eq!(ds.classes, 5);
+        // unscaled pixels are value / 255
+        assert_eq!(ds.train.size, 8);
+    }
+
+    #[test]
+    fn mnist_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = err(DataSource::Mnist, dir.path());
+        assert!(
+            e.contains("not found") && e.contains("train-images-idx3-ubyte"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("images-idx3-ubyte"), idx_images(30, 8, 8)).unwrap();
+        let e = err(DataSource::Mnist, dir.path());
+        assert!(
+            e.contains("labels-idx1-ubyte") && e.contains("not found"),
+            "{e}"
+        );
+        let e = err(DataSource::Mnist, &dir.path().join("nope"));
+        assert!(e.contains("nope: not found"), "{e}");
+    }
+
+    #[test]
+    fn mnist_wrong_magic_number() {
+        let dir = tempfile::tempdir().unwrap();
+        // labels where images belong
+        std::fs::write(dir.path().join("images-idx3-ubyte"), idx_labels(30)).unwrap();
+        std::fs::write(dir.path().join("labels-idx1-ubyte"), idx_labels(30)).unwrap();
+        let e = err(DataSource::Mnist, dir.path());
+        assert!(
+            e.contains("images-idx3-ubyte: wrong magic number 0x00000801 (expected 0x00000803)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mnist_truncated_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut images = idx_images(30, 8, 8);
+        images.truncate(images.len() - 5);
+        std::fs::write(dir.path().join("images-idx3-ubyte"), images).unwrap();
+        std::fs::write(dir.path().join("labels-idx1-ubyte"), idx_labels(30)).unwrap();
+        let e = err(DataSource::Mnist, dir.path());
+        assert!(
+            e.contains("images-idx3-ubyte: truncated: header says 30 images of 8×8"),
+            "{e}"
+        );
+        // a cut gzip stream
+        let gz = gzip(&idx_images(30, 8, 8));
+        std::fs::remove_file(dir.path().join("images-idx3-ubyte")).unwrap();
+        std::fs::write(dir.path().join("images-idx3-ubyte.gz"), &gz[..gz.len() / 2]).unwrap();
+        let e = err(DataSource::Mnist, dir.path());
+        assert!(
+            e.contains("images-idx3-ubyte.gz: truncated: gzip stream"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mnist_size_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("train-images-idx3-ubyte"), idx_images(40, 28, 28)).unwrap();
+        std::fs::write(p.join("train-labels-idx1-ubyte"), idx_labels(40)).unwrap();
+        std::fs::write(p.join("t10k-images-idx3-ubyte"), idx_images(20, 32, 32)).unwrap();
+        std::fs::write(p.join("t10k-labels-idx1-ubyte"), idx_labels(20)).unwrap();
+        let e = err(DataSource::Mnist, p);
+        assert!(
+            e.contains("size mismatch: training images are 28×28 but test images are 32×32"),
+            "{e}"
+        );
+        // and labels that do not match the images in number
+        std::fs::write(p.join("t10k-images-idx3-ubyte"), idx_images(20, 28, 28)).unwrap();
+        std::fs::write(p.join("t10k-labels-idx1-ubyte"), idx_labels(19)).unwrap();
+        let e = err(DataSource::Mnist, p);
+        assert!(
+            e.contains("t10k-labels-idx1-ubyte: size mismatch: 19 labels for 20 images"),
+            "{e}"
+        );
+    }
+
+    fn cifar_batch(n: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for i in 0..n {
+            b.push((i % 10) as u8);
+            b.extend((0..3072).map(|j| ((i + j) % 256) as u8));
+        }
+        b
+    }
+
+    #[test]
+    fn cifar10_batches_and_truncated_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("cifar-10-batches-bin");
+        std::fs::create_dir(&d).unwrap();
+        for i in 1..=5 {
+            std::fs::write(d.join(format!("data_batch_{i}.bin")), cifar_batch(10)).unwrap();
+        }
+        std::fs::write(d.join("test_batch.bin"), cifar_batch(20)).unwrap();
+        let ds = load(&spec(DataSource::Cifar10, dir.path(), 40, 15)).unwrap();
+        assert_eq!(
+            (ds.train.n, ds.test.n, ds.train.channels, ds.train.size),
+            (40, 15, 3, 8)
+        );
+        let mut cut = cifar_batch(10);
+        cut.truncate(cut.len() - 100);
+        std::fs::write(d.join("data_batch_3.bin"), cut).unwrap();
+        let e = err(DataSource::Cifar10, dir.path());
+        assert!(
+            e.contains("data_batch_3.bin: truncated") && e.contains("3073-byte records"),
+            "{e}"
+        );
+        std::fs::remove_file(d.join("data_batch_3.bin")).unwrap();
+        let e = err(DataSource::Cifar10, dir.path());
+        assert!(e.contains("data_batch_3.bin: cannot read"), "{e}");
+    }
+
+    fn write_png(path: &Path, w: u32, h: u32, shade: u8) {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([shade, (x * 7) as u8, (y * 5) as u8])
+        })
+        .save(path)
+        .unwrap();
+    }
+
+    #[test]
+    fn image_folder_resizes_crops_and_reads_jpeg() {
+        let dir = tempfile::tempdir().unwrap();
+        for (c, shade) in [("cats", 30u8), ("dogs", 220)] {
+            let d = dir.path().join(c);
+            std::fs::create_dir(&d).unwrap();
+            for i in 0..6 {
+                write_png(&d.join(format!("{i}.png")), 20 + i, 12, shade);
+            }
+            image::RgbImage::from_pixel(16, 16, image::Rgb([shade, shade, shade]))
+                .save(d.join("extra.jpg"))
+                .unwrap();
+            std::fs::write(d.join("notes.txt"), "not an image").unwrap();
+        }
+        let mut s = spec(DataSource::ImageFolder, dir.path(), 10, 4);
+        s.image_size = 8;
+        let ds = load(&s).unwrap();
+        assert_eq!(
+            (ds.classes, ds.train.n, ds.test.n, ds.train.channels),
+            (2, 10, 4, 3)
+        );
+        // red channel keeps the class shade through resizing (cats dark, dogs bright)
+        for set in [&ds.train, &ds.test] {
+            for i in 0..set.n {
+                let red = set.image(i).unwrap()[0];
+                assert_eq!(red > 0.5, set.labels[i] == 1, "image {i} red {red}");
+            }
+        }
+    }
+
+    #[test]
+    fn image_folder_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = err(DataSource::ImageFolder, dir.path());
+        assert!(e.contains("no class subfolders"), "{e}");
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        for i in 0..20 {
+            write_png(&a.join(format!("{i}.png")), 8, 8, 0);
+        }
+        let e = err(DataSource::ImageFolder, dir.path());
+        assert!(
+            e.contains("/b: class folder holds no PNG or JPEG images"),
+            "{e}"
+        );
+        for i in 0..20 {
+            write_png(&b.join(format!("{i}.png")), 8, 8, 0);
+        }
+        std::fs::write(b.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        let e = err(DataSource::ImageFolder, dir.path());
+        assert!(e.contains("broken.png: cannot decode"), "{e}");
+    }
+
+    #[test]
+    fn real_sources_need_a_path() {
+        let mut s = spec(DataSource::Mnist, Path::new("x"), 20, 10);
+        s.path = None;
+        let e = load(&s).err().unwrap().to_string();
+        assert!(
+            e.contains("data.path: required for data.source = \"mnist\""),
+            "{e}"
+        );
+    }
+}

@@ -1,6 +1,8 @@
-//! Metric math in float64: Gaussian feature statistics, Fréchet distance (FID) and Inception Score.
+//! Metric math in float64: Gaussian feature statistics, Fréchet distance (FID), FID∞, Inception
+//! Score, Kernel Inception Distance and k-NN precision / recall.
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, Side};
 use rayon::prelude::*;
 
@@ -131,11 +133,15 @@ pub fn gaussian_stats(features: &[f32], n: usize, dim: usize) -> Result<Gaussian
     for rows in features.chunks(block) {
         let count = rows.len() / dim;
         let centred = Mat::<f64>::from_fn(dim, count, |j, i| rows[i * dim + j] as f64 - mu[j]);
-        matmul(
+        // the scatter is symmetric: only its lower triangle is computed (half the flops)
+        triangular::matmul(
             scatter.as_mut(),
+            BlockStructure::TriangularLower,
             Accum::Add,
             centred.as_ref(),
+            BlockStructure::Rectangular,
             centred.transpose(),
+            BlockStructure::Rectangular,
             1.0,
             par,
         );
@@ -144,7 +150,7 @@ pub fn gaussian_stats(features: &[f32], n: usize, dim: usize) -> Result<Gaussian
     let mut sigma = vec![0f64; dim * dim];
     for i in 0..dim {
         for j in 0..dim {
-            sigma[i * dim + j] = 0.5 * (scatter[(i, j)] + scatter[(j, i)]) * scale;
+            sigma[i * dim + j] = scatter[(i.max(j), i.min(j))] * scale;
         }
     }
     Ok(Gaussian { mu, sigma, dim, n })
@@ -213,7 +219,8 @@ fn softmax_row(row: &[f32], p: &mut [f64], log_p: &mut [f64]) {
 /// Inception Score over `splits` contiguous splits of `n` rows of `classes` logits: per split
 /// exp(mean KL(p(y|x) ‖ p(y))), p(y) the split's mean prediction; returns (mean, population std)
 /// over splits. Formula of torch-fidelity's `isc_features_to_metric` (softmax in f64, split
-/// bounds i·n/splits, `np.std`); torch-fidelity first shuffles rows with NumPy seed 2020, this
+/// i of n/splits rows each (the remainder n mod splits is left out), `np.std`); torch-fidelity
+/// shuffles rows first unless `isc_samples_shuffle=False`, this
 /// function keeps the given order, so pass rows in random or class-balanced order. Terms with
 /// p = 0 count as 0 (the limit of p log p).
 pub fn inception_score(
@@ -236,7 +243,7 @@ pub fn inception_score(
     let block = BLOCK_ROWS * classes;
     let mut scores = Vec::with_capacity(splits);
     for s in 0..splits {
-        let (start, end) = (s * n / splits, (s + 1) * n / splits);
+        let (start, end) = (s * (n / splits), (s + 1) * (n / splits));
         let chunk = &logits[start * classes..end * classes];
         let rows = (end - start) as f64;
 
@@ -287,6 +294,233 @@ pub fn inception_score(
     let mean = scores.iter().sum::<f64>() / k;
     let var = scores.iter().map(|s| (s - mean) * (s - mean)).sum::<f64>() / k;
     Ok((mean, var.sqrt()))
+}
+
+/// An n×d f64 faer matrix from row-major f32 rows `rows` (a subset of `features`' rows).
+fn rows_f64(features: &[f32], dim: usize, rows: &[usize]) -> Mat<f64> {
+    Mat::from_fn(rows.len(), dim, |i, j| features[rows[i] * dim + j] as f64)
+}
+
+/// Σ over all (i, j) of k(xᵢ, yⱼ) = (xᵢ·yⱼ / d + 1)³, and the same sum restricted to i = j
+/// (meaningful when x and y are the same set), in row blocks.
+fn cubic_kernel_sums(x: &Mat<f64>, y: &Mat<f64>) -> (f64, f64) {
+    let d = x.ncols() as f64;
+    let par = faer::get_global_parallelism();
+    let (mut total, mut diag) = (0f64, 0f64);
+    let mut start = 0;
+    while start < x.nrows() {
+        let rows = BLOCK_ROWS.min(x.nrows() - start);
+        let xb = x.subrows(start, rows);
+        let mut k = Mat::<f64>::zeros(rows, y.nrows());
+        matmul(k.as_mut(), Accum::Replace, xb, y.transpose(), 1.0, par);
+        for i in 0..rows {
+            for j in 0..y.nrows() {
+                let v = (k[(i, j)] / d + 1.0).powi(3);
+                total += v;
+                if start + i == j {
+                    diag += v;
+                }
+            }
+        }
+        start += rows;
+    }
+    (total, diag)
+}
+
+/// Unbiased MMD² with the cubic polynomial kernel between two sets of rows.
+fn mmd2_unbiased(x: &Mat<f64>, y: &Mat<f64>) -> f64 {
+    let (m, n) = (x.nrows() as f64, y.nrows() as f64);
+    let (xx, xx_diag) = cubic_kernel_sums(x, x);
+    let (yy, yy_diag) = cubic_kernel_sums(y, y);
+    let (xy, _) = cubic_kernel_sums(x, y);
+    (xx - xx_diag) / (m * (m - 1.0)) + (yy - yy_diag) / (n * (n - 1.0)) - 2.0 * xy / (m * n)
+}
+
+/// Kernel Inception Distance (Bińkowski et al. 2018, torch-fidelity's `kid`): the unbiased MMD²
+/// with kernel k(x, y) = (x·y / d + 1)³, averaged over `subsets` random subsets of
+/// `subset_size` rows of each set (drawn without replacement from `seed`); returns (mean, std)
+/// over subsets. When `subset_size` is at least both set sizes the whole sets are used once
+/// (no randomness), which is torch-fidelity's value when n₁ = n₂ = subset size.
+#[allow(clippy::too_many_arguments)]
+pub fn kernel_inception_distance(
+    a: &[f32],
+    n1: usize,
+    b: &[f32],
+    n2: usize,
+    dim: usize,
+    subsets: usize,
+    subset_size: usize,
+    seed: u64,
+) -> Result<(f64, f64), MetricError> {
+    check_matrix("KID features (first set)", a, n1, dim)?;
+    check_matrix("KID features (second set)", b, n2, dim)?;
+    if subsets == 0 || subset_size < 2 {
+        return Err(MetricError::InvalidArgument(
+            "KID needs at least one subset of at least 2 rows",
+        ));
+    }
+    if subset_size >= n1 && subset_size >= n2 {
+        let all1: Vec<usize> = (0..n1).collect();
+        let all2: Vec<usize> = (0..n2).collect();
+        let v = mmd2_unbiased(&rows_f64(a, dim, &all1), &rows_f64(b, dim, &all2));
+        return Ok((v, 0.0));
+    }
+    let m = subset_size.min(n1).min(n2);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut values = Vec::with_capacity(subsets);
+    for _ in 0..subsets {
+        let i1 = rand::seq::index::sample(&mut rng, n1, m).into_vec();
+        let i2 = rand::seq::index::sample(&mut rng, n2, m).into_vec();
+        values.push(mmd2_unbiased(
+            &rows_f64(a, dim, &i1),
+            &rows_f64(b, dim, &i2),
+        ));
+    }
+    let k = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / k;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / k;
+    Ok((mean, var.sqrt()))
+}
+
+/// Squared Euclidean distances between every row of `x` and every row of `y`, one row block of
+/// `x` at a time: calls `visit(i, row)` with row i's distances to all of `y`.
+fn for_each_distance_row(x: &Mat<f64>, y: &Mat<f64>, mut visit: impl FnMut(usize, &[f64])) {
+    let par = faer::get_global_parallelism();
+    let norm = |m: &Mat<f64>| -> Vec<f64> {
+        (0..m.nrows())
+            .map(|i| (0..m.ncols()).map(|j| m[(i, j)] * m[(i, j)]).sum())
+            .collect()
+    };
+    let (nx, ny) = (norm(x), norm(y));
+    let mut row = vec![0f64; y.nrows()];
+    let mut start = 0;
+    while start < x.nrows() {
+        let rows = BLOCK_ROWS.min(x.nrows() - start);
+        let mut g = Mat::<f64>::zeros(rows, y.nrows());
+        matmul(
+            g.as_mut(),
+            Accum::Replace,
+            x.subrows(start, rows),
+            y.transpose(),
+            1.0,
+            par,
+        );
+        for i in 0..rows {
+            for (j, r) in row.iter_mut().enumerate() {
+                *r = (nx[start + i] + ny[j] - 2.0 * g[(i, j)]).max(0.0);
+            }
+            visit(start + i, &row);
+        }
+        start += rows;
+    }
+}
+
+/// Squared distance of each row to its k-th nearest neighbour in the same set (itself excluded).
+fn knn_radii(x: &Mat<f64>, k: usize) -> Vec<f64> {
+    let mut radii = vec![0f64; x.nrows()];
+    for_each_distance_row(x, x, |i, row| {
+        let mut r = row.to_vec();
+        r[i] = f64::NEG_INFINITY; // itself: sorts first, so index k is the k-th neighbour
+        let (_, kth, _) = r.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+        radii[i] = *kth;
+    });
+    radii
+}
+
+/// Share of rows of `queries` inside the manifold of `support` (the union of balls around each
+/// support row reaching its k-th nearest neighbour).
+fn manifold_coverage(queries: &Mat<f64>, support: &Mat<f64>, radii: &[f64]) -> f64 {
+    let mut inside = 0usize;
+    for_each_distance_row(queries, support, |_, row| {
+        if row.iter().zip(radii).any(|(d, r)| d <= r) {
+            inside += 1;
+        }
+    });
+    inside as f64 / queries.nrows() as f64
+}
+
+/// Improved precision and recall (Kynkäänniemi et al. 2019, torch-fidelity's `prc`) with
+/// `k`-nearest-neighbour manifolds: precision = share of generated samples inside the real
+/// manifold, recall = share of real samples inside the generated manifold. Returns
+/// (precision, recall).
+pub fn precision_recall(
+    real: &[f32],
+    n_real: usize,
+    generated: &[f32],
+    n_generated: usize,
+    dim: usize,
+    k: usize,
+) -> Result<(f64, f64), MetricError> {
+    check_matrix("precision/recall real features", real, n_real, dim)?;
+    check_matrix(
+        "precision/recall generated features",
+        generated,
+        n_generated,
+        dim,
+    )?;
+    if k == 0 {
+        return Err(MetricError::InvalidArgument("k must be positive"));
+    }
+    for (what, n) in [
+        ("precision/recall real features", n_real),
+        ("precision/recall generated features", n_generated),
+    ] {
+        if n <= k {
+            return Err(MetricError::TooFewSamples {
+                what,
+                n,
+                min: k + 1,
+            });
+        }
+    }
+    let r = rows_f64(real, dim, &(0..n_real).collect::<Vec<_>>());
+    let g = rows_f64(generated, dim, &(0..n_generated).collect::<Vec<_>>());
+    let real_radii = knn_radii(&r, k);
+    let gen_radii = knn_radii(&g, k);
+    let precision = manifold_coverage(&g, &r, &real_radii);
+    let recall = manifold_coverage(&r, &g, &gen_radii);
+    Ok((precision, recall))
+}
+
+/// FID∞ (Chong & Forsyth 2020): FID is biased in 1/N; evaluate it on `points` random subsets of
+/// sizes evenly spaced from `min_n` to n, fit FID = a + b / N by least squares and return the
+/// intercept a (the FID of infinitely many samples) with the fitted points (N, FID).
+pub fn fid_infinity(
+    features: &[f32],
+    n: usize,
+    dim: usize,
+    reference: &Gaussian,
+    min_n: usize,
+    points: usize,
+    seed: u64,
+) -> Result<(f64, Vec<(usize, f64)>), MetricError> {
+    check_matrix("FID∞ features", features, n, dim)?;
+    if points < 2 || min_n < 2 || min_n >= n {
+        return Err(MetricError::InvalidArgument(
+            "FID∞ needs at least 2 points and 2 ≤ min_n < n",
+        ));
+    }
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut fitted = Vec::with_capacity(points);
+    for p in 0..points {
+        let size = min_n + (n - min_n) * p / (points - 1);
+        let mut idx = rand::seq::index::sample(&mut rng, n, size).into_vec();
+        idx.sort_unstable();
+        let subset: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| features[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let stats = gaussian_stats(&subset, size, dim)?;
+        fitted.push((size, frechet_distance(&stats, reference)?));
+    }
+    let xs: Vec<f64> = fitted.iter().map(|(s, _)| 1.0 / *s as f64).collect();
+    let ys: Vec<f64> = fitted.iter().map(|(_, f)| *f).collect();
+    let k = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / k, ys.iter().sum::<f64>() / k);
+    let sxy: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let sxx: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    Ok((my - slope * mx, fitted))
 }
 
 #[cfg(test)]
@@ -612,7 +846,7 @@ mod tests {
         let (mean, std) = inception_score(&logits, n, c, splits).expect("is");
         let mut scores = Vec::new();
         for s in 0..splits {
-            let rows: Vec<Vec<f64>> = (s * n / splits..(s + 1) * n / splits)
+            let rows: Vec<Vec<f64>> = (s * (n / splits)..(s + 1) * (n / splits))
                 .map(|r| {
                     let row = &logits[r * c..(r + 1) * c];
                     let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
@@ -657,5 +891,60 @@ mod tests {
             inception_score(&bad, 5, 4, 2),
             Err(MetricError::NonFinite { .. })
         ));
+    }
+
+    #[test]
+    fn kid_whole_sets_and_subsets() {
+        let d = 6;
+        let a = random_features(400, d, 20);
+        let b = random_features(300, d, 20); // same distribution (same mixing seed)
+        let mut shifted = random_features(300, d, 20);
+        shifted.iter_mut().for_each(|v| *v += 1.5);
+        let (same, s0) = kernel_inception_distance(&a, 400, &b, 300, d, 1, 1000, 0).expect("kid");
+        assert_eq!(s0, 0.0);
+        let (far, _) =
+            kernel_inception_distance(&a, 400, &shifted, 300, d, 1, 1000, 0).expect("kid");
+        assert!(far > 10.0 * same.abs(), "{far} vs {same}");
+        let (m, sd) =
+            kernel_inception_distance(&a, 400, &shifted, 300, d, 20, 100, 7).expect("kid");
+        assert!(
+            m > 0.0 && sd > 0.0 && (m - far).abs() < 0.5 * far,
+            "{m} ± {sd} vs {far}"
+        );
+        assert!(matches!(
+            kernel_inception_distance(&a, 400, &b, 300, d, 0, 100, 0),
+            Err(MetricError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn precision_recall_of_identical_and_disjoint_sets() {
+        let d = 4;
+        let a = random_features(200, d, 30);
+        assert_eq!(
+            precision_recall(&a, 200, &a, 200, d, 3).expect("prc"),
+            (1.0, 1.0)
+        );
+        let far: Vec<f32> = a.iter().map(|v| v + 1e3).collect();
+        assert_eq!(
+            precision_recall(&a, 200, &far, 200, d, 3).expect("prc"),
+            (0.0, 0.0)
+        );
+        assert!(matches!(
+            precision_recall(&a[..3 * d], 3, &a, 200, d, 3),
+            Err(MetricError::TooFewSamples { .. })
+        ));
+    }
+
+    #[test]
+    fn fid_infinity_removes_the_small_sample_bias() {
+        let d = 8;
+        let reference = gaussian_stats(&random_features(20_000, d, 40), 20_000, d).expect("stats");
+        let x = random_features(2000, d, 40);
+        let (fid_inf, points) = fid_infinity(&x, 2000, d, &reference, 100, 5, 1).expect("fid∞");
+        assert_eq!(points.len(), 5);
+        assert_eq!(points[0].0, 100);
+        assert_eq!(points[4].0, 2000);
+        assert!(fid_inf < points[0].1, "{fid_inf} vs {:?}", points);
     }
 }

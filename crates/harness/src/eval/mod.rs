@@ -1,5 +1,8 @@
-//! Evaluation: the feature net (a small classifier trained on the data set's training split, since
-//! synthetic data has no standard one), feature extraction, and FID / IS in float64.
+//! Evaluation: the feature nets (the Inception-v3 FID network, or a small classifier trained on
+//! the data set's training split for data without a standard one), feature extraction, and the
+//! metrics (FID, IS, KID, precision / recall) in float64.
+pub mod extractor;
+pub mod inception;
 pub mod metrics;
 
 use std::path::Path;
@@ -7,6 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use models::classifier::Classifier;
+use models::inception::{Convention, InceptionV3};
 use models::init::seeded_var_builder;
 use models::Rng;
 
@@ -22,6 +26,10 @@ pub enum EvalError {
     Metric(#[from] metrics::MetricError),
     #[error("feature net weights {path}: {message}")]
     Weights { path: String, message: String },
+    #[error("reference statistics {path}: {message}")]
+    Stats { path: String, message: String },
+    #[error("{0}")]
+    Input(String),
 }
 
 /// The classifier used as feature net: 2-D features for FID, logits for IS.
@@ -158,30 +166,114 @@ impl FeatureNet {
     }
 }
 
-/// FID and IS of generated images against reference statistics.
+/// The feature net an evaluation uses.
+pub enum Net {
+    /// the harness's classifier, on the [0, 1] float images directly
+    Classifier(Box<FeatureNet>),
+    /// the Inception-v3 FID network, on the images quantised to 8 bits as PNGs would be
+    Inception {
+        net: Box<InceptionV3>,
+        convention: Convention,
+    },
+}
+
+impl Net {
+    /// (features n × dim, logits n × classes, dim, classes) of every image of a set.
+    pub fn features(&self, set: &ImageSet) -> Result<extractor::Features, EvalError> {
+        match self {
+            Net::Classifier(f) => {
+                let (feats, logits) = f.extract(set)?;
+                Ok(extractor::Features {
+                    feats,
+                    logits,
+                    n: set.n,
+                    dim: f.model.feature_dim,
+                    classes: f.model.num_classes,
+                })
+            }
+            Net::Inception { net, convention } => {
+                let images = inception::ImagesU8::from_unit_floats(
+                    &set.images,
+                    set.n,
+                    set.channels,
+                    set.size,
+                )?;
+                let f = inception::extract(net, &images, *convention, 16)?;
+                Ok(extractor::Features {
+                    feats: f.pool,
+                    logits: f.logits,
+                    n: f.n,
+                    dim: models::inception::FEATURE_DIM,
+                    classes: models::inception::LOGIT_DIM,
+                })
+            }
+        }
+    }
+
+    /// `torch-fidelity` / `pytorch-fid` for Inception, `unit` for the classifier's [0, 1] inputs.
+    pub fn convention(&self) -> &'static str {
+        match self {
+            Net::Classifier(_) => "unit",
+            Net::Inception { convention, .. } => convention.as_str(),
+        }
+    }
+}
+
+/// A feature net with the reference statistics and features of a data set's held-out split.
+pub struct EvalNet {
+    pub net: Net,
+    /// the `feature_net` column of eval rows: `classifier:DATASET` or `inception`
+    pub name: String,
+    /// (data set, split, feature net, convention) of the reference statistics
+    pub reference_id: String,
+    pub reference: metrics::Gaussian,
+    pub reference_features: Vec<f32>,
+}
+
+/// Every metric of generated images against the reference split.
 #[derive(Debug, Clone)]
 pub struct Scores {
     pub fid: f64,
     pub is_mean: f64,
     pub is_std: f64,
+    pub kid: f64,
+    pub kid_std: f64,
+    pub precision: f64,
+    pub recall: f64,
     pub samples: usize,
 }
 
-pub fn score(
-    net: &FeatureNet,
-    reference: &metrics::Gaussian,
-    generated: &ImageSet,
-    is_splits: usize,
-) -> Result<Scores, EvalError> {
-    let (feats, logits) = net.extract(generated)?;
-    let stats = metrics::gaussian_stats(&feats, generated.n, net.model.feature_dim)?;
-    let fid = metrics::frechet_distance(&stats, reference)?;
-    let classes = logits.len() / generated.n.max(1);
-    let (is_mean, is_std) = metrics::inception_score(&logits, generated.n, classes, is_splits)?;
+/// KID subsets and subset size (torch-fidelity's defaults), and k of precision / recall.
+pub const KID_SUBSETS: usize = 100;
+pub const KID_SUBSET_SIZE: usize = 1000;
+pub const PRC_K: usize = 3;
+
+pub fn score(net: &EvalNet, generated: &ImageSet, is_splits: usize) -> Result<Scores, EvalError> {
+    let f = net.net.features(generated)?;
+    let stats = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
+    let fid = metrics::frechet_distance(&stats, &net.reference)?;
+    let (is_mean, is_std) = metrics::inception_score(&f.logits, f.n, f.classes, is_splits)?;
+    let n_ref = net.reference.n;
+    let (kid, kid_std) = metrics::kernel_inception_distance(
+        &f.feats,
+        f.n,
+        &net.reference_features,
+        n_ref,
+        f.dim,
+        KID_SUBSETS,
+        KID_SUBSET_SIZE,
+        0,
+    )?;
+    let (precision, recall) =
+        metrics::precision_recall(&net.reference_features, n_ref, &f.feats, f.n, f.dim, PRC_K)?;
     Ok(Scores {
         fid,
         is_mean,
         is_std,
-        samples: generated.n,
+        kid,
+        kid_std,
+        precision,
+        recall,
+        samples: f.n,
     })
 }

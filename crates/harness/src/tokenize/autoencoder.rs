@@ -276,3 +276,98 @@ pub fn load(
         .unwrap_or(1.0) as f64;
     build(spec, channels, tensors, scale, device).map_err(|e| file_err(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{TokenData, Tokenizer};
+    use super::*;
+    use crate::data::synthetic::{generate, SyntheticConfig};
+
+    fn spec(kind: &str, steps: usize) -> TokenizerSpec {
+        let src = format!(
+            "kind = \"{kind}\"\ndownsample = 4\nwidth = 8\nlatent_dim = 4\ncodebook = 32\n\
+             restart_every = 10\nsteps = {steps}\nbatch = 16\nlr = 3e-3\n"
+        );
+        toml::from_str(&src).unwrap()
+    }
+
+    fn data() -> (ImageSet, ImageSet) {
+        generate(&SyntheticConfig {
+            classes: 4,
+            image_size: 16,
+            train: 200,
+            test: 40,
+            seed: 3,
+        })
+    }
+
+    /// Reconstruction MSE on the held-out split after `steps` steps.
+    fn mse_after(kind: &str, steps: usize) -> (f64, Tokenizer, Vec<usize>) {
+        let (train, test) = data();
+        let mut logged = Vec::new();
+        let tok = Tokenizer::fit(&spec(kind, steps), &train, 0, &Device::Cpu, &mut |s, _| {
+            logged.push(s)
+        })
+        .unwrap();
+        let (rec, mse, _) = tok.reconstruct(&test).unwrap();
+        assert_eq!((rec.n, rec.channels, rec.size), (40, 3, 16));
+        (mse, tok, logged)
+    }
+
+    #[test]
+    fn kl_reconstruction_improves_with_training() {
+        let (before, _, _) = mse_after("kl", 1);
+        let (after, tok, logged) = mse_after("kl", 60);
+        assert!(after < 0.7 * before, "MSE {before} → {after}");
+        assert_eq!(logged, vec![25, 50, 60]);
+        // tokens are the scaled posterior means: unit standard deviation over the training split
+        let (train, _) = data();
+        let TokenData::Continuous(v) = tok.encode(&train).unwrap() else {
+            panic!("KL tokens are continuous")
+        };
+        assert_eq!(v.len(), 200 * tok.seq_len() * tok.token_dim());
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!((var.sqrt() - 1.0).abs() < 1e-3, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn vq_reconstruction_improves_and_codes_are_used() {
+        let (before, _, _) = mse_after("vq", 1);
+        let (after, tok, _) = mse_after("vq", 60);
+        assert!(after < 0.7 * before, "MSE {before} → {after}");
+        let (train, _) = data();
+        let codes = tok.encode(&train).unwrap();
+        assert!(matches!(codes, TokenData::Discrete(ref c) if c.len() == 200 * 16));
+        let (used, perplexity) = tok.usage(&codes).unwrap();
+        // dead-code restarts keep more than a handful of the 32 codes alive
+        assert!(
+            used >= 8 && perplexity > 4.0,
+            "used {used}, perplexity {perplexity}"
+        );
+    }
+
+    #[test]
+    fn save_and_load_give_the_same_tokens() {
+        let (_, tok, _) = mse_after("vq", 5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::load(&spec("vq", 5), 3, 16, &path, &Device::Cpu).unwrap();
+        let (_, test) = data();
+        let (a, b) = (tok.encode(&test).unwrap(), back.encode(&test).unwrap());
+        match (a, b) {
+            (TokenData::Discrete(a), TokenData::Discrete(b)) => assert_eq!(a, b),
+            _ => panic!("VQ tokens are discrete"),
+        }
+        // a file missing a weight names it
+        let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        t.remove("decoder.conv_out.weight");
+        candle_core::safetensors::save(&t, &path).unwrap();
+        let e = Tokenizer::load(&spec("vq", 5), 3, 16, &path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("decoder.conv_out.weight"), "{e}");
+    }
+}
