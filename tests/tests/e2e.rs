@@ -869,3 +869,47 @@ fn fid_errors_are_clear() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--convention"), "{}", stderr(&out));
 }
+
+#[test]
+fn eval_every_records_fid_over_training_and_plots_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let out = ablate(
+        root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "eval.every_count=10",
+            "--set",
+            "seeds=[0,1]",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database");
+    for r in db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .iter()
+        .filter(|r| r.kind == "generator")
+    {
+        let fids: Vec<(i64, i64)> = db
+            .evals_for_run(r.id)
+            .expect("evals")
+            .into_iter()
+            .filter(|e| e.metric == "fid")
+            .map(|e| (e.step, e.sample_count))
+            .collect();
+        // steps 2 and 4 during training with 10 samples, step 6 (the end) with all 20
+        assert_eq!(fids, vec![(2, 10), (4, 10), (6, 20)], "{}", r.name);
+    }
+    let report = root.join("reports/tiny");
+    assert!(report.join("fid_over_training.svg").exists());
+    let html = std::fs::read_to_string(report.join("report.html")).expect("html");
+    assert!(
+        html.contains("FID over training steps"),
+        "plot in the HTML report"
+    );
+}

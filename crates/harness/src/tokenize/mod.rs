@@ -15,9 +15,6 @@ use models::autoencoder::{code_usage, Autoencoder};
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
 
-/// Receives (step, [(metric, value)]) while a tokenizer trains.
-pub type TrainLog<'a> = dyn FnMut(usize, &[(&'static str, f64)]) + 'a;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
     #[error(transparent)]
@@ -67,6 +64,9 @@ pub struct Tokenizer {
     pub size: usize,
     pub backend: Backend,
 }
+
+/// Receives training metrics: (step, [(key, value)]).
+pub type TrainLog<'a> = dyn FnMut(usize, &[(&'static str, f64)]) + 'a;
 
 /// Images per forward pass when encoding or decoding with an autoencoder.
 const AE_BATCH: usize = 256;
