@@ -426,6 +426,78 @@ fn small_mar_matches_the_reference() {
     check_key(&f, "output.first_step_z", &z, tol);
 }
 
+/// `ablate import` of the reference-format checkpoint made from mar_small's weights
+/// (tests/fixtures/mar_small.pth), loaded back by `harness::checkpoint`, reproduces the reference
+/// encoder and decoder outputs; its EMA weights (a perturbed copy) do not.
+#[test]
+fn imported_reference_checkpoint_reproduces_the_reference_mar() {
+    // the .pth was made from this copy of the fixture, whatever ABLATE_PARITY_DIR says
+    let dir = ablate_tests::workspace_root().join("tests/fixtures/parity");
+    let file = "mar_small.safetensors";
+    let tol = tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let f = load(&dir, file);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().join("imported");
+    let out = ablate_tests::ablate(
+        tmp.path(),
+        &[
+            "import",
+            "tests/fixtures/mar_small.pth",
+            "--out",
+            out_dir.to_str().expect("utf-8 path"),
+            "--heads",
+            "4",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "ablate import failed:\n{}",
+        ablate_tests::stderr(&out)
+    );
+    let cfg_path = out_dir.join("config.json");
+    let config = harness::checkpoint::read_config(&cfg_path).expect("config.json");
+    let forward = |weights: &str| {
+        let mar = harness::checkpoint::load_mar(
+            &out_dir.join(weights),
+            &config,
+            &cfg_path,
+            None,
+            &Device::Cpu,
+        )
+        .expect("load the imported MAR");
+        let tokens =
+            models::mar::patchify(&f["input.latents"], config.patch_size).expect("patchify");
+        let labels: Vec<u32> = f["input.labels"]
+            .to_vec1::<i64>()
+            .expect("labels")
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let mask: Vec<bool> = f64s(&f["input.mask"])
+            .into_iter()
+            .map(|v| v > 0.5)
+            .collect();
+        let class = mar
+            .class_embedding(&labels, false)
+            .expect("class embedding");
+        let enc = mar
+            .forward_encoder(&models::Tokens::Continuous(tokens), &mask, &class)
+            .expect("encoder");
+        let z = mar.forward_decoder(&enc, &mask).expect("decoder");
+        (enc, z)
+    };
+    let (enc, z) = forward("model.safetensors");
+    check_key(&f, "output.encoder_out", &enc, tol);
+    check_key(&f, "output.z", &z, tol);
+    let (_, z_ema) = forward("model_ema.safetensors");
+    let (v, _) = worst_violation(&f64s(&z_ema), &f64s(&f["output.z"]), tol.0, tol.1);
+    assert!(v > 0.0, "the EMA weights are a different (perturbed) set");
+}
+
 /// The Inception-v3 FID network, loaded by the harness's loader (the code that reads the real
 /// weight file), against torch-fidelity and pytorch-fid on every input of the fixture.
 #[test]

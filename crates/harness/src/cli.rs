@@ -1,5 +1,5 @@
 //! The command line: `ablate run | plan | report | list | show | compare | baseline | check | fid
-//! | bench`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
+//! | bench | import | sample`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -126,6 +126,95 @@ pub enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Convert an official MAR PyTorch checkpoint (.pth) to safetensors plus config.json
+    ///
+    /// Reads the dict the official MAR code saves ({'model', 'model_ema', 'optimizer', 'epoch',
+    /// 'args'}), infers the MAR configuration from the tensor shapes (widths, depths, sequence
+    /// length, buffer size, token width, class count, Diffusion Loss width and depth), checks every
+    /// tensor our MAR needs (names are the reference state_dict names) and writes
+    /// OUT/model.safetensors, OUT/model_ema.safetensors and OUT/config.json. Nothing is written
+    /// when anything is missing or mis-shaped.
+    Import {
+        /// The checkpoint, e.g. checkpoint-last.pth
+        checkpoint: PathBuf,
+        /// Output folder (default: the checkpoint's path without its extension)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Attention heads of encoder and decoder (not stored in the weights; default: the
+        /// reference model's from the checkpoint's args.model, else width / 64)
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Patch size over the tokenizer latents (default: args.patch_size, else 1)
+        #[arg(long)]
+        patch_size: Option<usize>,
+        /// Tokenizer stride, to state img_size (default: args.vae_stride, else 16, the KL-16 VAE)
+        #[arg(long)]
+        vae_stride: Option<usize>,
+        /// Diffusion Loss noise draws per token in training (default: args, else 4)
+        #[arg(long)]
+        diffusion_batch_mul: Option<usize>,
+        /// Diffusion Loss sampling steps (default: args.num_sampling_steps, else 100)
+        #[arg(long)]
+        num_sampling_steps: Option<String>,
+    },
+    /// Sample tokens from imported MAR weights (see `ablate import`) with ablate's MAR sampler
+    ///
+    /// Writes OUT (safetensors) with `tokens` (B, L, token_dim), the same as tokenizer latents
+    /// `latents` (B, C, H, W) (the reference's unpatchify) and `labels` (B). Images are not
+    /// decoded: the reference's KL-16 VAE is not part of ablate; the official code decodes
+    /// `latents / 0.2325` with it.
+    Sample {
+        /// An imported folder (uses model_ema.safetensors, or model.safetensors with --no-ema)
+        /// or one safetensors file
+        #[arg(long, value_name = "DIR_OR_FILE")]
+        weights: PathBuf,
+        /// The config.json (default: the one in the folder / beside the file)
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Use the trained weights (`model`) instead of their EMA (`model_ema`)
+        #[arg(long)]
+        no_ema: bool,
+        /// Class labels to sample, comma-separated; cycled to --count (default: all classes)
+        #[arg(long, value_delimiter = ',')]
+        classes: Vec<u32>,
+        /// Number of samples (default: one per class of --classes, or per class of the model)
+        #[arg(long)]
+        count: Option<usize>,
+        /// MAR sampling steps (clamped to the number of tokens)
+        #[arg(long, default_value_t = 64)]
+        mar_steps: usize,
+        /// Classifier-free guidance scale (1 = none)
+        #[arg(long, default_value_t = 1.0)]
+        cfg: f64,
+        /// How the guidance scale grows over the steps
+        #[arg(long, value_enum, default_value = "linear")]
+        cfg_schedule: CfgScheduleArg,
+        /// Temperature of the Diffusion Loss sampler
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Diffusion Loss sampling steps (default: config.json's num_sampling_steps)
+        #[arg(long)]
+        diffusion_steps: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images sampled together
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// cpu or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Output safetensors file
+        #[arg(long, value_name = "FILE", default_value = "samples.safetensors")]
+        out: PathBuf,
+    },
+}
+
+/// `ablate sample --cfg-schedule`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CfgScheduleArg {
+    /// 1 + (s − 1) · share of tokens already generated (the reference)
+    Linear,
+    Constant,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +257,8 @@ pub struct UsageError(pub String);
 fn is_usage(e: &anyhow::Error) -> bool {
     e.downcast_ref::<spec::SpecError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
+        || e.downcast_ref::<crate::checkpoint::CheckpointError>()
+            .is_some()
         || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
             .is_some_and(reports::Error::is_usage)
@@ -210,6 +301,64 @@ pub fn main() -> i32 {
             eprintln!("error: {e:#}");
             code
         }
+    }
+}
+
+/// The summary of `ablate import`.
+fn print_import(checkpoint: &std::path::Path, r: &crate::checkpoint::ImportReport) {
+    println!("checkpoint: {}", checkpoint.display());
+    println!(
+        "  entries: {}{}",
+        r.entries.join(", "),
+        r.epoch.map(|e| format!(" (epoch {e})")).unwrap_or_default()
+    );
+    for (key, n) in &r.tensors {
+        println!("  {key}: {n} tensors");
+    }
+    if !r.has_ema {
+        println!("  no 'model_ema' entry: only model.safetensors written (sample with --no-ema)");
+    }
+    println!(
+        "parameters: {} ({:.2} M)",
+        r.parameters,
+        r.parameters as f64 / 1e6
+    );
+    let c = &r.config;
+    println!(
+        "config: encoder {}×{} ({} heads), decoder {}×{} ({} heads), mlp ratio {}, {} tokens \
+         ({}×{} grid, patch {}) of width {}, buffer {}, {} classes, Diffusion Loss {}×{} \
+         (learn sigma {}), img_size {} at vae_stride {}",
+        c.encoder_depth,
+        c.encoder_embed_dim,
+        c.encoder_num_heads,
+        c.decoder_depth,
+        c.decoder_embed_dim,
+        c.decoder_num_heads,
+        c.mlp_ratio,
+        c.seq_len,
+        c.grid_side(),
+        c.grid_side(),
+        c.patch_size,
+        c.token_embed_dim,
+        c.buffer_size,
+        c.class_num,
+        c.diffloss_d,
+        c.diffloss_w,
+        c.learn_sigma,
+        c.img_size,
+        c.vae_stride
+    );
+    if r.unused.is_empty() {
+        println!("unused: none (every tensor of 'model' is used)");
+    } else {
+        println!(
+            "unused by ablate's MAR ({}): {}",
+            r.unused.len(),
+            r.unused.join(", ")
+        );
+    }
+    for f in &r.files {
+        println!("wrote: {}", f.display());
     }
 }
 
@@ -549,6 +698,157 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 let line = crate::bench::run(w, &dev, &device, steps, precision)?;
                 println!("{line}");
             }
+            Ok(0)
+        }
+        Command::Import {
+            checkpoint,
+            out,
+            heads,
+            patch_size,
+            vae_stride,
+            diffusion_batch_mul,
+            num_sampling_steps,
+        } => {
+            let out = out.unwrap_or_else(|| checkpoint.with_extension(""));
+            if out == checkpoint {
+                return Err(UsageError(format!(
+                    "{}: give --out (the default output folder is the checkpoint path without \
+                     its extension)",
+                    checkpoint.display()
+                ))
+                .into());
+            }
+            let opts = crate::checkpoint::ImportOptions {
+                heads,
+                patch_size,
+                vae_stride,
+                diffusion_batch_mul,
+                num_sampling_steps,
+            };
+            let r = crate::checkpoint::import(&checkpoint, &out, &opts)?;
+            print_import(&checkpoint, &r);
+            Ok(0)
+        }
+        Command::Sample {
+            weights,
+            config,
+            no_ema,
+            classes,
+            count,
+            mar_steps,
+            cfg,
+            cfg_schedule,
+            temperature,
+            diffusion_steps,
+            seed,
+            batch,
+            device,
+            out,
+        } => {
+            let dev = crate::runner::parse_device(&device)?;
+            let (file, cfg_path) =
+                crate::checkpoint::resolve_weights(&weights, config.as_deref(), !no_ema)?;
+            let mc = crate::checkpoint::read_config(&cfg_path)?;
+            if let Some(&c) = classes.iter().find(|&&c| c as usize >= mc.class_num) {
+                return Err(UsageError(format!(
+                    "--classes: class {c} is out of range: the model has {} classes (0..{})",
+                    mc.class_num,
+                    mc.class_num - 1
+                ))
+                .into());
+            }
+            let classes: Vec<u32> = if classes.is_empty() {
+                (0..mc.class_num as u32).collect()
+            } else {
+                classes
+            };
+            let count = count.unwrap_or(classes.len());
+            if count == 0 || batch == 0 || mar_steps == 0 {
+                return Err(
+                    UsageError("--count, --batch and --mar-steps must be positive".into()).into(),
+                );
+            }
+            if temperature <= 0.0 || cfg < 0.0 {
+                return Err(UsageError(
+                    "--temperature must be positive and --cfg non-negative".into(),
+                )
+                .into());
+            }
+            let mar = crate::checkpoint::load_mar(&file, &mc, &cfg_path, diffusion_steps, &dev)?;
+            let labels: Vec<u32> = (0..count).map(|i| classes[i % classes.len()]).collect();
+            let opts = models::SampleOptions {
+                num_iter: mar_steps.min(mc.seq_len),
+                cfg,
+                cfg_schedule: match cfg_schedule {
+                    CfgScheduleArg::Linear => models::generator::CfgSchedule::Linear,
+                    CfgScheduleArg::Constant => models::generator::CfgSchedule::Constant,
+                },
+                temperature,
+            };
+            let mut rng = models::Rng::new(seed);
+            let started = std::time::Instant::now();
+            let mut parts = Vec::new();
+            for chunk in labels.chunks(batch) {
+                match mar.sample(chunk, &opts, &mut rng)? {
+                    models::Tokens::Continuous(t) => {
+                        parts.push(t.to_dtype(candle_core::DType::F32)?)
+                    }
+                    models::Tokens::Discrete(_) => anyhow::bail!("the MAR sampled discrete tokens"),
+                }
+                if !cli.quiet {
+                    eprintln!(
+                        "sampled {}/{count} in {:.1} s",
+                        parts.iter().map(|p| p.dim(0).unwrap_or(0)).sum::<usize>(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            let tokens =
+                candle_core::Tensor::cat(&parts, 0)?.to_device(&candle_core::Device::Cpu)?;
+            let latents = models::mar::unpatchify(&tokens, mc.patch_size)?;
+            let label_t = candle_core::Tensor::from_vec(
+                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
+                count,
+                &candle_core::Device::Cpu,
+            )?;
+            let tensors: std::collections::HashMap<String, candle_core::Tensor> = [
+                ("tokens".to_string(), tokens.clone()),
+                ("latents".to_string(), latents.clone()),
+                ("labels".to_string(), label_t),
+            ]
+            .into_iter()
+            .collect();
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            crate::checkpoint::save_safetensors_atomic(&tensors, &out)?;
+            println!(
+                "weights: {} ({})",
+                file.display(),
+                if weights.is_dir() {
+                    if no_ema {
+                        "model"
+                    } else {
+                        "model_ema"
+                    }
+                } else {
+                    "file"
+                }
+            );
+            println!(
+                "sampled {count} image(s) of classes {:?}: {} MAR steps, cfg {cfg} ({:?}), temperature {temperature}, seed {seed}",
+                classes,
+                opts.num_iter,
+                cfg_schedule
+            );
+            println!(
+                "wrote {}: tokens {:?}, latents {:?}, labels [{count}]",
+                out.display(),
+                tokens.dims(),
+                latents.dims()
+            );
+            println!("note: images are not decoded (the reference KL-16 VAE is not part of ablate); the official code decodes latents / 0.2325");
             Ok(0)
         }
         Command::Compare { run_a, run_b } => {

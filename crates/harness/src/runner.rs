@@ -128,6 +128,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
     anyhow::bail!("device '{name}': expected 'cpu' or 'cuda:N'")
 }
 
+/// A tokenizer fit: its run, its seed and where its file goes.
+struct TokenizerJob<'a> {
+    id: i64,
+    seed: u64,
+    path: &'a Path,
+}
+
 /// What happened to each planned run.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -337,7 +344,12 @@ impl Runner {
             let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
-            self.fit_tokenizer(id, run, seed, ds, fnet, &path, device)?
+            let job = TokenizerJob {
+                id,
+                seed,
+                path: &path,
+            };
+            self.fit_tokenizer(&job, run, ds, fnet, device)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
@@ -349,14 +361,13 @@ impl Runner {
     /// tokenizer and the training split's tokens.
     fn fit_tokenizer(
         &self,
-        id: i64,
+        job: &TokenizerJob,
         run: &PlannedRun,
-        seed: u64,
         ds: &Dataset,
         fnet: &EvalNet,
-        path: &Path,
         device: &Device,
     ) -> Result<(Tokenizer, TokenData)> {
+        let TokenizerJob { id, seed, path } = *job;
         let tspec = run.tokenizer();
         self.start(id, &device_label(device))?;
         let t0 = Instant::now();
@@ -686,6 +697,22 @@ impl Runner {
         // weights live under the training identity, shared by runs that only sample differently
         let dir = self.layout.run_dir(&run.train_hash());
         let out_dir = self.layout.run_dir(hash);
+        let settings = eval_settings(run, &ds, &fnet);
+        let db = &self.db;
+        let mut on_eval = |step: usize, varmap: &VarMap, ema: Option<&Ema>| -> Result<()> {
+            // the model as it would be evaluated now: EMA weights when there are some
+            let vb = match ema {
+                Some(ema) => {
+                    candle_nn::VarBuilder::from_tensors(ema.tensors(), DType::F32, &device)
+                }
+                None => models::init::frozen_var_builder(varmap, DType::F32, &device)?,
+            };
+            let model = Generator::new(&cfg, vb)?;
+            let count = run.spec.eval.every_count.unwrap_or(run.spec.sample.count);
+            let samples = sample_images(&model, tokenizer, run, ds.classes, count, true)?;
+            let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
+            record_scores(db, run_id, step as i64, &scores, &settings, &fnet)
+        };
         let ema = train_generator(
             &self.db,
             run_id,
@@ -698,6 +725,7 @@ impl Runner {
             &device,
             &dir,
             self.quiet,
+            &mut on_eval,
         )?;
         let weights = dir.join("model.safetensors");
         varmap.save(&weights)?;
@@ -717,7 +745,14 @@ impl Runner {
         self.db.set_stage(run_id, "sample")?;
         let t_sample = Instant::now();
         let frozen = Generator::new(&cfg, eval_vb)?;
-        let samples = sample_images(&frozen, tokenizer, run, ds.classes, self.quiet)?;
+        let samples = sample_images(
+            &frozen,
+            tokenizer,
+            run,
+            ds.classes,
+            run.spec.sample.count,
+            self.quiet,
+        )?;
         let grid = out_dir.join("samples.png");
         save_class_grid(&grid, &samples, ds.classes, 10)?;
         record_artifact(&self.db, run_id, "samples", &grid)?;
@@ -734,38 +769,15 @@ impl Runner {
             }
         }
         let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
-        let settings = serde_json::json!({
-            "cfg": run.spec.sample.cfg,
-            "cfg_schedule": run.spec.sample.cfg_schedule,
-            "temperature": run.spec.sample.temperature,
-            "mar_steps": run.spec.sample.mar_steps,
-            "sampling_steps": run.spec.head.sampling_steps,
-            "reference": format!("{}:test", ds.name),
-            "reference_stats": fnet.reference_id,
-            "reference_count": fnet.reference.n,
-            "convention": fnet.net.convention(),
-        });
-        let feature_net = fnet.name.clone();
         let step = run.spec.train.steps as i64;
-        for (metric, value) in [
-            ("fid", scores.fid),
-            ("is", scores.is_mean),
-            ("is_std", scores.is_std),
-            ("kid", scores.kid),
-            ("kid_std", scores.kid_std),
-            ("precision", scores.precision),
-            ("recall", scores.recall),
-        ] {
-            self.db.insert_eval(&NewEval {
-                run_id,
-                step,
-                metric,
-                value,
-                sample_count: scores.samples as i64,
-                feature_net: &feature_net,
-                settings: &settings,
-            })?;
-        }
+        record_scores(
+            &self.db,
+            run_id,
+            step,
+            &scores,
+            &eval_settings(run, &ds, &fnet),
+            &fnet,
+        )?;
         let eval_s = t_eval.elapsed().as_secs_f64();
         let points: Vec<MetricPoint> = [
             ("time/train_s", train_s),
@@ -786,6 +798,53 @@ impl Runner {
         ));
         Ok((scores.fid, scores.is_mean))
     }
+}
+
+/// What an eval row records besides its value: the sampling settings, the reference statistics
+/// and the input convention.
+fn eval_settings(run: &PlannedRun, ds: &Dataset, fnet: &EvalNet) -> serde_json::Value {
+    serde_json::json!({
+        "cfg": run.spec.sample.cfg,
+        "cfg_schedule": run.spec.sample.cfg_schedule,
+        "temperature": run.spec.sample.temperature,
+        "mar_steps": run.spec.sample.mar_steps,
+        "sampling_steps": run.spec.head.sampling_steps,
+        "reference": format!("{}:test", ds.name),
+        "reference_stats": fnet.reference_id,
+        "reference_count": fnet.reference.n,
+        "convention": fnet.net.convention(),
+    })
+}
+
+/// One eval row per metric of `scores` at `step`.
+fn record_scores(
+    db: &Db,
+    run_id: i64,
+    step: i64,
+    scores: &eval::Scores,
+    settings: &serde_json::Value,
+    fnet: &EvalNet,
+) -> Result<()> {
+    for (metric, value) in [
+        ("fid", scores.fid),
+        ("is", scores.is_mean),
+        ("is_std", scores.is_std),
+        ("kid", scores.kid),
+        ("kid_std", scores.kid_std),
+        ("precision", scores.precision),
+        ("recall", scores.recall),
+    ] {
+        db.insert_eval(&NewEval {
+            run_id,
+            step,
+            metric,
+            value,
+            sample_count: scores.samples as i64,
+            feature_net: &fnet.name,
+            settings,
+        })?;
+    }
+    Ok(())
 }
 
 pub fn now() -> f64 {
@@ -932,6 +991,9 @@ fn token_batch(
     })
 }
 
+/// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
+pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
+
 /// Stage 2: train the generator, resuming from its checkpoint when there is one.
 #[allow(clippy::too_many_arguments)]
 fn train_generator(
@@ -946,8 +1008,10 @@ fn train_generator(
     device: &Device,
     dir: &Path,
     quiet: bool,
+    on_eval: &mut EvalHook,
 ) -> Result<Option<Ema>> {
     let t = &run.spec.train;
+    let eval_every = run.spec.eval.every;
     let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
     let mut ema = if t.ema > 0.0 {
         Some(Ema::new(varmap, t.ema)?)
@@ -1016,6 +1080,11 @@ fn train_generator(
             Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1)?;
             write_rng_state(dir, &rng)?;
         }
+        // the final evaluation happens after training, with the full sample count
+        if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
+            pb.set_message(format!("{} · {} · evaluating", run.cell, run.arm.as_str()));
+            on_eval(step + 1, varmap, ema.as_ref())?;
+        }
     }
     writer.flush()?;
     pb.finish_and_clear();
@@ -1037,12 +1106,13 @@ fn read_rng_state(dir: &Path) -> Option<[u64; 4]> {
     v.try_into().ok()
 }
 
-/// Stage 3: `sample.count` images with balanced labels (i mod classes), decoded by the tokenizer.
+/// Stage 3: `count` images with balanced labels (i mod classes), decoded by the tokenizer.
 pub fn sample_images(
     generator: &Generator,
     tok: &Tokenizer,
     run: &PlannedRun,
     classes: usize,
+    count: usize,
     quiet: bool,
 ) -> Result<ImageSet> {
     let s = &run.spec.sample;
@@ -1056,13 +1126,13 @@ pub fn sample_images(
         temperature: s.temperature,
     };
     let mut rng = Rng::new(run.seed ^ 0x5A3B_1E00);
-    let labels: Vec<u32> = (0..s.count).map(|i| (i % classes) as u32).collect();
+    let labels: Vec<u32> = (0..count).map(|i| (i % classes) as u32).collect();
     let pb = spinner(
         quiet,
-        s.count as u64,
+        count as u64,
         format!("sampling {} · {}", run.cell, run.arm.as_str()),
     );
-    let mut images = Vec::with_capacity(s.count * tok.channels * tok.size * tok.size);
+    let mut images = Vec::with_capacity(count * tok.channels * tok.size * tok.size);
     for chunk in labels.chunks(s.batch) {
         let tokens = generator.sample(chunk, &opts, &mut rng)?;
         let data = match tokens {
@@ -1078,7 +1148,7 @@ pub fn sample_images(
     Ok(ImageSet {
         images,
         labels,
-        n: s.count,
+        n: count,
         channels: tok.channels,
         size: tok.size,
     })

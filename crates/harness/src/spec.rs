@@ -565,6 +565,15 @@ pub struct EvalSpec {
     /// the hashes of existing runs stay the same)
     #[serde(default, skip_serializing_if = "ConventionSpec::is_default")]
     pub convention: ConventionSpec,
+    /// also evaluate every this many training steps (0 = only at the end), for FID over training
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub every: usize,
+    /// samples per evaluation during training (default: sample.count)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_count: Option<usize>,
+}
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 fn d_feature_net() -> FeatureNetSpec {
     FeatureNetSpec::Classifier
@@ -1288,6 +1297,12 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         "train.log_every",
         "expected at least 1, found {}",
         t.log_every
+    );
+    check!(
+        s.eval.every_count.is_none_or(|c| c >= 2),
+        "eval.every_count",
+        "expected at least 2, found {}",
+        s.eval.every_count.unwrap_or(0)
     );
     let sp = &s.sample;
     let tokens = s

@@ -63,6 +63,22 @@ pub fn patchify(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
         .reshape((b, (h / p) * (w / p), c * p * p))
 }
 
+/// MAR's `unpatchify`, the inverse of [`patchify`]: (B, h·w, C·p·p) on a square h = w grid →
+/// (B, C, h·p, w·p), the tokenizer latents the reference decodes.
+pub fn unpatchify(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let side = (l as f64).sqrt().round() as usize;
+    if side * side != l || d % (p * p) != 0 {
+        candle_core::bail!(
+            "unpatchify: {l} tokens of width {d} are not a square grid of {p}x{p} patches"
+        )
+    }
+    let c = d / (p * p);
+    x.reshape((b, side, side, c, p, p))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, c, side * p, side * p))
+}
+
 impl Mar {
     /// The head that turns each token's z into a loss or a sample.
     pub fn head(&self) -> &Head {
@@ -356,6 +372,24 @@ impl SampleState {
                     "sampled token kind does not match".into(),
                 ))
             }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpatchify_inverts_patchify() -> candle_core::Result<()> {
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 8.0 * 8.0, &Device::Cpu)?.reshape((2, 3, 8, 8))?;
+        for p in [1, 2, 4] {
+            let t = patchify(&x, p)?;
+            assert_eq!(t.dims(), &[2, 64 / (p * p), 3 * p * p]);
+            let back = unpatchify(&t, p)?;
+            let diff = (back - &x)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "patch size {p}");
         }
         Ok(())
     }

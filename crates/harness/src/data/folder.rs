@@ -25,8 +25,16 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(v)
 }
 
-/// The class names (subfolder names, sorted) and every image with its class index.
-pub fn list(dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>), DataError> {
+/// What an image folder holds.
+pub struct Listing {
+    /// class names: the subfolder names, sorted
+    pub classes: Vec<String>,
+    /// every image with its class index
+    pub files: Vec<(PathBuf, u32)>,
+}
+
+/// The classes and images of an image folder.
+pub fn list(dir: &Path) -> Result<Listing, DataError> {
     if !dir.is_dir() {
         return Err(DataError::Missing {
             path: dir.display().to_string(),
@@ -61,7 +69,10 @@ pub fn list(dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>), DataError>
         );
         files.extend(images.into_iter().map(|p| (p, c as u32)));
     }
-    Ok((names, files))
+    Ok(Listing {
+        classes: names,
+        files,
+    })
 }
 
 /// Decodes, resizes (shorter side → `size`, Catmull-Rom) and centre-crops every file to RGB.

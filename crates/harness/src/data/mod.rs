@@ -150,9 +150,9 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
         }
         DataSource::ImageFolder => {
             let dir = path()?;
-            let (names, files) = folder::list(dir)?;
-            let all = folder::decode(&files, spec.image_size)?;
-            let (train, test, classes) = split_one(all, spec, names.len())?;
+            let listing = folder::list(dir)?;
+            let all = folder::decode(&listing.files, spec.image_size)?;
+            let (train, test, classes) = split_one(all, spec, listing.classes.len())?;
             let base = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())

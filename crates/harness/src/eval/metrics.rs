@@ -179,17 +179,25 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64, MetricError> 
     let trace1: f64 = (0..d).map(|i| s1[(i, i)]).sum();
     let trace2: f64 = (0..d).map(|i| s2[(i, i)]).sum();
 
-    let eig = s1
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|_| MetricError::NoConvergence)?;
-    let root_lambda: Vec<f64> = eig
-        .S()
-        .column_vector()
-        .iter()
-        .map(|l| l.max(0.0).sqrt())
-        .collect();
-    let v = eig.U();
-    let w = Mat::<f64>::from_fn(d, d, |i, j| v[(i, j)] * root_lambda[j]);
+    // tr √(Σ₁Σ₂) = Σ √λ over the eigenvalues of Wᵀ Σ₂ W for any W with W Wᵀ = Σ₁: the Cholesky
+    // factor when Σ₁ is positive definite (cheap), else V √Λ from its eigendecomposition (stable
+    // for singular covariances, e.g. fewer samples than dimensions)
+    let w = match s1.llt(Side::Lower) {
+        Ok(llt) => llt.L().to_owned(),
+        Err(_) => {
+            let eig = s1
+                .self_adjoint_eigen(Side::Lower)
+                .map_err(|_| MetricError::NoConvergence)?;
+            let root_lambda: Vec<f64> = eig
+                .S()
+                .column_vector()
+                .iter()
+                .map(|l| l.max(0.0).sqrt())
+                .collect();
+            let v = eig.U();
+            Mat::<f64>::from_fn(d, d, |i, j| v[(i, j)] * root_lambda[j])
+        }
+    };
     let s2w = &s2 * &w;
     let m = w.transpose() * &s2w;
     let m = Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));

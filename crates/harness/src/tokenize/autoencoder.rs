@@ -8,7 +8,7 @@ use models::autoencoder::{code_usage, Autoencoder, AutoencoderConfig, Bottleneck
 use models::init::{frozen_var_builder, seeded_var_builder};
 use models::Rng;
 
-use super::{Backend, TokenizeError};
+use super::{Backend, TokenizeError, TrainLog};
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
 use crate::train::{clip_grad_norm, AdamW};
@@ -62,7 +62,7 @@ pub fn train(
     train: &ImageSet,
     seed: u64,
     device: &Device,
-    log: &mut dyn FnMut(usize, &[(&'static str, f64)]),
+    log: &mut TrainLog,
 ) -> Result<Trained, TokenizeError> {
     let cfg = config(spec, train.channels);
     let varmap = VarMap::new();

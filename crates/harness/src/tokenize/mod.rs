@@ -65,6 +65,9 @@ pub struct Tokenizer {
     pub backend: Backend,
 }
 
+/// Receives training metrics: (step, [(key, value)]).
+pub type TrainLog<'a> = dyn FnMut(usize, &[(&'static str, f64)]) + 'a;
+
 /// Images per forward pass when encoding or decoding with an autoencoder.
 const AE_BATCH: usize = 256;
 
@@ -153,7 +156,7 @@ impl Tokenizer {
         train: &ImageSet,
         seed: u64,
         device: &Device,
-        log: &mut dyn FnMut(usize, &[(&'static str, f64)]),
+        log: &mut TrainLog,
     ) -> Result<Self, TokenizeError> {
         let backend = match spec.kind {
             TokenizerKind::Patch => Backend::Patch { patch: spec.patch },
