@@ -102,6 +102,9 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // candle leaves a variable's gradient attached to the graph of the step that made it
+            // (its activations): detached, the moments do not chain every step's graph together
+            let g = &g.detach();
             p.m = ((&p.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let m_hat = (&p.m / bc1)?;
@@ -355,6 +358,38 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// candle hands back a variable's gradient still attached to the step's graph; if the AdamW
+    /// moments kept it, every step's activations would stay alive (measured before the fix: the
+    /// feature-net classifier grew by ~25 MB per step, 20 GB over 800 steps).
+    #[test]
+    fn optimizer_state_holds_no_graph() -> anyhow::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
+        let model = models::classifier::Classifier::new(1, 3, 8, vb)?;
+        let mut opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
+        let mut ema = Ema::new(&varmap, 0.9)?;
+        for step in 1..=2 {
+            let x = Tensor::ones((4, 1, 8, 8), candle_core::DType::F32, &dev)?;
+            let y = Tensor::new(&[0u32, 1, 2, 0], &dev)?;
+            let (_, logits) = model.forward(&x)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let grads = loss.backward()?;
+            // the premise: at least one raw gradient is attached to the graph
+            let vars: Vec<Var> = opt.vars().cloned().collect();
+            assert!(vars
+                .iter()
+                .filter_map(|v| grads.get(v.as_tensor()))
+                .any(|g| g.track_op()));
+            opt.step(&grads, 1e-3)?;
+            ema.update(step)?;
+        }
+        for (name, t) in opt.state().into_iter().chain(ema.state()) {
+            assert!(!t.track_op(), "{name} holds an autograd graph");
+        }
+        Ok(())
+    }
 
     #[test]
     fn warmup_then_constant() {
