@@ -175,11 +175,12 @@ where
         .fold(0.0f64, f64::max);
     let y_max = if top > 0.0 { top * 1.18 } else { 1.0 };
     let n = rows.len().max(1) as f64;
-    let label_lines = if rows.iter().any(|r| !r.setting.is_empty()) {
-        4
-    } else {
-        3
-    };
+    // three descriptor lines, then one line per part of the setting ("key=value · key=value")
+    let label_lines = 3 + rows
+        .iter()
+        .map(|r| setting_lines(&r.setting).len())
+        .max()
+        .unwrap_or(0) as u32;
 
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT_FAMILY, 22))
@@ -273,9 +274,7 @@ where
             row.attention.clone(),
             format!("preds/step: {}", row.preds),
         ];
-        if !row.setting.is_empty() {
-            lines.push(row.setting.clone());
-        }
+        lines.extend(setting_lines(&row.setting));
         for (k, line) in lines.into_iter().enumerate() {
             root.draw(&Text::new(
                 line,
@@ -286,6 +285,16 @@ where
     }
     root.present()?;
     Ok(())
+}
+
+/// A row's setting as label lines: one per grid key, so long settings do not run into the
+/// neighbouring row's label.
+fn setting_lines(setting: &str) -> Vec<String> {
+    setting
+        .split(" · ")
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The value range of some curves' bands, padded; a unit range when empty.
