@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::plots::Figure;
 use crate::table::{Table1, DESCRIPTOR_COLUMNS, GROUPS, GROUP_COLUMNS, HOW_TO_READ};
+use crate::tokenizers::TokenizerTable;
 use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 
 /// One run's sample grid for the HTML report.
@@ -43,6 +44,7 @@ pub(crate) fn render(
     experiment: &str,
     table: &Table1,
     notes: &[String],
+    tokenizers: Option<&TokenizerTable>,
     figures: &[Figure],
     grids: &[Grid],
     csv: Option<&str>,
@@ -70,6 +72,9 @@ pub(crate) fn render(
             let _ = writeln!(h, "<li>{}</li>", esc(n));
         }
         h.push_str("</ul>\n");
+    }
+    if let Some(t) = tokenizers {
+        h.push_str(&crate::tokenizers::html(t));
     }
     if !figures.is_empty() {
         h.push_str("<h2>Plots</h2>\n");

@@ -107,6 +107,9 @@ pub struct ReportOutput {
 
 /// Everything read and aggregated for one experiment.
 struct Loaded {
+    /// Every run linked to the experiment and every eval record, as read.
+    runs: Vec<db::RunRow>,
+    evals: Vec<db::EvalRecord>,
     infos: Vec<rows::RunInfo>,
     /// Table rows in the experiment's run order.
     rows: Vec<rows::RowInfo>,
@@ -132,6 +135,8 @@ fn load(db: &db::Db, experiment: &str) -> Result<Loaded> {
     let runs_df = frames::runs_frame(&infos)?;
     let summary = stats::summarize(&evals_df, &runs_df)?;
     Ok(Loaded {
+        runs,
+        evals,
         infos,
         rows: table_rows,
         evals_df,
@@ -197,13 +202,16 @@ pub fn write_report(
             }),
         }
     }
-    let tokenizer_table = tokenizer_table(db, experiment)?;
-    let mut markdown = table::markdown(experiment, &table, &notes, &plot_links, &grid_links, csv);
-    if let Some(t) = &tokenizer_table {
-        // after the main table's notes, before the plots
-        let at = markdown.find("## Plots").unwrap_or(markdown.len());
-        markdown.insert_str(at, &tokenizers::markdown(t));
-    }
+    let tokenizer_table = tokenizer_table(db, &l)?;
+    let markdown = table::markdown(
+        experiment,
+        &table,
+        &notes,
+        tokenizer_table.as_ref(),
+        &plot_links,
+        &grid_links,
+        csv,
+    );
 
     let mut files = Vec::new();
     if want(Format::Markdown) {
@@ -213,14 +221,15 @@ pub fn write_report(
     }
     if want(Format::Html) {
         let path = out_dir.join("report.html");
-        let mut text = html::render(experiment, &table, &notes, &figures, &grids, csv);
-        if let Some(t) = &tokenizer_table {
-            let at = text
-                .find("<h2>Plots</h2>")
-                .or_else(|| text.find("</body>"))
-                .unwrap_or(text.len());
-            text.insert_str(at, &tokenizers::html(t));
-        }
+        let text = html::render(
+            experiment,
+            &table,
+            &notes,
+            tokenizer_table.as_ref(),
+            &figures,
+            &grids,
+            csv,
+        );
         std::fs::write(&path, text).map_err(io_err(&path))?;
         files.push(path);
     }
@@ -238,10 +247,9 @@ pub fn write_report(
 }
 
 /// The tokenizer table of an experiment, from its tokenizer runs' last reconstruction metrics.
-fn tokenizer_table(db: &db::Db, experiment: &str) -> Result<Option<tokenizers::TokenizerTable>> {
-    let runs = db.list_runs(Some(experiment))?;
+fn tokenizer_table(db: &db::Db, l: &Loaded) -> Result<Option<tokenizers::TokenizerTable>> {
     let mut recon = Vec::new();
-    for r in runs.iter().filter(|r| r.kind == "tokenizer") {
+    for r in l.runs.iter().filter(|r| r.kind == "tokenizer") {
         let mut last: BTreeMap<String, (i64, f64)> = BTreeMap::new();
         for m in db.metrics(r.id, None)? {
             let newer = last.get(&m.key).is_none_or(|(step, _)| m.step >= *step);
@@ -251,8 +259,7 @@ fn tokenizer_table(db: &db::Db, experiment: &str) -> Result<Option<tokenizers::T
         }
         recon.extend(last.into_iter().map(|(k, (_, v))| (r.id, k, v)));
     }
-    let evals = db.evals_for_experiment(experiment)?;
-    Ok(tokenizers::tokenizer_table(&runs, &recon, &evals)?)
+    Ok(tokenizers::tokenizer_table(&l.runs, &recon, &l.evals)?)
 }
 
 /// Remarks on partial experiments.

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::rows::{fmt_num, RowInfo};
 use crate::stats::{ArmStat, PairStat, Summary, FID, IS, WITHOUT_CFG, WITH_CFG};
+use crate::tokenizers::TokenizerTable;
 use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 
 /// What a table entry shows when an arm or a whole row has no result (never 0).
@@ -115,6 +116,7 @@ pub(crate) fn markdown(
     experiment: &str,
     table: &Table1,
     notes: &[String],
+    tokenizers: Option<&TokenizerTable>,
     plots: &[Link],
     grids: &[Link],
     csv: Option<&str>,
@@ -155,6 +157,9 @@ pub(crate) fn markdown(
     }
     if !notes.is_empty() {
         md.push('\n');
+    }
+    if let Some(t) = tokenizers {
+        md.push_str(&crate::tokenizers::markdown(t));
     }
     if !plots.is_empty() {
         md.push_str("## Plots\n\n");

@@ -9,7 +9,8 @@ use super::{DataError, Raw};
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
-fn is_image(p: &Path) -> bool {
+/// Whether `p` has a PNG or JPEG extension (any case).
+pub(crate) fn is_image(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
         .map(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))

@@ -78,6 +78,24 @@ impl ImageSet {
         self.channels * self.size * self.size
     }
 
+    /// The images at `idx` as one (B, C, H, W) tensor of values in [0, 1].
+    pub fn batch_tensor(
+        &self,
+        idx: &[usize],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let len = self.image_len();
+        let mut data = Vec::with_capacity(idx.len() * len);
+        for &i in idx {
+            data.extend_from_slice(&self.images[i * len..(i + 1) * len]);
+        }
+        candle_core::Tensor::from_vec(
+            data,
+            (idx.len(), self.channels, self.size, self.size),
+            device,
+        )
+    }
+
     /// The CHW values of image `i`, if it exists.
     pub fn image(&self, i: usize) -> Option<&[f32]> {
         let len = self.image_len();

@@ -181,16 +181,7 @@ pub fn read_folder(dir: &Path) -> Result<ImagesU8, EvalError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .map(|e| {
-                    ["png", "jpg", "jpeg"]
-                        .iter()
-                        .any(|x| e.eq_ignore_ascii_case(x))
-                })
-                .unwrap_or(false)
-        })
+        .filter(|p| crate::data::folder::is_image(p))
         .collect();
     files.sort();
     if files.is_empty() {

@@ -78,19 +78,6 @@ impl FeatureNet {
         })
     }
 
-    fn batch_tensor(&self, set: &ImageSet, idx: &[usize]) -> Result<Tensor, EvalError> {
-        let len = set.image_len();
-        let mut data = Vec::with_capacity(idx.len() * len);
-        for &i in idx {
-            data.extend_from_slice(&set.images[i * len..(i + 1) * len]);
-        }
-        Ok(Tensor::from_vec(
-            data,
-            (idx.len(), set.channels, set.size, set.size),
-            &self.device,
-        )?)
-    }
-
     /// Train with cross-entropy on the training split; calls `progress(step, loss)`.
     pub fn train(
         &self,
@@ -111,7 +98,7 @@ impl FeatureNet {
             }
             let idx = &order[pos..pos + batch];
             pos += batch;
-            let x = self.batch_tensor(&ds.train, idx)?;
+            let x = ds.train.batch_tensor(idx, &self.device)?;
             let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
             let y = Tensor::from_vec(y, batch, &self.device)?;
             let (_, logits) = self.model.forward(&x)?;
@@ -137,7 +124,7 @@ impl FeatureNet {
         let mut logits = Vec::new();
         let all: Vec<usize> = (0..set.n).collect();
         for chunk in all.chunks(500) {
-            let x = self.batch_tensor(set, chunk)?;
+            let x = set.batch_tensor(chunk, &self.device)?;
             let (f, l) = frozen.forward(&x)?;
             feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
             logits.extend(l.flatten_all()?.to_vec1::<f32>()?);

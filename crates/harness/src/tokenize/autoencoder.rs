@@ -46,13 +46,9 @@ pub struct Trained {
     pub scale: f64,
 }
 
+/// The images at `idx` on the autoencoder's [-1, 1] scale.
 fn batch_tensor(set: &ImageSet, idx: &[usize], device: &Device) -> candle_core::Result<Tensor> {
-    let len = set.image_len();
-    let mut v = Vec::with_capacity(idx.len() * len);
-    for &i in idx {
-        v.extend_from_slice(&set.images[i * len..(i + 1) * len]);
-    }
-    Tensor::from_vec(v, (idx.len(), set.channels, set.size, set.size), device)?.affine(2.0, -1.0)
+    set.batch_tensor(idx, device)?.affine(2.0, -1.0)
 }
 
 /// Trains the autoencoder with Adam (no weight decay), linear warm-up, gradient clipping at 1.0
