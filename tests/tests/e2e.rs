@@ -812,16 +812,20 @@ fn fid_errors_are_clear() {
     let original = tensors.remove(name).expect("tensor in the fixture");
     let missing = root.join("missing.safetensors");
     candle_core::safetensors::save(&tensors, &missing).expect("save");
-    let out = ablate(
-        root,
-        &[
-            "fid",
-            &a_s,
-            &a_s,
-            "--weights",
-            &missing.display().to_string(),
-        ],
-    );
+    // `ablate fid A A --weights FILE`
+    let fid_with = |weights: &std::path::Path| {
+        ablate(
+            root,
+            &[
+                "fid",
+                &a_s,
+                &a_s,
+                "--weights",
+                &weights.display().to_string(),
+            ],
+        )
+    };
+    let out = fid_with(&missing);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!("missing tensor '{name}'")),
@@ -834,16 +838,7 @@ fn fid_errors_are_clear() {
     );
     let shaped = root.join("shaped.safetensors");
     candle_core::safetensors::save(&tensors, &shaped).expect("save");
-    let out = ablate(
-        root,
-        &[
-            "fid",
-            &a_s,
-            &a_s,
-            "--weights",
-            &shaped.display().to_string(),
-        ],
-    );
+    let out = fid_with(&shaped);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!("tensor '{name}' has shape")),

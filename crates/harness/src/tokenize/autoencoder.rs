@@ -89,8 +89,13 @@ pub fn train(
         recon_sum += out.recon.to_scalar::<f32>()? as f64;
         reg_sum += out.reg.to_scalar::<f32>()? as f64;
         count += 1;
-        if let (Some(codes), Some(latents)) = (&out.codes, &out.latents) {
-            for c in codes.to_vec1::<u32>()? {
+        // this batch's codes (VQ), read from the device once
+        let codes: Vec<u32> = match &out.codes {
+            Some(c) => c.to_vec1()?,
+            None => Vec::new(),
+        };
+        if let Some(latents) = &out.latents {
+            for &c in &codes {
                 since_restart[c as usize] += 1;
             }
             if spec.restart_every > 0 && (step + 1) % spec.restart_every == 0 {
@@ -112,12 +117,6 @@ pub fn train(
                 ("train/lr", lr),
             ];
             if vocab > 0 {
-                let codes = out
-                    .codes
-                    .as_ref()
-                    .map(|c| c.to_vec1::<u32>())
-                    .transpose()?
-                    .unwrap_or_default();
                 values.push(("train/batch_codes_used", code_usage(&codes, vocab).0 as f64));
                 values.push(("train/codes_restarted", restarted as f64));
             }
