@@ -949,3 +949,54 @@ fn tiny_spec_runs_in_bf16() {
         );
     }
 }
+
+/// `ablate selftest`: one JSON object per check on stdout, a summary on stderr, exit 0 when every
+/// check passes; a device this build cannot use is refused with the reason.
+#[test]
+fn selftest_prints_one_check_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = ablate(dir.path(), &["selftest", "--device", "cpu"]);
+    assert!(out.status.success(), "stderr:\n{}", stderr(&out));
+    let checks: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(checks.len(), 60, "5 variants × 2 precisions × 5 + 6 + 4");
+    for c in &checks {
+        assert_eq!(c["pass"], true, "{c}");
+        assert_eq!(c["device"], "cpu", "{c}");
+        assert!(c["rel_err"]
+            .as_f64()
+            .is_some_and(|e| e <= c["tol"].as_f64().unwrap_or(-1.0)));
+    }
+    for name in [
+        "mar-diffusion/bf16/grads",
+        "ar-ce/f32/sample",
+        "tokenizer-vq/codes",
+        "inception/pool3",
+    ] {
+        assert!(checks.iter().any(|c| c["check"] == name), "missing {name}");
+    }
+    assert!(
+        stderr(&out).contains("all 60 checks passed on cpu"),
+        "{}",
+        stderr(&out)
+    );
+
+    let bad = ablate(dir.path(), &["selftest", "--device", "gpu"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("expected 'cpu' or 'cuda:N'"),
+        "{}",
+        stderr(&bad)
+    );
+    // without a GPU (or without `--features cuda`) the error says which device and why
+    let cuda = ablate(dir.path(), &["selftest", "--device", "cuda:0"]);
+    if !cuda.status.success() {
+        assert!(
+            stderr(&cuda).contains("device 'cuda:0'"),
+            "{}",
+            stderr(&cuda)
+        );
+    }
+}

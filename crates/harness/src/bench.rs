@@ -242,6 +242,30 @@ pub const EVAL_WORKLOADS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Inception-v3 with random weights (unit batch norm), for timing and for the device self-test.
+pub fn random_inception(
+    rng: &mut Rng,
+    device: &Device,
+) -> anyhow::Result<models::inception::InceptionV3> {
+    let tensors: std::collections::HashMap<String, Tensor> = models::inception::expected_tensors()
+        .into_iter()
+        .map(|(k, s)| {
+            let t = if k.ends_with("running_var") || k.ends_with("bn.weight") {
+                Tensor::ones(s, DType::F32, device)
+            } else if k.ends_with("conv.weight") || k == "fc.weight" {
+                rng.normal_tensor(&s, device)
+                    .and_then(|t| t.affine(0.05, 0.0))
+            } else {
+                Tensor::zeros(s, DType::F32, device)
+            };
+            t.map(|t| (k, t))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(models::inception::InceptionV3::new(
+        candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
+    )?)
+}
+
 /// Run an evaluation workload (`steps` timed repetitions, median reported).
 pub fn run_eval(
     name: &str,
@@ -291,26 +315,7 @@ pub fn run_eval(
             }))
         }
         "inception-cpu" => {
-            let tensors: std::collections::HashMap<String, Tensor> =
-                models::inception::expected_tensors()
-                    .into_iter()
-                    .map(|(k, s)| {
-                        let t = if k.ends_with("running_var") || k.ends_with("bn.weight") {
-                            Tensor::ones(s, DType::F32, device)
-                        } else if k.ends_with("conv.weight") || k == "fc.weight" {
-                            rng.normal_tensor(&s, device)
-                                .and_then(|t| t.affine(0.05, 0.0))
-                        } else {
-                            Tensor::zeros(s, DType::F32, device)
-                        };
-                        t.map(|t| (k, t))
-                    })
-                    .collect::<candle_core::Result<_>>()?;
-            let net = models::inception::InceptionV3::new(candle_nn::VarBuilder::from_tensors(
-                tensors,
-                DType::F32,
-                device,
-            ))?;
+            let net = random_inception(&mut rng, device)?;
             let batch = 16;
             let pixels: Vec<u8> = (0..batch * 3 * 256 * 256)
                 .map(|i| (i * 7919 % 251) as u8)

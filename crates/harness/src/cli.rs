@@ -1,5 +1,5 @@
 //! The command line: `ablate run | plan | report | list | show | compare | baseline | check | fid
-//! | bench | import | sample`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
+//! | bench | selftest | import | sample`. Exit codes: 0 ok, 1 failure (or drift, for `check`), 2 usage or spec error.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -125,6 +125,18 @@ pub enum Command {
         /// List the workloads and exit
         #[arg(long)]
         list: bool,
+    },
+    /// Check that a device computes what the CPU computes (one JSON object per check; exit 1 on a
+    /// failed check)
+    ///
+    /// Builds each generator variant (MAR and AR, Diffusion Loss and cross-entropy, f32 and bf16),
+    /// the VQ and KL tokenizers, the classifier and Inception-v3 from the same seed on the CPU and
+    /// on DEVICE, with the same batches, masks and noise, and compares initial weights, losses,
+    /// gradients, weights after three AdamW steps, guided samples and features.
+    Selftest {
+        /// cuda:N (cpu compares the CPU with itself: a determinism check)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Convert an official MAR PyTorch checkpoint (.pth) to safetensors plus config.json
     ///
@@ -699,6 +711,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{line}");
             }
             Ok(0)
+        }
+        Command::Selftest { device } => {
+            let dev = crate::runner::parse_device(&device)?;
+            let checks = crate::selftest::run(&dev, &device, |group| {
+                for c in group {
+                    if let Ok(line) = serde_json::to_string(c) {
+                        println!("{line}");
+                    }
+                }
+            })?;
+            let failed: Vec<&str> = checks
+                .iter()
+                .filter(|c| !c.pass)
+                .map(|c| c.check.as_str())
+                .collect();
+            if failed.is_empty() {
+                eprintln!("selftest: all {} checks passed on {device}", checks.len());
+                Ok(0)
+            } else {
+                eprintln!(
+                    "selftest: {} of {} checks failed on {device}: {}",
+                    failed.len(),
+                    checks.len(),
+                    failed.join(", ")
+                );
+                Ok(1)
+            }
         }
         Command::Import {
             checkpoint,

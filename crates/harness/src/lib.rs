@@ -8,6 +8,7 @@ pub mod data;
 pub mod eval;
 pub mod fid;
 pub mod runner;
+pub mod selftest;
 pub mod spec;
 pub mod tokenize;
 pub mod train;

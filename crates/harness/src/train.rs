@@ -42,7 +42,7 @@ pub struct AdamW {
 }
 
 /// The variables of a `VarMap` in name order, so optimizer and EMA state line up deterministically.
-fn sorted_vars(varmap: &VarMap) -> candle_core::Result<Vec<(String, Var)>> {
+pub(crate) fn sorted_vars(varmap: &VarMap) -> candle_core::Result<Vec<(String, Var)>> {
     let data = varmap
         .data()
         .lock()
