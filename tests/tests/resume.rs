@@ -138,3 +138,115 @@ fn killed_run_resumes_to_the_same_weights() {
         );
     }
 }
+
+/// An autoencoder tokenizer fit killed after a checkpoint continues from it on the next run and
+/// ends with the same tokenizer as a fit that ran through; its curve has each step once.
+#[test]
+fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = dir.path().join("clean");
+    let killed = dir.path().join("killed");
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--no-report",
+        "--set",
+        "tokenizers.vq.kind=\"vq\"",
+        "--set",
+        "tokenizers.vq.steps=300",
+        "--set",
+        "tokenizers.vq.batch=16",
+        "--set",
+        "tokenizers.vq.width=8",
+        "--set",
+        "tokenizers.vq.downsample=4",
+        "--set",
+        "grid.\"generator.kind\"=[\"ar\"]",
+    ];
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut child = Command::new(ablate_bin())
+        .current_dir(workspace_root())
+        .arg("--root")
+        .arg(&killed)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ablate");
+    let checkpoint = || -> Option<u64> {
+        let dir = std::fs::read_dir(killed.join("cache/tokenizers"))
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))?;
+        let text = std::fs::read_to_string(dir.path().join("checkpoint.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+    };
+    let started = Instant::now();
+    let mut seen = None;
+    while seen.is_none() && started.elapsed() < Duration::from_secs(300) {
+        seen = checkpoint();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let killed_at = seen.expect("a tokenizer checkpoint appeared within 300 s");
+
+    let out = ablate(&killed, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    // the checkpoint it resumed from: the one seen, or a later one written before the kill landed
+    let resumed_at: u64 = err
+        .split("resuming from its checkpoint at step ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume message:\n{err}"));
+    assert!(
+        killed_at <= resumed_at && resumed_at < 300,
+        "{killed_at} → {resumed_at}"
+    );
+
+    let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
+    let tokenizer = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == "tokenizer" && r.name.contains("vq"))
+        .expect("the vq tokenizer run");
+    assert_eq!(tokenizer.status, "finished");
+    let steps: Vec<i64> = db
+        .metrics(tokenizer.id, Some("train/loss"))
+        .expect("metrics")
+        .into_iter()
+        .map(|m| m.step)
+        .collect();
+    assert_eq!(steps, (1..=12).map(|i| i * 25).collect::<Vec<i64>>());
+    // the same file, bit for bit in its tensors, as the uninterrupted fit
+    let file = |root: &std::path::Path| {
+        root.join("cache/tokenizers")
+            .join(format!("{}.safetensors", tokenizer.hash))
+    };
+    let a = candle_core::safetensors::load(file(&clean), &Device::Cpu).expect("clean tokenizer");
+    let b = candle_core::safetensors::load(file(&killed), &Device::Cpu).expect("resumed tokenizer");
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let d = (ta - &b[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_dtype(candle_core::DType::F32))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(d, 0.0, "{name}");
+    }
+    let clean_tok = clean_db
+        .run_by_hash(&tokenizer.hash)
+        .expect("query")
+        .expect("same tokenizer run in the clean root");
+    assert_eq!(clean_tok.status, "finished");
+    eprintln!("tokenizer fit killed after its step-{killed_at} checkpoint; resumed bit-identical");
+    // the checkpoints are gone once the tokenizer is saved
+    assert!(!file(&killed).with_extension("ckpt").exists());
+}

@@ -20,10 +20,14 @@ use crate::spec::{
     self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec,
     Spec, TokenizerKind,
 };
+use crate::tokenize::autoencoder::CheckpointPlan;
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
 
 pub type Result<T> = anyhow::Result<T>;
+
+/// Steps between an autoencoder tokenizer's checkpoints (a multiple of its logging interval).
+const TOKENIZER_CHECKPOINT_EVERY: usize = 100;
 
 /// Where things live: `root/ablate.sqlite`, `root/cache/…`, `root/artifacts/HASH/…`, `root/reports/NAME/…`.
 #[derive(Debug, Clone)]
@@ -39,6 +43,12 @@ impl Layout {
         self.root
             .join("cache/tokenizers")
             .join(format!("{hash}.safetensors"))
+    }
+    /// Checkpoints of a tokenizer fit in progress (removed once the tokenizer is saved).
+    pub fn tokenizer_checkpoints(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/tokenizers")
+            .join(format!("{hash}.ckpt"))
     }
     pub fn classifier(&self, hash: &str) -> PathBuf {
         self.root
@@ -133,6 +143,8 @@ struct TokenizerJob<'a> {
     id: i64,
     seed: u64,
     path: &'a Path,
+    /// where an autoencoder fit keeps its checkpoints
+    checkpoints: &'a Path,
 }
 
 /// What happened to each planned run.
@@ -348,6 +360,7 @@ impl Runner {
                 id,
                 seed,
                 path: &path,
+                checkpoints: &self.layout.tokenizer_checkpoints(&hash),
             };
             self.fit_tokenizer(&job, run, ds, fnet, device)?
         };
@@ -367,7 +380,12 @@ impl Runner {
         fnet: &EvalNet,
         device: &Device,
     ) -> Result<(Tokenizer, TokenData)> {
-        let TokenizerJob { id, seed, path } = *job;
+        let TokenizerJob {
+            id,
+            seed,
+            path,
+            checkpoints,
+        } = *job;
         let tspec = run.tokenizer();
         self.start(id, &device_label(device))?;
         let t0 = Instant::now();
@@ -376,23 +394,54 @@ impl Runner {
         } else {
             1
         };
+        // a fit killed earlier continues from its checkpoint; curves logged after it are dropped
+        let resumed_at = Checkpoint::saved_step(checkpoints);
+        self.db
+            .delete_metrics_after(id, resumed_at.map_or(-1, |s| s as i64))?;
+        if let Some(step) = resumed_at {
+            self.say(format!(
+                "    tokenizer {}: resuming from its checkpoint at step {step}",
+                run.tokenizer_name()
+            ));
+        }
         let pb = spinner(
             self.quiet,
             steps,
             format!("fitting tokenizer {}", run.tokenizer_name()),
         );
-        let mut curves = Vec::new();
-        let result = Tokenizer::fit(tspec, &ds.train, seed, device, &mut |step, values| {
-            pb.set_position(step as u64);
-            curves.extend(values.iter().map(|&(key, value)| MetricPoint {
-                key: key.into(),
-                step: step as i64,
-                value,
-                wall_time: now(),
-            }));
-        });
+        pb.set_position(resumed_at.unwrap_or(0) as u64);
+        let plan = CheckpointPlan {
+            dir: checkpoints,
+            every: TOKENIZER_CHECKPOINT_EVERY,
+        };
+        // curves go to the database as they are logged, before the checkpoint that covers them
+        let mut db_error = None;
+        let result = Tokenizer::fit(
+            tspec,
+            &ds.train,
+            seed,
+            device,
+            Some(plan),
+            &mut |step, values| {
+                pb.set_position(step as u64);
+                let points: Vec<MetricPoint> = values
+                    .iter()
+                    .map(|&(key, value)| MetricPoint {
+                        key: key.into(),
+                        step: step as i64,
+                        value,
+                        wall_time: now(),
+                    })
+                    .collect();
+                if let Err(e) = self.db.insert_metrics(id, &points) {
+                    db_error.get_or_insert(e);
+                }
+            },
+        );
         pb.finish_and_clear();
-        self.db.insert_metrics(id, &curves)?;
+        if let Some(e) = db_error {
+            return Err(e.into());
+        }
         let tok = match result {
             Ok(t) => t,
             Err(e) => {
@@ -401,6 +450,10 @@ impl Runner {
             }
         };
         tok.save(path)?;
+        if checkpoints.exists() {
+            // the saved tokenizer supersedes them
+            let _ = std::fs::remove_dir_all(checkpoints);
+        }
         let (recon, mse, psnr) = tok.reconstruct(&ds.test)?;
         let mut values = vec![("recon/mse", mse)];
         if psnr.is_finite() {
@@ -1021,12 +1074,12 @@ fn train_generator(
     let vars: Vec<_> = opt.vars().cloned().collect();
     let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
     let mut start = 0;
-    if let Some(step) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
-        start = step;
-        if let Some(state) = read_rng_state(dir) {
-            rng = Rng::from_state(state);
+    if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
+        start = resume.step;
+        if let Some(saved) = resume.rng {
+            rng = saved;
         }
-        db.delete_metrics_after(run_id, step as i64)?;
+        db.delete_metrics_after(run_id, resume.step as i64)?;
     }
     let mut order = DataOrder::new(run.seed, train.n);
     let pb = spinner(
@@ -1077,8 +1130,15 @@ fn train_generator(
         pb.set_position(step as u64 + 1);
         if (step + 1) % every == 0 || step + 1 == t.steps {
             writer.flush()?;
-            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1)?;
-            write_rng_state(dir, &rng)?;
+            Checkpoint::save(
+                dir,
+                varmap,
+                &opt,
+                ema.as_ref(),
+                step + 1,
+                &rng,
+                serde_json::Value::Null,
+            )?;
         }
         // the final evaluation happens after training, with the full sample count
         if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
@@ -1089,21 +1149,6 @@ fn train_generator(
     writer.flush()?;
     pb.finish_and_clear();
     Ok(ema)
-}
-
-fn write_rng_state(dir: &Path, rng: &Rng) -> Result<()> {
-    let s: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
-    let tmp = dir.join("rng.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string(&s)?)?;
-    std::fs::rename(&tmp, dir.join("rng.json"))?;
-    Ok(())
-}
-
-fn read_rng_state(dir: &Path) -> Option<[u64; 4]> {
-    let s: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("rng.json")).ok()?).ok()?;
-    let v: Vec<u64> = s.iter().filter_map(|x| x.parse().ok()).collect();
-    v.try_into().ok()
 }
 
 /// Stage 3: `count` images with balanced labels (i mod classes), decoded by the tokenizer.

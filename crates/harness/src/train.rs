@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
+use models::Rng;
 
 use crate::spec::{LrScheduleSpec, TrainSpec};
 
@@ -250,25 +251,41 @@ pub fn lr_at(step: usize, t: &TrainSpec) -> f64 {
     }
 }
 
-/// A checkpoint: weights, optimizer state and the step, written atomically.
+/// What a checkpoint restores besides the tensors: the step to continue from, the training random
+/// stream, and state a stage keeps of its own (e.g. a VQ tokenizer's code-use counters).
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub step: usize,
+    pub rng: Option<Rng>,
+    pub extra: serde_json::Value,
+}
+
+/// A checkpoint: weights, optimizer (and EMA) state in `checkpoint-STEP.safetensors`, and
+/// `checkpoint.json` naming that file with the step, the random stream and a stage's own state.
+/// `checkpoint.json` is replaced last (write, then rename), so a process killed at any moment
+/// leaves either the previous checkpoint or the new one, never weights of one step with the
+/// counters of another.
 pub struct Checkpoint;
 
 impl Checkpoint {
-    pub fn weights_path(dir: &Path) -> PathBuf {
-        dir.join("checkpoint.safetensors")
-    }
-
     fn meta_path(dir: &Path) -> PathBuf {
         dir.join("checkpoint.json")
     }
 
-    /// Save weights + optimizer moments, then the step; each file via write-then-rename.
+    fn weights_name(step: usize) -> String {
+        format!("checkpoint-{step:08}.safetensors")
+    }
+
+    /// Save weights + optimizer moments, then commit them with `checkpoint.json`; older weight
+    /// files are removed afterwards.
     pub fn save(
         dir: &Path,
         varmap: &VarMap,
         opt: &AdamW,
         ema: Option<&Ema>,
         step: usize,
+        rng: &Rng,
+        extra: serde_json::Value,
     ) -> Result<(), TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
@@ -288,30 +305,58 @@ impl Checkpoint {
                 tensors.insert(k.clone(), v.as_tensor().clone());
             }
         }
-        let tmp = dir.join("checkpoint.safetensors.tmp");
+        let name = Self::weights_name(step);
+        let tmp = dir.join(format!("{name}.tmp"));
         candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, Self::weights_path(dir)).map_err(|e| err(e.to_string()))?;
-        let meta = serde_json::json!({ "step": step, "adam_t": opt.t });
+        std::fs::rename(&tmp, dir.join(&name)).map_err(|e| err(e.to_string()))?;
+        // u64 as strings: JSON readers that use doubles would round them
+        let rng_state: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
+        let meta = serde_json::json!({
+            "step": step,
+            "adam_t": opt.t,
+            "weights": name,
+            "rng": rng_state,
+            "extra": extra,
+        });
         let tmp = dir.join("checkpoint.json.tmp");
         std::fs::write(&tmp, meta.to_string()).map_err(|e| err(e.to_string()))?;
         std::fs::rename(&tmp, Self::meta_path(dir)).map_err(|e| err(e.to_string()))?;
+        // the commit point has passed: weight files of earlier steps are garbage now
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let stale = file == "checkpoint.safetensors"
+                    || (file.starts_with("checkpoint-")
+                        && file.ends_with(".safetensors")
+                        && file != name);
+                if stale {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Load into an already-built model and optimizer; returns the step to continue from, or None
-    /// when there is no checkpoint.
+    /// The step of the checkpoint in `dir`, if there is a readable one.
+    pub fn saved_step(dir: &Path) -> Option<usize> {
+        let text = std::fs::read_to_string(Self::meta_path(dir)).ok()?;
+        let meta: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(meta["step"].as_u64()? as usize)
+    }
+
+    /// Load into an already-built model and optimizer; None when there is no checkpoint.
     pub fn load(
         dir: &Path,
         varmap: &VarMap,
         opt: &mut AdamW,
         ema: Option<&mut Ema>,
-    ) -> Result<Option<usize>, TrainError> {
+    ) -> Result<Option<Resume>, TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
             message: m,
         };
         let meta_path = Self::meta_path(dir);
-        if !meta_path.exists() || !Self::weights_path(dir).exists() {
+        if !meta_path.exists() {
             return Ok(None);
         }
         let meta: serde_json::Value = serde_json::from_str(
@@ -322,12 +367,28 @@ impl Checkpoint {
             .as_u64()
             .ok_or_else(|| err("checkpoint.json has no step".into()))? as usize;
         let adam_t = meta["adam_t"].as_u64().unwrap_or(step as u64) as usize;
+        // checkpoints of earlier versions: checkpoint.safetensors, and the stream in rng.json
+        let weights = dir.join(meta["weights"].as_str().unwrap_or("checkpoint.safetensors"));
+        if !weights.exists() {
+            return Err(err(format!(
+                "checkpoint.json names {}, which does not exist",
+                weights.display()
+            )));
+        }
+        let rng_state = if meta["rng"].is_array() {
+            parse_rng_state(&meta["rng"])
+        } else {
+            std::fs::read_to_string(dir.join("rng.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .and_then(|v: serde_json::Value| parse_rng_state(&v))
+        };
         let device = varmap
             .all_vars()
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let tensors = candle_core::safetensors::load(Self::weights_path(dir), &device)?;
+        let tensors = candle_core::safetensors::load(&weights, &device)?;
         {
             let data = varmap
                 .data()
@@ -351,8 +412,22 @@ impl Checkpoint {
         if let Some(ema) = ema {
             ema.load_state(&tensors).map_err(err)?;
         }
-        Ok(Some(step))
+        Ok(Some(Resume {
+            step,
+            rng: rng_state.map(Rng::from_state),
+            extra: meta["extra"].clone(),
+        }))
     }
+}
+
+/// Four u64 written as decimal strings.
+fn parse_rng_state(v: &serde_json::Value) -> Option<[u64; 4]> {
+    let words: Vec<u64> = v
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_str()?.parse().ok())
+        .collect();
+    words.try_into().ok()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use models::Rng;
 use super::{Backend, TokenizeError, TrainLog};
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
-use crate::train::{clip_grad_norm, AdamW};
+use crate::train::{clip_grad_norm, AdamW, Checkpoint, TrainError};
 
 /// Name of the latent scale in a saved tokenizer.
 const SCALE: &str = "tokenizer.scale";
@@ -51,13 +51,25 @@ fn batch_tensor(set: &ImageSet, idx: &[usize], device: &Device) -> candle_core::
     set.batch_tensor(idx, device)?.affine(2.0, -1.0)
 }
 
+/// Where and how often a tokenizer fit saves its state, so a killed fit resumes instead of
+/// starting over.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPlan<'a> {
+    pub dir: &'a Path,
+    /// steps between checkpoints; a multiple of the logging interval keeps the logged means exact
+    pub every: usize,
+}
+
 /// Trains the autoencoder with Adam (no weight decay), linear warm-up, gradient clipping at 1.0
 /// and, for VQ, restarts of codes unused over the last `restart_every` steps from encoder outputs.
+/// With a checkpoint plan it continues from the last checkpoint in `dir` (weights, moments,
+/// random stream, code-use counters): the result equals an uninterrupted fit.
 pub fn train(
     spec: &TokenizerSpec,
     train: &ImageSet,
     seed: u64,
     device: &Device,
+    checkpoint: Option<CheckpointPlan>,
     log: &mut TrainLog,
 ) -> Result<Trained, TokenizeError> {
     let cfg = config(spec, train.channels);
@@ -73,7 +85,28 @@ pub fn train(
     let mut since_restart = vec![0usize; vocab];
     let (mut loss_sum, mut recon_sum, mut reg_sum, mut count) = (0f64, 0f64, 0f64, 0usize);
     let mut restarted = 0usize;
-    for step in 0..spec.steps {
+    let mut start = 0;
+    if let Some(plan) = checkpoint {
+        if let Some(resume) = Checkpoint::load(plan.dir, &varmap, &mut opt, None)? {
+            let bad = |message: String| TrainError::Checkpoint {
+                path: plan.dir.to_path_buf(),
+                message,
+            };
+            let state: CodeState = serde_json::from_value(resume.extra)
+                .map_err(|e| bad(format!("checkpoint.json: unreadable tokenizer state: {e}")))?;
+            if state.since_restart.len() != vocab {
+                return Err(bad(format!(
+                    "checkpoint.json counts {} codes, the tokenizer has {vocab}",
+                    state.since_restart.len()
+                ))
+                .into());
+            }
+            (since_restart, restarted) = (state.since_restart, state.restarted);
+            rng = resume.rng.unwrap_or(rng);
+            start = resume.step;
+        }
+    }
+    for step in start..spec.steps {
         let idx: Vec<usize> = (0..spec.batch).map(|_| rng.below(train.n)).collect();
         let x = batch_tensor(train, &idx, device)?;
         let out = model.losses(&x, &mut rng)?;
@@ -123,6 +156,19 @@ pub fn train(
             log(step + 1, &values);
             (loss_sum, recon_sum, reg_sum, count) = (0.0, 0.0, 0.0, 0);
         }
+        if let Some(plan) = checkpoint {
+            if (step + 1) % plan.every.max(1) == 0 && step + 1 < spec.steps {
+                let state = CodeState {
+                    since_restart: since_restart.clone(),
+                    restarted,
+                };
+                let extra = serde_json::to_value(&state).map_err(|e| TrainError::Checkpoint {
+                    path: plan.dir.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                Checkpoint::save(plan.dir, &varmap, &opt, None, step + 1, &rng, extra)?;
+            }
+        }
     }
     let scale = match (spec.kind, spec.scale) {
         (TokenizerKind::Kl, Some(s)) => s,
@@ -133,6 +179,13 @@ pub fn train(
         _ => 1.0,
     };
     Ok(Trained { varmap, scale })
+}
+
+/// A VQ fit's code-use counters, kept in its checkpoints (empty for KL).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CodeState {
+    since_restart: Vec<usize>,
+    restarted: usize,
 }
 
 /// Standard deviation of the posterior means over the training split (LDM's scale factor is
@@ -300,9 +353,14 @@ mod tests {
     fn mse_after(kind: &str, steps: usize) -> (f64, Tokenizer, Vec<usize>) {
         let (train, test) = data();
         let mut logged = Vec::new();
-        let tok = Tokenizer::fit(&spec(kind, steps), &train, 0, &Device::Cpu, &mut |s, _| {
-            logged.push(s)
-        })
+        let tok = Tokenizer::fit(
+            &spec(kind, steps),
+            &train,
+            0,
+            &Device::Cpu,
+            None,
+            &mut |s, _| logged.push(s),
+        )
         .unwrap();
         let (rec, mse, _) = tok.reconstruct(&test).unwrap();
         assert_eq!((rec.n, rec.channels, rec.size), (40, 3, 16));
@@ -364,5 +422,65 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("decoder.conv_out.weight"), "{e}");
+    }
+
+    /// A fit stopped after a checkpoint and started again ends with the same weights as one that
+    /// ran through (weights, moments, random stream and code-use counters all restored), and
+    /// logs each step once.
+    #[test]
+    fn a_stopped_fit_resumes_to_the_same_weights() {
+        let (train, _) = data();
+        let dir = tempfile::tempdir().unwrap();
+        let fit = |steps: usize, ckpt: &Path, logged: &mut Vec<usize>| {
+            let plan = CheckpointPlan {
+                dir: ckpt,
+                every: 25,
+            };
+            super::train(
+                &spec("vq", steps),
+                &train,
+                0,
+                &Device::Cpu,
+                Some(plan),
+                &mut |s, _| logged.push(s),
+            )
+            .unwrap()
+        };
+        let mut straight = Vec::new();
+        let whole = fit(60, &dir.path().join("a"), &mut straight);
+        // "killed" at step 55: its last checkpoint is step 50
+        let b = dir.path().join("b");
+        let mut first = Vec::new();
+        fit(55, &b, &mut first);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["step"], 50);
+        assert_eq!(meta["extra"]["since_restart"].as_array().unwrap().len(), 32);
+        let mut second = Vec::new();
+        let resumed = fit(60, &b, &mut second);
+        assert_eq!(second, vec![60], "steps 51–60 only");
+        assert_eq!(straight, vec![25, 50, 60]);
+        let (wa, wb) = (sorted(&whole.varmap), sorted(&resumed.varmap));
+        assert_eq!(wa.len(), wb.len());
+        for ((name, a), (_, b)) in wa.iter().zip(&wb) {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        // only the newest weights file is kept
+        let files: Vec<String> = std::fs::read_dir(&b)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".safetensors"))
+            .collect();
+        assert_eq!(files, vec!["checkpoint-00000050.safetensors".to_string()]);
+    }
+
+    fn sorted(varmap: &VarMap) -> Vec<(String, Tensor)> {
+        crate::train::sorted_vars(varmap)
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
     }
 }

@@ -23,6 +23,8 @@ pub enum TokenizeError {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Model(#[from] models::Error),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
     #[error("tokenizer file {path}: {message}")]
     File { path: String, message: String },
     #[error("autoencoder training diverged at step {step} (loss {loss}); lower tokenizers.*.lr")]
@@ -150,12 +152,14 @@ impl Tokenizer {
     }
 
     /// Fit on the training split: k-means for `kmeans`, nothing for `patch`, a trained
-    /// autoencoder for `vq` / `kl` (`log` receives its training metrics per logged step).
+    /// autoencoder for `vq` / `kl` (`log` receives its training metrics per logged step; with a
+    /// checkpoint plan the autoencoder continues from, and saves, checkpoints).
     pub fn fit(
         spec: &TokenizerSpec,
         train: &ImageSet,
         seed: u64,
         device: &Device,
+        checkpoint: Option<autoencoder::CheckpointPlan>,
         log: &mut TrainLog,
     ) -> Result<Self, TokenizeError> {
         let backend = match spec.kind {
@@ -177,7 +181,7 @@ impl Tokenizer {
                 }
             }
             TokenizerKind::Vq | TokenizerKind::Kl => {
-                let trained = autoencoder::train(spec, train, seed, device, log)?;
+                let trained = autoencoder::train(spec, train, seed, device, checkpoint, log)?;
                 autoencoder::backend(spec, &trained, train, device)?
             }
         };
