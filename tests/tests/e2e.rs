@@ -1000,3 +1000,90 @@ fn selftest_prints_one_check_per_line() {
         );
     }
 }
+
+/// Two `ablate run` processes on one spec and root share its runs: each run, tokenizer and the
+/// feature net is done by exactly one of them, the other reuses it, and nothing is recorded twice.
+#[test]
+fn two_processes_share_one_spec_without_doing_anything_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--set",
+        "train.steps=150",
+        "--set",
+        "seeds=[0,1]",
+    ];
+    let spawn = || {
+        std::process::Command::new(ablate_tests::ablate_bin())
+            .current_dir(ablate_tests::workspace_root())
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ablate")
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [
+        a.wait_with_output().expect("first process"),
+        b.wait_with_output().expect("second process"),
+    ];
+    let mut executed = 0;
+    let (mut feature_nets, mut tokenizers) = (0, 0);
+    for out in &outs {
+        let err = stderr(out);
+        assert!(out.status.success(), "stderr:\n{err}");
+        // "8 run(s): 8 finished (K earlier), 0 failed": K were done by the other process
+        let summary = err
+            .lines()
+            .find(|l| l.contains(" run(s): "))
+            .unwrap_or_else(|| panic!("no summary:\n{err}"));
+        let earlier: usize = summary
+            .split("finished (")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{summary}"));
+        assert!(summary.starts_with("8 run(s): 8 finished"), "{summary}");
+        executed += 8 - earlier;
+        feature_nets += err.matches("feature net trained").count();
+        tokenizers += err.lines().filter(|l| l.contains("fitted in")).count();
+        assert!(stdout(out).contains("| AR | raster | causal | 1 |"));
+    }
+    assert_eq!(executed, 8, "each run executed once across both processes");
+    assert_eq!(feature_nets, 1, "the feature net is trained once");
+    // patch and k-means, per generator seed (the tokenizers follow the run seed here)
+    assert_eq!(tokenizers, 4, "each tokenizer is fitted once");
+
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    assert_eq!(generators.len(), 8);
+    for r in &runs {
+        assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+    }
+    for r in &generators {
+        let evals = db.evals_for_run(r.id).expect("evals");
+        assert_eq!(
+            evals.iter().filter(|e| e.metric == "fid").count(),
+            1,
+            "{}",
+            r.name
+        );
+        let steps: Vec<i64> = db
+            .metrics(r.id, Some("train/loss"))
+            .expect("metrics")
+            .into_iter()
+            .map(|m| m.step)
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=75).map(|i| i * 2).collect::<Vec<i64>>(),
+            "{}",
+            r.name
+        );
+    }
+}

@@ -480,6 +480,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             if !no_report {
                 let out = layout.report_dir(&loaded.base.name);
+                // processes sharing the spec write the report one at a time; the last one to
+                // finish writes it with every run
+                let safe = out.file_name().map(|n| n.to_string_lossy().into_owned());
+                let lock_path = layout.lock(&format!("report-{}", safe.unwrap_or_default()));
+                let _held = crate::lock::lock(&lock_path)
+                    .with_context(|| format!("locking {}", lock_path.display()))?;
                 match reports::write_report(
                     &runner.db,
                     &loaded.base.name,

@@ -7,6 +7,7 @@ pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod fid;
+pub mod lock;
 pub mod runner;
 pub mod selftest;
 pub mod spec;

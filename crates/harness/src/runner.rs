@@ -16,6 +16,7 @@ use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Rng, SampleO
 
 use crate::data::{self, Dataset, ImageSet};
 use crate::eval::{self, metrics, EvalNet, FeatureNet, Net};
+use crate::lock;
 use crate::spec::{
     self, Arm, CfgScheduleSpec, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec,
     Spec, TokenizerKind,
@@ -58,6 +59,10 @@ impl Layout {
     /// Reference statistics (and features) of a split, per data set, feature net and convention.
     pub fn reference_stats(&self, key: &str) -> PathBuf {
         self.root.join("cache/stats").join(format!("{key}.npz"))
+    }
+    /// The lock file of a run, a training or a shared stage (see [`crate::lock`]).
+    pub fn lock(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{name}.lock"))
     }
     pub fn run_dir(&self, hash: &str) -> PathBuf {
         self.root.join("artifacts").join(hash)
@@ -226,90 +231,151 @@ impl Runner {
         let runs = loaded.runs();
         let total = runs.len();
         let mut outcomes = Vec::new();
+        // runs another process holds are left for a second pass, by which time they are usually
+        // finished: N processes on one spec share its runs without any other coordination
+        let mut deferred = Vec::new();
         for (i, run) in runs.iter().enumerate() {
-            let started = Instant::now();
-            let device_name = self
-                .device_override
-                .clone()
-                .unwrap_or_else(|| run.spec.device.clone());
-            let hash = run.hash();
-            let params = serde_json::to_value(&run.spec)?;
-            let name = format!("{} · {} · seed {}", run.cell, run.arm.as_str(), run.seed);
-            let run_id = self.db.create_run(
-                exp,
-                &NewRun {
-                    hash: &hash,
-                    kind: "generator",
-                    name: &name,
-                    cell: &run.cell,
-                    arm: Some(run.arm.as_str()),
-                    seed: run.seed as i64,
-                    params: &params,
-                    git_commit: self.env.git_commit.as_deref(),
-                    git_dirty: self.env.git_dirty,
-                    host: &self.env.host,
-                    device: &device_name,
-                    version: env!("CARGO_PKG_VERSION"),
-                },
-            )?;
-            let mut outcome = RunOutcome {
-                run_id,
-                cell: run.cell.clone(),
-                arm: run.arm,
-                seed: run.seed,
-                status: String::new(),
-                cached: false,
-                fid: None,
-                is: None,
-                seconds: 0.0,
-                error: None,
-            };
-            if self.is_finished(run_id)? {
-                let evals = self.db.evals_for_run(run_id)?;
-                outcome.fid = evals
-                    .iter()
-                    .filter(|e| e.metric == "fid")
-                    .map(|e| e.value)
-                    .next_back();
-                outcome.is = evals
-                    .iter()
-                    .filter(|e| e.metric == "is")
-                    .map(|e| e.value)
-                    .next_back();
-                outcome.status = "finished".into();
-                outcome.cached = true;
-                self.say(format!(
-                    "[{}/{total}] {name}: finished earlier (run {run_id}), skipped",
-                    i + 1
-                ));
+            match self.attempt(exp, (i, total), run, false)? {
+                Some(outcome) => outcomes.push(outcome),
+                None => deferred.push(i),
+            }
+        }
+        for i in deferred {
+            if let Some(outcome) = self.attempt(exp, (i, total), &runs[i], true)? {
                 outcomes.push(outcome);
-                continue;
             }
-            self.say(format!("[{}/{total}] {name} (run {run_id}, {hash})", i + 1));
-            self.start(run_id, &device_name)?;
-            match self.execute(exp, run_id, &hash, run, &device_name) {
-                Ok((fid, is)) => {
-                    self.db.finish_run(run_id)?;
-                    outcome.status = "finished".into();
-                    outcome.fid = Some(fid);
-                    outcome.is = Some(is);
-                    self.say(format!(
-                        "    done in {:.1} s: FID {fid:.2}, IS {is:.2}",
-                        started.elapsed().as_secs_f64()
-                    ));
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    self.db.fail_run(run_id, &msg)?;
-                    self.say(format!("    failed: {msg}"));
-                    outcome.status = "failed".into();
-                    outcome.error = Some(msg);
-                }
-            }
-            outcome.seconds = started.elapsed().as_secs_f64();
-            outcomes.push(outcome);
         }
         Ok(outcomes)
+    }
+
+    /// Run one planned run unless it is finished. Without `wait`, a run (or its training) that
+    /// another process holds is left alone (None); with `wait`, this waits for that process and
+    /// then finds the run finished, or runs it.
+    fn attempt(
+        &mut self,
+        exp: i64,
+        (i, total): (usize, usize),
+        run: &PlannedRun,
+        wait: bool,
+    ) -> Result<Option<RunOutcome>> {
+        let started = Instant::now();
+        let device_name = self
+            .device_override
+            .clone()
+            .unwrap_or_else(|| run.spec.device.clone());
+        let hash = run.hash();
+        let params = serde_json::to_value(&run.spec)?;
+        let name = format!("{} · {} · seed {}", run.cell, run.arm.as_str(), run.seed);
+        let run_id = self.db.create_run(
+            exp,
+            &NewRun {
+                hash: &hash,
+                kind: "generator",
+                name: &name,
+                cell: &run.cell,
+                arm: Some(run.arm.as_str()),
+                seed: run.seed as i64,
+                params: &params,
+                git_commit: self.env.git_commit.as_deref(),
+                git_dirty: self.env.git_dirty,
+                host: &self.env.host,
+                device: &device_name,
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        )?;
+        let mut outcome = RunOutcome {
+            run_id,
+            cell: run.cell.clone(),
+            arm: run.arm,
+            seed: run.seed,
+            status: String::new(),
+            cached: false,
+            fid: None,
+            is: None,
+            seconds: 0.0,
+            error: None,
+        };
+        // this run and its training: another process may hold them (N processes, one spec)
+        let run_lock = self.layout.lock(&hash);
+        let train_lock = self.layout.lock(&format!("train-{}", run.train_hash()));
+        let _run_held = match lock::try_lock(&run_lock)? {
+            Some(held) => held,
+            None if wait => {
+                self.say(format!(
+                    "[{}/{total}] {name}: waiting for the process running it",
+                    i + 1
+                ));
+                lock::lock(&run_lock)?
+            }
+            None => {
+                self.say(format!(
+                    "[{}/{total}] {name}: running in another process; coming back to it",
+                    i + 1
+                ));
+                return Ok(None);
+            }
+        };
+        let _train_held = match lock::try_lock(&train_lock)? {
+            Some(held) => held,
+            None if wait => {
+                self.say(format!(
+                    "[{}/{total}] {name}: waiting for its training in another process",
+                    i + 1
+                ));
+                lock::lock(&train_lock)?
+            }
+            None => {
+                self.say(format!(
+                    "[{}/{total}] {name}: its training is running in another process; coming \
+                     back to it",
+                    i + 1
+                ));
+                return Ok(None);
+            }
+        };
+        if self.is_finished(run_id)? {
+            let evals = self.db.evals_for_run(run_id)?;
+            outcome.fid = evals
+                .iter()
+                .filter(|e| e.metric == "fid")
+                .map(|e| e.value)
+                .next_back();
+            outcome.is = evals
+                .iter()
+                .filter(|e| e.metric == "is")
+                .map(|e| e.value)
+                .next_back();
+            outcome.status = "finished".into();
+            outcome.cached = true;
+            self.say(format!(
+                "[{}/{total}] {name}: finished earlier (run {run_id}), skipped",
+                i + 1
+            ));
+            return Ok(Some(outcome));
+        }
+        self.say(format!("[{}/{total}] {name} (run {run_id}, {hash})", i + 1));
+        self.start(run_id, &device_name)?;
+        match self.execute(exp, run_id, &hash, run, &device_name) {
+            Ok((fid, is)) => {
+                self.db.finish_run(run_id)?;
+                outcome.status = "finished".into();
+                outcome.fid = Some(fid);
+                outcome.is = Some(is);
+                self.say(format!(
+                    "    done in {:.1} s: FID {fid:.2}, IS {is:.2}",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.db.fail_run(run_id, &msg)?;
+                self.say(format!("    failed: {msg}"));
+                outcome.status = "failed".into();
+                outcome.error = Some(msg);
+            }
+        }
+        outcome.seconds = started.elapsed().as_secs_f64();
+        Ok(Some(outcome))
     }
 
     fn dataset(&mut self, spec: &Spec) -> Result<std::rc::Rc<Dataset>> {
@@ -350,6 +416,7 @@ impl Runner {
             return Ok(t.clone());
         }
         let path = self.layout.tokenizer(&hash);
+        let _held = self.stage_lock(&hash, &format!("tokenizer {}", run.tokenizer_name()))?;
         let finished = self.is_finished(id)?;
         let (tok, data) = if finished && (path.exists() || tspec.kind == TokenizerKind::Patch) {
             let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path, device)?;
@@ -495,6 +562,17 @@ impl Runner {
             t0.elapsed().as_secs_f64()
         ));
         Ok((tok, data))
+    }
+
+    /// The lock of a stage shared by runs (feature net, tokenizer), waiting with a message while
+    /// another process holds it; once it is released the stage is usually finished and reused.
+    fn stage_lock(&self, hash: &str, what: &str) -> Result<lock::Lock> {
+        let path = self.layout.lock(hash);
+        if let Some(held) = lock::try_lock(&path)? {
+            return Ok(held);
+        }
+        self.say(format!("    waiting for another process fitting {what}"));
+        Ok(lock::lock(&path)?)
     }
 
     /// Mark a run as running here: this process, host, device and code version.
@@ -667,6 +745,7 @@ impl Runner {
         }
         let path = self.layout.classifier(&hash);
         let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
+        let _held = self.stage_lock(&hash, "the feature net")?;
         let finished = self.is_finished(id)?;
         if finished && path.exists() {
             net.load(&path)?;
@@ -677,6 +756,8 @@ impl Runner {
                 spec.eval.classifier_steps as u64,
                 "training the feature net".into(),
             );
+            // a fit that failed earlier logged a curve of its own
+            self.db.delete_metrics_after(id, -1)?;
             let mut losses = Vec::new();
             let result = net.train(ds, &spec.eval, &mut |step, loss| {
                 pb.set_position(step as u64 + 1);
