@@ -52,6 +52,49 @@ pub fn ablate(root: &Path, args: &[&str]) -> Output {
         .expect("run ablate")
 }
 
+/// The steps at which `key` was logged for run `run_id`, in order.
+pub fn logged_steps(db: &db::Db, run_id: i64, key: &str) -> Vec<i64> {
+    db.metrics(run_id, Some(key))
+        .expect("metrics")
+        .into_iter()
+        .map(|m| m.step)
+        .collect()
+}
+
+/// The step recorded in a `checkpoint.json`, once the file exists and is readable.
+pub fn checkpoint_step(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+}
+
+/// Start `ablate --root ROOT ARGS…`, SIGKILL it as soon as `probe` sees a checkpoint (waiting at
+/// most `limit`), and return the checkpoint step seen.
+pub fn kill_at_checkpoint(
+    root: &Path,
+    args: &[&str],
+    probe: impl Fn() -> Option<u64>,
+    limit: std::time::Duration,
+) -> u64 {
+    let mut child = Command::new(ablate_bin())
+        .current_dir(workspace_root())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ablate");
+    let started = std::time::Instant::now();
+    let mut seen = None;
+    while seen.is_none() && started.elapsed() < limit {
+        seen = probe();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    seen.unwrap_or_else(|| panic!("no checkpoint appeared within {limit:?}"))
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

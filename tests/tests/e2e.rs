@@ -1073,12 +1073,7 @@ fn two_processes_share_one_spec_without_doing_anything_twice() {
             "{}",
             r.name
         );
-        let steps: Vec<i64> = db
-            .metrics(r.id, Some("train/loss"))
-            .expect("metrics")
-            .into_iter()
-            .map(|m| m.step)
-            .collect();
+        let steps = ablate_tests::logged_steps(&db, r.id, "train/loss");
         assert_eq!(
             steps,
             (1..=75).map(|i| i * 2).collect::<Vec<i64>>(),

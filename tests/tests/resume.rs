@@ -1,9 +1,8 @@
 //! A run killed mid-training (SIGKILL) resumes from its last checkpoint and ends with the same
 //! weights as an uninterrupted run; no metric point is lost or duplicated.
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ablate_tests::{ablate, ablate_bin, stderr, workspace_root};
+use ablate_tests::{ablate, checkpoint_step, kill_at_checkpoint, logged_steps, stderr};
 use candle_core::Device;
 use db::Db;
 
@@ -43,32 +42,14 @@ fn killed_run_resumes_to_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // start the same run and kill it once a checkpoint exists but training is not done
-    let mut child = Command::new(ablate_bin())
-        .current_dir(workspace_root())
-        .arg("--root")
-        .arg(&killed)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ablate");
-    let started = Instant::now();
-    let checkpoint_step = || -> Option<u64> {
+    let probe = || {
         let entry = std::fs::read_dir(killed.join("artifacts"))
             .ok()?
             .next()?
             .ok()?;
-        let text = std::fs::read_to_string(entry.path().join("checkpoint.json")).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+        checkpoint_step(&entry.path().join("checkpoint.json"))
     };
-    let mut seen = None;
-    while seen.is_none() && started.elapsed() < Duration::from_secs(120) {
-        seen = checkpoint_step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("wait");
-    let killed_at = seen.expect("a checkpoint appeared within 120 s");
+    let killed_at = kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(120));
     assert!(
         killed_at < 300,
         "killed after training had finished (step {killed_at})"
@@ -124,12 +105,7 @@ fn killed_run_resumes_to_the_same_weights() {
             r.name
         );
         // every logged step exactly once
-        let steps: Vec<i64> = db
-            .metrics(r.id, Some("train/loss"))
-            .expect("metrics")
-            .into_iter()
-            .map(|m| m.step)
-            .collect();
+        let steps = logged_steps(&db, r.id, "train/loss");
         assert_eq!(
             steps,
             (1..=150).map(|i| i * 2).collect::<Vec<i64>>(),
@@ -166,32 +142,14 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let mut child = Command::new(ablate_bin())
-        .current_dir(workspace_root())
-        .arg("--root")
-        .arg(&killed)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ablate");
-    let checkpoint = || -> Option<u64> {
+    let probe = || {
         let dir = std::fs::read_dir(killed.join("cache/tokenizers"))
             .ok()?
             .flatten()
             .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))?;
-        let text = std::fs::read_to_string(dir.path().join("checkpoint.json")).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+        checkpoint_step(&dir.path().join("checkpoint.json"))
     };
-    let started = Instant::now();
-    let mut seen = None;
-    while seen.is_none() && started.elapsed() < Duration::from_secs(300) {
-        seen = checkpoint();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("wait");
-    let killed_at = seen.expect("a tokenizer checkpoint appeared within 300 s");
+    let killed_at = kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(300));
 
     let out = ablate(&killed, &args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -217,12 +175,7 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
         .find(|r| r.kind == "tokenizer" && r.name.contains("vq"))
         .expect("the vq tokenizer run");
     assert_eq!(tokenizer.status, "finished");
-    let steps: Vec<i64> = db
-        .metrics(tokenizer.id, Some("train/loss"))
-        .expect("metrics")
-        .into_iter()
-        .map(|m| m.step)
-        .collect();
+    let steps = logged_steps(&db, tokenizer.id, "train/loss");
     assert_eq!(steps, (1..=12).map(|i| i * 25).collect::<Vec<i64>>());
     // the same file, bit for bit in its tensors, as the uninterrupted fit
     let file = |root: &std::path::Path| {
