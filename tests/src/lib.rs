@@ -52,6 +52,20 @@ pub fn ablate(root: &Path, args: &[&str]) -> Output {
         .expect("run ablate")
 }
 
+/// Start `ablate --root ROOT ARGS…` in the background with its output captured
+/// (`wait_with_output` to collect it).
+pub fn spawn_ablate(root: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(ablate_bin())
+        .current_dir(workspace_root())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ablate")
+}
+
 /// The steps at which `key` was logged for run `run_id`, in order.
 pub fn logged_steps(db: &db::Db, run_id: i64, key: &str) -> Vec<i64> {
     db.metrics(run_id, Some(key))

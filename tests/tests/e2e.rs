@@ -1015,17 +1015,7 @@ fn two_processes_share_one_spec_without_doing_anything_twice() {
         "--set",
         "seeds=[0,1]",
     ];
-    let spawn = || {
-        std::process::Command::new(ablate_tests::ablate_bin())
-            .current_dir(ablate_tests::workspace_root())
-            .arg("--root")
-            .arg(root)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn ablate")
-    };
+    let spawn = || ablate_tests::spawn_ablate(root, &args);
     let (a, b) = (spawn(), spawn());
     let outs = [
         a.wait_with_output().expect("first process"),
@@ -1081,4 +1071,50 @@ fn two_processes_share_one_spec_without_doing_anything_twice() {
             r.name
         );
     }
+}
+
+/// A run that fails in one of two processes sharing a spec is reported failed by the other, not
+/// tried again; a later `ablate run` retries it.
+#[test]
+fn a_run_failed_by_another_process_is_not_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    // a learning rate that makes every run diverge at its first step
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--no-report",
+        "--set",
+        "train.base_lr=1e12",
+        "--set",
+        "seeds=[0,1]",
+    ];
+    let children = [
+        ablate_tests::spawn_ablate(root, &args),
+        ablate_tests::spawn_ablate(root, &args),
+    ];
+    let mut attempts = 0;
+    for child in children {
+        let out = child.wait_with_output().expect("process");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("8 run(s): 0 finished (0 earlier), 8 failed"),
+            "{err}"
+        );
+        attempts += err.matches("    failed: training diverged").count();
+    }
+    assert_eq!(
+        attempts, 8,
+        "each failing run was tried once across both processes"
+    );
+    let again = ablate(root, &args);
+    assert_eq!(
+        stderr(&again)
+            .matches("    failed: training diverged")
+            .count(),
+        8,
+        "a new invocation retries failed runs:\n{}",
+        stderr(&again)
+    );
 }

@@ -47,6 +47,16 @@ impl Db {
         raw.map(RunRow::try_from).transpose()
     }
 
+    /// The database clock in the format of `started_at` / `ended_at` (ISO 8601, UTC, milliseconds),
+    /// so that it compares with them as text.
+    pub fn now(&self) -> Result<String> {
+        self.block_on(async {
+            Ok(sqlx::query_scalar(concat!("SELECT ", now_sql!()))
+                .fetch_one(self.pool())
+                .await?)
+        })
+    }
+
     /// Registers a run as `queued` and links it to the experiment; its id.
     ///
     /// A run is identified by its hash: if the hash is already registered the existing id is

@@ -701,3 +701,37 @@ fn one_db_shared_across_threads() {
         .all(|(_, step, value)| *step == 49 && *value == 49.0));
     assert_eq!(db.metrics(run, None).expect("metrics").len(), 200);
 }
+
+/// `now()` is the clock `ended_at` uses, so the two compare as text: a run failed after a reading
+/// of `now()` ends at or after it, and one failed before ends before a later reading.
+#[test]
+fn now_compares_with_run_timestamps() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({});
+    let before = db
+        .create_run(e, &new_run("h1", None, 0, &params))
+        .expect("run");
+    db.fail_run(before, "x").expect("fail");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let since = db.now().expect("now");
+    let after = db
+        .create_run(e, &new_run("h2", None, 0, &params))
+        .expect("run");
+    db.fail_run(after, "y").expect("fail");
+    let ended = |id| {
+        db.run(id)
+            .expect("query")
+            .expect("row")
+            .ended_at
+            .expect("ended")
+    };
+    assert_eq!(
+        since.len(),
+        ended(after).len(),
+        "{since} vs {}",
+        ended(after)
+    );
+    assert!(ended(before) < since, "{} < {since}", ended(before));
+    assert!(ended(after) >= since, "{} >= {since}", ended(after));
+}

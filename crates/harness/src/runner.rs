@@ -173,6 +173,8 @@ pub struct Runner {
     pub env: Environment,
     pub device_override: Option<String>,
     pub quiet: bool,
+    /// the database clock when `run_experiment` began
+    since: String,
     datasets: HashMap<String, std::rc::Rc<Dataset>>,
     tokenizers: HashMap<String, std::rc::Rc<(Tokenizer, TokenData)>>,
     feature_nets: HashMap<String, std::rc::Rc<EvalNet>>,
@@ -203,6 +205,7 @@ impl Runner {
             env: Environment::detect(),
             device_override,
             quiet,
+            since: String::new(),
             datasets: HashMap::new(),
             tokenizers: HashMap::new(),
             feature_nets: HashMap::new(),
@@ -230,6 +233,8 @@ impl Runner {
         )?;
         let runs = loaded.runs();
         let total = runs.len();
+        // failures another process records from now on are reported, not retried (see attempt)
+        self.since = self.db.now()?;
         let mut outcomes = Vec::new();
         // runs another process holds are left for a second pass, by which time they are usually
         // finished: N processes on one spec share its runs without any other coordination
@@ -333,6 +338,26 @@ impl Runner {
                 return Ok(None);
             }
         };
+        // a process sharing this spec tried it while this one was running, and it failed: report
+        // that rather than fail it a second time (a later `ablate run` retries it)
+        if let Some(row) = self.db.run(run_id)? {
+            let failed_meanwhile = row.status == "failed"
+                && !self.since.is_empty()
+                && row
+                    .ended_at
+                    .as_deref()
+                    .is_some_and(|t| t >= self.since.as_str());
+            if failed_meanwhile {
+                let error = row.error.unwrap_or_default();
+                self.say(format!(
+                    "[{}/{total}] {name}: failed in another process: {error}",
+                    i + 1
+                ));
+                outcome.status = "failed".into();
+                outcome.error = Some(error);
+                return Ok(Some(outcome));
+            }
+        }
         if self.is_finished(run_id)? {
             let evals = self.db.evals_for_run(run_id)?;
             outcome.fid = evals
