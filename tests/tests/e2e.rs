@@ -1118,3 +1118,59 @@ fn a_run_failed_by_another_process_is_not_retried() {
         stderr(&again)
     );
 }
+
+/// `ablate run --jobs 2` starts one worker that shares the runs with it: each run is done by one
+/// of the two, the worker logs to ROOT/logs/ and leaves the report to the first process.
+#[test]
+fn jobs_start_workers_that_share_the_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let out = ablate(
+        root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--jobs",
+            "2",
+            "--set",
+            "train.steps=150",
+            "--set",
+            "seeds=[0,1]",
+        ],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 processes share the runs"), "{err}");
+    let log = std::fs::read_to_string(root.join("logs/worker-1.log")).expect("worker log");
+    let done_here = |text: &str| -> usize {
+        let summary = text
+            .lines()
+            .find(|l| l.starts_with("8 run(s): 8 finished ("))
+            .unwrap_or_else(|| panic!("no summary of 8 finished runs:\n{text}"));
+        let earlier: usize = summary
+            .split("finished (")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{summary}"));
+        8 - earlier
+    };
+    assert_eq!(
+        done_here(&err) + done_here(&log),
+        8,
+        "{err}\n--- worker:\n{log}"
+    );
+    assert!(
+        !log.contains("# Ablation report"),
+        "the worker writes no report"
+    );
+    assert!(root.join("reports/tiny/report.md").is_file());
+
+    let zero = ablate(root, &["run", "experiments/tiny.toml", "--jobs", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(
+        stderr(&zero).contains("--jobs: expected at least 1"),
+        "{}",
+        stderr(&zero)
+    );
+}

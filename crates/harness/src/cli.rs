@@ -40,6 +40,10 @@ pub enum Command {
         /// Do not write the report at the end
         #[arg(long)]
         no_report: bool,
+        /// Processes sharing the runs: this one and N − 1 workers (logs in ROOT/logs/), each
+        /// with cores / N threads unless RAYON_NUM_THREADS is set
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        jobs: usize,
     },
     /// Print the runs a spec expands to and which are already finished
     Plan {
@@ -450,15 +454,38 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             set,
             device,
             no_report,
+            jobs,
         } => {
             // the spec is checked completely before anything touches the database
             let loaded = spec::load(&spec, &set)?;
             if let Some(d) = &device {
                 crate::runner::parse_device(d)?;
             }
-            let mut runner = Runner::open(layout.clone(), device, cli.quiet)?;
+            if jobs == 0 {
+                return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
+            }
             let started = std::time::Instant::now();
+            let workers = if jobs > 1 {
+                let threads = crate::workers::threads_per_job(jobs);
+                // before any thread pool exists: rayon and candle's CPU kernels both read it
+                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+                std::fs::create_dir_all(&layout.root)
+                    .with_context(|| format!("creating {}", layout.root.display()))?;
+                let w = crate::workers::spawn(jobs, &layout.root, threads)?;
+                eprintln!(
+                    "{jobs} processes share the runs, {threads} thread(s) each; workers log to {}",
+                    layout.root.join("logs").display()
+                );
+                Some(w)
+            } else {
+                None
+            };
+            let mut runner = Runner::open(layout.clone(), device, cli.quiet)?;
             let outcomes = runner.run_experiment(&loaded)?;
+            // every run this process skipped it waited for, so the outcomes cover the whole spec
+            for problem in workers.map(|w| w.wait()).unwrap_or_default() {
+                eprintln!("{problem}");
+            }
             let failed: Vec<_> = outcomes.iter().filter(|o| o.status != "finished").collect();
             eprintln!(
                 "{} run(s): {} finished ({} earlier), {} failed, in {:.1} s",

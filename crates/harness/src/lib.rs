@@ -13,3 +13,4 @@ pub mod selftest;
 pub mod spec;
 pub mod tokenize;
 pub mod train;
+pub mod workers;

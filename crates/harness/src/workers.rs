@@ -1,0 +1,145 @@
+//! `ablate run --jobs N`: this process and N − 1 worker processes on one spec, sharing its runs
+//! through the locks of [`crate::lock`], each with its share of the CPU threads. Small models use
+//! many threads poorly; several processes with few threads each use a machine better.
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+/// Threads per process: the user's `RAYON_NUM_THREADS` when set, else the cores this process may
+/// use divided by `jobs` (at least 1).
+pub fn threads_per_job(jobs: usize) -> usize {
+    let set = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    set.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / jobs.max(1)).max(1)
+    })
+}
+
+/// The worker's command line: this invocation's arguments without `--jobs`, quiet, and without
+/// the report (the first process writes it once every run is done).
+pub fn worker_args(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if s == "--jobs" {
+            skip_value = true;
+            continue;
+        }
+        if s.starts_with("--jobs=") {
+            continue;
+        }
+        out.push(a.clone());
+    }
+    let has = |out: &[OsString], flags: &[&str]| out.iter().any(|a| flags.iter().any(|f| a == f));
+    if !has(&out, &["--quiet", "-q"]) {
+        out.push("--quiet".into());
+    }
+    if !has(&out, &["--no-report"]) {
+        out.push("--no-report".into());
+    }
+    out
+}
+
+/// Worker processes started by [`spawn`].
+pub struct Workers {
+    children: Vec<(Child, PathBuf)>,
+}
+
+/// Start `jobs − 1` workers running this program with `worker_args` of this invocation, each with
+/// `threads` threads, their output in `ROOT/logs/worker-K.log`.
+pub fn spawn(jobs: usize, root: &Path, threads: usize) -> anyhow::Result<Workers> {
+    let exe = std::env::current_exe().context("finding the ablate executable for --jobs")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args = worker_args(&args);
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let mut children = Vec::new();
+    for k in 1..jobs {
+        let log = logs.join(format!("worker-{k}.log"));
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = file
+            .try_clone()
+            .with_context(|| format!("opening {}", log.display()))?;
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting worker {k} ({})", exe.display()))?;
+        children.push((child, log));
+    }
+    Ok(Workers { children })
+}
+
+impl Workers {
+    /// Wait for every worker; a line for each one that did not end well (a failed run counts).
+    pub fn wait(self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (mut child, log) in self.children {
+            match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => problems.push(format!(
+                    "worker {} ended with {status}; its log: {}",
+                    child.id(),
+                    log.display()
+                )),
+                Err(e) => problems.push(format!("worker {}: {e}", child.id())),
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn worker_arguments_drop_jobs_and_add_quiet_and_no_report() {
+        let got = worker_args(&args(&[
+            "--root", "r", "run", "s.toml", "--jobs", "4", "--set", "a=1",
+        ]));
+        assert_eq!(
+            got,
+            args(&[
+                "--root",
+                "r",
+                "run",
+                "s.toml",
+                "--set",
+                "a=1",
+                "--quiet",
+                "--no-report"
+            ])
+        );
+        let got = worker_args(&args(&["-q", "run", "s.toml", "--jobs=2", "--no-report"]));
+        assert_eq!(got, args(&["-q", "run", "s.toml", "--no-report"]));
+    }
+
+    #[test]
+    fn threads_are_shared_out_but_never_zero() {
+        if std::env::var("RAYON_NUM_THREADS").is_ok() {
+            return; // the user's setting wins; covered by the branch above
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(threads_per_job(1), cores);
+        assert_eq!(threads_per_job(cores * 4), 1);
+    }
+}
