@@ -303,40 +303,14 @@ impl Runner {
         // this run and its training: another process may hold them (N processes, one spec)
         let run_lock = self.layout.lock(&hash);
         let train_lock = self.layout.lock(&format!("train-{}", run.train_hash()));
-        let _run_held = match lock::try_lock(&run_lock)? {
-            Some(held) => held,
-            None if wait => {
-                self.say(format!(
-                    "[{}/{total}] {name}: waiting for the process running it",
-                    i + 1
-                ));
-                lock::lock(&run_lock)?
-            }
-            None => {
-                self.say(format!(
-                    "[{}/{total}] {name}: running in another process; coming back to it",
-                    i + 1
-                ));
-                return Ok(None);
-            }
+        let label = format!("[{}/{total}] {name}", i + 1);
+        let Some(_run_held) = self.take_lock(&run_lock, wait, &label)? else {
+            return Ok(None);
         };
-        let _train_held = match lock::try_lock(&train_lock)? {
-            Some(held) => held,
-            None if wait => {
-                self.say(format!(
-                    "[{}/{total}] {name}: waiting for its training in another process",
-                    i + 1
-                ));
-                lock::lock(&train_lock)?
-            }
-            None => {
-                self.say(format!(
-                    "[{}/{total}] {name}: its training is running in another process; coming \
-                     back to it",
-                    i + 1
-                ));
-                return Ok(None);
-            }
+        let Some(_train_held) =
+            self.take_lock(&train_lock, wait, &format!("{label} (its training)"))?
+        else {
+            return Ok(None);
         };
         // a process sharing this spec tried it while this one was running, and it failed: report
         // that rather than fail it a second time (a later `ablate run` retries it)
@@ -589,15 +563,27 @@ impl Runner {
         Ok((tok, data))
     }
 
-    /// The lock of a stage shared by runs (feature net, tokenizer), waiting with a message while
-    /// another process holds it; once it is released the stage is usually finished and reused.
-    fn stage_lock(&self, hash: &str, what: &str) -> Result<lock::Lock> {
-        let path = self.layout.lock(hash);
-        if let Some(held) = lock::try_lock(&path)? {
-            return Ok(held);
+    /// Take the lock at `path`. When another process holds it: wait for it (`wait`), or give up
+    /// (None) so that the caller can do other work first; `what` names it in the message.
+    fn take_lock(&self, path: &Path, wait: bool, what: &str) -> Result<Option<lock::Lock>> {
+        if let Some(held) = lock::try_lock(path)? {
+            return Ok(Some(held));
         }
-        self.say(format!("    waiting for another process fitting {what}"));
-        Ok(lock::lock(&path)?)
+        if !wait {
+            self.say(format!(
+                "{what}: running in another process; coming back to it"
+            ));
+            return Ok(None);
+        }
+        self.say(format!("{what}: waiting for the other process running it"));
+        Ok(Some(lock::lock(path)?))
+    }
+
+    /// The lock of a stage shared by runs (feature net, tokenizer), waiting while another process
+    /// holds it; once it is released the stage is usually finished and is reused.
+    fn stage_lock(&self, hash: &str, what: &str) -> Result<lock::Lock> {
+        let held = self.take_lock(&self.layout.lock(hash), true, &format!("    {what}"))?;
+        held.ok_or_else(|| anyhow::anyhow!("lock of {what} not taken"))
     }
 
     /// Mark a run as running here: this process, host, device and code version.
