@@ -66,6 +66,23 @@ pub fn spawn_ablate(root: &Path, args: &[&str]) -> std::process::Child {
         .expect("spawn ablate")
 }
 
+/// How many runs a process ran itself, from its "N run(s): N finished (K earlier), …" line
+/// (K were finished before it reached them, e.g. by another process); panics unless all `total`
+/// finished.
+pub fn runs_done_here(text: &str, total: usize) -> usize {
+    let head = format!("{total} run(s): {total} finished (");
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with(&head))
+        .unwrap_or_else(|| panic!("no summary of {total} finished runs:\n{text}"));
+    let earlier: usize = summary[head.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    total - earlier
+}
+
 /// The steps at which `key` was logged for run `run_id`, in order.
 pub fn logged_steps(db: &db::Db, run_id: i64, key: &str) -> Vec<i64> {
     db.metrics(run_id, Some(key))

@@ -1027,18 +1027,7 @@ fn two_processes_share_one_spec_without_doing_anything_twice() {
         let err = stderr(out);
         assert!(out.status.success(), "stderr:\n{err}");
         // "8 run(s): 8 finished (K earlier), 0 failed": K were done by the other process
-        let summary = err
-            .lines()
-            .find(|l| l.contains(" run(s): "))
-            .unwrap_or_else(|| panic!("no summary:\n{err}"));
-        let earlier: usize = summary
-            .split("finished (")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{summary}"));
-        assert!(summary.starts_with("8 run(s): 8 finished"), "{summary}");
-        executed += 8 - earlier;
+        executed += ablate_tests::runs_done_here(&err, 8);
         feature_nets += err.matches("feature net trained").count();
         tokenizers += err.lines().filter(|l| l.contains("fitted in")).count();
         assert!(stdout(out).contains("| AR | raster | causal | 1 |"));
@@ -1142,19 +1131,7 @@ fn jobs_start_workers_that_share_the_runs() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("2 processes share the runs"), "{err}");
     let log = std::fs::read_to_string(root.join("logs/worker-1.log")).expect("worker log");
-    let done_here = |text: &str| -> usize {
-        let summary = text
-            .lines()
-            .find(|l| l.starts_with("8 run(s): 8 finished ("))
-            .unwrap_or_else(|| panic!("no summary of 8 finished runs:\n{text}"));
-        let earlier: usize = summary
-            .split("finished (")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{summary}"));
-        8 - earlier
-    };
+    let done_here = |text: &str| ablate_tests::runs_done_here(text, 8);
     assert_eq!(
         done_here(&err) + done_here(&log),
         8,

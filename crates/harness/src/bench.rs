@@ -152,13 +152,6 @@ pub fn parse_precision(s: &str) -> anyhow::Result<Precision> {
     }
 }
 
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::F32 => "f32",
-        Precision::Bf16 => "bf16",
-    }
-}
-
 /// Train `steps` timed steps (after 2 warm-up steps) and sample 16 images with 16 MAR steps,
 /// 100 diffusion steps and CFG 3.0, with the generator's products in `precision` (weights and
 /// optimizer state f32, as in training); returns the JSON line.
@@ -218,7 +211,7 @@ pub fn run(
     Ok(serde_json::json!({
         "workload": w.name,
         "device": device_name,
-        "precision": precision_name(precision),
+        "precision": precision.as_str(),
         "params": params,
         "train_steps_timed": steps,
         "train_step_s": train_step_s,

@@ -334,16 +334,11 @@ impl Runner {
         }
         if self.is_finished(run_id)? {
             let evals = self.db.evals_for_run(run_id)?;
-            outcome.fid = evals
-                .iter()
-                .filter(|e| e.metric == "fid")
-                .map(|e| e.value)
-                .next_back();
-            outcome.is = evals
-                .iter()
-                .filter(|e| e.metric == "is")
-                .map(|e| e.value)
-                .next_back();
+            let last = |metric: &str| {
+                let values = evals.iter().filter(|e| e.metric == metric);
+                values.map(|e| e.value).next_back()
+            };
+            (outcome.fid, outcome.is) = (last("fid"), last("is"));
             outcome.status = "finished".into();
             outcome.cached = true;
             self.say(format!(

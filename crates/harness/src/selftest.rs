@@ -78,13 +78,6 @@ fn tolerances(p: Precision) -> Tolerances {
     }
 }
 
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::F32 => "f32",
-        Precision::Bf16 => "bf16",
-    }
-}
-
 /// Values of a tensor on the host, as f64.
 fn host(t: &Tensor) -> candle_core::Result<Vec<f64>> {
     t.to_device(&Device::Cpu)?
@@ -471,7 +464,7 @@ pub fn run(
             let cfg = v.config(precision);
             let reference = run_generator(&cfg, &Device::Cpu)?;
             let got = run_generator(&cfg, device)?;
-            let prefix = format!("{}/{}", v.name, precision_name(precision));
+            let prefix = format!("{}/{}", v.name, precision.as_str());
             let checks = compare_generator(
                 &prefix,
                 device_name,

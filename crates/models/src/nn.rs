@@ -16,6 +16,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The spec's spelling: "f32" or "bf16".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     /// `a · b` computed in this precision, returned as f32.
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         match self {
