@@ -1151,3 +1151,66 @@ fn jobs_start_workers_that_share_the_runs() {
         stderr(&zero)
     );
 }
+
+/// `ablate bench`: one JSON object per workload with the keys the issue names, positive timings;
+/// `--list` names the workloads; unknown workloads and precisions are refused with what is allowed.
+#[test]
+fn bench_prints_one_json_line_per_workload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = ablate(
+        dir.path(),
+        &["bench", "--workload", "ar-tiny-ce", "--steps", "1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    let b = &lines[0];
+    assert_eq!(b["workload"], "ar-tiny-ce");
+    assert_eq!(b["device"], "cpu");
+    assert_eq!(b["precision"], "f32");
+    assert_eq!(b["train_steps_timed"], 1);
+    for key in [
+        "params",
+        "train_step_s",
+        "train_images_per_s",
+        "sample_images_per_s",
+        "peak_rss_bytes",
+        "threads",
+        "cpus_available",
+    ] {
+        let v = b[key].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0, "{key} = {} in {b}", b[key]);
+    }
+    let per_s = b["train_images_per_s"].as_f64().unwrap_or(0.0);
+    let step = b["train_step_s"].as_f64().unwrap_or(0.0);
+    assert!((per_s * step - 64.0).abs() < 1e-6, "batch 64: {b}");
+
+    let list = ablate(dir.path(), &["bench", "--list"]);
+    for name in [
+        "mar-tiny",
+        "mar-tiny-ce",
+        "ar-tiny",
+        "ar-tiny-ce",
+        "mar-base",
+        "fid-10k",
+    ] {
+        assert!(stdout(&list).contains(name), "{}", stdout(&list));
+    }
+    let bad = ablate(dir.path(), &["bench", "--workload", "mar-huge"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown workload 'mar-huge'; known: mar-tiny"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = ablate(dir.path(), &["bench", "--precision", "fp16"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("expected one of f32, bf16; found 'fp16'"),
+        "{}",
+        stderr(&bad)
+    );
+}

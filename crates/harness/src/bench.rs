@@ -220,6 +220,10 @@ pub fn run(
         "sample_s": sample_s,
         "sample_images_per_s": 16.0 / sample_s,
         "peak_rss_bytes": peak_rss_bytes(),
+        // CPU threads of candle's kernels (RAYON_NUM_THREADS, else the physical cores) and the
+        // CPUs this process may use (cgroup quota included): more threads than CPUs is slow
+        "threads": candle_core::utils::get_num_threads(),
+        "cpus_available": std::thread::available_parallelism().map_or(0, |n| n.get()),
     }))
 }
 
