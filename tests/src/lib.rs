@@ -83,6 +83,17 @@ pub fn runs_done_here(text: &str, total: usize) -> usize {
     total - earlier
 }
 
+/// The largest |a − b| over two tensors of one shape (any float dtype), as f32.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("difference")
+}
+
 /// The steps at which `key` was logged for run `run_id`, in order.
 pub fn logged_steps(db: &db::Db, run_id: i64, key: &str) -> Vec<i64> {
     db.metrics(run_id, Some(key))

@@ -1,5 +1,5 @@
 //! End-to-end: the real CLI on tiny specs, checked against the real database and report files.
-use ablate_tests::{ablate, stderr, stdout};
+use ablate_tests::{ablate, max_abs_diff, stderr, stdout};
 use db::Db;
 
 #[test]
@@ -400,15 +400,6 @@ fn load_safetensors(
 ) -> std::collections::HashMap<String, candle_core::Tensor> {
     candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("difference")
 }
 
 /// No `.NAME.tmp-*` folder or file is left beside an output.

@@ -2,7 +2,9 @@
 //! weights as an uninterrupted run; no metric point is lost or duplicated.
 use std::time::Duration;
 
-use ablate_tests::{ablate, checkpoint_step, kill_at_checkpoint, logged_steps, stderr};
+use ablate_tests::{
+    ablate, checkpoint_step, kill_at_checkpoint, logged_steps, max_abs_diff, stderr,
+};
 use candle_core::Device;
 use db::Db;
 
@@ -92,12 +94,7 @@ fn killed_run_resumes_to_the_same_weights() {
         let mut worst = 0f32;
         for (name, ta) in &a {
             let tb = &b[name];
-            let d = (ta - tb)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.max_all())
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
-            worst = worst.max(d);
+            worst = worst.max(max_abs_diff(ta, tb));
         }
         assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
         eprintln!(
@@ -186,13 +183,7 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     let b = candle_core::safetensors::load(file(&killed), &Device::Cpu).expect("resumed tokenizer");
     assert_eq!(a.len(), b.len());
     for (name, ta) in &a {
-        let d = (ta - &b[name])
-            .and_then(|d| d.abs())
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_dtype(candle_core::DType::F32))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff");
-        assert_eq!(d, 0.0, "{name}");
+        assert_eq!(max_abs_diff(ta, &b[name]), 0.0, "{name}");
     }
     let clean_tok = clean_db
         .run_by_hash(&tokenizer.hash)

@@ -9,7 +9,6 @@ use models::generator::CfgSchedule;
 use models::init::{frozen_var_builder, seeded_var_builder};
 use models::{
     Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision, Rng, SampleOptions,
-    Tokens,
 };
 
 use crate::train::{clip_grad_norm, AdamW};
@@ -174,13 +173,7 @@ pub fn run(
     let mut rng = Rng::new(0);
     let l = cfg.seq_len;
     let labels: Vec<u32> = (0..w.batch).map(|i| (i % w.classes) as u32).collect();
-    let tokens = match w.vocab {
-        Some(v) => {
-            let codes: Vec<u32> = (0..w.batch * l).map(|_| rng.below(v) as u32).collect();
-            Tokens::Discrete(Tensor::from_vec(codes, (w.batch, l), device)?)
-        }
-        None => Tokens::Continuous(rng.normal_tensor(&[w.batch, l, w.token_dim], device)?),
-    };
+    let tokens = cfg.random_tokens(w.batch, &mut rng, device)?;
     let mut times = Vec::new();
     for step in 0..steps + 2 {
         device.synchronize()?;

@@ -410,7 +410,8 @@ impl Runner {
             return Ok(t.clone());
         }
         let path = self.layout.tokenizer(&hash);
-        let _held = self.stage_lock(&hash, &format!("tokenizer {}", run.tokenizer_name()))?;
+        let what = format!("    tokenizer {}", run.tokenizer_name());
+        let _held = self.wait_lock(&self.layout.lock(&hash), &what)?;
         let finished = self.is_finished(id)?;
         let (tok, data) = if finished && (path.exists() || tspec.kind == TokenizerKind::Patch) {
             let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path, device)?;
@@ -511,10 +512,8 @@ impl Runner {
             }
         };
         tok.save(path)?;
-        if checkpoints.exists() {
-            // the saved tokenizer supersedes them
-            let _ = std::fs::remove_dir_all(checkpoints);
-        }
+        // the saved tokenizer supersedes its checkpoints (if it had any)
+        let _ = std::fs::remove_dir_all(checkpoints);
         let (recon, mse, psnr) = tok.reconstruct(&ds.test)?;
         let mut values = vec![("recon/mse", mse)];
         if psnr.is_finite() {
@@ -561,24 +560,26 @@ impl Runner {
     /// Take the lock at `path`. When another process holds it: wait for it (`wait`), or give up
     /// (None) so that the caller can do other work first; `what` names it in the message.
     fn take_lock(&self, path: &Path, wait: bool, what: &str) -> Result<Option<lock::Lock>> {
-        if let Some(held) = lock::try_lock(path)? {
-            return Ok(Some(held));
+        if wait {
+            return self.wait_lock(path, what).map(Some);
         }
-        if !wait {
+        let held = lock::try_lock(path)?;
+        if held.is_none() {
             self.say(format!(
                 "{what}: running in another process; coming back to it"
             ));
-            return Ok(None);
         }
-        self.say(format!("{what}: waiting for the other process running it"));
-        Ok(Some(lock::lock(path)?))
+        Ok(held)
     }
 
-    /// The lock of a stage shared by runs (feature net, tokenizer), waiting while another process
-    /// holds it; once it is released the stage is usually finished and is reused.
-    fn stage_lock(&self, hash: &str, what: &str) -> Result<lock::Lock> {
-        let held = self.take_lock(&self.layout.lock(hash), true, &format!("    {what}"))?;
-        held.ok_or_else(|| anyhow::anyhow!("lock of {what} not taken"))
+    /// Take the lock at `path`, waiting (with a message naming `what`) while another process holds
+    /// it; for a shared stage the wait usually ends with the stage finished, to be reused.
+    fn wait_lock(&self, path: &Path, what: &str) -> Result<lock::Lock> {
+        if let Some(held) = lock::try_lock(path)? {
+            return Ok(held);
+        }
+        self.say(format!("{what}: waiting for the other process running it"));
+        Ok(lock::lock(path)?)
     }
 
     /// Mark a run as running here: this process, host, device and code version.
@@ -751,7 +752,7 @@ impl Runner {
         }
         let path = self.layout.classifier(&hash);
         let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
-        let _held = self.stage_lock(&hash, "the feature net")?;
+        let _held = self.wait_lock(&self.layout.lock(&hash), "    the feature net")?;
         let finished = self.is_finished(id)?;
         if finished && path.exists() {
             net.load(&path)?;
@@ -1217,15 +1218,7 @@ fn train_generator(
         pb.set_position(step as u64 + 1);
         if (step + 1) % every == 0 || step + 1 == t.steps {
             writer.flush()?;
-            Checkpoint::save(
-                dir,
-                varmap,
-                &opt,
-                ema.as_ref(),
-                step + 1,
-                &rng,
-                serde_json::Value::Null,
-            )?;
+            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1, &rng, &())?;
         }
         // the final evaluation happens after training, with the full sample count
         if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {

@@ -31,6 +31,7 @@ pub struct Check {
     pub device: String,
     /// ‖device − cpu‖ / ‖cpu‖ (for discrete samples: the share of tokens that differ)
     pub rel_err: f64,
+    /// the largest |device − cpu| (for discrete samples: how many tokens differ)
     pub max_abs_err: f64,
     pub tol: f64,
     pub pass: bool,
@@ -266,17 +267,7 @@ pub fn run_generator(
     }
     let init = concat_vars(&varmap)?;
     let labels: Vec<u32> = (0..BATCH).map(|i| (i % cfg.num_classes) as u32).collect();
-    let tokens = match cfg.head {
-        HeadConfig::CrossEntropy { vocab } => {
-            let codes: Vec<u32> = (0..BATCH * cfg.seq_len)
-                .map(|_| rng.below(vocab) as u32)
-                .collect();
-            Tokens::Discrete(Tensor::from_vec(codes, (BATCH, cfg.seq_len), device)?)
-        }
-        HeadConfig::Diffusion { .. } => {
-            Tokens::Continuous(rng.normal_tensor(&[BATCH, cfg.seq_len, cfg.token_dim], device)?)
-        }
-    };
+    let tokens = cfg.random_tokens(BATCH, &mut rng, device)?;
     let loss = generator.loss(&tokens, &labels, &mut Rng::new(13))?;
     let grad_store = loss.backward()?;
     let grads = sorted_vars(&varmap)?

@@ -285,7 +285,7 @@ impl Checkpoint {
         ema: Option<&Ema>,
         step: usize,
         rng: &Rng,
-        extra: serde_json::Value,
+        extra: &impl serde::Serialize,
     ) -> Result<(), TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
@@ -305,6 +305,7 @@ impl Checkpoint {
                 tensors.insert(k.clone(), v.as_tensor().clone());
             }
         }
+        let extra = serde_json::to_value(extra).map_err(|e| err(e.to_string()))?;
         let name = Self::weights_name(step);
         let tmp = dir.join(format!("{name}.tmp"));
         candle_core::safetensors::save(&tensors, &tmp)?;
@@ -502,7 +503,7 @@ mod tests {
 mod precision_tests {
     use super::*;
     use candle_core::{DType, Device};
-    use models::{Generator, Precision, Rng, Tokens};
+    use models::{Generator, Precision, Rng};
 
     /// A bf16 step keeps the master weights, the AdamW moments and the EMA in f32 (CRATES.md: the
     /// moments take the variable's dtype), and moves every weight.
@@ -530,14 +531,7 @@ mod precision_tests {
                 .collect();
             let mut rng = Rng::new(1);
             let labels: Vec<u32> = (0..4).collect();
-            let tokens = match w.vocab {
-                Some(v) => Tokens::Discrete(Tensor::from_vec(
-                    (0..64).map(|_| rng.below(v) as u32).collect::<Vec<_>>(),
-                    (4, 16),
-                    &dev,
-                )?),
-                None => Tokens::Continuous(rng.normal_tensor(&[4, 16, cfg.token_dim], &dev)?),
-            };
+            let tokens = cfg.random_tokens(4, &mut rng, &dev)?;
             let loss = g.loss(&tokens, &labels, &mut rng)?;
             assert_eq!(loss.dtype(), DType::F32);
             let mut grads = loss.backward()?;

@@ -98,6 +98,27 @@ impl GeneratorConfig {
         Ok(())
     }
 
+    /// `batch` random token sequences of the kind this configuration's head takes: uniform codes
+    /// (cross-entropy) or standard normal tokens (Diffusion Loss); for tests and benchmarks.
+    pub fn random_tokens(
+        &self,
+        batch: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> candle_core::Result<Tokens> {
+        Ok(match self.head {
+            HeadConfig::CrossEntropy { vocab } => {
+                let codes: Vec<u32> = (0..batch * self.seq_len)
+                    .map(|_| rng.below(vocab) as u32)
+                    .collect();
+                Tokens::Discrete(Tensor::from_vec(codes, (batch, self.seq_len), device)?)
+            }
+            HeadConfig::Diffusion { .. } => Tokens::Continuous(
+                rng.normal_tensor(&[batch, self.seq_len, self.token_dim], device)?,
+            ),
+        })
+    }
+
     /// Width of the per-token condition z handed to the head.
     pub fn z_dim(&self) -> usize {
         match self.kind {
@@ -328,19 +349,7 @@ mod tests {
     }
 
     fn batch(cfg: &GeneratorConfig, rng: &mut Rng, dev: &Device) -> Tokens {
-        let b = 4;
-        match cfg.head {
-            HeadConfig::CrossEntropy { vocab } => {
-                let codes: Vec<u32> = (0..b * cfg.seq_len)
-                    .map(|_| rng.below(vocab) as u32)
-                    .collect();
-                Tokens::Discrete(Tensor::from_vec(codes, (b, cfg.seq_len), dev).expect("tensor"))
-            }
-            HeadConfig::Diffusion { .. } => Tokens::Continuous(
-                rng.normal_tensor(&[b, cfg.seq_len, cfg.token_dim], dev)
-                    .expect("tensor"),
-            ),
-        }
+        cfg.random_tokens(4, rng, dev).expect("tensor")
     }
 
     /// Give every variable random values: zero-initialised layers block gradients upstream at init.

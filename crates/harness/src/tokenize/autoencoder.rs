@@ -162,11 +162,7 @@ pub fn train(
                     since_restart: since_restart.clone(),
                     restarted,
                 };
-                let extra = serde_json::to_value(&state).map_err(|e| TrainError::Checkpoint {
-                    path: plan.dir.to_path_buf(),
-                    message: e.to_string(),
-                })?;
-                Checkpoint::save(plan.dir, &varmap, &opt, None, step + 1, &rng, extra)?;
+                Checkpoint::save(plan.dir, &varmap, &opt, None, step + 1, &rng, &state)?;
             }
         }
     }
