@@ -41,25 +41,25 @@ pub fn ablate_bin() -> &'static Path {
     })
 }
 
-/// Run `ablate --root ROOT ARGS…` from the workspace root.
-pub fn ablate(root: &Path, args: &[&str]) -> Output {
-    Command::new(ablate_bin())
-        .current_dir(workspace_root())
+/// The command `ablate --root ROOT ARGS…`, run from the workspace root.
+fn command(root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(ablate_bin());
+    cmd.current_dir(workspace_root())
         .arg("--root")
         .arg(root)
-        .args(args)
-        .output()
-        .expect("run ablate")
+        .args(args);
+    cmd
+}
+
+/// Run `ablate --root ROOT ARGS…` from the workspace root.
+pub fn ablate(root: &Path, args: &[&str]) -> Output {
+    command(root, args).output().expect("run ablate")
 }
 
 /// Start `ablate --root ROOT ARGS…` in the background with its output captured
 /// (`wait_with_output` to collect it).
 pub fn spawn_ablate(root: &Path, args: &[&str]) -> std::process::Child {
-    Command::new(ablate_bin())
-        .current_dir(workspace_root())
-        .arg("--root")
-        .arg(root)
-        .args(args)
+    command(root, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -117,11 +117,7 @@ pub fn kill_at_checkpoint(
     probe: impl Fn() -> Option<u64>,
     limit: std::time::Duration,
 ) -> u64 {
-    let mut child = Command::new(ablate_bin())
-        .current_dir(workspace_root())
-        .arg("--root")
-        .arg(root)
-        .args(args)
+    let mut child = command(root, args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
