@@ -3,7 +3,7 @@
 //! It records experiments, runs (identified by the content hash of their resolved
 //! configuration and shareable between experiments), metric histories, evaluations, artifacts
 //! and pinned baselines in SQLite through sqlx, with the schema kept as migrations in
-//! `crates/db/migrations/` and applied on every open. It knows nothing of models.
+//! `db/migrations/` and applied on every open. It knows nothing of models.
 //!
 //! The API is synchronous: [`Db`] owns a current-thread tokio runtime and a small connection
 //! pool, and every method blocks on its query. Do not call it from inside an async runtime.
