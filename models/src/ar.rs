@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::generator::{ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
 use crate::mar::SampleState;
-use crate::nn::{causal_mask, Block, KvCache, LayerNorm};
+use crate::nn::{Block, KvCache, LayerNorm};
 use crate::rng::Rng;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
@@ -144,9 +144,8 @@ impl Ar {
             }
             _ => inputs.broadcast_add(&self.pos_embed_learned)?,
         };
-        let mask = causal_mask(l, l, &dev)?;
         for block in &self.blocks {
-            h = block.forward(&h, Some(&mask))?;
+            h = block.forward(&h, true)?;
         }
         Ok(self.norm.forward(&h)?)
     }

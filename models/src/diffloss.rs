@@ -5,13 +5,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::diffusion::{sample_timesteps, GaussianDiffusion, Schedule};
+use crate::fused;
 use crate::nn::{linear_normal, linear_xavier, linear_zero, LayerNorm, Linear, Precision};
 use crate::rng::Rng;
-
-/// x · (1 + scale) + shift (DiT's `modulate`).
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
-}
 
 /// Sinusoidal timestep embedding followed by a 2-layer MLP (DiT's `TimestepEmbedder`). Always f32:
 /// neighbouring timesteps differ in the low-frequency components by less than bf16 resolves.
@@ -66,9 +62,7 @@ impl TimestepEmbedder {
             })
             .collect();
         let f = Self::timestep_embedding(&distinct, self.freq_dim, device)?;
-        let emb = self
-            .fc2
-            .forward(&candle_nn::ops::silu(&self.fc1.forward(&f)?)?)?;
+        let emb = self.fc2.forward(&fused::silu(&self.fc1.forward(&f)?)?)?;
         if distinct.len() == t.len() {
             return Ok(emb);
         }
@@ -95,15 +89,12 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let m = self
-            .ada
-            .forward(&candle_nn::ops::silu(y)?)?
-            .chunk(3, D::Minus1)?;
-        let h = modulate(&self.in_ln.forward(x)?, &m[0], &m[1])?;
-        let h = self
-            .fc2
-            .forward(&candle_nn::ops::silu(&self.fc1.forward(&h)?)?)?;
+    /// `silu_y` is SiLU of the conditioning y (the first layer of `adaLN_modulation`), computed
+    /// once and shared by every block.
+    fn forward(&self, x: &Tensor, silu_y: &Tensor) -> Result<Tensor> {
+        let m = self.ada.forward(silu_y)?.chunk(3, D::Minus1)?;
+        let h = fused::modulate(&self.in_ln.forward(x)?, &m[0], &m[1])?;
+        let h = self.fc2.forward(&fused::silu(&self.fc1.forward(&h)?)?)?;
         x + h.broadcast_mul(&m[2])?
     }
 }
@@ -164,15 +155,16 @@ impl SimpleMlpAdaLn {
     pub fn forward(&self, x: &Tensor, t: &[f64], c: &Tensor) -> Result<Tensor> {
         let mut x = self.input_proj.forward(x)?;
         let y = (self.time_embed.forward(t, x.device())? + self.cond_embed.forward(c)?)?;
+        let silu_y = fused::silu(&y)?;
         for block in &self.res_blocks {
-            x = block.forward(&x, &y)?;
+            x = block.forward(&x, &silu_y)?;
         }
-        let m = self
-            .final_ada
-            .forward(&candle_nn::ops::silu(&y)?)?
-            .chunk(2, D::Minus1)?;
-        self.final_linear
-            .forward(&modulate(&self.norm_final.forward(&x)?, &m[0], &m[1])?)
+        let m = self.final_ada.forward(&silu_y)?.chunk(2, D::Minus1)?;
+        self.final_linear.forward(&fused::modulate(
+            &self.norm_final.forward(&x)?,
+            &m[0],
+            &m[1],
+        )?)
     }
 
     /// Classifier-free guidance on ε: the first half of the batch is conditional, the second

@@ -192,7 +192,7 @@ impl Mar {
             .index_select(&idx, 0)?
             .reshape((b, kept, w))?;
         for block in &self.encoder_blocks {
-            x = block.forward(&x, None)?;
+            x = block.forward(&x, false)?;
         }
         Ok(self.encoder_norm.forward(&x)?)
     }
@@ -227,7 +227,7 @@ impl Mar {
             .reshape((b, total, wd))?
             .broadcast_add(&self.decoder_pos_embed_learned)?;
         for block in &self.decoder_blocks {
-            x = block.forward(&x, None)?;
+            x = block.forward(&x, false)?;
         }
         let x = self
             .decoder_norm

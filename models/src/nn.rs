@@ -1,7 +1,9 @@
 //! Building blocks shared by the generators: LayerNorm from basic ops (the fused candle kernels
 //! drop gradients, see CRATES.md), linear layers that can compute in bf16, and the pre-norm
 //! transformer block of timm's ViT as used by MAR.
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
+
+use crate::fused;
 use candle_nn::{Init, VarBuilder};
 
 /// Arithmetic of the matrix products. The weights are f32 variables either way (master weights,
@@ -36,8 +38,8 @@ impl Precision {
     }
 }
 
-/// A linear layer (y = x·Wᵀ + b) whose product runs in its [`Precision`]; the bias is added in f32.
-/// In f32 it is exactly candle's `Linear`.
+/// A linear layer (y = x·Wᵀ + b) whose product runs in its [`Precision`]; the bias is added in f32
+/// ([`fused::bias_add`]). In f32 it computes exactly what candle's `Linear` does.
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -73,18 +75,20 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.precision {
-            Precision::F32 => self.inner.forward(x),
+        let y = match self.precision {
+            Precision::F32 => {
+                candle_nn::Linear::new(self.inner.weight().clone(), None).forward(x)?
+            }
             Precision::Bf16 => {
                 let w = self.inner.weight().to_dtype(DType::BF16)?;
-                let y = candle_nn::Linear::new(w, None)
+                candle_nn::Linear::new(w, None)
                     .forward(&x.to_dtype(DType::BF16)?)?
-                    .to_dtype(DType::F32)?;
-                match self.inner.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                    .to_dtype(DType::F32)?
             }
+        };
+        match self.inner.bias() {
+            Some(b) => fused::bias_add(&y, b),
+            None => Ok(y),
         }
     }
 }
@@ -125,7 +129,8 @@ pub fn linear_normal(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) ->
     Ok(Linear::new(w, Some(b)))
 }
 
-/// LayerNorm written from basic ops so that its backward pass exists.
+/// LayerNorm over the last dimension, with its own backward pass ([`fused::layer_norm`]; candle's
+/// fused kernel has none, see CRATES.md).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Option<Tensor>,
@@ -149,17 +154,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let mut y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        fused::layer_norm(x, self.weight.as_ref(), self.bias.as_ref(), self.eps)
     }
 }
 
@@ -181,7 +176,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        self.fc2.forward(&fused::gelu_erf(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -226,15 +221,13 @@ impl Attention {
         ))
     }
 
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// softmax(q·kᵀ/√d) · v, causal when asked (each query sees the keys up to its own position).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
         let (b, h, l, hd) = q.dims4()?;
         let scale = 1.0 / (hd as f64).sqrt();
         // scores come back in f32: scale, mask and softmax are f32 in every precision
-        let mut att = (self.precision.matmul(q, &k.t()?)? * scale)?;
-        if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
-        }
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = self.precision.matmul(q, &k.t()?)?;
+        let att = fused::attention_softmax(&att, scale, causal)?;
         let y = self
             .precision
             .matmul(&att, v)?
@@ -243,10 +236,10 @@ impl Attention {
         self.proj.forward(&y)
     }
 
-    /// `mask` is additive, broadcastable to (batch, heads, queries, keys): 0 or -inf.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Self-attention over all positions, or causal (position i sees positions ≤ i).
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let (q, k, v) = self.qkv_heads(x)?;
-        self.attend(&q, &k, &v, mask)
+        self.attend(&q, &k, &v, causal)
     }
 
     /// Attend from the new positions in `x` to everything cached plus themselves (causal within x).
@@ -258,12 +251,7 @@ impl Attention {
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        let mask = if l > 1 {
-            Some(causal_mask(l, k.dim(2)?, x.device())?)
-        } else {
-            None
-        };
-        self.attend(&q, &k, &v, mask.as_ref())
+        self.attend(&q, &k, &v, l > 1)
     }
 }
 
@@ -314,8 +302,8 @@ impl Block {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, mask)?)?;
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, causal)?)?;
         &x + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
 
@@ -328,7 +316,7 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, D};
     use candle_nn::VarMap;
 
     #[test]
@@ -380,7 +368,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let block = Block::new(16, 4, 2.0, Precision::F32, vb)?;
         let x = Tensor::randn(0f32, 1., (2, 5, 16), &dev)?;
-        let full = block.forward(&x, Some(&causal_mask(5, 5, &dev)?))?;
+        let full = block.forward(&x, true)?;
         let mut cache = KvCache::default();
         let first = block.forward_cached(&x.narrow(1, 0, 3)?, &mut cache)?;
         let fourth = block.forward_cached(&x.narrow(1, 3, 1)?, &mut cache)?;

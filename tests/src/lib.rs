@@ -216,3 +216,58 @@ pub fn worst_violation(ours: &[f64], theirs: &[f64], atol: f64, rtol: f64) -> (f
     }
     worst
 }
+
+/// A gradient fixture's tolerance: (a, r) from "max|ours - ref| <= a * max(1, max|ref|) ;
+/// relative L2 error per tensor <= r", the two numbers that follow the two `<=`.
+pub fn gradient_tolerance(text: &str) -> (f64, f64) {
+    let bounds: Vec<f64> = text
+        .split("<=")
+        .skip(1)
+        .filter_map(|part| {
+            part.split(|c: char| c.is_whitespace() || c == '*' || c == ';')
+                .find(|w| !w.is_empty())
+                .and_then(|w| w.parse::<f64>().ok())
+        })
+        .collect();
+    match bounds[..] {
+        [a, r, ..] => (a, r),
+        _ => panic!("gradient tolerance: expected two '<= NUMBER' bounds in '{text}'"),
+    }
+}
+
+/// Check one gradient tensor against the reference's: max|ours − ref| ≤ a·max(1, max|ref|) and
+/// ‖ours − ref‖₂ ≤ r·‖ref‖₂ (for an all-zero reference, only the first). Returns the relative
+/// L2 error, for reporting.
+pub fn check_gradient(name: &str, ours: &[f64], theirs: &[f64], (a, r): (f64, f64)) -> f64 {
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "{name}: {} vs {} values",
+        ours.len(),
+        theirs.len()
+    );
+    let max_ref = theirs.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let (mut max_diff, mut diff2, mut ref2) = (0f64, 0f64, 0f64);
+    for (o, t) in ours.iter().zip(theirs) {
+        let d = o - t;
+        max_diff = if d.is_nan() {
+            f64::INFINITY
+        } else {
+            max_diff.max(d.abs())
+        };
+        diff2 += d * d;
+        ref2 += t * t;
+    }
+    let bound = a * max_ref.max(1.0);
+    assert!(
+        max_diff <= bound,
+        "{name}: max |ours - ref| = {max_diff:e} > {bound:e}"
+    );
+    let rel = if ref2 > 0.0 {
+        (diff2 / ref2).sqrt()
+    } else {
+        0.0
+    };
+    assert!(rel <= r, "{name}: relative L2 error {rel:e} > {r:e}");
+    rel
+}

@@ -133,7 +133,7 @@ fn diffusion_schedules_match_the_reference() {
 }
 
 /// The denoiser of diffloss_mlp.safetensors, built by our code from the reference names.
-fn reference_diffloss(dir: &Path, sampling_steps: usize) -> DiffLoss {
+fn reference_diffloss(dir: &Path, sampling_steps: usize) -> (DiffLoss, HashMap<String, Tensor>) {
     let entry = &manifest(dir)["diffloss_mlp.safetensors"]["config"];
     let get = |k: &str| entry[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
     let (in_ch, out_ch) = (get("in_channels"), get("out_channels"));
@@ -152,13 +152,65 @@ fn reference_diffloss(dir: &Path, sampling_steps: usize) -> DiffLoss {
     let weights: HashMap<String, Tensor> = load(dir, "diffloss_mlp.safetensors")
         .into_iter()
         .filter(|(k, _)| k.starts_with("net."))
-        .map(|(k, v)| (k, v.to_dtype(DType::F32).expect("f32")))
         .collect();
-    DiffLoss::new(
-        &cfg,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .expect("build the denoiser from the reference weights")
+    let (vb, variables) = trainable(weights);
+    let dl = DiffLoss::new(&cfg, vb).expect("build the denoiser from the reference weights");
+    (dl, variables)
+}
+
+/// Reference weights as f32 trainable variables: the VarBuilder a model is built from, and the
+/// variables by name (to look up their gradients).
+fn trainable(weights: HashMap<String, Tensor>) -> (VarBuilder<'static>, HashMap<String, Tensor>) {
+    let variables: HashMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, v)| {
+            let var = v
+                .to_dtype(DType::F32)
+                .and_then(|t| candle_core::Var::from_tensor(&t))
+                .expect("f32 variable");
+            (k, var.as_tensor().clone())
+        })
+        .collect();
+    let vb = VarBuilder::from_tensors(variables.clone(), DType::F32, &Device::Cpu);
+    (vb, variables)
+}
+
+/// Every `grad.NAME` of a gradient fixture against the gradient of our variable NAME (after
+/// stripping `prefix` from ours), under the manifest's gradient tolerance.
+fn check_gradients(file: &str, loss: &Tensor, variables: &HashMap<String, Tensor>, prefix: &str) {
+    let Some(dir) = parity_dir() else { return };
+    let tol = ablate_tests::gradient_tolerance(
+        manifest(&dir)[file]["tolerance"]
+            .as_str()
+            .expect("tolerance"),
+    );
+    let reference = load(&dir, file);
+    let grads = loss.backward().expect("backward");
+    let mut checked = 0;
+    let mut worst = (0f64, String::new());
+    for (key, theirs) in &reference {
+        let Some(name) = key.strip_prefix("grad.") else {
+            continue;
+        };
+        let var = variables
+            .get(&format!("{prefix}{name}"))
+            .unwrap_or_else(|| panic!("{file}: {key} has no parameter {prefix}{name} of ours"));
+        let ours = match grads.get(var) {
+            Some(g) => f64s(g),
+            // a parameter the loss does not reach (the reference's is all zero)
+            None => vec![0.0; var.elem_count()],
+        };
+        let rel = ablate_tests::check_gradient(key, &ours, &f64s(theirs), tol);
+        if rel >= worst.0 {
+            worst = (rel, key.clone());
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "{file}: no grad.* tensors");
+    eprintln!(
+        "{file}: {checked} gradients within tolerance; worst relative L2 error {:e} ({})",
+        worst.0, worst.1
+    );
 }
 
 #[test]
@@ -166,7 +218,7 @@ fn diffloss_mlp_forward_and_guided_forward_match() {
     let Some((dir, f, tol)) = fixture("diffloss_mlp.safetensors") else {
         return;
     };
-    let dl = reference_diffloss(&dir, 100);
+    let (dl, _) = reference_diffloss(&dir, 100);
     let t: Vec<f64> = timesteps(&f["input.t"])
         .into_iter()
         .map(|v| v as f64)
@@ -188,7 +240,7 @@ fn diffloss_training_terms_match() {
     let Some((dir, f, tol)) = fixture("diffloss_training_terms.safetensors") else {
         return;
     };
-    let dl = reference_diffloss(&dir, 100);
+    let (dl, _) = reference_diffloss(&dir, 100);
     let t = timesteps(&f["input.t"]);
     let terms = dl
         .loss_terms(&f["input.x_start"], &f["input.c"], &t, &f["input.noise"])
@@ -206,7 +258,7 @@ fn diffloss_reverse_step_matches() {
     let Some((dir, f, tol)) = fixture("diffloss_sample_step.safetensors") else {
         return;
     };
-    let dl = reference_diffloss(&dir, 100);
+    let (dl, _) = reference_diffloss(&dir, 100);
     let d = &dl.gen_diffusion;
     let t = timesteps(&f["input.t"]);
     let model_t: Vec<f64> = t.iter().map(|&i| d.timestep_map[i] as f64).collect();
@@ -311,13 +363,8 @@ fn mar_sampling_schedule_matches() {
     }
 }
 
-#[test]
-fn small_mar_matches_the_reference() {
-    let Some(dir) = parity_dir() else { return };
-    let file = "mar_small.safetensors";
-    let entry = &manifest(&dir)[file];
-    let tol = tolerance(entry["tolerance"].as_str().expect("tolerance"));
-    let c = &entry["config"];
+/// The generator configuration of a reference MAR fixture's `config`, and its patch size.
+fn reference_mar_config(c: &serde_json::Value) -> (models::GeneratorConfig, usize) {
     let get = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
     let side = get("img_size") / get("vae_stride") / get("patch_size");
     let p = get("patch_size");
@@ -350,17 +397,22 @@ fn small_mar_matches_the_reference() {
         },
         precision: models::Precision::F32,
     };
-    let f = load(&dir, file);
-    let weights: HashMap<String, Tensor> = f
-        .iter()
-        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
-        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).expect("f32")))
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
+    (cfg, p)
+}
 
+/// The tensors of the reference MAR's training forward pass on a fixture's inputs.
+struct MarPass {
+    tokens: Tensor,
+    labels: Vec<u32>,
+    encoder_out: Tensor,
+    z: Tensor,
+    loss: Tensor,
+}
+
+/// patchify → encoder → decoder → Diffusion Loss on the fixture's mask, timesteps and noise
+/// (rows repeated diffusion_batch_mul times, masked mean), as the reference computes its loss.
+fn mar_training_pass(mar: &models::mar::Mar, f: &HashMap<String, Tensor>, p: usize) -> MarPass {
     let tokens = models::mar::patchify(&f["input.latents"], p).expect("patchify");
-    check_key(&f, "output.tokens", &tokens, tol);
     let labels: Vec<u32> = f["input.labels"]
         .to_vec1::<i64>()
         .expect("labels")
@@ -377,9 +429,7 @@ fn small_mar_matches_the_reference() {
     let enc = mar
         .forward_encoder(&models::Tokens::Continuous(tokens.clone()), &mask, &class)
         .expect("encoder");
-    check_key(&f, "output.encoder_out", &enc, tol);
     let z = mar.forward_decoder(&enc, &mask).expect("decoder");
-    check_key(&f, "output.z", &z, tol);
 
     // loss: rows repeated diffusion_batch_mul times, fixed timesteps and noise, masked mean
     let models::head::Head::Diffusion {
@@ -411,7 +461,38 @@ fn small_mar_matches_the_reference() {
         )
         .expect("loss terms");
     let loss = models::diffloss::masked_mean(&terms.loss, Some(&mask_rows)).expect("masked mean");
-    check_key(&f, "output.loss", &loss, tol);
+    MarPass {
+        tokens,
+        labels,
+        encoder_out: enc,
+        z,
+        loss,
+    }
+}
+
+#[test]
+fn small_mar_matches_the_reference() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "mar_small.safetensors";
+    let entry = &manifest(&dir)[file];
+    let tol = tolerance(entry["tolerance"].as_str().expect("tolerance"));
+    let (cfg, p) = reference_mar_config(&entry["config"]);
+    let f = load(&dir, file);
+    let weights: HashMap<String, Tensor> = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).expect("f32")))
+        .collect();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
+
+    let pass = mar_training_pass(&mar, &f, p);
+    check_key(&f, "output.tokens", &pass.tokens, tol);
+    check_key(&f, "output.encoder_out", &pass.encoder_out, tol);
+    check_key(&f, "output.z", &pass.z, tol);
+    check_key(&f, "output.loss", &pass.loss, tol);
+    let (tokens, labels) = (pass.tokens, pass.labels);
+    let (b, l, d) = tokens.dims3().expect("dims");
 
     // the first sampling step: everything masked, batch doubled with the fake class
     let all = vec![true; 2 * b * l];
@@ -424,6 +505,45 @@ fn small_mar_matches_the_reference() {
         .expect("encoder");
     let z = mar.forward_decoder(&enc, &all).expect("decoder");
     check_key(&f, "output.first_step_z", &z, tol);
+}
+
+/// The gradient of the Diffusion Loss (masked mean over rows) with respect to every parameter of
+/// the MLP denoiser matches the reference's autograd.
+#[test]
+fn diffloss_mlp_gradients_match_the_reference() {
+    let Some((dir, f, _)) = fixture("diffloss_training_terms.safetensors") else {
+        return;
+    };
+    let (dl, variables) = reference_diffloss(&dir, 100);
+    let terms = dl
+        .loss_terms(
+            &f["input.x_start"],
+            &f["input.c"],
+            &timesteps(&f["input.t"]),
+            &f["input.noise"],
+        )
+        .expect("loss terms");
+    let loss = models::diffloss::masked_mean(&terms.loss, Some(&f["input.mask"])).expect("mean");
+    check_gradients("diffloss_mlp_grads.safetensors", &loss, &variables, "net.");
+}
+
+/// The gradient of the small MAR's training loss with respect to every parameter (encoder,
+/// decoder, embeddings, Diffusion Loss MLP) matches the reference's autograd.
+#[test]
+fn small_mar_gradients_match_the_reference() {
+    let Some(dir) = parity_dir() else { return };
+    let file = "mar_small.safetensors";
+    let (cfg, p) = reference_mar_config(&manifest(&dir)[file]["config"]);
+    let f = load(&dir, file);
+    let weights: HashMap<String, Tensor> = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (vb, variables) = trainable(weights);
+    let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
+    let pass = mar_training_pass(&mar, &f, p);
+    check_gradients("mar_small_grads.safetensors", &pass.loss, &variables, "");
 }
 
 /// `ablate import` of the reference-format checkpoint made from mar_small's weights
