@@ -160,6 +160,7 @@ pub fn run(
     device_name: &str,
     steps: usize,
     precision: Precision,
+    peak_tflops: Option<f64>,
 ) -> anyhow::Result<serde_json::Value> {
     let cfg = GeneratorConfig {
         precision,
@@ -201,6 +202,8 @@ pub fn run(
     frozen.sample(&sample_labels, &opts, &mut rng)?;
     device.synchronize()?;
     let sample_s = t0.elapsed().as_secs_f64();
+    let flops = cfg.train_flops_per_step(w.batch);
+    let achieved = flops / train_step_s;
     Ok(serde_json::json!({
         "workload": w.name,
         "device": device_name,
@@ -209,6 +212,11 @@ pub fn run(
         "train_steps_timed": steps,
         "train_step_s": train_step_s,
         "train_images_per_s": w.batch as f64 / train_step_s,
+        // matrix-product FLOPs of forward + backward (models::flops), per step and per second
+        "model_flops_per_step": flops,
+        "model_tflops_per_s": achieved / 1e12,
+        // model FLOPs per second over the device's peak (--peak-tflops; CUDA only by default)
+        "mfu": peak_tflops.map(|p| achieved / (p * 1e12)),
         "sample_images": 16,
         "sample_s": sample_s,
         "sample_images_per_s": 16.0 / sample_s,

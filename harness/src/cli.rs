@@ -123,9 +123,13 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
         /// Arithmetic of the generator's matrix products: f32, or bf16 with f32 master weights
-        /// (as `train.precision`)
-        #[arg(long, default_value = "f32")]
-        precision: String,
+        /// (as `train.precision`) [default: f32 on the CPU, bf16 on CUDA]
+        #[arg(long)]
+        precision: Option<String>,
+        /// The device's peak dense TFLOP/s at that precision, for the `mfu` field [default on
+        /// CUDA: 989 for bf16 and 67 for f32, an H100/H200 SXM; none on the CPU]
+        #[arg(long)]
+        peak_tflops: Option<f64>,
         /// List the workloads and exit
         #[arg(long)]
         list: bool,
@@ -282,6 +286,7 @@ fn is_usage(e: &anyhow::Error) -> bool {
 
 /// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
 pub fn main() -> i32 {
+    crate::workers::pin_cpu_threads();
     // `ablate plan … | head` closes stdout early: end quietly instead of panicking
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -690,6 +695,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             workloads,
             steps,
             precision,
+            peak_tflops,
             list,
         } => {
             let all = crate::bench::workloads();
@@ -709,7 +715,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
-            let precision = crate::bench::parse_precision(&precision)?;
+            let precision = match precision {
+                Some(p) => crate::bench::parse_precision(&p)?,
+                None if dev.is_cuda() => models::Precision::Bf16,
+                None => models::Precision::F32,
+            };
+            let peak_tflops = peak_tflops.or(match (dev.is_cuda(), precision) {
+                (true, models::Precision::Bf16) => Some(989.0),
+                (true, models::Precision::F32) => Some(67.0),
+                (false, _) => None,
+            });
             // evaluation workloads run only when named
             let (eval, workloads): (Vec<String>, Vec<String>) = workloads
                 .into_iter()
@@ -740,7 +755,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 anyhow::bail!("--steps must be at least 1");
             }
             for w in &chosen {
-                let line = crate::bench::run(w, &dev, &device, steps, precision)?;
+                let line = crate::bench::run(w, &dev, &device, steps, precision, peak_tflops)?;
                 println!("{line}");
             }
             Ok(0)

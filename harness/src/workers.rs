@@ -7,14 +7,31 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
+/// The user's `RAYON_NUM_THREADS`, as it was before [`pin_cpu_threads`] set it.
+fn user_threads() -> Option<usize> {
+    static USER: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    })
+}
+
+/// Pin candle's CPU thread count in `RAYON_NUM_THREADS` when the user has not set it: candle 0.11
+/// otherwise counts the physical cores again, by reading /proc/cpuinfo, for every matrix product
+/// (a sixth of mar-tiny's sampling time). Call first thing, before any thread exists.
+pub fn pin_cpu_threads() {
+    if user_threads().is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 /// Threads per process: the user's `RAYON_NUM_THREADS` when set, else the cores this process may
 /// use divided by `jobs` (at least 1).
 pub fn threads_per_job(jobs: usize) -> usize {
-    let set = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0);
-    set.unwrap_or_else(|| {
+    user_threads().unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / jobs.max(1)).max(1)
     })

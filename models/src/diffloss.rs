@@ -92,10 +92,10 @@ impl ResBlock {
     /// `silu_y` is SiLU of the conditioning y (the first layer of `adaLN_modulation`), computed
     /// once and shared by every block.
     fn forward(&self, x: &Tensor, silu_y: &Tensor) -> Result<Tensor> {
-        let m = self.ada.forward(silu_y)?.chunk(3, D::Minus1)?;
+        let m = self.ada.forward_chunks(silu_y, 3)?;
         let h = fused::modulate(&self.in_ln.forward(x)?, &m[0], &m[1])?;
         let h = self.fc2.forward(&fused::silu(&self.fc1.forward(&h)?)?)?;
-        x + h.broadcast_mul(&m[2])?
+        fused::gated_residual(x, &h, &m[2])
     }
 }
 
@@ -153,13 +153,24 @@ impl SimpleMlpAdaLn {
 
     /// ε (and variance values) for noisy tokens `x` at timesteps `t` given conditions `c`.
     pub fn forward(&self, x: &Tensor, t: &[f64], c: &Tensor) -> Result<Tensor> {
+        self.forward_embedded(x, t, &self.embed_condition(c)?)
+    }
+
+    /// `cond_embed(c)`: the condition's share of the adaLN input, the same at every diffusion
+    /// step, so sampling computes it once for all of them.
+    pub fn embed_condition(&self, c: &Tensor) -> Result<Tensor> {
+        self.cond_embed.forward(c)
+    }
+
+    /// [`Self::forward`] with the condition already embedded by [`Self::embed_condition`].
+    pub fn forward_embedded(&self, x: &Tensor, t: &[f64], cond: &Tensor) -> Result<Tensor> {
         let mut x = self.input_proj.forward(x)?;
-        let y = (self.time_embed.forward(t, x.device())? + self.cond_embed.forward(c)?)?;
+        let y = (self.time_embed.forward(t, x.device())? + cond)?;
         let silu_y = fused::silu(&y)?;
         for block in &self.res_blocks {
             x = block.forward(&x, &silu_y)?;
         }
-        let m = self.final_ada.forward(&silu_y)?.chunk(2, D::Minus1)?;
+        let m = self.final_ada.forward_chunks(&silu_y, 2)?;
         self.final_linear.forward(&fused::modulate(
             &self.norm_final.forward(&x)?,
             &m[0],
@@ -176,10 +187,21 @@ impl SimpleMlpAdaLn {
         c: &Tensor,
         cfg_scale: f64,
     ) -> Result<Tensor> {
+        self.forward_embedded_with_cfg(x, t, &self.embed_condition(c)?, cfg_scale)
+    }
+
+    /// [`Self::forward_with_cfg`] with the condition already embedded.
+    pub fn forward_embedded_with_cfg(
+        &self,
+        x: &Tensor,
+        t: &[f64],
+        cond: &Tensor,
+        cfg_scale: f64,
+    ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let half = x.narrow(0, 0, n / 2)?;
         let combined = Tensor::cat(&[&half, &half], 0)?;
-        let out = self.forward(&combined, t, c)?;
+        let out = self.forward_embedded(&combined, t, cond)?;
         let ch = self.in_channels;
         let eps = out.narrow(D::Minus1, 0, ch)?;
         let rest_ch = out.dim(D::Minus1)? - ch;
@@ -307,13 +329,15 @@ impl DiffLoss {
             rng.normal_tensor(&[n, self.token_dim], dev)?
         };
         let d = &self.gen_diffusion;
+        let cond = self.net.embed_condition(z)?;
         for i in (0..d.num_timesteps()).rev() {
             let t = vec![i; n];
             let model_t = vec![d.timestep_map[i] as f64; n];
             let out = if guided {
-                self.net.forward_with_cfg(&x, &model_t, z, cfg_scale)?
+                self.net
+                    .forward_embedded_with_cfg(&x, &model_t, &cond, cfg_scale)?
             } else {
-                self.net.forward(&x, &model_t, z)?
+                self.net.forward_embedded(&x, &model_t, &cond)?
             };
             let noise = rng.normal_tensor(&[n, self.token_dim], dev)?;
             x = d.p_sample(&out, &x, &t, temperature, &noise)?;

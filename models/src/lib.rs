@@ -7,6 +7,7 @@ pub mod autoencoder;
 pub mod classifier;
 pub mod diffloss;
 pub mod diffusion;
+pub mod flops;
 pub mod fused;
 pub mod generator;
 pub mod head;

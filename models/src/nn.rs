@@ -71,6 +71,24 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+
+    /// `forward(x).chunk(n, last dim)`, computed as n products with row blocks of the weight:
+    /// the same values, but no chunk's gradient is padded back to the full output width (candle's
+    /// narrow backward writes a zero tensor around each), only the small weight's are.
+    pub fn forward_chunks(&self, x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        let out = self.weight().dim(0)?;
+        if n == 0 || out % n != 0 {
+            candle_core::bail!("forward_chunks: {out} outputs do not split into {n} chunks")
+        }
+        let c = out / n;
+        (0..n)
+            .map(|i| {
+                let w = self.weight().narrow(0, i * c, c)?;
+                let b = self.bias().map(|b| b.narrow(0, i * c, c)).transpose()?;
+                Linear::new(w, b).with_precision(self.precision).forward(x)
+            })
+            .collect()
+    }
 }
 
 impl Module for Linear {

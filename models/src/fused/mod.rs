@@ -1,7 +1,7 @@
 //! Fused element-wise ops with hand-written backward passes, for the hot paths of training.
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
-//! `attention_softmax`, `bias_add`) whose forward pass is a single pass over rows and whose backward pass is
+//! `attention_softmax`, `bias_add`, `gated_residual`) whose forward pass is a single pass over rows and whose backward pass is
 //! one more, instead of the five to ten candle ops (each allocating a full tensor, forward and
 //! backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 mod attention;
 mod bias_add;
+mod gated_residual;
 mod gelu;
 mod layer_norm;
 mod math;
@@ -22,6 +23,7 @@ mod silu;
 
 pub use attention::{attention_softmax, attention_softmax_plain};
 pub use bias_add::{bias_add, bias_add_plain};
+pub use gated_residual::{gated_residual, gated_residual_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use modulate::{modulate, modulate_plain};
