@@ -10,8 +10,11 @@
 #                         bench then skips mar-base, and the quickstart is skipped)
 #   SKIP_QUICKSTART=1     leave out the one-seed quickstart
 #   WITH_CPU=1            also time the quickstart on this machine's CPU
-# Budget: under 8 minutes on an H200. Each step has a timeout (together 8 min; WITH_CPU=1 adds
-# 200 s); a step that runs out is logged with rc=124 and the script goes on. Session 1 measured on
+#   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1c; skipped
+#                         when absent); PYTHON the interpreter with torch (python3)
+# Budget: under 8 minutes on an H200 without step 1c, which adds up to 6 minutes (two pairs of
+# 90 s caps; not yet timed on a GPU). Each step has a timeout; a step that runs out is
+# logged with rc=124 and the script goes on. Session 1 measured on
 # an H200: quickstart 97 s, tiny spec 24 s with CUDA start-up, MAR-B 1.5 s per step.
 set -uo pipefail
 BIN_IN=${1:?usage: scripts/device-check.sh BINARY OUT_DIR}
@@ -73,6 +76,40 @@ cat "$OUT/bench-$TAG.out" >> "$SUMMARY"
 # 1b. the same with bf16 products (f32 master weights), for the f32/bf16 comparison
 timed "bench-$TAG-bf16" "$BF16_LIMIT" "$BIN" bench --device "$DEVICE" --precision bf16 --workload mar-tiny "${BIG[@]}"
 cat "$OUT/bench-$TAG-bf16.out" >> "$SUMMARY"
+# 1c. the reference PyTorch MAR beside ours, back to back, two runs each, and the ratios
+# (issue 12's targets: mar-base under bf16 on CUDA, mar-tiny in f32 on the CPU). Needs the
+# official code's models/ and diffusion/ in MAR_SRC and ../shared/bench/reference_mar.py (REF_BENCH).
+REF_BENCH=${REF_BENCH:-../shared/bench/reference_mar.py}
+MAR_SRC=${MAR_SRC:-target/reference-mar}
+PYTHON=${PYTHON:-python3}
+if [ -f "$REF_BENCH" ] && [ -d "$MAR_SRC/models" ]; then
+  if [ "$TAG" = cpu ]; then REF_W=mar-tiny REF_P=f32 REF_LIMIT=120; else REF_W=mar-base REF_P=bf16 REF_LIMIT=90; fi
+  for i in 1 2; do
+    timed "ref-$TAG-$i" "$REF_LIMIT" env MAR_SRC="$MAR_SRC" "$PYTHON" "$REF_BENCH" "$TAG" --precision "$REF_P" "$REF_W"
+    timed "ours-$TAG-$i" "$REF_LIMIT" "$BIN" bench --device "$DEVICE" --precision "$REF_P" --workload "$REF_W"
+  done
+  "$PYTHON" - "$OUT" "$TAG" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+out, tag = sys.argv[1], sys.argv[2]
+def last(name):
+    try:
+        lines = [l for l in open(f"{out}/{name}.out") if l.startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except OSError:
+        return None
+for i in (1, 2):
+    ref, ours = last(f"ref-{tag}-{i}"), last(f"ours-{tag}-{i}")
+    if not ref or not ours:
+        print(f"pair {i}: missing output (see ref-{tag}-{i}.err / ours-{tag}-{i}.err)")
+        continue
+    print(f"pair {i} {ours['workload']} {ours['precision']}: train step ref {ref['train_step_s']:.4f} s, "
+          f"ours {ours['train_step_s']:.4f} s, speed ratio {ref['train_step_s'] / ours['train_step_s']:.2f}x; "
+          f"sampling ref {ref['sample_s']:.3f} s, ours {ours['sample_s']:.3f} s, "
+          f"ratio {ref['sample_s'] / ours['sample_s']:.2f}x; mfu {ours.get('mfu')}")
+PY
+else
+  say "reference bench skipped: no $REF_BENCH or no $MAR_SRC/models (carry them to compare)"
+fi
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
 # 3. the quickstart (one seed) on the device, then on this machine's CPU, for a side-by-side time

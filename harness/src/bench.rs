@@ -62,6 +62,24 @@ pub fn workloads() -> Vec<Workload> {
         tiny("mar-tiny-ce", GeneratorKind::Mar, Some(1024)),
         tiny("ar-tiny", GeneratorKind::Ar, None),
         tiny("ar-tiny-ce", GeneratorKind::Ar, Some(1024)),
+        // between the two: the reference bench's mar-small (../shared/bench/reference_mar.py)
+        Workload {
+            name: "mar-small",
+            kind: GeneratorKind::Mar,
+            side: 16,
+            token_dim: 16,
+            width: 256,
+            depth: 6,
+            decoder_depth: 6,
+            heads: 8,
+            buffer: 16,
+            mlp_width: 512,
+            mlp_depth: 3,
+            batch_mul: 4,
+            batch: 32,
+            classes: 1000,
+            vocab: None,
+        },
         // MAR-B of the paper: 16×16 KL-16 tokens, width 768, 12 + 12 blocks, buffer 64, MLP 1024×3
         Workload {
             name: "mar-base",

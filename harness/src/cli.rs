@@ -116,7 +116,7 @@ pub enum Command {
         /// cpu or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Workloads to run (default: all but mar-base); see `--list`
+        /// Workloads to run (default: the tiny ones); see `--list`
         #[arg(long = "workload")]
         workloads: Vec<String>,
         /// Timed training steps (after 2 warm-up steps); the median is reported
@@ -737,7 +737,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let chosen: Vec<_> = if workloads.is_empty() {
-                all.into_iter().filter(|w| w.name != "mar-base").collect()
+                all.into_iter()
+                    .filter(|w| w.name.ends_with("-tiny") || w.name.ends_with("-tiny-ce"))
+                    .collect()
             } else {
                 let mut v = Vec::new();
                 for name in &workloads {

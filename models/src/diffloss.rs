@@ -349,7 +349,10 @@ impl DiffLoss {
 /// Σ loss·mask / Σ mask, or the plain mean.
 pub fn masked_mean(loss: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     match mask {
-        Some(m) => (loss * m)?.sum_all()? / m.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64,
+        // divided on the device: reading Σ mask back would synchronise every training step
+        Some(m) => (loss * m)?
+            .sum_all()?
+            .broadcast_div(&m.sum_all()?.maximum(1.0)?),
         None => loss.mean_all(),
     }
 }

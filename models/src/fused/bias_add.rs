@@ -1,15 +1,16 @@
 //! The bias of a linear layer, y = x + b with b broadcast over the rows of x.
 //! Backward: dx = dy, db = Σ_rows dy. candle reduces a broadcast over leading dimensions one
 //! element at a time on one thread; here the column sums run over blocks of rows in parallel.
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{as_rows, f32_data, fused_cpu, par_rows, rows_of, rows_per_task, with_cpu_rows};
+use super::{as_rows, f32_data, fused, par_rows, rows_of, rows_per_task};
 
-/// x + b over the last dimension; fused on the CPU for f32, else [`bias_add_plain`].
+/// x + b over the last dimension; fused for f32 (CPU, and CUDA with the `cuda` feature), else
+/// [`bias_add_plain`].
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) && b.rank() == 1 && b.dim(0)? == x.dim(candle_core::D::Minus1)? {
+    if fused(x) && b.rank() == 1 && b.dim(0)? == x.dim(candle_core::D::Minus1)? {
         as_rows(x)?.apply_op2(&b.contiguous()?, BiasAdd)
     } else {
         bias_add_plain(x, b)
@@ -61,6 +62,41 @@ impl CustomOp2 for BiasAdd {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = x.device();
+        let (xv, xr) = cuda::rows_view(x, xl, self.name())?;
+        if bl.shape().elem_count() != xr.cols {
+            candle_core::bail!("{}: the bias needs {} values", self.name(), xr.cols)
+        }
+        let bv = b.as_cuda_slice::<f32>()?.slice(bl.start_offset()..);
+        let n = xr.rows * xr.cols;
+        if n == 0 {
+            return Ok((
+                cuda::wrap(dev.alloc_zeros::<f32>(0)?, dev),
+                xl.shape().clone(),
+            ));
+        }
+        let y = cuda::alloc(dev, n)?;
+        let kernel = cuda::Kernel::load(dev, "fused_bias_add_fwd")?;
+        let mut builder = kernel.builder();
+        // the bias is one row read for every row of x: stride 0
+        let b_stride = 0usize;
+        builder.arg(&xr.rows).arg(&xr.cols).arg(&xv).arg(&xr.stride);
+        builder.arg(&bv).arg(&b_stride).arg(&y);
+        cuda::launch(builder, cuda::elementwise_cfg(n))?;
+        Ok((cuda::wrap(y, dev), xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -68,29 +104,71 @@ impl CustomOp2 for BiasAdd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = with_cpu_rows(dy, self.name(), |dys, dyr| {
-            let per = rows_per_task(dyr.cols);
-            let blocks = dyr.rows.div_ceil(per);
-            let partials: Vec<Vec<f32>> = (0..blocks)
-                .into_par_iter()
-                .map(|k| {
-                    let mut acc = vec![0f32; dyr.cols];
-                    for r in k * per..((k + 1) * per).min(dyr.rows) {
-                        accumulate_row(dyr.row(dys, r), &mut acc);
-                    }
-                    acc
-                })
-                .collect();
-            let mut db = vec![0f32; dyr.cols];
-            for p in &partials {
-                accumulate_row(p, &mut db);
-            }
-            Ok(db)
-        })?;
-        Ok((
-            Some(dy.clone()),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+        let db = as_rows(dy)?.apply_op1_no_bwd(&BiasAddBackward)?;
+        Ok((Some(dy.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// db = Σ_rows dy of [`BiasAdd`], as a vector of dy's last dimension.
+struct BiasAddBackward;
+
+impl CustomOp1 for BiasAddBackward {
+    fn name(&self) -> &'static str {
+        "fused-bias-add-backward"
+    }
+
+    fn cpu_fwd(&self, dy: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dys = f32_data(dy, self.name())?;
+        let dyr = rows_of(dyl, self.name())?;
+        let per = rows_per_task(dyr.cols);
+        let blocks = dyr.rows.div_ceil(per);
+        let partials: Vec<Vec<f32>> = (0..blocks)
+            .into_par_iter()
+            .map(|k| {
+                let mut acc = vec![0f32; dyr.cols];
+                for r in k * per..((k + 1) * per).min(dyr.rows) {
+                    accumulate_row(dyr.row(dys, r), &mut acc);
+                }
+                acc
+            })
+            .collect();
+        let mut db = vec![0f32; dyr.cols];
+        for p in &partials {
+            accumulate_row(p, &mut db);
+        }
+        Ok((CpuStorage::F32(db), Shape::from(dyr.cols)))
+    }
+
+    /// Two stages, no atomics (the same sums on every run): `fused_bias_add_bwd_partial` sums
+    /// chunks of rows into a (chunks, cols) buffer, `col_sum_finalize` adds up its rows.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = dy.device();
+        let (dyv, dyr) = cuda::rows_view(dy, dyl, self.name())?;
+        let (rows, cols) = (dyr.rows, dyr.cols);
+        let mut db = dev.alloc_zeros::<f32>(cols)?;
+        if rows > 0 && cols > 0 {
+            let (per, chunks) = cuda::col_sum_chunks(rows);
+            let partial = cuda::alloc(dev, chunks * cols)?;
+            let kernel = cuda::Kernel::load(dev, "fused_bias_add_bwd_partial")?;
+            let mut b = kernel.builder();
+            b.arg(&rows)
+                .arg(&cols)
+                .arg(&dyv)
+                .arg(&dyr.stride)
+                .arg(&per)
+                .arg(&partial);
+            cuda::launch(b, cuda::col_sum_cfg(cols, chunks))?;
+            cuda::col_sum_finalize(dev, &partial, chunks, cols, &mut db.slice_mut(..))?;
+        }
+        Ok((cuda::wrap(db, dev), Shape::from(cols)))
     }
 }
 

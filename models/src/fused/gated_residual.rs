@@ -4,11 +4,12 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{as_rows, f32_data, fused_cpu, par_rows, rows_of, rows_per_task, with_cpu_rows};
+use super::{as_rows, f32_data, fused, par_rows, rows_of, rows_per_task, stacked2};
 
-/// x + h ⊙ gate; fused on the CPU for f32 tensors of one shape, else [`gated_residual_plain`].
+/// x + h ⊙ gate; fused for f32 tensors of one shape (CPU, and CUDA with the `cuda` feature),
+/// else [`gated_residual_plain`].
 pub fn gated_residual(x: &Tensor, h: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) && x.dims() == h.dims() && x.dims() == gate.dims() {
+    if fused(x) && x.dims() == h.dims() && x.dims() == gate.dims() {
         as_rows(x)?.apply_op3(&as_rows(h)?, &as_rows(gate)?, GatedResidual)
     } else {
         gated_residual_plain(x, h, gate)
@@ -63,41 +64,92 @@ impl CustomOp3 for GatedResidual {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let inputs = [(x, xl), (h, hl), (g, gl)];
+        let y = super::cuda::elementwise("fused_gated_residual_fwd", x.device(), &inputs, 1)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
-        x: &Tensor,
+        _x: &Tensor,
         h: &Tensor,
         gate: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = GatedResidualBackward;
+        let out = as_rows(h)?.apply_op3_no_bwd(&as_rows(gate)?, &as_rows(dy)?, &op)?;
+        Ok((Some(dy.clone()), Some(out.get(0)?), Some(out.get(1)?)))
+    }
+}
+
+/// (dh, dgate) of [`GatedResidual`] from (h, gate, dy), stacked into one (2, …h's shape) tensor.
+struct GatedResidualBackward;
+
+impl CustomOp3 for GatedResidualBackward {
+    fn name(&self) -> &'static str {
+        "fused-gated-residual-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        hl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let cols = x.dim(candle_core::D::Minus1)?;
-        let n = x.elem_count();
-        let mut dh = vec![0f32; n];
-        let mut dg = vec![0f32; n];
-        with_cpu_rows(h, name, |hs, hr| {
-            with_cpu_rows(gate, name, |gs, gr| {
-                with_cpu_rows(dy, name, |dys, dyr| {
-                    let per = rows_per_task(cols);
-                    dh.par_chunks_mut(per * cols)
-                        .zip(dg.par_chunks_mut(per * cols))
-                        .enumerate()
-                        .for_each(|(i, (dhb, dgb))| {
-                            let rows = dhb.chunks_exact_mut(cols).zip(dgb.chunks_exact_mut(cols));
-                            for (k, (dhr, dgr)) in rows.enumerate() {
-                                let r = i * per + k;
-                                let (hrow, grow) = (hr.row(hs, r), gr.row(gs, r));
-                                backward_row(hrow, grow, dyr.row(dys, r), dhr, dgr);
-                            }
-                        });
-                    Ok(())
-                })
-            })
-        })?;
-        let dh = Tensor::from_vec(dh, x.shape(), x.device())?;
-        let dg = Tensor::from_vec(dg, x.shape(), x.device())?;
-        Ok((Some(dy.clone()), Some(dh), Some(dg)))
+        let (hs, gs, dys) = (f32_data(h, name)?, f32_data(g, name)?, f32_data(dy, name)?);
+        let (hr, gr, dyr) = (rows_of(hl, name)?, rows_of(gl, name)?, rows_of(dyl, name)?);
+        let cols = hr.cols;
+        let n = hr.rows * cols;
+        // [dh; dgate]
+        let mut out = vec![0f32; 2 * n];
+        let (dh, dg) = out.split_at_mut(n);
+        if cols > 0 {
+            let per = rows_per_task(cols);
+            dh.par_chunks_mut(per * cols)
+                .zip(dg.par_chunks_mut(per * cols))
+                .enumerate()
+                .for_each(|(i, (dhb, dgb))| {
+                    let rows = dhb.chunks_exact_mut(cols).zip(dgb.chunks_exact_mut(cols));
+                    for (k, (dhr, dgr)) in rows.enumerate() {
+                        let r = i * per + k;
+                        let (hrow, grow) = (hr.row(hs, r), gr.row(gs, r));
+                        backward_row(hrow, grow, dyr.row(dys, r), dhr, dgr);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), stacked2(hl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let inputs = [(h, hl), (g, gl), (dy, dyl)];
+        let out = super::cuda::elementwise("fused_gated_residual_bwd", h.device(), &inputs, 2)?;
+        Ok((out, stacked2(hl)))
     }
 }
 

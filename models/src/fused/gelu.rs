@@ -3,11 +3,11 @@
 use candle_core::{Result, Tensor};
 use multiversion::multiversion;
 
-use super::{fused_cpu, math, Elementwise, Unary};
+use super::{fused, math, Elementwise, Unary};
 
-/// GELU (erf form); fused on the CPU for f32, else [`gelu_erf_plain`].
+/// GELU (erf form); fused for f32 (CPU, and CUDA with the `cuda` feature), else [`gelu_erf_plain`].
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) {
+    if fused(x) {
         Unary::<Gelu>::apply(x)
     } else {
         gelu_erf_plain(x)
@@ -43,6 +43,8 @@ struct Gelu;
 
 impl Elementwise for Gelu {
     const NAME: &'static str = "fused-gelu-erf";
+    const CUDA_FWD: &'static str = "fused_gelu_fwd";
+    const CUDA_BWD: &'static str = "fused_gelu_bwd";
     fn forward(x: &[f32], y: &mut [f32]) {
         forward(x, y)
     }
@@ -60,7 +62,7 @@ mod tests {
     fn matches_the_composition() -> Result<()> {
         let x = (randn(&[6, 33], 1)? * 3.0)?;
         let seed = randn(&[6, 33], 2)?;
-        let (yf, gf) = grads(&[x.clone()], |t| gelu_erf(&t[0]), &seed)?;
+        let (yf, gf) = grads(std::slice::from_ref(&x), |t| gelu_erf(&t[0]), &seed)?;
         let (yp, gp) = grads(&[x], |t| gelu_erf_plain(&t[0]), &seed)?;
         assert!(max_diff(&yf, &yp)? < 2e-6);
         assert!(max_diff(&gf[0], &gp[0])? < 2e-5);

@@ -1,20 +1,21 @@
 //! LayerNorm over the last dimension, y = (x − μ)/√(σ² + ε) · w + b, with or without the affine
 //! w, b. Backward (x̂ = (x − μ)·r, r = 1/√(σ² + ε), g = dy·w):
 //!   dx = r · (g − mean(g) − x̂ · mean(g·x̂)),  dw = Σ_rows dy·x̂,  db = Σ_rows dy.
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{as_rows, f32_data, fused_cpu, math, par_rows, rows_of, rows_per_task, Rows};
+use super::{as_rows, f32_data, fused, math, par_rows, rows_of, rows_per_task, Rows};
 
-/// LayerNorm over the last dimension; fused on the CPU for f32, else [`layer_norm_plain`].
+/// LayerNorm over the last dimension; fused for f32 (CPU, and CUDA with the `cuda` feature), else
+/// [`layer_norm_plain`].
 pub fn layer_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    if !fused_cpu(x) {
+    if !fused(x) {
         return layer_norm_plain(x, weight, bias, eps);
     }
     let x = as_rows(x)?;
@@ -84,6 +85,7 @@ fn forward_rows(
 }
 
 /// dx for a block of rows, and (when `w` is given) this block's partial Σ dy·x̂ and Σ dy.
+#[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn backward_rows(
     x: &[f32],
@@ -146,71 +148,47 @@ fn forward(
     Ok((CpuStorage::F32(out), xl.shape().clone()))
 }
 
+/// dx, and with the affine the column sums (Σ dy·x̂, Σ dy).
+type LayerNormGrads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
+
 /// (dx, Σ dy·x̂, Σ dy) on the CPU; the sums only when `w` is given.
 fn backward(
-    x: &Tensor,
-    w: Option<&Tensor>,
-    dy: &Tensor,
+    xv: &[f32],
+    xr: Rows,
+    w: Option<&[f32]>,
+    dyv: &[f32],
+    dyr: Rows,
     eps: f64,
-) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-    let x = as_rows(x)?;
-    let dy = as_rows(dy)?;
-    let (xs, xl) = x.storage_and_layout();
-    let (dys, dyl) = dy.storage_and_layout();
-    let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(dys)) = (&*xs, &*dys) else {
-        candle_core::bail!("layer_norm backward: CPU tensors only")
-    };
-    let xv = f32_data(xs, "layer_norm backward")?;
-    let dyv = f32_data(dys, "layer_norm backward")?;
-    let xr = rows_of(xl, "layer_norm backward")?;
-    let dyr = rows_of(dyl, "layer_norm backward")?;
+) -> LayerNormGrads {
     let c = xr.cols;
-    let wv = match w {
-        Some(w) => Some(w.contiguous()?.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
     let per = rows_per_task(c);
     let mut dx = vec![0f32; xr.rows * c];
+    if c == 0 {
+        return (dx, w.map(|_| (Vec::new(), Vec::new())));
+    }
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(per * c)
         .enumerate()
         .map(|(i, block)| {
-            let mut dw = vec![0f32; if wv.is_some() { c } else { 0 }];
+            let mut dw = vec![0f32; if w.is_some() { c } else { 0 }];
             let mut db = vec![0f32; dw.len()];
-            let dwb = wv.as_ref().map(|_| (&mut dw[..], &mut db[..]));
-            backward_rows(
-                xv,
-                xr,
-                dyv,
-                dyr,
-                wv.as_deref(),
-                eps as f32,
-                i * per,
-                block,
-                dwb,
-            );
+            let dwb = w.map(|_| (&mut dw[..], &mut db[..]));
+            backward_rows(xv, xr, dyv, dyr, w, eps as f32, i * per, block, dwb);
             (dw, db)
         })
         .collect();
-    let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-    let sums = match wv {
-        Some(_) => {
-            let mut dw = vec![0f32; c];
-            let mut db = vec![0f32; c];
-            for (pw, pb) in &partials {
-                for j in 0..c {
-                    dw[j] += pw[j];
-                    db[j] += pb[j];
-                }
+    let sums = w.map(|_| {
+        let mut dw = vec![0f32; c];
+        let mut db = vec![0f32; c];
+        for (pw, pb) in &partials {
+            for j in 0..c {
+                dw[j] += pw[j];
+                db[j] += pb[j];
             }
-            Some((
-                Tensor::from_vec(dw, c, x.device())?,
-                Tensor::from_vec(db, c, x.device())?,
-            ))
         }
-        None => None,
-    };
-    Ok((dx, sums))
+        (dw, db)
+    });
+    (dx, sums)
 }
 
 struct LayerNormPlain {
@@ -226,8 +204,18 @@ impl CustomOp1 for LayerNormPlain {
         forward(x, xl, None, self.eps)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_forward(x, xl, None, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(backward(x, None, dy, self.eps)?.0))
+        let op = LayerNormBackward { eps: self.eps };
+        Ok(Some(as_rows(x)?.apply_op2_no_bwd(&as_rows(dy)?, &op)?))
     }
 }
 
@@ -260,6 +248,19 @@ impl CustomOp3 for LayerNormAffine {
         forward(x, xl, Some((w, b)), self.eps)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_forward(x, xl, Some((w, wl, b, bl)), self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -268,13 +269,233 @@ impl CustomOp3 for LayerNormAffine {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, sums) = backward(x, Some(w), dy, self.eps)?;
-        let (dw, db) = match sums {
-            Some((dw, db)) => (dw.reshape(w.shape())?, db.reshape(w.shape())?),
-            None => candle_core::bail!("layer_norm backward: affine sums missing"),
-        };
+        let op = LayerNormBackward { eps: self.eps };
+        // [dx; dw; db], flat
+        let out = as_rows(x)?.apply_op3_no_bwd(&w.contiguous()?, &as_rows(dy)?, &op)?;
+        let (n, c) = (x.elem_count(), w.elem_count());
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = out.narrow(0, n, c)?.reshape(w.shape())?;
+        let db = out.narrow(0, n + c, c)?.reshape(w.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The backward pass of the layer norm, without the affine (a [`CustomOp2`] of x and dy, giving
+/// dx) and with it (a [`CustomOp3`] of x, w and dy, giving dx, Σ dy·x̂ and Σ dy one after the
+/// other in one flat tensor).
+struct LayerNormBackward {
+    eps: f64,
+}
+
+impl CustomOp2 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = CustomOp2::name(self);
+        let (xv, xr) = (f32_data(x, name)?, rows_of(xl, name)?);
+        let (dyv, dyr) = (f32_data(dy, name)?, rows_of(dyl, name)?);
+        let (dx, _) = backward(xv, xr, None, dyv, dyr, self.eps);
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let dev = x.device();
+        let (xv, xr) = cuda::rows_view(x, xl, CustomOp2::name(self))?;
+        let (dyv, dyr) = cuda::rows_view(dy, dyl, CustomOp2::name(self))?;
+        if (xr.rows, xr.cols) != (dyr.rows, dyr.cols) {
+            candle_core::bail!("{}: x and dy of different shapes", CustomOp2::name(self))
+        }
+        let n = xr.rows * xr.cols;
+        if n == 0 {
+            return Ok((
+                cuda::wrap(dev.alloc_zeros::<f32>(0)?, dev),
+                xl.shape().clone(),
+            ));
+        }
+        let dx = cuda::alloc(dev, n)?;
+        let kernel = cuda::Kernel::load(dev, "fused_layer_norm_bwd")?;
+        let mut b = kernel.builder();
+        let eps = self.eps as f32;
+        b.arg(&xr.cols)
+            .arg(&xv)
+            .arg(&xr.stride)
+            .arg(&dyv)
+            .arg(&dyr.stride);
+        b.arg(&eps).arg(&dx);
+        cuda::launch(b, cuda::row_cfg(xr.rows, xr.cols))?;
+        Ok((cuda::wrap(dx, dev), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-affine-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = CustomOp3::name(self);
+        let (xv, xr) = (f32_data(x, name)?, rows_of(xl, name)?);
+        let (dyv, dyr) = (f32_data(dy, name)?, rows_of(dyl, name)?);
+        let c = xr.cols;
+        if wl.shape().elem_count() != c {
+            candle_core::bail!("{name}: the weight needs {c} values")
+        }
+        let w = &f32_data(w, name)?[wl.start_offset()..wl.start_offset() + c];
+        let (mut out, sums) = backward(xv, xr, Some(w), dyv, dyr, self.eps);
+        let Some((dw, db)) = sums else {
+            candle_core::bail!("{name}: affine sums missing")
+        };
+        out.extend_from_slice(&dw);
+        out.extend_from_slice(&db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    /// dx in one block per row (`fused_layer_norm_affine_bwd`, which also keeps each row's (μ, r));
+    /// the column sums Σ dy·x̂ and Σ dy in two more kernels without atomics (the same sums on
+    /// every run): `fused_layer_norm_dwdb_partial` over chunks of rows, then `col_sum_finalize`.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let name = CustomOp3::name(self);
+        let dev = x.device();
+        let (xv, xr) = cuda::rows_view(x, xl, name)?;
+        let (dyv, dyr) = cuda::rows_view(dy, dyl, name)?;
+        let (rows, c) = (xr.rows, xr.cols);
+        if (rows, c) != (dyr.rows, dyr.cols) {
+            candle_core::bail!("{name}: x and dy of different shapes")
+        }
+        if wl.shape().elem_count() != c {
+            candle_core::bail!("{name}: the weight needs {c} values")
+        }
+        let wv = w.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
+        let n = rows * c;
+        let shape = Shape::from(n + 2 * c);
+        if n == 0 {
+            return Ok((cuda::wrap(dev.alloc_zeros::<f32>(n + 2 * c)?, dev), shape));
+        }
+        let eps = self.eps as f32;
+        // [dx; dw; db]
+        let mut out = cuda::alloc(dev, n + 2 * c)?;
+        // (μ, r) per row
+        let stats = cuda::alloc(dev, 2 * rows)?;
+        let kernel = cuda::Kernel::load(dev, "fused_layer_norm_affine_bwd")?;
+        let mut b = kernel.builder();
+        b.arg(&c)
+            .arg(&xv)
+            .arg(&xr.stride)
+            .arg(&wv)
+            .arg(&dyv)
+            .arg(&dyr.stride);
+        b.arg(&eps).arg(&out).arg(&stats);
+        cuda::launch(b, cuda::row_cfg(rows, c))?;
+
+        let (per, chunks) = cuda::col_sum_chunks(rows);
+        let partial = cuda::alloc(dev, chunks * 2 * c)?;
+        let kernel = cuda::Kernel::load(dev, "fused_layer_norm_dwdb_partial")?;
+        let mut b = kernel.builder();
+        b.arg(&rows)
+            .arg(&c)
+            .arg(&xv)
+            .arg(&xr.stride)
+            .arg(&dyv)
+            .arg(&dyr.stride);
+        b.arg(&stats).arg(&per).arg(&partial);
+        cuda::launch(b, cuda::col_sum_cfg(c, chunks))?;
+        cuda::col_sum_finalize(dev, &partial, chunks, 2 * c, &mut out.slice_mut(n..))?;
+        Ok((cuda::wrap(out, dev), shape))
+    }
+}
+
+/// The layer norm forward on CUDA, with the affine (w, b) or without.
+#[cfg(feature = "cuda")]
+fn cuda_forward(
+    x: &candle_core::CudaStorage,
+    xl: &Layout,
+    wb: Option<(
+        &candle_core::CudaStorage,
+        &Layout,
+        &candle_core::CudaStorage,
+        &Layout,
+    )>,
+    eps: f64,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use super::cuda;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    let dev = x.device();
+    let (xv, xr) = cuda::rows_view(x, xl, "layer_norm")?;
+    let c = xr.cols;
+    let n = xr.rows * c;
+    let wb = match wb {
+        Some((w, wl, b, bl)) => {
+            if wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+                candle_core::bail!("layer_norm: weight and bias need {c} values")
+            }
+            let w = w.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
+            let b = b.as_cuda_slice::<f32>()?.slice(bl.start_offset()..);
+            Some((w, b))
+        }
+        None => None,
+    };
+    if n == 0 {
+        return Ok((
+            cuda::wrap(dev.alloc_zeros::<f32>(0)?, dev),
+            xl.shape().clone(),
+        ));
+    }
+    let y = cuda::alloc(dev, n)?;
+    let eps = eps as f32;
+    let name = if wb.is_some() {
+        "fused_layer_norm_affine_fwd"
+    } else {
+        "fused_layer_norm_fwd"
+    };
+    let kernel = cuda::Kernel::load(dev, name)?;
+    let mut b = kernel.builder();
+    b.arg(&c).arg(&xv).arg(&xr.stride);
+    if let Some((wv, bv)) = &wb {
+        b.arg(wv).arg(bv);
+    }
+    b.arg(&eps).arg(&y);
+    cuda::launch(b, cuda::row_cfg(xr.rows, c))?;
+    Ok((cuda::wrap(y, dev), xl.shape().clone()))
 }
 
 #[cfg(test)]

@@ -6,14 +6,20 @@
 //! backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
 //! candle's autograd of the composition), and it is what runs where the fused kernel does not:
-//! on CUDA (no kernels yet) and for non-f32 tensors.
+//! for non-f32 tensors, and on CUDA when built without the `cuda` feature.
 //!
 //! CPU kernels run rayon over blocks of rows; the inner loops are compiled for AVX-512, AVX2 and
 //! the baseline, picked at run time (`multiversion`), so one binary runs on any x86-64.
+//! CUDA kernels (feature `cuda`) are in `kernels.cu`, compiled to PTX by build.rs and launched
+//! from each op's `cuda_fwd` (helpers in `cuda.rs`). Each backward pass is itself a custom op
+//! without backward (`*Backward`), with a CPU and a CUDA implementation, so that gradients are
+//! computed on the device the tensors live on.
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 mod attention;
 mod bias_add;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gated_residual;
 mod gelu;
 mod layer_norm;
@@ -29,9 +35,11 @@ pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use modulate::{modulate, modulate_plain};
 pub use silu::{silu, silu_plain};
 
-/// Whether the fused CPU kernel applies: f32 tensors on the CPU.
-fn fused_cpu(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+/// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.
+fn fused(t: &Tensor) -> bool {
+    let dev = t.device();
+    t.dtype() == candle_core::DType::F32
+        && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
 }
 
 /// A tensor seen as `rows` rows of `cols` contiguous values, `stride` apart from `offset`: any
@@ -110,6 +118,14 @@ fn rows_of(layout: &Layout, op: &str) -> Result<Rows> {
     }
 }
 
+/// The shape (2, …l's shape): two results of l's shape one after the other, as backward ops with
+/// two outputs return them (split with `Tensor::get`).
+fn stacked2(l: &Layout) -> candle_core::Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    candle_core::Shape::from(dims)
+}
+
 /// Rows handed to one rayon task: about 16k values, at least one row.
 fn rows_per_task(cols: usize) -> usize {
     (16384 / cols.max(1)).max(1)
@@ -128,19 +144,14 @@ fn par_rows(rows: usize, cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> V
     out
 }
 
-/// The f32 rows of a CPU tensor, handed to `f` (after `as_rows`).
-fn with_cpu_rows<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32], Rows) -> Result<R>) -> Result<R> {
-    let t = as_rows(t)?;
-    let (s, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*s else {
-        candle_core::bail!("{op}: CPU tensors only")
-    };
-    f(f32_data(s, op)?, rows_of(l, op)?)
-}
-
 /// An element-wise op y = f(x) with dx = dy · f'(x): one pass forward, one pass backward.
 trait Elementwise: Send + Sync + 'static {
     const NAME: &'static str;
+    /// The kernels of kernels.cu computing y and dx.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    const CUDA_FWD: &'static str;
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    const CUDA_BWD: &'static str;
     /// y for a block of rows of x.
     fn forward(x: &[f32], y: &mut [f32]);
     /// dx for a block of rows of x and dy.
@@ -171,17 +182,59 @@ impl<E: Elementwise> candle_core::CustomOp1 for Unary<E> {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = cuda::elementwise(E::CUDA_FWD, x.device(), &[(x, xl)], 1)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_cpu_rows(x, E::NAME, |xs, xr| {
-            with_cpu_rows(dy, E::NAME, |dys, dyr| {
-                Ok(par_rows(xr.rows, xr.cols, |first, block| {
-                    for (i, o) in block.chunks_exact_mut(xr.cols).enumerate() {
-                        E::backward(xr.row(xs, first + i), dyr.row(dys, first + i), o);
-                    }
-                }))
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let op = UnaryBackward::<E>(std::marker::PhantomData);
+        Ok(Some(as_rows(x)?.apply_op2_no_bwd(&as_rows(dy)?, &op)?))
+    }
+}
+
+/// dx of [`Unary`] from (x, dy).
+struct UnaryBackward<E>(std::marker::PhantomData<E>);
+
+impl<E: Elementwise> candle_core::CustomOp2 for UnaryBackward<E> {
+    fn name(&self) -> &'static str {
+        E::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (xs, xr) = (f32_data(x, E::NAME)?, rows_of(xl, E::NAME)?);
+        let (dys, dyr) = (f32_data(dy, E::NAME)?, rows_of(dyl, E::NAME)?);
+        let dx = par_rows(xr.rows, xr.cols, |first, block| {
+            for (i, o) in block.chunks_exact_mut(xr.cols).enumerate() {
+                E::backward(xr.row(xs, first + i), dyr.row(dys, first + i), o);
+            }
+        });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dx = cuda::elementwise(E::CUDA_BWD, x.device(), &[(x, xl), (dy, dyl)], 1)?;
+        Ok((dx, xl.shape().clone()))
     }
 }
 
@@ -233,6 +286,109 @@ mod tests {
         assert_eq!((r.rows, r.cols, r.stride, r.offset), (24, 3, 9, 3));
         assert!(Rows::of(t.transpose(1, 2)?.layout()).is_none());
         assert!(Rows::of(t.narrow(1, 0, 2)?.layout()).is_none());
+        Ok(())
+    }
+}
+
+/// Each fused op on CUDA (the kernels of kernels.cu) against the same op on the CPU, forward
+/// values and gradients, on the input layouts the CPU tests use (column slices included). They
+/// need a GPU: without one (`Device::new_cuda(0)` fails) each test says so and passes.
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::test_util::{grads, max_diff, randn};
+    use super::*;
+    use candle_core::Device;
+
+    /// Forward and gradients of `f` on the GPU against the CPU, to within `tol`.
+    fn compare(
+        name: &str,
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        tol: f32,
+    ) -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("{name}: no CUDA device, skipped");
+            return Ok(());
+        };
+        let seed = randn(f(inputs)?.dims(), 99)?;
+        let (yc, gc) = grads(inputs, &f, &seed)?;
+        let on_gpu = inputs
+            .iter()
+            .map(|t| t.to_device(&gpu))
+            .collect::<Result<Vec<_>>>()?;
+        let (yg, gg) = grads(&on_gpu, &f, &seed.to_device(&gpu)?)?;
+        assert!(yg.device().is_cuda(), "{name}: the result left the GPU");
+        let d = max_diff(&yc, &yg.to_device(&Device::Cpu)?)?;
+        assert!(d < tol, "{name}: forward differs by {d}");
+        for (i, (a, b)) in gc.iter().zip(&gg).enumerate() {
+            let d = max_diff(a, &b.to_device(&Device::Cpu)?)?;
+            assert!(d < tol, "{name}: gradient of input {i} differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn element_wise_ops() -> Result<()> {
+        let x = (randn(&[6, 33], 1)? * 3.0)?;
+        compare("gelu", std::slice::from_ref(&x), |t| gelu_erf(&t[0]), 1e-5)?;
+        compare("silu", std::slice::from_ref(&x), |t| silu(&t[0]), 1e-5)?;
+        let x = randn(&[9, 16], 2)?;
+        let m = randn(&[9, 32], 3)?;
+        compare(
+            "modulate on adaLN chunks",
+            &[x.clone(), m],
+            |t| {
+                let c = t[1].chunk(2, 1)?;
+                modulate(&t[0], &c[0], &c[1])
+            },
+            1e-5,
+        )?;
+        let (h, m) = (randn(&[9, 16], 4)?, randn(&[9, 48], 5)?);
+        compare(
+            "gated residual with a sliced gate",
+            &[x, h, m],
+            |t| gated_residual(&t[0], &t[1], &t[2].narrow(1, 32, 16)?),
+            1e-5,
+        )?;
+        let (x, b) = (randn(&[3, 700, 24], 6)?, randn(&[24], 7)?);
+        compare("bias add", &[x, b], |t| bias_add(&t[0], &t[1]), 1e-3)
+    }
+
+    #[test]
+    fn layer_norm_with_and_without_affine() -> Result<()> {
+        for (rows, cols) in [(21, 40), (300, 1030)] {
+            // a column slice of a wider tensor
+            let wide = (randn(&[rows, cols + 8], 1)? * 3.0)?.affine(1.0, 0.5)?;
+            let (w, b) = (randn(&[cols], 2)?, randn(&[cols], 3)?);
+            compare(
+                &format!("layer norm {rows}x{cols}"),
+                std::slice::from_ref(&wide),
+                |t| layer_norm(&t[0].narrow(1, 4, cols)?, None, None, 1e-6),
+                2e-4,
+            )?;
+            compare(
+                &format!("affine layer norm {rows}x{cols}"),
+                &[wide.clone(), w, b],
+                |t| layer_norm(&t[0].narrow(1, 4, cols)?, Some(&t[1]), Some(&t[2]), 1e-6),
+                2e-3,
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
+        for dims in [[2, 3, 5, 7], [2, 4, 64, 300]] {
+            let s = (randn(&dims, 1)? * 4.0)?;
+            for causal in [false, true] {
+                compare(
+                    &format!("attention softmax {dims:?} causal={causal}"),
+                    std::slice::from_ref(&s),
+                    |t| attention_softmax(&t[0], 0.3, causal),
+                    1e-5,
+                )?;
+            }
+        }
         Ok(())
     }
 }

@@ -4,12 +4,13 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-use super::{as_rows, f32_data, fused_cpu, par_rows, rows_of, with_cpu_rows};
+use super::{as_rows, f32_data, fused, par_rows, rows_of, rows_per_task, stacked2};
 
-/// x·(1 + scale) + shift; fused on the CPU for f32 tensors of one shape, else
+/// x·(1 + scale) + shift; fused for f32 tensors of one shape (CPU, and CUDA with the `cuda`
+/// feature), else
 /// [`modulate_plain`] (which also broadcasts).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) && x.dims() == shift.dims() && x.dims() == scale.dims() {
+    if fused(x) && x.dims() == shift.dims() && x.dims() == scale.dims() {
         as_rows(x)?.apply_op3(&as_rows(shift)?, &as_rows(scale)?, Modulate)
     } else {
         modulate_plain(x, shift, scale)
@@ -68,6 +69,22 @@ impl CustomOp3 for Modulate {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        shift: &candle_core::CudaStorage,
+        shl: &Layout,
+        scale: &candle_core::CudaStorage,
+        scl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let inputs = [(x, xl), (shift, shl), (scale, scl)];
+        let y = super::cuda::elementwise("fused_modulate_fwd", x.device(), &inputs, 1)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -76,44 +93,75 @@ impl CustomOp3 for Modulate {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let out =
+            as_rows(x)?.apply_op3_no_bwd(&as_rows(scale)?, &as_rows(dy)?, &ModulateBackward)?;
+        Ok((Some(out.get(0)?), Some(dy.clone()), Some(out.get(1)?)))
+    }
+}
+
+/// (dx, dscale) of [`Modulate`] from (x, scale, dy), stacked into one (2, …x's shape) tensor.
+struct ModulateBackward;
+
+impl CustomOp3 for ModulateBackward {
+    fn name(&self) -> &'static str {
+        "fused-modulate-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        scale: &CpuStorage,
+        scl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         let name = self.name();
-        let (rows, cols) = (
-            x.elem_count() / x.dim(candle_core::D::Minus1)?,
-            x.dim(candle_core::D::Minus1)?,
+        let (xs, scs, dys) = (
+            f32_data(x, name)?,
+            f32_data(scale, name)?,
+            f32_data(dy, name)?,
         );
-        let mut dscale = vec![0f32; rows * cols];
-        let dx = with_cpu_rows(x, name, |xs, xr| {
-            with_cpu_rows(scale, name, |scs, scr| {
-                with_cpu_rows(dy, name, |dys, dyr| {
-                    let mut dx = vec![0f32; rows * cols];
-                    use rayon::prelude::*;
-                    let per = super::rows_per_task(cols);
-                    dx.par_chunks_mut(per * cols)
-                        .zip(dscale.par_chunks_mut(per * cols))
+        let (xr, scr, dyr) = (rows_of(xl, name)?, rows_of(scl, name)?, rows_of(dyl, name)?);
+        let (rows, cols) = (xr.rows, xr.cols);
+        let n = rows * cols;
+        // [dx; dscale]
+        let mut out = vec![0f32; 2 * n];
+        let (dx, dscale) = out.split_at_mut(n);
+        if cols > 0 {
+            let per = rows_per_task(cols);
+            dx.par_chunks_mut(per * cols)
+                .zip(dscale.par_chunks_mut(per * cols))
+                .enumerate()
+                .for_each(|(i, (dxb, dsb))| {
+                    for (k, (dxr, dsr)) in dxb
+                        .chunks_exact_mut(cols)
+                        .zip(dsb.chunks_exact_mut(cols))
                         .enumerate()
-                        .for_each(|(i, (dxb, dsb))| {
-                            for (k, (dxr, dsr)) in dxb
-                                .chunks_exact_mut(cols)
-                                .zip(dsb.chunks_exact_mut(cols))
-                                .enumerate()
-                            {
-                                let r = i * per + k;
-                                backward_row(
-                                    xr.row(xs, r),
-                                    scr.row(scs, r),
-                                    dyr.row(dys, r),
-                                    dxr,
-                                    dsr,
-                                );
-                            }
-                        });
-                    Ok(dx)
-                })
-            })
-        })?;
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-        let dscale = Tensor::from_vec(dscale, x.shape(), x.device())?;
-        Ok((Some(dx), Some(dy.clone()), Some(dscale)))
+                    {
+                        let r = i * per + k;
+                        backward_row(xr.row(xs, r), scr.row(scs, r), dyr.row(dys, r), dxr, dsr);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), stacked2(xl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        scale: &candle_core::CudaStorage,
+        scl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let inputs = [(x, xl), (scale, scl), (dy, dyl)];
+        let out = super::cuda::elementwise("fused_modulate_bwd", x.device(), &inputs, 2)?;
+        Ok((out, stacked2(xl)))
     }
 }
 

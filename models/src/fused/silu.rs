@@ -2,11 +2,11 @@
 use candle_core::{Result, Tensor};
 use multiversion::multiversion;
 
-use super::{fused_cpu, math, Elementwise, Unary};
+use super::{fused, math, Elementwise, Unary};
 
-/// SiLU; fused on the CPU for f32, else [`silu_plain`].
+/// SiLU; fused for f32 (CPU, and CUDA with the `cuda` feature), else [`silu_plain`].
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) {
+    if fused(x) {
         Unary::<Silu>::apply(x)
     } else {
         silu_plain(x)
@@ -42,6 +42,8 @@ struct Silu;
 
 impl Elementwise for Silu {
     const NAME: &'static str = "fused-silu";
+    const CUDA_FWD: &'static str = "fused_silu_fwd";
+    const CUDA_BWD: &'static str = "fused_silu_bwd";
     fn forward(x: &[f32], y: &mut [f32]) {
         forward(x, y)
     }
@@ -59,7 +61,7 @@ mod tests {
     fn matches_the_composition() -> Result<()> {
         let x = (randn(&[5, 41], 3)? * 4.0)?;
         let seed = randn(&[5, 41], 4)?;
-        let (yf, gf) = grads(&[x.clone()], |t| silu(&t[0]), &seed)?;
+        let (yf, gf) = grads(std::slice::from_ref(&x), |t| silu(&t[0]), &seed)?;
         let (yp, gp) = grads(&[x], |t| silu_plain(&t[0]), &seed)?;
         assert!(max_diff(&yf, &yp)? < 2e-6);
         assert!(max_diff(&gf[0], &gp[0])? < 2e-5);

@@ -1,0 +1,164 @@
+//! Launching the CUDA kernels of `kernels.cu` (compiled to PTX by build.rs under the `cuda`
+//! feature). Inputs are passed as row views: the device slice advanced to the view's offset plus
+//! a row stride, so column slices (chunks of a wider tensor) are read in place, as on the CPU.
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+use super::{rows_of, Rows};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "ablate_fused";
+
+/// Threads per block of the element-wise kernels (grid-stride loops).
+const ELEMENTWISE_THREADS: u32 = 256;
+/// Most threads per block of the row-wise kernels (one block per row; kernels.cu allows 1024).
+const ROW_THREADS: usize = 256;
+/// Column sums: the fewest rows one block sums, and the most blocks (chunks) down the rows.
+const MIN_ROWS_PER_CHUNK: usize = 64;
+const MAX_CHUNKS: usize = 1024;
+/// Threads per block of the column-sum kernels: 32 columns × 8 rows (`COL_SUM_ROWS_PER_STEP`).
+const COL_SUM_BLOCK: (u32, u32, u32) = (32, 8, 1);
+
+/// A kernel of the fused module, with the stream of its device.
+pub(super) struct Kernel {
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+}
+
+impl Kernel {
+    pub(super) fn load(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        Ok(Kernel {
+            stream: dev.cuda_stream(),
+            func: func.into_cuda_function(),
+        })
+    }
+
+    pub(super) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Launch a prepared kernel.
+pub(super) fn launch(mut builder: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    // SAFETY: every kernel of kernels.cu reads within the row views it is given and writes within
+    // the outputs allocated for it by the callers here; the argument lists match the signatures.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// An f32 input as a row view: the slice from the view's offset, and its rows.
+pub(super) fn rows_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<(CudaView<'a, f32>, Rows)> {
+    let r = rows_of(l, op)?;
+    Ok((s.as_cuda_slice::<f32>()?.slice(r.offset..), r))
+}
+
+/// `n` fresh f32 values on `dev`, all written by the kernel that follows.
+pub(super) fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: callers launch a kernel that writes all n values before the slice is read.
+    unsafe { dev.alloc::<f32>(n) }
+}
+
+pub(super) fn wrap(out: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(out, dev.clone())
+}
+
+/// Grid-stride launch over `n` > 0 values.
+pub(super) fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).min(1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row, as many threads as the row has values (a multiple of 32, at most 256).
+pub(super) fn row_cfg(rows: usize, cols: usize) -> LaunchConfig {
+    let threads = cols.next_power_of_two().clamp(32, ROW_THREADS) as u32;
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The element-wise kernel `name(rows, cols, in₀, stride₀, in₁, stride₁, …, out)` over inputs of
+/// one (rows, cols), writing `outputs` results of rows·cols values one after the other.
+pub(super) fn elementwise(
+    name: &str,
+    dev: &CudaDevice,
+    inputs: &[(&CudaStorage, &Layout)],
+    outputs: usize,
+) -> Result<CudaStorage> {
+    let views = inputs
+        .iter()
+        .map(|(s, l)| rows_view(s, l, name))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(&(_, first)) = views.first() else {
+        candle_core::bail!("{name}: no inputs")
+    };
+    let (rows, cols) = (first.rows, first.cols);
+    if views.iter().any(|(_, r)| r.rows != rows || r.cols != cols) {
+        candle_core::bail!("{name}: inputs of different shapes")
+    }
+    let n = rows * cols;
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(outputs * n)?, dev));
+    }
+    let out = alloc(dev, outputs * n)?;
+    let kernel = Kernel::load(dev, name)?;
+    let mut b = kernel.builder();
+    b.arg(&rows);
+    b.arg(&cols);
+    for (view, r) in &views {
+        b.arg(view);
+        b.arg(&r.stride);
+    }
+    b.arg(&out);
+    launch(b, elementwise_cfg(n))?;
+    Ok(wrap(out, dev))
+}
+
+/// How column sums split `rows` rows: (rows per chunk, chunks).
+pub(super) fn col_sum_chunks(rows: usize) -> (usize, usize) {
+    let per = rows.div_ceil(MAX_CHUNKS).max(MIN_ROWS_PER_CHUNK);
+    (per, rows.div_ceil(per))
+}
+
+/// Grid of a `*_partial` column-sum kernel: 32 columns × one chunk of rows per block.
+pub(super) fn col_sum_cfg(cols: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: COL_SUM_BLOCK,
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Second stage of a column sum: `out[j] = Σ_k partial[k·m + j]` over `chunks` chunks
+/// (`out` may be a view into a larger result).
+pub(super) fn col_sum_finalize(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    chunks: usize,
+    m: usize,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let kernel = Kernel::load(dev, "col_sum_finalize")?;
+    let mut b = kernel.builder();
+    b.arg(&chunks);
+    b.arg(&m);
+    b.arg(partial);
+    b.arg(out);
+    launch(b, elementwise_cfg(m))
+}

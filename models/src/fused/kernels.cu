@@ -1,0 +1,377 @@
+// CUDA kernels of the fused ops in models/src/fused (f32 only), compiled to PTX by models/build.rs
+// when the `cuda` feature is on and loaded as the custom module "ablate_fused".
+//
+// Every input is a "row view" (`Rows` in mod.rs): `rows` rows of `cols` dense values, row r
+// starting at `r * stride` (the Rust side passes the slice already advanced to the view's offset,
+// and a stride per input; a stride of 0 repeats one row). Outputs are fresh and contiguous
+// (`rows * cols`, row r at `r * cols`); backward kernels with two results write them one after the
+// other into one buffer (the second at `rows * cols`); the affine layer norm's backward writes
+// [dx; dweight; dbias] into one buffer of rows·cols + 2·cols values.
+//
+// Column sums over rows (layer norm's dweight/dbias, bias_add's dbias) take two kernels and no
+// atomics, so that they come out the same on every run: `*_partial` kernels sum blocks of rows into
+// a (chunks, m) buffer, one row per chunk of rows, and `col_sum_finalize` adds those chunk rows up.
+#include <stddef.h>
+
+#define WARP 32
+// row-wise kernels run one block per row, with at most this many threads (a multiple of 32)
+#define MAX_ROW_THREADS 1024
+// column-sum tiles: 32 columns × COL_SUM_ROWS_PER_STEP rows of threads
+#define COL_SUM_ROWS_PER_STEP 8
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Σ v over the block, returned to every thread (blockDim.x a multiple of 32).
+__device__ float block_sum(float v) {
+  __shared__ float part[MAX_ROW_THREADS / WARP];
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+  const int warps = blockDim.x / WARP;
+  v = warp_sum(v);
+  __syncthreads();  // `part` may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+// max v over the block, returned to every thread (blockDim.x a multiple of 32).
+__device__ float block_max(float v) {
+  __shared__ float part[MAX_ROW_THREADS / WARP];
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+  const int warps = blockDim.x / WARP;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// Element-wise kernels walk all rows × cols values with a grid-stride loop; (r, j) of element i.
+#define FOR_EACH_ELEMENT(rows, cols)                                                   \
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n_ = (rows) * (cols); \
+       i < n_; i += (size_t)gridDim.x * blockDim.x)
+#define ROW(i, cols) ((i) / (cols))
+#define COL(i, cols) ((i) % (cols))
+
+// ---------------------------------------------------------------------------------------------
+// GELU (erf form)
+
+// y = ½x(1 + erf(x/√2))
+extern "C" __global__ void fused_gelu_fwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                          float* y) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const float v = x[ROW(i, cols) * xs + COL(i, cols)];
+    y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  }
+}
+
+// dx = dy · (Φ(x) + x·φ(x)),  Φ(x) = ½(1 + erf(x/√2)),  φ(x) = e^(−x²/2)/√(2π)
+extern "C" __global__ void fused_gelu_bwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                          const float* dy, size_t dys, float* dx) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    const float v = x[r * xs + j];
+    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    dx[i] = dy[r * dys + j] * (cdf + v * pdf);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+// y = x·σ(x)
+extern "C" __global__ void fused_silu_fwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                          float* y) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const float v = x[ROW(i, cols) * xs + COL(i, cols)];
+    y[i] = v * sigmoid(v);
+  }
+}
+
+// dx = dy · σ(x)·(1 + x·(1 − σ(x)))
+extern "C" __global__ void fused_silu_bwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                          const float* dy, size_t dys, float* dx) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    const float v = x[r * xs + j];
+    const float s = sigmoid(v);
+    dx[i] = dy[r * dys + j] * s * (1.0f + v * (1.0f - s));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// adaLN modulation
+
+// y = x·(1 + scale) + shift
+extern "C" __global__ void fused_modulate_fwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                              const float* shift, size_t shs, const float* scale,
+                                              size_t scs, float* y) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    y[i] = x[r * xs + j] * (1.0f + scale[r * scs + j]) + shift[r * shs + j];
+  }
+}
+
+// out = [dx = dy·(1 + scale); dscale = dy·x]   (dshift = dy needs no kernel)
+extern "C" __global__ void fused_modulate_bwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                              const float* scale, size_t scs, const float* dy,
+                                              size_t dys, float* out) {
+  const size_t n = rows * cols;
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    const float g = dy[r * dys + j];
+    out[i] = g * (1.0f + scale[r * scs + j]);
+    out[n + i] = g * x[r * xs + j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated residual
+
+// y = x + h·gate
+extern "C" __global__ void fused_gated_residual_fwd(size_t rows, size_t cols, const float* x,
+                                                    size_t xs, const float* h, size_t hs,
+                                                    const float* gate, size_t gs, float* y) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    y[i] = x[r * xs + j] + h[r * hs + j] * gate[r * gs + j];
+  }
+}
+
+// out = [dh = dy·gate; dgate = dy·h]   (dx = dy needs no kernel)
+extern "C" __global__ void fused_gated_residual_bwd(size_t rows, size_t cols, const float* h,
+                                                    size_t hs, const float* gate, size_t gs,
+                                                    const float* dy, size_t dys, float* out) {
+  const size_t n = rows * cols;
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    const float g = dy[r * dys + j];
+    out[i] = g * gate[r * gs + j];
+    out[n + i] = g * h[r * hs + j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bias add
+
+// y = x + b (b one row broadcast over the rows: the Rust side passes its stride bs = 0)
+extern "C" __global__ void fused_bias_add_fwd(size_t rows, size_t cols, const float* x, size_t xs,
+                                              const float* b, size_t bs, float* y) {
+  FOR_EACH_ELEMENT(rows, cols) {
+    const size_t r = ROW(i, cols), j = COL(i, cols);
+    y[i] = x[r * xs + j] + b[r * bs + j];
+  }
+}
+
+// partial[chunk, j] = Σ_{rows r of this chunk} dy[r, j]   (db = Σ_rows dy, first stage)
+// grid (⌈cols/32⌉, chunks), block (32, COL_SUM_ROWS_PER_STEP); chunk k holds rows
+// [k·rows_per_chunk, (k+1)·rows_per_chunk).
+extern "C" __global__ void fused_bias_add_bwd_partial(size_t rows, size_t cols, const float* dy,
+                                                      size_t dys, size_t rows_per_chunk,
+                                                      float* partial) {
+  __shared__ float acc[COL_SUM_ROWS_PER_STEP][WARP];
+  const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
+  const size_t r0 = blockIdx.y * rows_per_chunk;
+  const size_t r1 = min(rows, r0 + rows_per_chunk);
+  float s = 0.0f;
+  if (j < cols)
+    for (size_t r = r0 + threadIdx.y; r < r1; r += COL_SUM_ROWS_PER_STEP) s += dy[r * dys + j];
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    float t = 0.0f;
+#pragma unroll
+    for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) t += acc[k][threadIdx.x];
+    partial[blockIdx.y * cols + j] = t;
+  }
+}
+
+// out[j] = Σ_k partial[k, j] over `chunks` rows of m columns (second stage of every column sum)
+extern "C" __global__ void col_sum_finalize(size_t chunks, size_t m, const float* partial,
+                                            float* out) {
+  for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < m;
+       j += (size_t)gridDim.x * blockDim.x) {
+    float t = 0.0f;
+    for (size_t k = 0; k < chunks; ++k) t += partial[k * m + j];
+    out[j] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layer norm: one block per row
+
+// (μ, r = 1/√(σ² + ε)) of one row, two passes as on the CPU; every thread gets them.
+__device__ void row_moments(const float* row, size_t cols, float eps, float* mean, float* rstd) {
+  float s = 0.0f;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) s += row[j];
+  const float m = block_sum(s) / (float)cols;
+  float q = 0.0f;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float d = row[j] - m;
+    q += d * d;
+  }
+  const float var = block_sum(q) / (float)cols;
+  *mean = m;
+  *rstd = rsqrtf(var + eps);
+}
+
+template <bool AFFINE>
+__device__ void layer_norm_fwd(size_t cols, const float* x, size_t xs, const float* w,
+                               const float* b, float eps, float* y) {
+  const size_t r = blockIdx.x;
+  const float* row = x + r * xs;
+  float* out = y + r * cols;
+  float mean, rstd;
+  row_moments(row, cols, eps, &mean, &rstd);
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float v = (row[j] - mean) * rstd;
+    out[j] = AFFINE ? v * w[j] + b[j] : v;
+  }
+}
+
+// y = (x − μ)·r   (grid: one block per row)
+extern "C" __global__ void fused_layer_norm_fwd(size_t cols, const float* x, size_t xs, float eps,
+                                                float* y) {
+  layer_norm_fwd<false>(cols, x, xs, nullptr, nullptr, eps, y);
+}
+
+// y = (x − μ)·r·w + b   (grid: one block per row)
+extern "C" __global__ void fused_layer_norm_affine_fwd(size_t cols, const float* x, size_t xs,
+                                                       const float* w, const float* b, float eps,
+                                                       float* y) {
+  layer_norm_fwd<true>(cols, x, xs, w, b, eps, y);
+}
+
+// dx = r·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (x − μ)·r, g = dy·w (or dy); with the affine, also
+// stores (μ, r) per row in `stats` for the dweight kernel.
+template <bool AFFINE>
+__device__ void layer_norm_bwd(size_t cols, const float* x, size_t xs, const float* w,
+                               const float* dy, size_t dys, float eps, float* dx, float* stats) {
+  const size_t r = blockIdx.x;
+  const float* row = x + r * xs;
+  const float* drow = dy + r * dys;
+  float mean, rstd;
+  row_moments(row, cols, eps, &mean, &rstd);
+  float sg = 0.0f, sgx = 0.0f;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float g = AFFINE ? drow[j] * w[j] : drow[j];
+    sg += g;
+    sgx += g * (row[j] - mean) * rstd;
+  }
+  const float mg = block_sum(sg) / (float)cols;
+  const float mgx = block_sum(sgx) / (float)cols;
+  float* out = dx + r * cols;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float g = AFFINE ? drow[j] * w[j] : drow[j];
+    const float xhat = (row[j] - mean) * rstd;
+    out[j] = rstd * (g - mg - xhat * mgx);
+  }
+  if (AFFINE && threadIdx.x == 0) {
+    stats[2 * r] = mean;
+    stats[2 * r + 1] = rstd;
+  }
+}
+
+// dx of y = (x − μ)·r, g = dy   (grid: one block per row)
+extern "C" __global__ void fused_layer_norm_bwd(size_t cols, const float* x, size_t xs,
+                                                const float* dy, size_t dys, float eps,
+                                                float* dx) {
+  layer_norm_bwd<false>(cols, x, xs, nullptr, dy, dys, eps, dx, nullptr);
+}
+
+// dx of y = (x − μ)·r·w + b, g = dy·w, and (μ, r) per row into `stats`   (one block per row)
+extern "C" __global__ void fused_layer_norm_affine_bwd(size_t cols, const float* x, size_t xs,
+                                                       const float* w, const float* dy,
+                                                       size_t dys, float eps, float* dx,
+                                                       float* stats) {
+  layer_norm_bwd<true>(cols, x, xs, w, dy, dys, eps, dx, stats);
+}
+
+// partial[chunk, j] = Σ dy·x̂ and partial[chunk, cols + j] = Σ dy over the rows of this chunk
+// (dw = Σ_rows dy·x̂, db = Σ_rows dy, first stage); x̂ from the (μ, r) of `stats`.
+// grid (⌈cols/32⌉, chunks), block (32, COL_SUM_ROWS_PER_STEP), as fused_bias_add_bwd_partial.
+extern "C" __global__ void fused_layer_norm_dwdb_partial(size_t rows, size_t cols,
+                                                         const float* x, size_t xs,
+                                                         const float* dy, size_t dys,
+                                                         const float* stats,
+                                                         size_t rows_per_chunk, float* partial) {
+  __shared__ float acc_w[COL_SUM_ROWS_PER_STEP][WARP];
+  __shared__ float acc_b[COL_SUM_ROWS_PER_STEP][WARP];
+  const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
+  const size_t r0 = blockIdx.y * rows_per_chunk;
+  const size_t r1 = min(rows, r0 + rows_per_chunk);
+  float sw = 0.0f, sb = 0.0f;
+  if (j < cols)
+    for (size_t r = r0 + threadIdx.y; r < r1; r += COL_SUM_ROWS_PER_STEP) {
+      const float g = dy[r * dys + j];
+      const float xhat = (x[r * xs + j] - stats[2 * r]) * stats[2 * r + 1];
+      sw += g * xhat;
+      sb += g;
+    }
+  acc_w[threadIdx.y][threadIdx.x] = sw;
+  acc_b[threadIdx.y][threadIdx.x] = sb;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    float tw = 0.0f, tb = 0.0f;
+#pragma unroll
+    for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) {
+      tw += acc_w[k][threadIdx.x];
+      tb += acc_b[k][threadIdx.x];
+    }
+    partial[blockIdx.y * 2 * cols + j] = tw;
+    partial[blockIdx.y * 2 * cols + cols + j] = tb;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention softmax: one block per row
+
+// p = softmax(s·scale) over the first `visible` keys of the row, 0 for the masked ones; with
+// `causal`, query row r sees keys j ≤ r mod queries + keys − queries.
+extern "C" __global__ void fused_softmax_fwd(size_t cols, const float* s, size_t ss, float scale,
+                                             int causal, size_t queries, float* p) {
+  const size_t r = blockIdx.x;
+  const float* row = s + r * ss;
+  float* out = p + r * cols;
+  const size_t visible = causal ? min(r % queries + 1 + cols - queries, cols) : cols;
+  float m = -INFINITY;
+  for (size_t j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, row[j] * scale);
+  m = block_max(m);
+  float t = 0.0f;
+  for (size_t j = threadIdx.x; j < visible; j += blockDim.x) t += expf(row[j] * scale - m);
+  const float inv = 1.0f / block_sum(t);
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x)
+    out[j] = j < visible ? expf(row[j] * scale - m) * inv : 0.0f;
+}
+
+// ds = scale · p·(dp − Σ_j p·dp)
+extern "C" __global__ void fused_softmax_bwd(size_t cols, const float* p, size_t ps,
+                                             const float* dp, size_t dps, float scale,
+                                             float* ds) {
+  const size_t r = blockIdx.x;
+  const float* prow = p + r * ps;
+  const float* drow = dp + r * dps;
+  float t = 0.0f;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) t += prow[j] * drow[j];
+  const float inner = block_sum(t);
+  float* out = ds + r * cols;
+  for (size_t j = threadIdx.x; j < cols; j += blockDim.x)
+    out[j] = scale * prow[j] * (drow[j] - inner);
+}
