@@ -66,6 +66,10 @@ impl TimestepEmbedder {
         if distinct.len() == t.len() {
             return Ok(emb);
         }
+        if distinct.len() == 1 {
+            // sampling: every row is at the same step
+            return emb.broadcast_as((t.len(), emb.dim(1)?));
+        }
         emb.index_select(&Tensor::from_vec(index, t.len(), device)?, 0)
     }
 }

@@ -72,15 +72,20 @@ impl Linear {
         self.inner.bias()
     }
 
-    /// `forward(x).chunk(n, last dim)`, computed as n products with row blocks of the weight:
-    /// the same values, but no chunk's gradient is padded back to the full output width (candle's
-    /// narrow backward writes a zero tensor around each), only the small weight's are.
+    /// `forward(x).chunk(n, last dim)`. When gradients are tracked, computed as n products with
+    /// row blocks of the weight: the same values, but no chunk's gradient is padded back to the
+    /// full output width (candle's narrow backward writes a zero tensor around each), only the
+    /// small weight's are. Without gradients, one product (fewer, larger products sample faster).
     pub fn forward_chunks(&self, x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
         let out = self.weight().dim(0)?;
         if n == 0 || out % n != 0 {
             candle_core::bail!("forward_chunks: {out} outputs do not split into {n} chunks")
         }
         let c = out / n;
+        if !x.track_op() && !self.weight().track_op() {
+            // nothing to differentiate (sampling): one product, chunks as views of it
+            return self.forward(x)?.chunk(n, candle_core::D::Minus1);
+        }
         (0..n)
             .map(|i| {
                 let w = self.weight().narrow(0, i * c, c)?;
