@@ -131,12 +131,21 @@ fn rows_per_task(cols: usize) -> usize {
     (16384 / cols.max(1)).max(1)
 }
 
+/// Outputs up to this many values are computed on the calling thread: handing a small op to the
+/// rayon pool (waking a worker, waiting for it) costs more than the op (sampling runs ~60 ops on
+/// ~128 rows per diffusion step).
+const SEQUENTIAL_MAX: usize = 1 << 16;
+
 /// Run `f(first_row, out_block)` over blocks of whole rows of a fresh `rows × cols` output.
 fn par_rows(rows: usize, cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = vec![0f32; rows * cols];
     let per = rows_per_task(cols);
-    if cols > 0 {
+    if cols == 0 {
+        // nothing to compute (and no chunks of width 0)
+    } else if rows * cols <= SEQUENTIAL_MAX {
+        f(0, &mut out);
+    } else {
         out.par_chunks_mut(per * cols)
             .enumerate()
             .for_each(|(i, block)| f(i * per, block));
