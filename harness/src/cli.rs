@@ -551,8 +551,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 "{:<18} {:<40} {:<14} {:>6}  status",
                 "hash", "cell", "arm", "seed"
             );
+            // the data's fingerprint is part of a run's identity (read once per data section)
+            let mut fingerprints: std::collections::HashMap<String, String> = Default::default();
             for r in loaded.runs() {
-                let hash = r.hash();
+                let key = serde_json::to_string(&r.spec.data)?;
+                let fingerprint = match fingerprints.get(&key) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = crate::data::identity_fingerprint(&r.spec.data)?;
+                        fingerprints.insert(key, f.clone());
+                        f
+                    }
+                };
+                let hash = r.hash(&fingerprint);
                 let status = match &db {
                     Some(db) => db
                         .run_by_hash(&hash)?

@@ -268,7 +268,10 @@ impl Runner {
             .device_override
             .clone()
             .unwrap_or_else(|| run.spec.device.clone());
-        let hash = run.hash();
+        // the data's content is part of a run's identity: read it before looking the run up, so
+        // that changed files under the same path are a new run and unreadable ones an error
+        let data_fingerprint = self.dataset(&run.spec)?.fingerprint.clone();
+        let hash = run.hash(&data_fingerprint);
         let params = serde_json::to_value(&run.spec)?;
         let name = format!("{} · {} · seed {}", run.cell, run.arm.as_str(), run.seed);
         let run_id = self.db.create_run(
@@ -302,7 +305,9 @@ impl Runner {
         };
         // this run and its training: another process may hold them (N processes, one spec)
         let run_lock = self.layout.lock(&hash);
-        let train_lock = self.layout.lock(&format!("train-{}", run.train_hash()));
+        let train_lock = self
+            .layout
+            .lock(&format!("train-{}", run.train_hash(&data_fingerprint)));
         let label = format!("[{}/{total}] {name}", i + 1);
         let Some(_run_held) = self.take_lock(&run_lock, wait, &label)? else {
             return Ok(None);
@@ -836,7 +841,7 @@ impl Runner {
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
         let generator = Generator::new(&cfg, vb)?;
         // weights live under the training identity, shared by runs that only sample differently
-        let dir = self.layout.run_dir(&run.train_hash());
+        let dir = self.layout.run_dir(&run.train_hash(&ds.fingerprint));
         let out_dir = self.layout.run_dir(hash);
         let settings = eval_settings(run, &ds, &fnet);
         let db = &self.db;

@@ -667,9 +667,12 @@ impl PlannedRun {
     }
 
     /// The configuration that decides what this run computes (device and bookkeeping excluded).
-    pub fn identity(&self) -> serde_json::Value {
+    /// `data_fingerprint` is the hash of the data set's bytes (`data::Dataset::fingerprint`): part
+    /// of the identity for data read from files, whose content can change under the same path;
+    /// synthetic data is a function of its spec, so its runs keep their hashes.
+    pub fn identity(&self, data_fingerprint: &str) -> serde_json::Value {
         let s = &self.spec;
-        serde_json::json!({
+        let mut id = serde_json::json!({
             "results_version": RESULTS_VERSION,
             "data": s.data,
             "tokenizer": self.tokenizer(),
@@ -680,17 +683,22 @@ impl PlannedRun {
             "eval": s.eval,
             "arm": self.arm,
             "seed": self.seed,
-        })
+        });
+        if s.data.source != DataSource::Synthetic {
+            id["data_fingerprint"] = data_fingerprint.into();
+        }
+        id
     }
 
-    pub fn hash(&self) -> String {
-        content_hash(&self.identity())
+    /// The run's identity as a short hash (see [`PlannedRun::identity`]).
+    pub fn hash(&self, data_fingerprint: &str) -> String {
+        content_hash(&self.identity(data_fingerprint))
     }
 
     /// Identity of the trained weights alone: runs that differ only in sampling or evaluation
     /// settings (a CFG or temperature sweep) share one training.
-    pub fn train_hash(&self) -> String {
-        let mut id = self.identity();
+    pub fn train_hash(&self, data_fingerprint: &str) -> String {
+        let mut id = self.identity(data_fingerprint);
         if let Some(o) = id.as_object_mut() {
             o.remove("sample");
             o.remove("eval");
@@ -1417,7 +1425,7 @@ diffusion = { tokenizer = "px" }
         assert_eq!(l.cells.len(), 4);
         let runs = l.runs();
         assert_eq!(runs.len(), 16);
-        let hashes: std::collections::HashSet<_> = runs.iter().map(|r| r.hash()).collect();
+        let hashes: std::collections::HashSet<_> = runs.iter().map(|r| r.hash("")).collect();
         assert_eq!(hashes.len(), 16, "every run has its own identity");
         assert!(l
             .cells
@@ -1432,13 +1440,13 @@ diffusion = { tokenizer = "px" }
             .expect("valid")
             .runs();
         assert_eq!(b[0].spec.sample.count, 100);
-        assert_ne!(a[0].hash(), b[0].hash());
+        assert_ne!(a[0].hash(""), b[0].hash(""));
         let c = load_str("m", MINI, &["device=\"cuda:0\"".into()])
             .expect("valid")
             .runs();
         assert_eq!(
-            a[0].hash(),
-            c[0].hash(),
+            a[0].hash(""),
+            c[0].hash(""),
             "the device is not part of a run's identity"
         );
     }
@@ -1522,8 +1530,8 @@ diffusion = { tokenizer = "px" }
             .runs();
         assert_eq!(f32_runs[0].spec.train.precision, PrecisionSpec::F32);
         assert_eq!(
-            base[0].hash(),
-            f32_runs[0].hash(),
+            base[0].hash(""),
+            f32_runs[0].hash(""),
             "the default leaves existing hashes alone"
         );
         assert!(!serde_json::to_string(&base[0].spec)
@@ -1535,8 +1543,8 @@ diffusion = { tokenizer = "px" }
         );
         let bf16_runs = load_str("p.toml", &bf16, &[]).expect("valid").runs();
         assert_eq!(bf16_runs[0].spec.train.precision, PrecisionSpec::Bf16);
-        assert_ne!(base[0].hash(), bf16_runs[0].hash());
-        assert_ne!(base[0].train_hash(), bf16_runs[0].train_hash());
+        assert_ne!(base[0].hash(""), bf16_runs[0].hash(""));
+        assert_ne!(base[0].train_hash(""), bf16_runs[0].train_hash(""));
         let params = serde_json::to_value(&bf16_runs[0].spec).expect("json");
         assert_eq!(
             params["train"]["precision"], "bf16",

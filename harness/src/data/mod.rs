@@ -301,6 +301,15 @@ fn take(raw: &Raw, idx: &[usize], size: usize) -> ImageSet {
 }
 
 /// sha256 over the pixels and labels of every split, hex, 16 chars.
+/// The fingerprint a run's identity takes from its data: the data set's, for data read from
+/// files; none for synthetic data, which its spec determines.
+pub fn identity_fingerprint(spec: &DataSpec) -> Result<String, DataError> {
+    Ok(match spec.source {
+        DataSource::Synthetic => String::new(),
+        _ => load(spec)?.fingerprint,
+    })
+}
+
 pub fn fingerprint(sets: &[&ImageSet]) -> String {
     let mut h = Sha256::new();
     for s in sets {
