@@ -154,6 +154,25 @@ impl Db {
         )
     }
 
+    /// Adds (or replaces) the top-level entry `key` of the run's stored params: facts the
+    /// harness learns while running (e.g. the built model's size), beside the resolved spec.
+    pub fn set_run_param(&self, run_id: i64, key: &str, value: &serde_json::Value) -> Result<()> {
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::Invalid(format!(
+                "run param key: expected letters, digits and '_'; found '{key}'"
+            )));
+        }
+        let path = format!("$.{key}");
+        let value = canonical_json(value);
+        self.update_run(
+            run_id,
+            sqlx::query("UPDATE runs SET params = json_set(params, ?2, json(?3)) WHERE id = ?1")
+                .bind(run_id)
+                .bind(path)
+                .bind(value),
+        )
+    }
+
     /// Records the stage the run is in (free text, e.g. `train`, `sample`, `eval`).
     pub fn set_stage(&self, run_id: i64, stage: &str) -> Result<()> {
         self.update_run(

@@ -735,3 +735,30 @@ fn now_compares_with_run_timestamps() {
     assert!(ended(before) < since, "{} < {since}", ended(before));
     assert!(ended(after) >= since, "{} >= {since}", ended(after));
 }
+
+#[test]
+fn set_run_param_adds_beside_the_spec_and_refuses_bad_keys() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
+    let params = json!({"generator": {"kind": "mar"}});
+    let id = db
+        .create_run(e, &new_run("h1", None, 0, &params))
+        .expect("run");
+    let model = json!({"param_count": 1234, "seq_len": 16});
+    db.set_run_param(id, "model", &model).expect("set");
+    let row = db.run(id).expect("query").expect("row");
+    assert_eq!(row.params["model"], model);
+    assert_eq!(row.params["generator"]["kind"], "mar", "the spec stays");
+    db.set_run_param(id, "model", &json!({"param_count": 1}))
+        .expect("replace");
+    let row = db.run(id).expect("query").expect("row");
+    assert_eq!(row.params["model"], json!({"param_count": 1}));
+    assert!(matches!(
+        db.set_run_param(id, "a.b", &json!(1)),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        db.set_run_param(999, "model", &json!(1)),
+        Err(Error::NotFound(_))
+    ));
+}

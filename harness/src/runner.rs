@@ -840,6 +840,14 @@ impl Runner {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
         let generator = Generator::new(&cfg, vb)?;
+        // what the report needs of the built model: its size (AR against MAR at equal size) and
+        // its sequence length (tokens per image, whatever the tokenizer)
+        let param_count: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        self.db.set_run_param(
+            run_id,
+            "model",
+            &serde_json::json!({ "param_count": param_count, "seq_len": cfg.seq_len }),
+        )?;
         // weights live under the training identity, shared by runs that only sample differently
         let dir = self.layout.run_dir(&run.train_hash(&ds.fingerprint));
         let out_dir = self.layout.run_dir(hash);

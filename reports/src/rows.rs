@@ -213,8 +213,13 @@ pub(crate) fn row_info(cell: &str, params: &Value, arm: Option<&str>) -> RowInfo
     }
 }
 
-/// (image_size / patch)² of the arm's tokenizer (the diffusion arm's when the arm is unknown).
+/// Tokens per image: the sequence length the harness recorded for the built model
+/// (`model.seq_len`); for runs recorded before it, (image_size / patch)² of the arm's tokenizer
+/// (the diffusion arm's when the arm is unknown), which holds for patch tokenizers only.
 fn tokens_per_image(params: &Value, arm: Option<&str>) -> Option<u64> {
+    if let Some(n) = get(params, &["model", "seq_len"]).and_then(Value::as_u64) {
+        return Some(n);
+    }
     let arm = arm.unwrap_or(crate::ARM_DIFFUSION);
     let tok = get(params, &["arms", arm, "tokenizer"])?.as_str()?;
     let patch = get(params, &["tokenizers", tok, "patch"])?.as_u64()?;
@@ -280,6 +285,19 @@ mod tests {
         assert_eq!(r.setting, "train.steps=20");
         let r = row_info("x", &json!({}), None);
         assert_eq!((r.generator.as_str(), r.preds.as_str()), ("?", "?"));
+    }
+
+    #[test]
+    fn preds_per_step_count_the_recorded_sequence_not_the_patch() {
+        // an autoencoder tokenizer downsamples 16 px by 8: 4 tokens, though `patch` says 16
+        let mut p = params("mar", "raster", 4);
+        p["model"] = json!({ "seq_len": 4, "param_count": 1000 });
+        assert_eq!(row_info("base", &p, Some("diffusion")).preds, "1");
+        p["model"]["seq_len"] = json!(64);
+        assert_eq!(
+            row_info("base", &p, Some("diffusion")).preds,
+            "many (4 steps)"
+        );
     }
 
     #[test]

@@ -23,6 +23,13 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
         assert!(r.arm.is_some());
         assert_eq!(r.params["name"], "tiny");
+        // the built model, recorded beside the spec: its size and tokens per image (8 px / 4)
+        assert!(
+            r.params["model"]["param_count"].as_u64().unwrap_or(0) > 1000,
+            "{}",
+            r.params
+        );
+        assert_eq!(r.params["model"]["seq_len"], 4, "{}", r.params);
         assert!(!r.host.is_empty());
         let evals = db.evals_for_run(r.id).expect("evals");
         let fid = evals.iter().find(|e| e.metric == "fid").expect("fid row");
