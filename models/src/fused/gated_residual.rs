@@ -2,9 +2,8 @@
 //! Backward: dx = dy, dh = dy ⊙ gate, dgate = dy ⊙ h.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
-use rayon::prelude::*;
 
-use super::{as_rows, f32_data, fused, par_rows, rows_of, rows_per_task, stacked2};
+use super::{as_rows, f32_data, fused, par_rows, par_rows2, rows_of, stacked2};
 
 /// x + h ⊙ gate; fused for f32 tensors of one shape (CPU, and CUDA with the `cuda` feature),
 /// else [`gated_residual_plain`].
@@ -114,25 +113,10 @@ impl CustomOp3 for GatedResidualBackward {
         let name = self.name();
         let (hs, gs, dys) = (f32_data(h, name)?, f32_data(g, name)?, f32_data(dy, name)?);
         let (hr, gr, dyr) = (rows_of(hl, name)?, rows_of(gl, name)?, rows_of(dyl, name)?);
-        let cols = hr.cols;
-        let n = hr.rows * cols;
         // [dh; dgate]
-        let mut out = vec![0f32; 2 * n];
-        let (dh, dg) = out.split_at_mut(n);
-        if cols > 0 {
-            let per = rows_per_task(cols);
-            dh.par_chunks_mut(per * cols)
-                .zip(dg.par_chunks_mut(per * cols))
-                .enumerate()
-                .for_each(|(i, (dhb, dgb))| {
-                    let rows = dhb.chunks_exact_mut(cols).zip(dgb.chunks_exact_mut(cols));
-                    for (k, (dhr, dgr)) in rows.enumerate() {
-                        let r = i * per + k;
-                        let (hrow, grow) = (hr.row(hs, r), gr.row(gs, r));
-                        backward_row(hrow, grow, dyr.row(dys, r), dhr, dgr);
-                    }
-                });
-        }
+        let out = par_rows2(hr.rows, hr.cols, |r, dh, dgate| {
+            backward_row(hr.row(hs, r), gr.row(gs, r), dyr.row(dys, r), dh, dgate)
+        });
         Ok((CpuStorage::F32(out), stacked2(hl)))
     }
 

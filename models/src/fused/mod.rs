@@ -153,6 +153,33 @@ fn par_rows(rows: usize, cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> V
     out
 }
 
+/// [`par_rows`] for ops with two outputs of one shape, returned stacked (`[a; b]`):
+/// `f(row, a_row, b_row)` fills row `row` of both.
+fn par_rows2(
+    rows: usize,
+    cols: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = rows * cols;
+    let mut out = vec![0f32; 2 * n];
+    if cols == 0 {
+        return out;
+    }
+    let (a, b) = out.split_at_mut(n);
+    let per = rows_per_task(cols);
+    a.par_chunks_mut(per * cols)
+        .zip(b.par_chunks_mut(per * cols))
+        .enumerate()
+        .for_each(|(i, (ab, bb))| {
+            let pairs = ab.chunks_exact_mut(cols).zip(bb.chunks_exact_mut(cols));
+            for (k, (ar, br)) in pairs.enumerate() {
+                f(i * per + k, ar, br);
+            }
+        });
+    out
+}
+
 /// An element-wise op y = f(x) with dx = dy · f'(x): one pass forward, one pass backward.
 trait Elementwise: Send + Sync + 'static {
     const NAME: &'static str;

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-use super::{as_rows, f32_data, fused, par_rows, rows_of, rows_per_task, stacked2};
+use super::{as_rows, f32_data, fused, par_rows, par_rows2, rows_of, stacked2};
 
 /// x·(1 + scale) + shift; fused for f32 tensors of one shape (CPU, and CUDA with the `cuda`
 /// feature), else
@@ -116,7 +116,6 @@ impl CustomOp3 for ModulateBackward {
         dy: &CpuStorage,
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let name = self.name();
         let (xs, scs, dys) = (
             f32_data(x, name)?,
@@ -124,27 +123,10 @@ impl CustomOp3 for ModulateBackward {
             f32_data(dy, name)?,
         );
         let (xr, scr, dyr) = (rows_of(xl, name)?, rows_of(scl, name)?, rows_of(dyl, name)?);
-        let (rows, cols) = (xr.rows, xr.cols);
-        let n = rows * cols;
         // [dx; dscale]
-        let mut out = vec![0f32; 2 * n];
-        let (dx, dscale) = out.split_at_mut(n);
-        if cols > 0 {
-            let per = rows_per_task(cols);
-            dx.par_chunks_mut(per * cols)
-                .zip(dscale.par_chunks_mut(per * cols))
-                .enumerate()
-                .for_each(|(i, (dxb, dsb))| {
-                    for (k, (dxr, dsr)) in dxb
-                        .chunks_exact_mut(cols)
-                        .zip(dsb.chunks_exact_mut(cols))
-                        .enumerate()
-                    {
-                        let r = i * per + k;
-                        backward_row(xr.row(xs, r), scr.row(scs, r), dyr.row(dys, r), dxr, dsr);
-                    }
-                });
-        }
+        let out = par_rows2(xr.rows, xr.cols, |r, dx, dscale| {
+            backward_row(xr.row(xs, r), scr.row(scs, r), dyr.row(dys, r), dx, dscale)
+        });
         Ok((CpuStorage::F32(out), stacked2(xl)))
     }
 
