@@ -279,7 +279,32 @@ pub fn read_stats(path: &Path) -> Result<Gaussian, EvalError> {
         n: 0,
     };
     g.validate().map_err(|e| err(e.to_string()))?;
+    check_covariance(&g.sigma, d).map_err(err)?;
     Ok(g)
+}
+
+/// `sigma` must be a covariance, or the Fréchet distance is meaningless (a negative diagonal gave
+/// "FID: -198", an asymmetric matrix 0): symmetric to 1e-6 of its largest entry, with a
+/// non-negative diagonal. (Positive semi-definiteness beyond that is the FID code's concern.)
+fn check_covariance(sigma: &[f64], d: usize) -> Result<(), String> {
+    let scale = sigma.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for i in 0..d {
+        let v = sigma[i * d + i];
+        if v < 0.0 {
+            return Err(format!(
+                "'sigma' is not a covariance: its diagonal entry ({i}, {i}) is {v}, a variance must be ≥ 0"
+            ));
+        }
+        for j in i + 1..d {
+            let (a, b) = (sigma[i * d + j], sigma[j * d + i]);
+            if (a - b).abs() > 1e-6 * scale {
+                return Err(format!(
+                    "'sigma' is not a covariance: it is not symmetric, ({i}, {j}) is {a} but ({j}, {i}) is {b}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Write `mu` and `sigma` as float64 arrays to an `.npz` (readable by pytorch-fid and NumPy).
@@ -363,6 +388,32 @@ mod tests {
         Tensor::write_npz(&[("mean", &t)], &bad).expect("npz");
         let e = read_stats(&bad).expect_err("no mu").to_string();
         assert!(e.contains("bad.npz") && e.contains("'mu'"), "{e}");
+    }
+
+    #[test]
+    fn sigma_must_be_a_covariance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s.npz");
+        let write = |sigma: Vec<f64>| {
+            let g = Gaussian {
+                mu: vec![0.0, 0.0],
+                sigma,
+                dim: 2,
+                n: 0,
+            };
+            write_stats(&p, &g).expect("write");
+        };
+        write(vec![-1.0, 0.0, 0.0, 1.0]);
+        let e = read_stats(&p).expect_err("negative variance").to_string();
+        assert!(
+            e.contains("s.npz") && e.contains("(0, 0)") && e.contains("≥ 0"),
+            "{e}"
+        );
+        write(vec![1.0, 0.5, -0.5, 1.0]);
+        let e = read_stats(&p).expect_err("asymmetric").to_string();
+        assert!(e.contains("not symmetric") && e.contains("(0, 1)"), "{e}");
+        write(vec![1.0, 0.5, 0.5, 1.0]);
+        read_stats(&p).expect("a covariance");
     }
 
     #[test]
