@@ -1301,6 +1301,19 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         t.grad_clip
     );
     check!(
+        (0.0..1.0).contains(&t.ema),
+        "train.ema",
+        "expected an EMA decay in [0, 1) (0 evaluates the raw weights), found {}",
+        t.ema
+    );
+    check!(
+        t.batch <= d.train,
+        "train.batch",
+        "expected at most data.train = {} images, found {}",
+        d.train,
+        t.batch
+    );
+    check!(
         t.log_every >= 1,
         "train.log_every",
         "expected at least 1, found {}",
@@ -1567,5 +1580,27 @@ diffusion = { tokenizer = "px" }
             .expect_err("half")
             .to_string();
         assert!(e.contains("train.precision") && e.contains("bf16"), "{e}");
+    }
+
+    #[test]
+    fn ema_and_batch_are_bounded() {
+        for bad in ["-0.5", "1", "2", "nan"] {
+            let e = load_str("m", MINI, &[format!("train.ema={bad}")])
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("train.ema") && e.contains("[0, 1)"),
+                "{bad}: {e}"
+            );
+        }
+        load_str("m", MINI, &["train.ema=0".into()]).expect("0 evaluates the raw weights");
+        let e = load_str(
+            "m",
+            MINI,
+            &["data.train=120".into(), "train.batch=100000".into()],
+        )
+        .expect_err("a batch larger than the data")
+        .to_string();
+        assert!(e.contains("train.batch") && e.contains("120"), "{e}");
     }
 }
