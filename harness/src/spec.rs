@@ -1087,13 +1087,15 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
     check!(
         d.train >= classes * 2,
         "data.train",
-        "needs at least 2 images per class, found {}",
+        "needs at least 2 images per class: at least {} for {classes} classes, found {}",
+        classes * 2,
         d.train
     );
     check!(
         d.test >= classes * 2,
         "data.test",
-        "needs at least 2 images per class, found {}",
+        "needs at least 2 images per class: at least {} for {classes} classes, found {}",
+        classes * 2,
         d.test
     );
     for (name, t) in &s.tokenizers {
@@ -1602,5 +1604,16 @@ diffusion = { tokenizer = "px" }
         .expect_err("a batch larger than the data")
         .to_string();
         assert!(e.contains("train.batch") && e.contains("120"), "{e}");
+    }
+
+    #[test]
+    fn too_few_images_says_how_many_are_needed() {
+        let e = load_str("m", MINI, &["data.classes=10".into(), "data.test=2".into()])
+            .expect_err("2 test images for 10 classes")
+            .to_string();
+        assert!(
+            e.contains("data.test") && e.contains("at least 20 for 10 classes, found 2"),
+            "{e}"
+        );
     }
 }
