@@ -244,6 +244,9 @@ pub enum BaselineAction {
         experiment: String,
         #[arg(long)]
         name: String,
+        /// Overwrite a baseline of that name (without it an existing name is refused)
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -598,9 +601,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Baseline {
-            action: BaselineAction::Pin { experiment, name },
+            action:
+                BaselineAction::Pin {
+                    experiment,
+                    name,
+                    replace,
+                },
         } => {
+            if name.trim().is_empty() {
+                return Err(UsageError("--name: expected a baseline name, found ''".into()).into());
+            }
             let db = open_db(&layout)?;
+            if !replace && db.baseline(&experiment, &name)?.is_some() {
+                return Err(UsageError(format!(
+                    "baseline '{name}' of '{experiment}' exists; pass --replace to overwrite it, \
+                     or pin under another --name"
+                ))
+                .into());
+            }
             let entries = reports::pin_baseline(&db, &experiment, &name)?;
             println!(
                 "baseline '{name}' of '{experiment}': {} entries pinned",

@@ -229,6 +229,17 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         "{}",
         stdout(&pin)
     );
+    // an existing name is not overwritten silently, and a name is needed
+    let again = ablate(root, &["baseline", "pin", "tiny", "--name", "main"]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--replace"), "{}", stderr(&again));
+    let replaced = ablate(
+        root,
+        &["baseline", "pin", "tiny", "--name", "main", "--replace"],
+    );
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    let unnamed = ablate(root, &["baseline", "pin", "tiny", "--name", ""]);
+    assert_eq!(unnamed.status.code(), Some(2), "{}", stderr(&unnamed));
     let junit = root.join("junit/check.xml");
     let junit_arg = junit.to_str().expect("utf-8");
     let ok = ablate(
