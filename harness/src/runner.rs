@@ -67,6 +67,9 @@ impl Layout {
     pub fn run_dir(&self, hash: &str) -> PathBuf {
         self.root.join("artifacts").join(hash)
     }
+    /// `reports/NAME`, with characters other than ASCII letters, digits, '-' and '_' replaced by
+    /// '_'. When that changed the name, a short hash of the real name follows, so that two names
+    /// that read alike after replacing ("名前", "日本") do not share (and overwrite) one folder.
     pub fn report_dir(&self, experiment: &str) -> PathBuf {
         let safe: String = experiment
             .chars()
@@ -78,7 +81,13 @@ impl Layout {
                 }
             })
             .collect();
-        self.root.join("reports").join(safe)
+        let folder = if safe == experiment {
+            safe
+        } else {
+            let digest = crate::spec::content_hash(&serde_json::Value::from(experiment));
+            format!("{safe}-{}", &digest[..8])
+        };
+        self.root.join("reports").join(folder)
     }
 }
 
@@ -1315,4 +1324,33 @@ fn save_class_grid(path: &Path, set: &ImageSet, classes: usize, cols: usize) -> 
     }
     data::save_grid(path, &picked, n, set.channels, set.size, cols, 3)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_folders_of_different_names_differ() {
+        let layout = Layout {
+            root: PathBuf::from("r"),
+        };
+        assert_eq!(layout.report_dir("tiny"), PathBuf::from("r/reports/tiny"));
+        let (a, b) = (layout.report_dir("名前"), layout.report_dir("日本"));
+        assert_ne!(
+            a, b,
+            "names that read alike after replacing get their own folders"
+        );
+        let a = a
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(a.starts_with("__-") && a.len() == 11, "{a}");
+        assert_eq!(
+            layout.report_dir("名前"),
+            layout.report_dir("名前"),
+            "stable"
+        );
+    }
 }

@@ -1040,6 +1040,13 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         };
     }
     check!(!s.name.trim().is_empty(), "name", "must not be empty");
+    // the name becomes a folder and lock-file name: stay far below file systems' 255 bytes
+    check!(
+        s.name.len() <= 100,
+        "name",
+        "must be at most 100 bytes long, found {}",
+        s.name.len()
+    );
     check!(!s.seeds.is_empty(), "seeds", "needs at least one seed");
     check!(
         s.device == "cpu"
@@ -1615,5 +1622,14 @@ diffusion = { tokenizer = "px" }
             e.contains("data.test") && e.contains("at least 20 for 10 classes, found 2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let long = MINI.replace("name = \"t\"", &format!("name = \"{}\"", "x".repeat(101)));
+        let e = load_str("m", &long, &[])
+            .expect_err("101 bytes")
+            .to_string();
+        assert!(e.contains("name") && e.contains("100 bytes"), "{e}");
     }
 }
