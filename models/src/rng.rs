@@ -49,11 +49,6 @@ impl Rng {
         Rng { s }
     }
 
-    /// An independent stream, for a sub-task that must not shift this one.
-    pub fn fork(&mut self) -> Rng {
-        Rng::new(self.next_u64())
-    }
-
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

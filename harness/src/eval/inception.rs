@@ -13,9 +13,6 @@ use rayon::prelude::*;
 use super::metrics::Gaussian;
 use super::EvalError;
 
-/// Below this many samples the 2048-d covariance is singular and FID strongly biased upwards.
-pub const MIN_SAMPLES_FOR_FID: usize = FEATURE_DIM + 1;
-
 fn weights_error(path: &Path, message: impl Into<String>) -> EvalError {
     EvalError::Weights {
         path: path.display().to_string(),
