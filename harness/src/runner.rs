@@ -416,9 +416,10 @@ impl Runner {
         let hash = spec::content_hash(&identity);
         // recorded (or linked to this experiment) whether or not it is fitted now
         let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
+        let device_name = device_label(device);
         let id = self.db.create_run(
             exp,
-            &self.stage_run(&hash, "tokenizer", &name, seed, &identity),
+            &self.stage_run(&hash, "tokenizer", &name, seed, &identity, &device_name),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
             return Ok(t.clone());
@@ -617,6 +618,7 @@ impl Runner {
             .unwrap_or(false))
     }
 
+    /// The row of a shared stage (tokenizer, feature net) computed on `device`.
     fn stage_run<'a>(
         &'a self,
         hash: &'a str,
@@ -624,6 +626,7 @@ impl Runner {
         name: &'a str,
         seed: u64,
         params: &'a serde_json::Value,
+        device: &'a str,
     ) -> NewRun<'a> {
         NewRun {
             hash,
@@ -636,7 +639,7 @@ impl Runner {
             git_commit: self.env.git_commit.as_deref(),
             git_dirty: self.env.git_dirty,
             host: &self.env.host,
-            device: "cpu",
+            device,
             version: env!("CARGO_PKG_VERSION"),
         }
     }
@@ -751,6 +754,7 @@ impl Runner {
         });
         let hash = spec::content_hash(&identity);
         let name = format!("feature net ({})", ds.name);
+        let device_name = device_label(device);
         let id = self.db.create_run(
             exp,
             &self.stage_run(
@@ -759,6 +763,7 @@ impl Runner {
                 &name,
                 spec.eval.classifier_seed,
                 &identity,
+                &device_name,
             ),
         )?;
         if let Some(f) = self.feature_nets.get(&hash) {
