@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::model::MetricRecordRaw;
-use crate::{Db, MetricPoint, MetricRecord, Result};
+use crate::{Db, Error, MetricPoint, MetricRecord, Result};
 
 impl Db {
     /// Writes `points` for run `run_id` in one write transaction. A point at an existing
@@ -175,10 +175,26 @@ impl MetricWriter<'_> {
 }
 
 impl Drop for MetricWriter<'_> {
+    /// A last flush for a writer dropped without [`MetricWriter::flush`] (e.g. on an error path).
+    /// Drop cannot return the error, so it is logged, with how many points it cost: call `flush`
+    /// to handle it.
     fn drop(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        let pending = self.buffer.len();
         // Blocking inside another runtime would panic; the points are lost in that misuse.
-        if tokio::runtime::Handle::try_current().is_err() {
-            let _ = self.flush();
+        let result = if tokio::runtime::Handle::try_current().is_err() {
+            self.flush()
+        } else {
+            Err(Error::Invalid("dropped inside an async runtime".into()))
+        };
+        if let Err(e) = result {
+            tracing::warn!(
+                run_id = self.run_id,
+                "{pending} metric point(s) of run {} were not written: {e}",
+                self.run_id
+            );
         }
     }
 }
