@@ -845,16 +845,8 @@ pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out.safetensors".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if let Err(e) = save_safetensors(tensors, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    crate::atomic::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 /// Where the weights and the configuration of an imported model are.

@@ -1,5 +1,6 @@
 //! ablate's harness: the experiment spec, data sets, tokenizers, training, sampling, evaluation
 //! and the runner that ties them to the tracking database. The `ablate` binary is `main.rs`.
+pub mod atomic;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

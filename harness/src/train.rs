@@ -307,9 +307,10 @@ impl Checkpoint {
         }
         let extra = serde_json::to_value(extra).map_err(|e| err(e.to_string()))?;
         let name = Self::weights_name(step);
-        let tmp = dir.join(format!("{name}.tmp"));
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join(&name)).map_err(|e| err(e.to_string()))?;
+        crate::atomic::write_atomic(&dir.join(&name), |tmp| {
+            candle_core::safetensors::save(&tensors, tmp)
+        })
+        .map_err(|e| err(e.to_string()))?;
         // u64 as strings: JSON readers that use doubles would round them
         let rng_state: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
         let meta = serde_json::json!({
@@ -319,9 +320,8 @@ impl Checkpoint {
             "rng": rng_state,
             "extra": extra,
         });
-        let tmp = dir.join("checkpoint.json.tmp");
-        std::fs::write(&tmp, meta.to_string()).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, Self::meta_path(dir)).map_err(|e| err(e.to_string()))?;
+        crate::atomic::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
+            .map_err(|e| err(e.to_string()))?;
         // the commit point has passed: weight files of earlier steps are garbage now
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {

@@ -315,9 +315,10 @@ pub fn write_stats(path: &Path, g: &Gaussian) -> Result<(), EvalError> {
     }
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
-    let tmp = path.with_extension("npz.tmp");
-    Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma)], &tmp).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    crate::atomic::write_atomic(path, |tmp| {
+        Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma)], tmp)
+    })
+    .map_err(|e| err(e.to_string()))
 }
 
 /// Write reference statistics with the features they came from (the extra `features` array is
@@ -334,13 +335,10 @@ pub fn write_reference(path: &Path, g: &Gaussian, features: &[f32]) -> Result<()
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
     let feats = Tensor::from_slice(features, (n, g.dim), &Device::Cpu)?;
-    let tmp = path.with_extension("npz.tmp");
-    Tensor::write_npz(
-        &[("mu", &mu), ("sigma", &sigma), ("features", &feats)],
-        &tmp,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    crate::atomic::write_atomic(path, |tmp| {
+        Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma), ("features", &feats)], tmp)
+    })
+    .map_err(|e| err(e.to_string()))
 }
 
 /// Read what [`write_reference`] wrote: the statistics (with their sample count) and features.

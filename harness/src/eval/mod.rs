@@ -64,17 +64,11 @@ impl FeatureNet {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), EvalError> {
-        let tmp = path.with_extension("tmp");
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| EvalError::Weights {
-                path: d.display().to_string(),
+        crate::atomic::write_atomic(path, |tmp| self.varmap.save(tmp)).map_err(|e| {
+            EvalError::Weights {
+                path: path.display().to_string(),
                 message: e.to_string(),
-            })?;
-        }
-        self.varmap.save(&tmp)?;
-        std::fs::rename(&tmp, path).map_err(|e| EvalError::Weights {
-            path: path.display().to_string(),
-            message: e.to_string(),
+            }
         })
     }
 

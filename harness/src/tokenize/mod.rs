@@ -380,12 +380,8 @@ pub fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<(), Toke
         path: p.display().to_string(),
         message: e.to_string(),
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, &e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(t, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, &e))
+    crate::atomic::write_atomic(path, |tmp| candle_core::safetensors::save(t, tmp))
+        .map_err(|e| file_err(path, &e))
 }
 
 #[cfg(test)]

@@ -1,0 +1,81 @@
+//! Durable file writes: the content goes to a temporary file beside the target (unique to this
+//! process and call), which is fsynced, renamed over the target, and the folder fsynced. A crash
+//! or a power cut leaves the old file or the new one, never half of one, and two processes writing
+//! one file do not share a temporary.
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Write `path` through `write`, which is given the temporary path to write to.
+/// Errors (of `write`, the fsyncs or the rename) are `io::Error`s; the temporary is removed.
+pub fn write_atomic<E: Display>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let tmp = temporary(&dir, path);
+    let result = write(&tmp)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    // the rename itself is durable once the folder's entry is on disk
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// `write_atomic` of bytes.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// `.NAME.tmp-PID-N` beside the target.
+fn temporary(dir: &Path, path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replace_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("sub/out.json");
+        write_bytes(&p, b"one").expect("write");
+        write_bytes(&p, b"two").expect("replace");
+        assert_eq!(std::fs::read(&p).expect("read"), b"two");
+        let entries: Vec<_> = std::fs::read_dir(p.parent().expect("parent"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("out.json")]);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_removes_the_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("out.bin");
+        write_bytes(&p, b"old").expect("write");
+        let e = write_atomic(&p, |tmp| {
+            std::fs::write(tmp, b"half").map_err(|e| e.to_string())?;
+            Err("disk full".to_string())
+        })
+        .expect_err("the writer failed");
+        assert!(e.to_string().contains("disk full"), "{e}");
+        assert_eq!(std::fs::read(&p).expect("read"), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1);
+    }
+}
