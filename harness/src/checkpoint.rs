@@ -845,7 +845,7 @@ pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> anyhow::Result<()> {
-    crate::atomic::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
+    crate::files::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 

@@ -1,6 +1,5 @@
 //! ablate's harness: the experiment spec, data sets, tokenizers, training, sampling, evaluation
 //! and the runner that ties them to the tracking database. The `ablate` binary is `main.rs`.
-pub mod atomic;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
@@ -8,6 +7,7 @@ pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod fid;
+pub mod files;
 pub mod lock;
 pub mod runner;
 pub mod selftest;

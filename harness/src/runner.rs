@@ -676,7 +676,7 @@ impl Runner {
         if !path.is_file() {
             anyhow::bail!("eval.inception_weights: {}: no such file", path.display());
         }
-        let net_id = format!("inception-{}", &file_sha256(&path)?[..16]);
+        let net_id = format!("inception-{}", &crate::files::sha256_file(&path)?[..16]);
         let convention = spec.eval.convention.to_model();
         let key = format!("{net_id}:{}:{}", convention.as_str(), ds.fingerprint);
         if let Some(f) = self.feature_nets.get(&key) {
@@ -1022,25 +1022,16 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Hex sha256 of a file's bytes.
-fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
+/// Record a file of the run (path, sha256, size) in the database.
 fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path)?;
-    let sha = hex::encode(Sha256::digest(&bytes));
+    let sha = crate::files::sha256_file(path)?;
+    let bytes = std::fs::metadata(path)?.len();
     db.insert_artifact(
         run_id,
         kind,
         &path.display().to_string(),
         &sha,
-        bytes.len() as i64,
+        bytes as i64,
     )?;
     Ok(())
 }

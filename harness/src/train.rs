@@ -307,20 +307,24 @@ impl Checkpoint {
         }
         let extra = serde_json::to_value(extra).map_err(|e| err(e.to_string()))?;
         let name = Self::weights_name(step);
-        crate::atomic::write_atomic(&dir.join(&name), |tmp| {
+        let weights = dir.join(&name);
+        crate::files::write_atomic(&weights, |tmp| {
             candle_core::safetensors::save(&tensors, tmp)
         })
         .map_err(|e| err(e.to_string()))?;
+        // checked on load: a damaged file is found before its numbers are trained on
+        let weights_sha256 = crate::files::sha256_file(&weights).map_err(|e| err(e.to_string()))?;
         // u64 as strings: JSON readers that use doubles would round them
         let rng_state: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
         let meta = serde_json::json!({
             "step": step,
             "adam_t": opt.t,
             "weights": name,
+            "weights_sha256": weights_sha256,
             "rng": rng_state,
             "extra": extra,
         });
-        crate::atomic::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
+        crate::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
             .map_err(|e| err(e.to_string()))?;
         // the commit point has passed: weight files of earlier steps are garbage now
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -336,6 +340,23 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+
+    /// A damaged checkpoint (a power cut, a full disk, a bad sector): say so, remove it, and
+    /// let training start over, which reproduces the same run from its seed. Keeping it would
+    /// block the run for good (or, with silently wrong bytes, train on them).
+    fn discard(dir: &Path, weights: &Path, why: &str) -> Result<Option<Resume>, TrainError> {
+        tracing::warn!(
+            "checkpoint {} is damaged: {why}; removed, training starts again from step 0",
+            weights.display()
+        );
+        let removed =
+            std::fs::remove_file(Self::meta_path(dir)).and_then(|()| std::fs::remove_file(weights));
+        removed.map_err(|e| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!("removing the damaged checkpoint: {e}"),
+        })?;
+        Ok(None)
     }
 
     /// The step of the checkpoint in `dir`, if there is a readable one.
@@ -389,7 +410,16 @@ impl Checkpoint {
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let tensors = candle_core::safetensors::load(&weights, &device)?;
+        if let Some(expected) = meta["weights_sha256"].as_str() {
+            let found = crate::files::sha256_file(&weights).map_err(|e| err(e.to_string()))?;
+            if found != expected {
+                return Self::discard(dir, &weights, "its sha256 differs from checkpoint.json's");
+            }
+        }
+        let tensors = match candle_core::safetensors::load(&weights, &device) {
+            Ok(t) => t,
+            Err(e) => return Self::discard(dir, &weights, &format!("unreadable ({e})")),
+        };
         {
             let data = varmap
                 .data()
@@ -463,6 +493,43 @@ mod tests {
         }
         for (name, t) in opt.state().into_iter().chain(ema.state()) {
             assert!(!t.track_op(), "{name} holds an autograd graph");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn damaged_checkpoints_are_discarded_not_loaded() -> anyhow::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let dir = tempfile::tempdir()?;
+        let build = || -> anyhow::Result<(VarMap, AdamW)> {
+            let varmap = VarMap::new();
+            let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
+            models::classifier::Classifier::new(1, 3, 8, vb)?;
+            let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
+            Ok((varmap, opt))
+        };
+        let (varmap, mut opt) = build()?;
+        let rng = Rng::new(1);
+        let weights = dir.path().join(Checkpoint::weights_name(5));
+        for damage in ["flip a byte in the tail", "truncate"] {
+            Checkpoint::save(dir.path(), &varmap, &opt, None, 5, &rng, &())?;
+            assert!(Checkpoint::load(dir.path(), &varmap, &mut opt, None)?.is_some());
+            let mut bytes = std::fs::read(&weights)?;
+            if damage == "truncate" {
+                bytes.truncate(1000);
+            } else {
+                let last = bytes.len() - 3;
+                bytes[last] ^= 0x55;
+            }
+            std::fs::write(&weights, &bytes)?;
+            let (fresh, mut fresh_opt) = build()?;
+            let resumed = Checkpoint::load(dir.path(), &fresh, &mut fresh_opt, None)?;
+            assert!(resumed.is_none(), "{damage}: starts over");
+            assert!(
+                !Checkpoint::meta_path(dir.path()).exists(),
+                "{damage}: removed"
+            );
+            assert!(!weights.exists(), "{damage}: removed");
         }
         Ok(())
     }

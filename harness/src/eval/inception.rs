@@ -315,7 +315,7 @@ pub fn write_stats(path: &Path, g: &Gaussian) -> Result<(), EvalError> {
     }
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
-    crate::atomic::write_atomic(path, |tmp| {
+    crate::files::write_atomic(path, |tmp| {
         Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma)], tmp)
     })
     .map_err(|e| err(e.to_string()))
@@ -335,7 +335,7 @@ pub fn write_reference(path: &Path, g: &Gaussian, features: &[f32]) -> Result<()
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
     let feats = Tensor::from_slice(features, (n, g.dim), &Device::Cpu)?;
-    crate::atomic::write_atomic(path, |tmp| {
+    crate::files::write_atomic(path, |tmp| {
         Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma), ("features", &feats)], tmp)
     })
     .map_err(|e| err(e.to_string()))

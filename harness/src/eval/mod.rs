@@ -64,7 +64,7 @@ impl FeatureNet {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), EvalError> {
-        crate::atomic::write_atomic(path, |tmp| self.varmap.save(tmp)).map_err(|e| {
+        crate::files::write_atomic(path, |tmp| self.varmap.save(tmp)).map_err(|e| {
             EvalError::Weights {
                 path: path.display().to_string(),
                 message: e.to_string(),

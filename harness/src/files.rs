@@ -1,7 +1,9 @@
-//! Durable file writes: the content goes to a temporary file beside the target (unique to this
-//! process and call), which is fsynced, renamed over the target, and the folder fsynced. A crash
-//! or a power cut leaves the old file or the new one, never half of one, and two processes writing
-//! one file do not share a temporary.
+//! Files written and read back safely.
+//! - Durable writes: the content goes to a temporary file beside the target (unique to this
+//!   process and call), which is fsynced, renamed over the target, and the folder fsynced. A crash
+//!   or a power cut leaves the old file or the new one, never half of one, and two processes
+//!   writing one file do not share a temporary.
+//! - File hashes, streamed (checkpoints, artifacts, weights files can be large).
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,15 @@ pub fn write_atomic<E: Display>(
 /// `write_atomic` of bytes.
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// sha256 of a file's bytes, hex, read in a stream.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// `.NAME.tmp-PID-N` beside the target.
