@@ -318,10 +318,17 @@ pub fn main() -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = crate::stop::install() {
+        eprintln!("warning: SIGINT/SIGTERM will end ablate without a checkpoint: {e}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = if is_usage(&e) { 2 } else { 1 };
+            let code = match e.downcast_ref::<crate::stop::Stopped>() {
+                Some(stopped) => stopped.exit_code(),
+                None if is_usage(&e) => 2,
+                None => 1,
+            };
             eprintln!("error: {e:#}");
             code
         }

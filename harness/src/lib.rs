@@ -12,6 +12,7 @@ pub mod lock;
 pub mod runner;
 pub mod selftest;
 pub mod spec;
+pub mod stop;
 pub mod tokenize;
 pub mod train;
 pub mod workers;

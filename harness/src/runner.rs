@@ -249,12 +249,14 @@ impl Runner {
         // finished: N processes on one spec share its runs without any other coordination
         let mut deferred = Vec::new();
         for (i, run) in runs.iter().enumerate() {
+            crate::stop::check()?;
             match self.attempt(exp, (i, total), run, false)? {
                 Some(outcome) => outcomes.push(outcome),
                 None => deferred.push(i),
             }
         }
         for i in deferred {
+            crate::stop::check()?;
             if let Some(outcome) = self.attempt(exp, (i, total), &runs[i], true)? {
                 outcomes.push(outcome);
             }
@@ -373,6 +375,12 @@ impl Runner {
                     "    done in {:.1} s: FID {fid:.2}, IS {is:.2}",
                     started.elapsed().as_secs_f64()
                 ));
+            }
+            Err(e) if e.downcast_ref::<crate::stop::Stopped>().is_some() => {
+                // checkpointed by the training loop: the next `ablate run` resumes it
+                self.db.mark_interrupted(run_id)?;
+                self.say(format!("    interrupted: {e}"));
+                return Err(e);
             }
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -1180,11 +1188,14 @@ fn train_generator(
     let vars: Vec<_> = opt.vars().cloned().collect();
     let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
     let mut start = 0;
+    let mut sums = LogSums::default();
     if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
         start = resume.step;
         if let Some(saved) = resume.rng {
             rng = saved;
         }
+        // checkpoints of earlier versions (and of log boundaries) carry no partial sums
+        sums = serde_json::from_value(resume.extra).unwrap_or_default();
         db.delete_metrics_after(run_id, resume.step as i64)?;
     }
     let mut order = DataOrder::new(run.seed, train.n);
@@ -1195,7 +1206,7 @@ fn train_generator(
     );
     pb.set_position(start as u64);
     let mut writer = db.metric_writer(run_id, 100);
-    let (mut loss_sum, mut norm_sum, mut count) = (0f64, 0f64, 0usize);
+    let (mut loss_sum, mut norm_sum, mut count) = (sums.loss, sums.grad_norm, sums.count);
     let every = if t.checkpoint_every == 0 {
         t.steps
     } else {
@@ -1234,9 +1245,20 @@ fn train_generator(
             (loss_sum, norm_sum, count) = (0.0, 0.0, 0);
         }
         pb.set_position(step as u64 + 1);
-        if (step + 1) % every == 0 || step + 1 == t.steps {
+        let stop = crate::stop::requested();
+        if (step + 1) % every == 0 || step + 1 == t.steps || stop.is_some() {
             writer.flush()?;
-            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1, &rng, &())?;
+            // the running log averages go with the checkpoint, so a resumed run logs the same
+            let partial = LogSums {
+                loss: loss_sum,
+                grad_norm: norm_sum,
+                count,
+            };
+            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1, &rng, &partial)?;
+        }
+        if let Some(sig) = stop {
+            pb.finish_and_clear();
+            return Err(crate::stop::Stopped(sig).into());
         }
         // the final evaluation happens after training, with the full sample count
         if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
@@ -1247,6 +1269,15 @@ fn train_generator(
     writer.flush()?;
     pb.finish_and_clear();
     Ok(ema)
+}
+
+/// The running sums of the training log between two log steps, saved with a checkpoint taken
+/// between them (a stop), so that the resumed run logs the same averages.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct LogSums {
+    loss: f64,
+    grad_norm: f64,
+    count: usize,
 }
 
 /// Stage 3: `count` images with balanced labels (i mod classes), decoded by the tokenizer.

@@ -194,3 +194,98 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     // the checkpoints are gone once the tokenizer is saved
     assert!(!file(&killed).with_extension("ckpt").exists());
 }
+
+/// SIGTERM (what Slurm and Kubernetes send) mid-training: the run checkpoints where it is, is
+/// marked interrupted, the process exits 143, and the next `ablate run` resumes it to the same
+/// weights and the same logged averages as a run that was never stopped.
+#[test]
+fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = dir.path().join("clean");
+    let stopped = dir.path().join("stopped");
+    let mut args = vec!["run", "experiments/tiny.toml", "--no-report"];
+    args.extend(ARGS);
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let child = ablate_tests::spawn_ablate(&stopped, &args);
+    let probe = || {
+        let entry = std::fs::read_dir(stopped.join("artifacts"))
+            .ok()?
+            .next()?
+            .ok()?;
+        checkpoint_step(&entry.path().join("checkpoint.json"))
+    };
+    let started = std::time::Instant::now();
+    let mut seen = None;
+    while seen.is_none() && started.elapsed() < Duration::from_secs(120) {
+        seen = probe();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let seen = seen.expect("a first checkpoint");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let out = child.wait_with_output().expect("wait");
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "exit code 128 + SIGTERM:\n{err}"
+    );
+    assert!(err.contains("SIGTERM"), "{err}");
+    let at = probe().expect("the stop's checkpoint");
+    assert!(
+        seen <= at && at < 300,
+        "checkpointed at {at} (first seen {seen})"
+    );
+
+    let db = Db::open_existing(&stopped.join("ablate.sqlite")).expect("db");
+    let first = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == "generator")
+        .expect("run");
+    assert_eq!(
+        first.status, "interrupted",
+        "marked by the stopping process"
+    );
+
+    let out = ablate(&stopped, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
+    for r in db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .filter(|r| r.kind == "generator")
+    {
+        assert_eq!(r.status, "finished");
+        let clean_run = clean_db
+            .run_by_hash(&r.hash)
+            .expect("query")
+            .expect("same run in the clean root");
+        let (a, b) = (weights(&clean_db, clean_run.id), weights(&db, r.id));
+        let worst = a
+            .iter()
+            .map(|(name, ta)| max_abs_diff(ta, &b[name]))
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
+        let losses = |d: &Db, id: i64| {
+            d.metrics(id, Some("train/loss"))
+                .expect("metrics")
+                .into_iter()
+                .map(|m| (m.step, m.value))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            losses(&db, r.id),
+            losses(&clean_db, clean_run.id),
+            "{}: the same logged averages, each step once",
+            r.name
+        );
+    }
+}
