@@ -32,6 +32,33 @@ fn weights(db: &Db, run_id: i64) -> std::collections::HashMap<String, candle_cor
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The largest |Δw| between the final weights of two runs (any tensor missing counts as a failure).
+fn weight_difference(a_db: &Db, a: i64, b_db: &Db, b: i64) -> f32 {
+    let (a, b) = (weights(a_db, a), weights(b_db, b));
+    assert_eq!(a.len(), b.len(), "the same tensors");
+    a.iter()
+        .map(|(name, ta)| max_abs_diff(ta, &b[name]))
+        .fold(0f32, f32::max)
+}
+
+/// The generator runs of the tiny experiment under a root, in order.
+fn generator_runs(db: &Db) -> Vec<db::RunRow> {
+    db.list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .filter(|r| r.kind == "generator")
+        .collect()
+}
+
+/// The step of the first run's `checkpoint.json` under `root`, once there is one.
+fn first_checkpoint_step(root: &std::path::Path) -> Option<u64> {
+    let entry = std::fs::read_dir(root.join("artifacts"))
+        .ok()?
+        .next()?
+        .ok()?;
+    checkpoint_step(&entry.path().join("checkpoint.json"))
+}
+
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -44,13 +71,7 @@ fn killed_run_resumes_to_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // start the same run and kill it once a checkpoint exists but training is not done
-    let probe = || {
-        let entry = std::fs::read_dir(killed.join("artifacts"))
-            .ok()?
-            .next()?
-            .ok()?;
-        checkpoint_step(&entry.path().join("checkpoint.json"))
-    };
+    let probe = || first_checkpoint_step(&killed);
     let killed_at = kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(120));
     assert!(
         killed_at < 300,
@@ -59,12 +80,7 @@ fn killed_run_resumes_to_the_same_weights() {
 
     let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
     let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
-    let first = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == "generator")
-        .expect("run");
+    let first = &generator_runs(&db)[0];
     assert_eq!(
         first.status, "running",
         "the killed run is left running until reaped"
@@ -88,14 +104,7 @@ fn killed_run_resumes_to_the_same_weights() {
             .run_by_hash(&r.hash)
             .expect("query")
             .expect("same run in the clean root");
-        let a = weights(&clean_db, clean_run.id);
-        let b = weights(&db, r.id);
-        assert_eq!(a.len(), b.len());
-        let mut worst = 0f32;
-        for (name, ta) in &a {
-            let tb = &b[name];
-            worst = worst.max(max_abs_diff(ta, tb));
-        }
+        let worst = weight_difference(&clean_db, clean_run.id, &db, r.id);
         assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
         eprintln!(
             "{}: killed at step {killed_at}, max |Δw| after resume = {worst:e}",
@@ -209,13 +218,7 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let child = ablate_tests::spawn_ablate(&stopped, &args);
-    let probe = || {
-        let entry = std::fs::read_dir(stopped.join("artifacts"))
-            .ok()?
-            .next()?
-            .ok()?;
-        checkpoint_step(&entry.path().join("checkpoint.json"))
-    };
+    let probe = || first_checkpoint_step(&stopped);
     let started = std::time::Instant::now();
     let mut seen = None;
     while seen.is_none() && started.elapsed() < Duration::from_secs(120) {
@@ -243,12 +246,7 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
     );
 
     let db = Db::open_existing(&stopped.join("ablate.sqlite")).expect("db");
-    let first = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == "generator")
-        .expect("run");
+    let first = &generator_runs(&db)[0];
     assert_eq!(
         first.status, "interrupted",
         "marked by the stopping process"
@@ -268,11 +266,7 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
             .run_by_hash(&r.hash)
             .expect("query")
             .expect("same run in the clean root");
-        let (a, b) = (weights(&clean_db, clean_run.id), weights(&db, r.id));
-        let worst = a
-            .iter()
-            .map(|(name, ta)| max_abs_diff(ta, &b[name]))
-            .fold(0f32, f32::max);
+        let worst = weight_difference(&clean_db, clean_run.id, &db, r.id);
         assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
         let losses = |d: &Db, id: i64| {
             d.metrics(id, Some("train/loss"))
