@@ -1030,10 +1030,14 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Record a file of the run (path, sha256, size) in the database.
+/// Record a file of the run (absolute path, sha256, size) in the database. Absolute, because a
+/// path relative to the folder `ablate run` started in means nothing to a report rebuilt from
+/// another one (it embedded no sample grid, or another project's).
 fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
-    let sha = crate::files::sha256_file(path)?;
-    let bytes = std::fs::metadata(path)?.len();
+    let path = std::fs::canonicalize(path)
+        .map_err(|e| anyhow::anyhow!("recording artifact {}: {e}", path.display()))?;
+    let sha = crate::files::sha256_file(&path)?;
+    let bytes = std::fs::metadata(&path)?.len();
     db.insert_artifact(
         run_id,
         kind,
