@@ -1064,7 +1064,12 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
         seq_len: tok.seq_len(),
         token_dim: tok.token_dim(),
         width: g.width,
-        depth: g.depth,
+        // size parity (the paper's causal AR baseline, its authors in the official repo's
+        // issue #34): no MAE encoder, one stack as deep as MAR's encoder and decoder together
+        depth: match g.kind {
+            GeneratorKindSpec::Ar => g.depth + g.decoder_depth.unwrap_or(g.depth),
+            GeneratorKindSpec::Mar => g.depth,
+        },
         decoder_width: g.decoder_width.unwrap_or(g.width),
         decoder_depth: g.decoder_depth.unwrap_or(g.depth),
         heads: g.heads,

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bumped when a change to the code changes what a run with the same spec produces.
-pub const RESULTS_VERSION: &str = "1";
+/// 2: causal AR runs have depth + decoder_depth blocks (size parity with MAR).
+pub const RESULTS_VERSION: &str = "2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {

@@ -19,6 +19,21 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     let runs = db.list_runs(Some("tiny")).expect("runs");
     let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
     assert_eq!(generators.len(), 4, "2 cells × 2 arms × 1 seed");
+    // size parity: AR (depth + decoder_depth blocks) and MAR (encoder + decoder) per arm
+    for arm in ["cross-entropy", "diffusion"] {
+        let size = |kind: &str| {
+            generators
+                .iter()
+                .find(|r| r.arm.as_deref() == Some(arm) && r.params["generator"]["kind"] == kind)
+                .and_then(|r| r.params["model"]["param_count"].as_f64())
+                .unwrap_or_else(|| panic!("{kind} {arm}: a recorded parameter count"))
+        };
+        let ratio = size("ar") / size("mar");
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "{arm}: AR/MAR parameters {ratio}"
+        );
+    }
     for r in &generators {
         assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
         assert!(r.arm.is_some());
