@@ -376,11 +376,13 @@ impl Runner {
                     started.elapsed().as_secs_f64()
                 ));
             }
-            Err(e) if e.downcast_ref::<crate::stop::Stopped>().is_some() => {
-                // checkpointed by the training loop: the next `ablate run` resumes it
+            Err(e) if crate::stop::requested().is_some() => {
+                // a stop was asked for: the training loops (generator, tokenizer fit)
+                // checkpointed where they were, and the next `ablate run` resumes
+                let stopped = crate::stop::Stopped(crate::stop::requested().unwrap_or_default());
                 self.db.mark_interrupted(run_id)?;
                 self.say(format!("    interrupted: {e}"));
-                return Err(e);
+                return Err(stopped.into());
             }
             Err(e) => {
                 let msg = format!("{e:#}");

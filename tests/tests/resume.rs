@@ -283,3 +283,90 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
         );
     }
 }
+
+/// SIGTERM during an autoencoder tokenizer fit: it checkpoints where it is, ablate exits 143, and
+/// the next run finishes the fit to the same tokenizer and the same curve as an unstopped fit.
+#[test]
+fn sigterm_during_a_tokenizer_fit_resumes_to_the_same_tokenizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (clean, stopped) = (dir.path().join("clean"), dir.path().join("stopped"));
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--no-report",
+        "--set",
+        "tokenizers.vq.kind=\"vq\"",
+        "--set",
+        "tokenizers.vq.steps=300",
+        "--set",
+        "tokenizers.vq.batch=16",
+        "--set",
+        "tokenizers.vq.width=8",
+        "--set",
+        "tokenizers.vq.downsample=4",
+        "--set",
+        "grid.\"generator.kind\"=[\"ar\"]",
+    ];
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let child = ablate_tests::spawn_ablate(&stopped, &args);
+    let tokenizers = stopped.join("cache/tokenizers");
+    let started = std::time::Instant::now();
+    // the fit has started once its checkpoint folder exists
+    while started.elapsed() < Duration::from_secs(300) {
+        let fitting = std::fs::read_dir(&tokenizers).ok().is_some_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
+        });
+        if fitting {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+
+    let db = Db::open_existing(&stopped.join("ablate.sqlite")).expect("db");
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
+    let tokenizer = |d: &Db| {
+        d.list_runs(Some("tiny"))
+            .expect("runs")
+            .into_iter()
+            .find(|r| r.kind == "tokenizer" && r.name.contains("vq"))
+            .expect("the vq tokenizer run")
+    };
+    assert_ne!(
+        tokenizer(&db).status,
+        "finished",
+        "stopped in the middle of the fit"
+    );
+    let out = ablate(&stopped, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a, b) = (tokenizer(&clean_db), tokenizer(&db));
+    assert_eq!(a.hash, b.hash);
+    let file =
+        |root: &std::path::Path| root.join(format!("cache/tokenizers/{}.safetensors", a.hash));
+    let ta = candle_core::safetensors::load(file(&clean), &Device::Cpu).expect("clean tokenizer");
+    let tb = candle_core::safetensors::load(file(&stopped), &Device::Cpu).expect("resumed");
+    for (name, t) in &ta {
+        assert_eq!(max_abs_diff(t, &tb[name]), 0.0, "{name}");
+    }
+    let curve = |d: &Db, id: i64| {
+        d.metrics(id, Some("train/loss"))
+            .expect("metrics")
+            .into_iter()
+            .map(|m| (m.step, m.value))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        curve(&db, b.id),
+        curve(&clean_db, a.id),
+        "the same curve, each step once"
+    );
+}

@@ -102,6 +102,7 @@ pub fn train(
                 .into());
             }
             (since_restart, restarted) = (state.since_restart, state.restarted);
+            (loss_sum, recon_sum, reg_sum, count) = state.log_sums;
             rng = resume.rng.unwrap_or(rng);
             start = resume.step;
         }
@@ -156,14 +157,20 @@ pub fn train(
             log(step + 1, &values);
             (loss_sum, recon_sum, reg_sum, count) = (0.0, 0.0, 0.0, 0);
         }
+        let stop = crate::stop::requested();
         if let Some(plan) = checkpoint {
-            if (step + 1) % plan.every.max(1) == 0 && step + 1 < spec.steps {
+            let due = (step + 1) % plan.every.max(1) == 0 || stop.is_some();
+            if due && step + 1 < spec.steps {
                 let state = CodeState {
                     since_restart: since_restart.clone(),
                     restarted,
+                    log_sums: (loss_sum, recon_sum, reg_sum, count),
                 };
                 Checkpoint::save(plan.dir, &varmap, &opt, None, step + 1, &rng, &state)?;
             }
+        }
+        if let Some(sig) = stop {
+            return Err(TokenizeError::Stopped(crate::stop::Stopped(sig)));
         }
     }
     let scale = match (spec.kind, spec.scale) {
@@ -182,6 +189,10 @@ pub fn train(
 struct CodeState {
     since_restart: Vec<usize>,
     restarted: usize,
+    /// the curve's running sums since its last logged step (a stop between two; absent in
+    /// checkpoints of earlier versions)
+    #[serde(default)]
+    log_sums: (f64, f64, f64, usize),
 }
 
 /// Standard deviation of the posterior means over the training split (LDM's scale factor is

@@ -27,6 +27,8 @@ pub enum TokenizeError {
     Train(#[from] crate::train::TrainError),
     #[error("tokenizer file {path}: {message}")]
     File { path: String, message: String },
+    #[error(transparent)]
+    Stopped(#[from] crate::stop::Stopped),
     #[error("autoencoder training diverged at step {step} (loss {loss}); lower tokenizers.*.lr")]
     Diverged { step: usize, loss: f32 },
 }
