@@ -95,6 +95,26 @@ impl Db {
         &self.path
     }
 
+    /// The root: the folder holding the database file, which artifact paths are relative to.
+    pub fn root(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Where a stored artifact path points: relative paths (what the harness records) are
+    /// relative to [`Db::root`], so a root can be moved and reports rebuilt from anywhere;
+    /// absolute paths stand as they are.
+    pub fn resolve(&self, stored: &str) -> PathBuf {
+        let p = Path::new(stored);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root().join(p)
+        }
+    }
+
     fn connect(path: &Path, create: bool) -> Result<Db> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

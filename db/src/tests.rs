@@ -762,3 +762,17 @@ fn set_run_param_adds_beside_the_spec_and_refuses_bad_keys() {
         Err(Error::NotFound(_))
     ));
 }
+
+#[test]
+fn artifact_paths_resolve_against_the_root() {
+    let (dir, path, db) = temp_db();
+    assert_eq!(db.root(), path.parent().expect("parent"));
+    assert_eq!(
+        db.resolve("artifacts/h/samples.png"),
+        dir.path().join("nested/artifacts/h/samples.png")
+    );
+    assert_eq!(
+        db.resolve("/elsewhere/x.png"),
+        PathBuf::from("/elsewhere/x.png")
+    );
+}

@@ -246,7 +246,7 @@ pub enum BaselineAction {
         name: String,
         /// Overwrite a baseline of that name (without it an existing name is refused)
         #[arg(long)]
-        replace: bool,
+        force: bool,
     },
 }
 
@@ -612,16 +612,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 BaselineAction::Pin {
                     experiment,
                     name,
-                    replace,
+                    force,
                 },
         } => {
             if name.trim().is_empty() {
                 return Err(UsageError("--name: expected a baseline name, found ''".into()).into());
             }
             let db = open_db(&layout)?;
-            if !replace && db.baseline(&experiment, &name)?.is_some() {
+            if !force && db.baseline(&experiment, &name)?.is_some() {
                 return Err(UsageError(format!(
-                    "baseline '{name}' of '{experiment}' exists; pass --replace to overwrite it, \
+                    "baseline '{name}' of '{experiment}' exists; pass --force to overwrite it, \
                      or pin under another --name"
                 ))
                 .into());
@@ -1111,7 +1111,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!(
                         "    {:<10} {} ({} bytes, sha256 {})",
                         a.kind,
-                        a.path,
+                        db.resolve(&a.path).display(),
                         a.bytes,
                         &a.sha256[..12.min(a.sha256.len())]
                     );

@@ -1032,18 +1032,22 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Record a file of the run (absolute path, sha256, size) in the database. Absolute, because a
-/// path relative to the folder `ablate run` started in means nothing to a report rebuilt from
-/// another one (it embedded no sample grid, or another project's).
+/// Record a file of the run (path, sha256, size) in the database. The path is relative to the
+/// root ([`Db::resolve`] reads it back), so a root can be moved and a report rebuilt from any
+/// folder; before, paths were relative to where `ablate run` started, which meant nothing to a
+/// report rebuilt elsewhere (it embedded no sample grid, or another project's).
 fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
-    let path = std::fs::canonicalize(path)
-        .map_err(|e| anyhow::anyhow!("recording artifact {}: {e}", path.display()))?;
+    let canonical = |p: &Path| {
+        std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("recording {}: {e}", p.display()))
+    };
+    let (path, root) = (canonical(path)?, canonical(&db.root())?);
+    let stored = path.strip_prefix(&root).unwrap_or(&path);
     let sha = crate::files::sha256_file(&path)?;
     let bytes = std::fs::metadata(&path)?.len();
     db.insert_artifact(
         run_id,
         kind,
-        &path.display().to_string(),
+        &stored.display().to_string(),
         &sha,
         bytes as i64,
     )?;

@@ -416,7 +416,7 @@ fn copy_grids(
                 rows::fmt_num(info.cfg),
                 info.run_id
             );
-            let png = std::fs::read(&artifact.path).ok();
+            let png = std::fs::read(db.resolve(&artifact.path)).ok();
             let copied = match &png {
                 Some(bytes) => {
                     let dir = out_dir.join("samples");

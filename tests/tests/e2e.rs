@@ -247,10 +247,10 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     // an existing name is not overwritten silently, and a name is needed
     let again = ablate(root, &["baseline", "pin", "tiny", "--name", "main"]);
     assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
-    assert!(stderr(&again).contains("--replace"), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
     let replaced = ablate(
         root,
-        &["baseline", "pin", "tiny", "--name", "main", "--replace"],
+        &["baseline", "pin", "tiny", "--name", "main", "--force"],
     );
     assert!(replaced.status.success(), "{}", stderr(&replaced));
     let unnamed = ablate(root, &["baseline", "pin", "tiny", "--name", ""]);

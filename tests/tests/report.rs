@@ -5,7 +5,7 @@ use std::process::Command;
 use ablate_tests::{ablate_bin, stderr, workspace_root};
 
 #[test]
-fn a_report_rebuilt_from_another_folder_embeds_the_sample_grids() {
+fn a_report_rebuilt_from_another_folder_or_a_moved_root_embeds_the_sample_grids() {
     let dir = tempfile::tempdir().expect("tempdir");
     let project = dir.path().join("project");
     std::fs::create_dir_all(&project).expect("project folder");
@@ -41,4 +41,19 @@ fn a_report_rebuilt_from_another_folder_embeds_the_sample_grids() {
     let html = std::fs::read_to_string(root.join("reports/tiny/report.html")).expect("report.html");
     let grids = html.matches("alt=\"samples ").count();
     assert_eq!(grids, 2, "both runs' sample grids are embedded");
+
+    // a moved root still finds its artifacts (they are stored relative to it)
+    let moved = dir.path().join("moved");
+    std::fs::rename(&root, &moved).expect("move the root");
+    let out = Command::new(ablate_bin())
+        .current_dir(dir.path())
+        .arg("--root")
+        .arg(&moved)
+        .args(["report", "tiny", "--format", "html"])
+        .output()
+        .expect("report");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let html =
+        std::fs::read_to_string(moved.join("reports/tiny/report.html")).expect("report.html");
+    assert_eq!(html.matches("alt=\"samples ").count(), 2, "after the move");
 }

@@ -26,7 +26,7 @@ fn weights(db: &Db, run_id: i64) -> std::collections::HashMap<String, candle_cor
         .expect("artifacts")
         .into_iter()
         .find(|a| a.kind == "model")
-        .map(|a| std::path::PathBuf::from(a.path))
+        .map(|a| db.resolve(&a.path))
         .expect("a model artifact");
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
