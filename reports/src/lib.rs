@@ -166,7 +166,7 @@ pub fn write_report(
     let documents = want(Format::Markdown) || want(Format::Html);
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
 
-    let table = table::table1(&l.rows, &l.summary);
+    let table = table::table1(&l.rows, &l.summary, &l.infos);
     let notes = notes(&l);
     let mut figures = Vec::new();
     let mut grids = Vec::new();

@@ -90,6 +90,8 @@ pub(crate) struct RunInfo {
     pub cfg: f64,
     /// Values of [`SWEEP_AXES`], in that order; NaN when the parameters lack one.
     pub sweep: [f64; 4],
+    /// The built model's parameter count, as the harness recorded it (`model.param_count`).
+    pub param_count: Option<u64>,
 }
 
 impl RunInfo {
@@ -144,6 +146,7 @@ pub(crate) fn describe(runs: &[RunRow]) -> Vec<RunInfo> {
                     num(&["sample", "mar_steps"], f64::NAN),
                     num(&["head", "sampling_steps"], f64::NAN),
                 ],
+                param_count: get(p, &["model", "param_count"]).and_then(Value::as_u64),
             }
         })
         .collect()
@@ -225,6 +228,15 @@ fn tokens_per_image(params: &Value, arm: Option<&str>) -> Option<u64> {
     let patch = get(params, &["tokenizers", tok, "patch"])?.as_u64()?;
     let size = get(params, &["data", "image_size"])?.as_u64()?;
     (patch > 0).then(|| (size / patch).pow(2))
+}
+
+/// A parameter count for a table: "845", "7.2k", "2.93M".
+pub(crate) fn fmt_count(n: u64) -> String {
+    match n {
+        0..=999 => n.to_string(),
+        1_000..=999_999 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.2}M", n as f64 / 1e6),
+    }
 }
 
 /// A number as a spec would write it: "2", "1.5".

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::rows::{fmt_num, RowInfo};
+use crate::rows::{fmt_count, fmt_num, RowInfo, RunInfo};
 use crate::stats::{ArmStat, PairStat, Summary, FID, IS, WITHOUT_CFG, WITH_CFG};
 use crate::tokenizers::TokenizerTable;
 use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
@@ -14,8 +14,15 @@ pub(crate) const MISSING: &str = "missing";
 /// Placeholder for a spread or interval that does not exist (n = 1).
 pub(crate) const NONE: &str = "–";
 
-/// Descriptor columns, before the optional setting column.
-pub(crate) const DESCRIPTOR_COLUMNS: [&str; 4] = ["generator", "order", "attention", "preds/step"];
+/// Descriptor columns, before the optional setting column. "parameters" shows each arm's model
+/// size, so a reader sees whether a row compares equal sizes.
+pub(crate) const DESCRIPTOR_COLUMNS: [&str; 5] = [
+    "generator",
+    "order",
+    "attention",
+    "preds/step",
+    "parameters (CE / diffusion)",
+];
 /// Columns of one (guidance, metric) group.
 pub(crate) const GROUP_COLUMNS: [&str; 4] =
     [ARM_CROSS_ENTROPY, ARM_DIFFUSION, "Δ (95% CI)", "verdict"];
@@ -57,7 +64,23 @@ impl Table1 {
     }
 }
 
-pub(crate) fn table1(rows: &[RowInfo], summary: &Summary) -> Table1 {
+/// "7.2k / 16.5k": the recorded parameter count of each arm's runs in the row ("?" when no run
+/// of that arm recorded one, e.g. runs made before it was recorded).
+fn parameters(key: &str, infos: &[RunInfo]) -> String {
+    [ARM_CROSS_ENTROPY, ARM_DIFFUSION]
+        .iter()
+        .map(|arm| {
+            infos
+                .iter()
+                .filter(|i| i.row.key == key && i.arm.as_deref() == Some(*arm))
+                .find_map(|i| i.param_count)
+                .map_or("?".to_string(), fmt_count)
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+pub(crate) fn table1(rows: &[RowInfo], summary: &Summary, infos: &[RunInfo]) -> Table1 {
     let with_setting = rows.iter().any(|r| !r.setting.is_empty());
     let rows = rows
         .iter()
@@ -67,6 +90,7 @@ pub(crate) fn table1(rows: &[RowInfo], summary: &Summary) -> Table1 {
                 r.order.clone(),
                 r.attention.clone(),
                 r.preds.clone(),
+                parameters(&r.key, infos),
             ];
             if with_setting {
                 cells.push(if r.setting.is_empty() {

@@ -197,10 +197,11 @@ fn approx(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-3
 }
 
-const AR: &str = "| AR | raster | causal | 1 | – |";
-const AR_RANDOM: &str = "| AR | random | causal | 1 | – |";
-const MAR_MANY: &str = "| MAR | random | bidirectional | many (4 steps) | – |";
-const MAR_ONE: &str = "| MAR | random | bidirectional | 1 | sample.mar_steps=16 |";
+// runs recorded without a parameter count (as before the harness recorded one) show "? / ?"
+const AR: &str = "| AR | raster | causal | 1 | ? / ? | – |";
+const AR_RANDOM: &str = "| AR | random | causal | 1 | ? / ? | – |";
+const MAR_MANY: &str = "| MAR | random | bidirectional | many (4 steps) | ? / ? | – |";
+const MAR_ONE: &str = "| MAR | random | bidirectional | 1 | ? / ? | sample.mar_steps=16 |";
 
 /// The table row starting with `prefix` (its descriptor cells), split into its columns.
 fn row<'a>(md: &'a str, prefix: &str) -> Vec<&'a str> {
@@ -312,14 +313,20 @@ fn single_pair_is_inconclusive_without_interval() {
     let db = Db::open(&dir.path().join("a.sqlite")).unwrap();
     let exp = db.upsert_experiment("one", "one.toml", "").unwrap();
     let f = Fill { db: &db, exp };
-    let p = params("ar", "raster", 1.0, 4);
-    let r = f.run("base", CE, 0, "", &p);
+    let sized = |n: u64| {
+        let mut p = params("ar", "raster", 1.0, 4);
+        p["model"] = json!({ "param_count": n, "seq_len": 16 });
+        p
+    };
+    let r = f.run("base", CE, 0, "", &sized(7248));
     add_eval(&db, r, 1, "fid", 30.0);
-    let r = f.run("base", DL, 0, "", &p);
+    let r = f.run("base", DL, 0, "", &sized(2_930_976));
     add_eval(&db, r, 1, "fid", 10.0);
     let out = write_report(&db, "one", &dir.path().join("out"), &ALL).unwrap();
     let cols = row(&out.markdown, "| AR | raster | causal | 1 |");
-    assert_eq!(cols.len(), 4 + 16, "no setting column: {cols:?}");
+    assert_eq!(cols.len(), 5 + 16, "no setting column: {cols:?}");
+    assert_eq!(cols[4], "7.2k / 2.93M", "each arm's recorded size");
+    let cols = &cols[1..];
     assert_eq!(
         cols[4..8],
         [
@@ -382,7 +389,8 @@ fn report_table_files_and_plots() {
     assert!(md.contains("paired t interval"));
     assert!(md.contains("How to read"));
     assert!(md.contains(
-        "| generator | order | attention | preds/step | setting | FID cross-entropy | FID diffusion \
+        "| generator | order | attention | preds/step | parameters (CE / diffusion) | setting \
+         | FID cross-entropy | FID diffusion \
          | ΔFID (95% CI) | verdict | IS cross-entropy | IS diffusion | ΔIS (95% CI) | verdict \
          | FID+CFG cross-entropy | FID+CFG diffusion | ΔFID+CFG (95% CI) | verdict \
          | IS+CFG cross-entropy | IS+CFG diffusion | ΔIS+CFG (95% CI) | verdict |"
@@ -393,7 +401,7 @@ fn report_table_files_and_plots() {
     );
 
     assert_eq!(
-        row(md, AR)[5..],
+        row(md, AR)[6..],
         [
             "12.00 ± 2.00 (n=3)",
             "9.17 ± 2.25 (n=3)",
@@ -415,7 +423,7 @@ fn report_table_files_and_plots() {
     );
     let mar = row(md, MAR_MANY);
     assert_eq!(
-        mar[5..13],
+        mar[6..14],
         [
             "21.00 ± 1.41 (n=2)",
             "missing",
@@ -427,9 +435,9 @@ fn report_table_files_and_plots() {
             "–",
         ]
     );
-    assert!(mar[13..].iter().all(|c| *c == "missing" || *c == "–"));
+    assert!(mar[14..].iter().all(|c| *c == "missing" || *c == "–"));
     assert_eq!(
-        row(md, AR_RANDOM)[5..13],
+        row(md, AR_RANDOM)[6..14],
         [
             "5.50 ± 0.71 (n=2)",
             "9.75 ± 1.06 (n=2)",
@@ -443,7 +451,7 @@ fn report_table_files_and_plots() {
     );
     let missing_row = row(md, MAR_ONE);
     assert!(
-        missing_row[5..]
+        missing_row[6..]
             .iter()
             .all(|c| *c == "missing" || *c == "–"),
         "{missing_row:?}"
