@@ -10,8 +10,8 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     assert!(out.status.success(), "stderr:\n{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("| AR | raster | causal | 1 |"),
-        "table printed:\n{text}"
+        text.contains("| AR | raster | causal | 1 | 7.2k / 16.5k |"),
+        "table printed, with each arm's parameter count:\n{text}"
     );
     assert!(text.contains("database: "), "{text}");
 
