@@ -496,7 +496,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 None
             };
             let mut runner = Runner::open(layout.clone(), device, cli.quiet)?;
-            let outcomes = runner.run_experiment(&loaded)?;
+            let outcomes = match runner.run_experiment(&loaded) {
+                Ok(o) => o,
+                Err(e) => {
+                    // a stop (SIGTERM to this process alone, as a scheduler may send it) reaches
+                    // the workers too; on any other error they finish their runs
+                    if let (Some(w), Some(stopped)) =
+                        (workers, e.downcast_ref::<crate::stop::Stopped>())
+                    {
+                        for problem in w.stop(stopped.0) {
+                            eprintln!("{problem}");
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             // every run this process skipped it waited for, so the outcomes cover the whole spec
             for problem in workers.map(|w| w.wait()).unwrap_or_default() {
                 eprintln!("{problem}");

@@ -111,6 +111,18 @@ pub fn spawn(jobs: usize, root: &Path, threads: usize) -> anyhow::Result<Workers
 }
 
 impl Workers {
+    /// Pass a stop on to every worker (SIGTERM to each; they checkpoint and mark their runs
+    /// interrupted as this process does), then wait for them.
+    pub fn stop(self, signal: i32) -> Vec<String> {
+        for (child, _) in &self.children {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) on a child process of ours; no memory is touched
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+        self.wait()
+    }
+
     /// Wait for every worker; a line for each one that did not end well (a failed run counts).
     pub fn wait(self) -> Vec<String> {
         let mut problems = Vec::new();

@@ -370,3 +370,54 @@ fn sigterm_during_a_tokenizer_fit_resumes_to_the_same_tokenizer() {
         "the same curve, each step once"
     );
 }
+
+/// SIGTERM to the parent of `ablate run --jobs 2` alone (as a scheduler may send it) reaches its
+/// worker too: when the parent exits (143), no run is left `running`, and a rerun finishes them.
+#[test]
+fn sigterm_to_a_jobs_parent_stops_its_workers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--no-report",
+        "--jobs",
+        "2",
+        "--set",
+        // long enough that both processes are in the middle of a run when the signal lands
+        "train.steps=1500",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        "sample.count=10",
+    ];
+    let child = ablate_tests::spawn_ablate(&root, &args);
+    let started = std::time::Instant::now();
+    while first_checkpoint_step(&root).is_none() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let running: Vec<_> = generator_runs(&db)
+        .into_iter()
+        .filter(|r| r.status == "running")
+        .map(|r| r.name)
+        .collect();
+    assert!(running.is_empty(), "left running: {running:?}");
+    assert!(
+        generator_runs(&db)
+            .iter()
+            .any(|r| r.status == "interrupted"),
+        "the stopped runs are marked"
+    );
+    let out = ablate(&root, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(generator_runs(&db).iter().all(|r| r.status == "finished"));
+}
