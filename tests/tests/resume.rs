@@ -19,6 +19,25 @@ const ARGS: [&str; 8] = [
     "sample.count=10",
 ];
 
+/// The tiny spec with a 300-step VQ autoencoder fit as its cross-entropy tokenizer.
+const TOKENIZER_FIT: [&str; 15] = [
+    "run",
+    "experiments/tiny.toml",
+    "--no-report",
+    "--set",
+    "tokenizers.vq.kind=\"vq\"",
+    "--set",
+    "tokenizers.vq.steps=300",
+    "--set",
+    "tokenizers.vq.batch=16",
+    "--set",
+    "tokenizers.vq.width=8",
+    "--set",
+    "tokenizers.vq.downsample=4",
+    "--set",
+    "grid.\"generator.kind\"=[\"ar\"]",
+];
+
 /// The final weights a run recorded as its `model` artifact.
 fn weights(db: &Db, run_id: i64) -> std::collections::HashMap<String, candle_core::Tensor> {
     let path = db
@@ -128,23 +147,7 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clean = dir.path().join("clean");
     let killed = dir.path().join("killed");
-    let args = [
-        "run",
-        "experiments/tiny.toml",
-        "--no-report",
-        "--set",
-        "tokenizers.vq.kind=\"vq\"",
-        "--set",
-        "tokenizers.vq.steps=300",
-        "--set",
-        "tokenizers.vq.batch=16",
-        "--set",
-        "tokenizers.vq.width=8",
-        "--set",
-        "tokenizers.vq.downsample=4",
-        "--set",
-        "grid.\"generator.kind\"=[\"ar\"]",
-    ];
+    let args = TOKENIZER_FIT;
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -290,23 +293,7 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
 fn sigterm_during_a_tokenizer_fit_resumes_to_the_same_tokenizer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (clean, stopped) = (dir.path().join("clean"), dir.path().join("stopped"));
-    let args = [
-        "run",
-        "experiments/tiny.toml",
-        "--no-report",
-        "--set",
-        "tokenizers.vq.kind=\"vq\"",
-        "--set",
-        "tokenizers.vq.steps=300",
-        "--set",
-        "tokenizers.vq.batch=16",
-        "--set",
-        "tokenizers.vq.width=8",
-        "--set",
-        "tokenizers.vq.downsample=4",
-        "--set",
-        "grid.\"generator.kind\"=[\"ar\"]",
-    ];
+    let args = TOKENIZER_FIT;
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
