@@ -21,8 +21,8 @@ fn user_threads() -> Option<usize> {
 /// Pin candle's CPU threads, each only where the user has not set it. Call first thing, before
 /// any thread exists.
 /// - `RAYON_NUM_THREADS` (matrix products and the fused ops): candle 0.11 otherwise counts the
-///   physical cores again, by reading /proc/cpuinfo, for every matrix product (a sixth of
-///   mar-tiny's sampling time).
+///   physical cores again, by reading /proc/cpuinfo, for every matrix product (sampling runs
+///   thousands of small ones; the reads showed in its profile).
 /// - `CANDLE_NUM_THREADS=1`: candle's own pool for its remaining element-wise ops, whose caller
 ///   spin-waits for its workers. On a loaded machine a descheduled worker left the caller spinning
 ///   (half of a quickstart run's CPU time); the hot element-wise ops are fused and run on rayon
