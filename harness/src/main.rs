@@ -6,7 +6,7 @@ fn main() {
 
 /// candle allocates a fresh output for every op. glibc serves blocks above its mmap threshold
 /// with mmap and unmaps them on free, so each large op paid page faults and TLB shootdowns:
-/// about a fifth of a CPU training step (mar-tiny 1.90 s → 1.36 s with this). Serve every
+/// about a quarter of a CPU training step at the time (mar-tiny 1.90 s → 1.41 s with this). Serve every
 /// block from the heap and keep freed memory for reuse; peak RSS did not grow. A user's own
 /// `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` still win.
 fn keep_freed_memory() {
