@@ -6,9 +6,9 @@ fn main() {
 
 /// candle allocates a fresh output for every op. glibc serves blocks above its mmap threshold
 /// with mmap and unmaps them on free, so each large op paid page faults and TLB shootdowns:
-/// about a quarter of a CPU training step at the time (mar-tiny 1.90 s → 1.41 s with this). Serve every
-/// block from the heap and keep freed memory for reuse; peak RSS did not grow. A user's own
-/// `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` still win.
+/// about a quarter of a CPU training step at the time (mar-tiny 1.90 s → 1.41 s with this).
+/// Serve every block from the heap and keep freed memory for reuse; peak RSS did not grow. A
+/// user's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` still win.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
