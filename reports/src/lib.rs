@@ -167,13 +167,15 @@ pub fn write_report(
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
 
     let table = table::table1(&l.rows, &l.summary, &l.infos);
-    let notes = notes(&l);
+    let mut notes = notes(&l);
     let mut figures = Vec::new();
     let mut grids = Vec::new();
     let mut grid_files = Vec::new();
     if documents {
         figures = draw_plots(db, experiment, &l, out_dir)?;
-        (grids, grid_files) = copy_grids(db, &l, out_dir)?;
+        let problems;
+        (grids, grid_files, problems) = copy_grids(db, &l, out_dir)?;
+        notes.extend(problems);
     }
     let csv_name = "metrics.csv";
     let csv = want(Format::Csv).then_some(csv_name);
@@ -389,15 +391,17 @@ fn draw_plots(
     Ok(figures)
 }
 
+/// The grids for the HTML report, the copied paths, and a note for each grid not shown.
+type Grids = (Vec<html::Grid>, Vec<Option<PathBuf>>, Vec<String>);
+
 /// Copies each generator run's sample grid into `out_dir/samples/run-ID.png`; the grids for
-/// the HTML report (bytes inline) and the copied paths (`None` where the file is gone).
-fn copy_grids(
-    db: &db::Db,
-    l: &Loaded,
-    out_dir: &Path,
-) -> Result<(Vec<html::Grid>, Vec<Option<PathBuf>>)> {
+/// the HTML report (bytes inline), the copied paths (`None` where the file is gone or does not
+/// match the sha256 recorded with it), and a note for each grid not shown.
+fn copy_grids(db: &db::Db, l: &Loaded, out_dir: &Path) -> Result<Grids> {
+    use sha2::{Digest, Sha256};
     let mut grids = Vec::new();
     let mut files = Vec::new();
+    let mut problems = Vec::new();
     // Grouped by row, in table order.
     for row in &l.rows {
         for info in l.infos.iter().filter(|i| i.row.key == row.key) {
@@ -416,7 +420,27 @@ fn copy_grids(
                 rows::fmt_num(info.cfg),
                 info.run_id
             );
-            let png = std::fs::read(db.resolve(&artifact.path)).ok();
+            let path = db.resolve(&artifact.path);
+            let png = match std::fs::read(&path) {
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == artifact.sha256 => Some(bytes),
+                Ok(_) => {
+                    problems.push(format!(
+                        "The sample grid of run {} ({}) does not match the sha256 recorded \
+                         with it, so it is not shown.",
+                        info.run_id,
+                        path.display()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "The sample grid of run {} ({}) cannot be read ({e}), so it is not shown.",
+                        info.run_id,
+                        path.display()
+                    ));
+                    None
+                }
+            };
             let copied = match &png {
                 Some(bytes) => {
                     let dir = out_dir.join("samples");
@@ -436,7 +460,7 @@ fn copy_grids(
             files.push(copied);
         }
     }
-    Ok((grids, files))
+    Ok((grids, files, problems))
 }
 
 /// The current table entries of `experiment` (what a baseline stores).

@@ -355,17 +355,30 @@ fn single_pair_is_inconclusive_without_interval() {
 fn report_table_files_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_filled(dir.path());
-    // A sample grid artifact for one run, and one whose file is gone.
+    // A sample grid artifact for one run, one whose file is gone, and one whose bytes no longer
+    // match their recorded sha256.
     let runs = db.list_runs(Some(EXP)).unwrap();
     let png = dir.path().join("grid.png");
     let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x18\0\0\0\x18".to_vec();
     bytes.extend([0u8; 64]);
     std::fs::write(&png, &bytes).unwrap();
+    let sha = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(&bytes))
+    };
     db.insert_artifact(
         runs[0].id,
         SAMPLES_ARTIFACT,
         &png.display().to_string(),
-        "x",
+        &sha,
+        88,
+    )
+    .unwrap();
+    db.insert_artifact(
+        runs[2].id,
+        SAMPLES_ARTIFACT,
+        &png.display().to_string(),
+        "0000 (not the file's hash)",
         88,
     )
     .unwrap();
@@ -544,6 +557,29 @@ fn report_table_files_and_plots() {
         "small grids shown at twice their size"
     );
     assert!(html.contains("grid file missing (/nonexistent/samples.png)"));
+    // each grid not shown is named in the report's notes, with the reason
+    let md = &out.markdown;
+    assert!(
+        md.contains(&format!(
+            "The sample grid of run {} (/nonexistent/samples.png) cannot be read",
+            runs[1].id
+        )),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!("The sample grid of run {} (", runs[2].id))
+            && md.contains("does not match the sha256"),
+        "{md}"
+    );
+    assert_eq!(
+        html.matches(&format!(
+            "src=\"data:image/png;base64,{}\"",
+            html::base64(&bytes)
+        ))
+        .count(),
+        1,
+        "the damaged copy is not embedded"
+    );
     assert!(
         !html.contains("src=\"http") && !html.contains("href=\"http") && !html.contains("<link")
     );
