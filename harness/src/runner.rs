@@ -1205,6 +1205,10 @@ fn train_generator(
     let mut start = 0;
     let mut sums = LogSums::default();
     if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
+        if let Some(note) = &resume.recovered {
+            // a damaged latest checkpoint: the run went on from the previous one; say so on it
+            db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
+        }
         start = resume.step;
         if let Some(saved) = resume.rng {
             rng = saved;

@@ -258,6 +258,14 @@ pub struct Resume {
     pub step: usize,
     pub rng: Option<Rng>,
     pub extra: serde_json::Value,
+    /// Set when the latest checkpoint was damaged and this is the previous one: what happened.
+    pub recovered: Option<String>,
+}
+
+/// A checkpoint as read from disk: verified, or damaged (and why).
+enum Readable {
+    Good(serde_json::Value, HashMap<String, Tensor>),
+    Damaged(String),
 }
 
 /// A checkpoint: weights, optimizer (and EMA) state in `checkpoint-STEP.safetensors`, and
@@ -270,6 +278,11 @@ pub struct Checkpoint;
 impl Checkpoint {
     fn meta_path(dir: &Path) -> PathBuf {
         dir.join("checkpoint.json")
+    }
+
+    /// The checkpoint before the latest, kept as a fallback.
+    fn prev_path(dir: &Path) -> PathBuf {
+        dir.join("checkpoint-prev.json")
     }
 
     fn weights_name(step: usize) -> String {
@@ -324,39 +337,30 @@ impl Checkpoint {
             "rng": rng_state,
             "extra": extra,
         });
+        // the checkpoint being replaced stays as the fallback (`checkpoint-prev.json`)
+        let previous = std::fs::read(Self::meta_path(dir)).ok();
+        if let Some(bytes) = &previous {
+            crate::files::write_bytes(&Self::prev_path(dir), bytes)
+                .map_err(|e| err(e.to_string()))?;
+        }
         crate::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
             .map_err(|e| err(e.to_string()))?;
-        // the commit point has passed: weight files of earlier steps are garbage now
+        // the commit point has passed: weight files of neither checkpoint are garbage now
+        let kept_previous = previous
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|m| m["weights"].as_str().map(str::to_string));
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 let file = entry.file_name().to_string_lossy().into_owned();
+                let kept = file == name || kept_previous.as_deref() == Some(file.as_str());
                 let stale = file == "checkpoint.safetensors"
-                    || (file.starts_with("checkpoint-")
-                        && file.ends_with(".safetensors")
-                        && file != name);
+                    || (file.starts_with("checkpoint-") && file.ends_with(".safetensors") && !kept);
                 if stale {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
         }
         Ok(())
-    }
-
-    /// A damaged checkpoint (a power cut, a full disk, a bad sector): say so, remove it, and
-    /// let training start over, which reproduces the same run from its seed. Keeping it would
-    /// block the run for good (or, with silently wrong bytes, train on them).
-    fn discard(dir: &Path, weights: &Path, why: &str) -> Result<Option<Resume>, TrainError> {
-        tracing::warn!(
-            "checkpoint {} is damaged: {why}; removed, training starts again from step 0",
-            weights.display()
-        );
-        let removed =
-            std::fs::remove_file(Self::meta_path(dir)).and_then(|()| std::fs::remove_file(weights));
-        removed.map_err(|e| TrainError::Checkpoint {
-            path: dir.to_path_buf(),
-            message: format!("removing the damaged checkpoint: {e}"),
-        })?;
-        Ok(None)
     }
 
     /// The step of the checkpoint in `dir`, if there is a readable one.
@@ -366,37 +370,131 @@ impl Checkpoint {
         Some(meta["step"].as_u64()? as usize)
     }
 
-    /// Load into an already-built model and optimizer; None when there is no checkpoint.
+    /// Load into an already-built model and optimizer; None when there is no checkpoint. When
+    /// the latest checkpoint is damaged (its weights no longer match their sha256, or cannot be
+    /// read), the previous one is used and `Resume::recovered` says so; when both are, they are
+    /// removed and None lets training start over, which reproduces the run from its seed.
     pub fn load(
         dir: &Path,
         varmap: &VarMap,
         opt: &mut AdamW,
         ema: Option<&mut Ema>,
     ) -> Result<Option<Resume>, TrainError> {
+        let mut damaged = Vec::new();
+        for meta_path in [Self::meta_path(dir), Self::prev_path(dir)] {
+            if !meta_path.exists() {
+                continue;
+            }
+            match Self::read(dir, &meta_path, varmap)? {
+                Readable::Good(meta, tensors) => {
+                    let resume = Self::apply(dir, &meta, &tensors, varmap, opt, ema)?;
+                    if meta_path != Self::meta_path(dir) {
+                        // the good one becomes the latest, so the damaged one is never kept
+                        crate::files::write_bytes(
+                            &Self::meta_path(dir),
+                            meta.to_string().as_bytes(),
+                        )
+                        .and_then(|()| std::fs::remove_file(&meta_path))
+                        .map_err(|e| TrainError::Checkpoint {
+                            path: dir.to_path_buf(),
+                            message: format!("promoting {}: {e}", meta_path.display()),
+                        })?;
+                    }
+                    let recovered = (!damaged.is_empty()).then(|| {
+                        let note = format!(
+                            "{}; resumed from the previous checkpoint, at step {}",
+                            damaged.join("; "),
+                            resume.step
+                        );
+                        tracing::warn!("{note}");
+                        note
+                    });
+                    return Ok(Some(Resume {
+                        recovered,
+                        ..resume
+                    }));
+                }
+                Readable::Damaged(why) => damaged.push(why),
+            }
+        }
+        if !damaged.is_empty() {
+            tracing::warn!(
+                "{}; no good checkpoint left: removed, training starts again from step 0",
+                damaged.join("; ")
+            );
+            for p in [Self::meta_path(dir), Self::prev_path(dir)] {
+                if p.exists() {
+                    std::fs::remove_file(&p).map_err(|e| TrainError::Checkpoint {
+                        path: dir.to_path_buf(),
+                        message: format!("removing the damaged {}: {e}", p.display()),
+                    })?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The checkpoint `meta_path` names, read and verified (nothing is loaded into the model).
+    fn read(dir: &Path, meta_path: &Path, varmap: &VarMap) -> Result<Readable, TrainError> {
+        let file = meta_path.display();
+        let meta: serde_json::Value = match std::fs::read_to_string(meta_path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        {
+            Ok(m) => m,
+            Err(e) => return Ok(Readable::Damaged(format!("{file} is unreadable ({e})"))),
+        };
+        // checkpoints of earlier versions: checkpoint.safetensors, and the stream in rng.json
+        let weights = dir.join(meta["weights"].as_str().unwrap_or("checkpoint.safetensors"));
+        if !weights.exists() {
+            let missing = format!("{file} names {}, which does not exist", weights.display());
+            return Ok(Readable::Damaged(missing));
+        }
+        if let Some(expected) = meta["weights_sha256"].as_str() {
+            let found =
+                crate::files::sha256_file(&weights).map_err(|e| TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            if found != expected {
+                let why = format!(
+                    "checkpoint {} is damaged (its sha256 differs)",
+                    weights.display()
+                );
+                return Ok(Readable::Damaged(why));
+            }
+        }
+        let device = varmap
+            .all_vars()
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        match candle_core::safetensors::load(&weights, &device) {
+            Ok(tensors) => Ok(Readable::Good(meta, tensors)),
+            Err(e) => Ok(Readable::Damaged(format!(
+                "checkpoint {} is unreadable ({e})",
+                weights.display()
+            ))),
+        }
+    }
+
+    /// Put a verified checkpoint's weights and optimizer (and EMA) state in place.
+    fn apply(
+        dir: &Path,
+        meta: &serde_json::Value,
+        tensors: &HashMap<String, Tensor>,
+        varmap: &VarMap,
+        opt: &mut AdamW,
+        ema: Option<&mut Ema>,
+    ) -> Result<Resume, TrainError> {
         let err = |m: String| TrainError::Checkpoint {
             path: dir.to_path_buf(),
             message: m,
         };
-        let meta_path = Self::meta_path(dir);
-        if !meta_path.exists() {
-            return Ok(None);
-        }
-        let meta: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&meta_path).map_err(|e| err(e.to_string()))?,
-        )
-        .map_err(|e| err(format!("unreadable checkpoint.json: {e}")))?;
         let step = meta["step"]
             .as_u64()
             .ok_or_else(|| err("checkpoint.json has no step".into()))? as usize;
         let adam_t = meta["adam_t"].as_u64().unwrap_or(step as u64) as usize;
-        // checkpoints of earlier versions: checkpoint.safetensors, and the stream in rng.json
-        let weights = dir.join(meta["weights"].as_str().unwrap_or("checkpoint.safetensors"));
-        if !weights.exists() {
-            return Err(err(format!(
-                "checkpoint.json names {}, which does not exist",
-                weights.display()
-            )));
-        }
         let rng_state = if meta["rng"].is_array() {
             parse_rng_state(&meta["rng"])
         } else {
@@ -404,21 +502,6 @@ impl Checkpoint {
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .and_then(|v: serde_json::Value| parse_rng_state(&v))
-        };
-        let device = varmap
-            .all_vars()
-            .first()
-            .map(|v| v.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        if let Some(expected) = meta["weights_sha256"].as_str() {
-            let found = crate::files::sha256_file(&weights).map_err(|e| err(e.to_string()))?;
-            if found != expected {
-                return Self::discard(dir, &weights, "its sha256 differs from checkpoint.json's");
-            }
-        }
-        let tensors = match candle_core::safetensors::load(&weights, &device) {
-            Ok(t) => t,
-            Err(e) => return Self::discard(dir, &weights, &format!("unreadable ({e})")),
         };
         {
             let data = varmap
@@ -439,15 +522,16 @@ impl Checkpoint {
                 var.set(t)?;
             }
         }
-        opt.load_state(&tensors, adam_t).map_err(err)?;
+        opt.load_state(tensors, adam_t).map_err(err)?;
         if let Some(ema) = ema {
-            ema.load_state(&tensors).map_err(err)?;
+            ema.load_state(tensors).map_err(err)?;
         }
-        Ok(Some(Resume {
+        Ok(Resume {
             step,
             rng: rng_state.map(Rng::from_state),
             extra: meta["extra"].clone(),
-        }))
+            recovered: None,
+        })
     }
 }
 
@@ -529,8 +613,55 @@ mod tests {
                 !Checkpoint::meta_path(dir.path()).exists(),
                 "{damage}: removed"
             );
-            assert!(!weights.exists(), "{damage}: removed");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() -> anyhow::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let dir = tempfile::tempdir()?;
+        let build = |seed: u64| -> anyhow::Result<(VarMap, AdamW)> {
+            let varmap = VarMap::new();
+            let vb = models::init::seeded_var_builder(&varmap, seed, candle_core::DType::F32, &dev);
+            models::classifier::Classifier::new(1, 3, 8, vb)?;
+            let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
+            Ok((varmap, opt))
+        };
+        let (first, opt) = build(1)?;
+        Checkpoint::save(dir.path(), &first, &opt, None, 5, &Rng::new(1), &())?;
+        let (second, opt) = build(2)?;
+        Checkpoint::save(dir.path(), &second, &opt, None, 10, &Rng::new(2), &())?;
+        let (w5, w10) = (
+            dir.path().join(Checkpoint::weights_name(5)),
+            dir.path().join(Checkpoint::weights_name(10)),
+        );
+        assert!(w5.exists() && w10.exists(), "the latest two are kept");
+        let mut bytes = std::fs::read(&w10)?;
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x55;
+        std::fs::write(&w10, &bytes)?;
+
+        let (model, mut opt) = build(3)?;
+        let resume = Checkpoint::load(dir.path(), &model, &mut opt, None)?.expect("the previous");
+        assert_eq!(resume.step, 5);
+        let note = resume.recovered.expect("the recovery is reported");
+        assert!(
+            note.contains("checkpoint-00000010") && note.contains("step 5"),
+            "{note}"
+        );
+        let saved = first.data().lock().expect("lock").clone();
+        for (name, var) in model.data().lock().expect("lock").iter() {
+            let diff = (var.as_tensor() - saved[name].as_tensor())?
+                .abs()?
+                .flatten_all()?
+                .max(0)?;
+            assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{name}: step 5's weights");
+        }
+        // the next save keeps it as the previous one and drops the damaged step 10
+        Checkpoint::save(dir.path(), &model, &opt, None, 15, &Rng::new(3), &())?;
+        let w15 = dir.path().join(Checkpoint::weights_name(15));
+        assert!(w15.exists() && !w10.exists());
         Ok(())
     }
 
