@@ -474,13 +474,20 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
         }
-        // only the newest weights file is kept
-        let files: Vec<String> = std::fs::read_dir(&b)
+        // the newest two weights files are kept (the previous one is the fallback)
+        let mut files: Vec<String> = std::fs::read_dir(&b)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|f| f.ends_with(".safetensors"))
             .collect();
-        assert_eq!(files, vec!["checkpoint-00000050.safetensors".to_string()]);
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "checkpoint-00000025.safetensors",
+                "checkpoint-00000050.safetensors"
+            ]
+        );
     }
 
     fn sorted(varmap: &VarMap) -> Vec<(String, Tensor)> {
