@@ -376,15 +376,14 @@ impl Runner {
                     started.elapsed().as_secs_f64()
                 ));
             }
-            Err(e) if crate::stop::requested().is_some() => {
-                // a stop was asked for: the training loops (generator, tokenizer fit)
-                // checkpointed where they were, and the next `ablate run` resumes
-                let stopped = crate::stop::Stopped(crate::stop::requested().unwrap_or_default());
-                self.db.mark_interrupted(run_id)?;
-                self.say(format!("    interrupted: {e}"));
-                return Err(stopped.into());
-            }
             Err(e) => {
+                if let Err(stopped) = crate::stop::check() {
+                    // a stop was asked for: the training loops (generator, tokenizer fit)
+                    // checkpointed where they were, and the next `ablate run` resumes
+                    self.db.mark_interrupted(run_id)?;
+                    self.say(format!("    interrupted: {e}"));
+                    return Err(stopped.into());
+                }
                 let msg = format!("{e:#}");
                 self.db.fail_run(run_id, &msg)?;
                 self.say(format!("    failed: {msg}"));

@@ -69,6 +69,29 @@ fn generator_runs(db: &Db) -> Vec<db::RunRow> {
         .collect()
 }
 
+/// Start `ablate --root ROOT ARGS…`, wait (at most `limit`) until `ready` sees something, send
+/// SIGTERM, and return what `ready` saw with the process's output once it has exited.
+fn term_when<T>(
+    root: &std::path::Path,
+    args: &[&str],
+    ready: impl Fn() -> Option<T>,
+    limit: Duration,
+) -> (Option<T>, std::process::Output) {
+    let child = ablate_tests::spawn_ablate(root, args);
+    let started = std::time::Instant::now();
+    let mut seen = None;
+    while seen.is_none() && started.elapsed() < limit {
+        seen = ready();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    (seen, child.wait_with_output().expect("wait"))
+}
+
 /// The step of the first run's `checkpoint.json` under `root`, once there is one.
 fn first_checkpoint_step(root: &std::path::Path) -> Option<u64> {
     let entry = std::fs::read_dir(root.join("artifacts"))
@@ -220,21 +243,9 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let child = ablate_tests::spawn_ablate(&stopped, &args);
     let probe = || first_checkpoint_step(&stopped);
-    let started = std::time::Instant::now();
-    let mut seen = None;
-    while seen.is_none() && started.elapsed() < Duration::from_secs(120) {
-        seen = probe();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (seen, out) = term_when(&stopped, &args, probe, Duration::from_secs(120));
     let seen = seen.expect("a first checkpoint");
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
-    let out = child.wait_with_output().expect("wait");
     let err = stderr(&out);
     assert_eq!(
         out.status.code(),
@@ -297,26 +308,15 @@ fn sigterm_during_a_tokenizer_fit_resumes_to_the_same_tokenizer() {
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let child = ablate_tests::spawn_ablate(&stopped, &args);
     let tokenizers = stopped.join("cache/tokenizers");
-    let started = std::time::Instant::now();
     // the fit has started once its checkpoint folder exists
-    while started.elapsed() < Duration::from_secs(300) {
-        let fitting = std::fs::read_dir(&tokenizers).ok().is_some_and(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
-        });
-        if fitting {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
-    let out = child.wait_with_output().expect("wait");
+    let fitting = || {
+        let d = std::fs::read_dir(&tokenizers).ok()?;
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
+            .then_some(())
+    };
+    let (_, out) = term_when(&stopped, &args, fitting, Duration::from_secs(300));
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
 
     let db = Db::open_existing(&stopped.join("ablate.sqlite")).expect("db");
@@ -378,17 +378,8 @@ fn sigterm_to_a_jobs_parent_stops_its_workers() {
         "--set",
         "sample.count=10",
     ];
-    let child = ablate_tests::spawn_ablate(&root, &args);
-    let started = std::time::Instant::now();
-    while first_checkpoint_step(&root).is_none() && started.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
-    let out = child.wait_with_output().expect("wait");
+    let probe = || first_checkpoint_step(&root);
+    let (_, out) = term_when(&root, &args, probe, Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
 
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
