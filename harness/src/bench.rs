@@ -179,6 +179,7 @@ pub fn run(
     steps: usize,
     precision: Precision,
     peak_tflops: Option<f64>,
+    phases: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let cfg = GeneratorConfig {
         precision,
@@ -207,6 +208,12 @@ pub fn run(
         }
     }
     let train_step_s = median(times);
+    let phase_times = match phases {
+        true => Some(time_phases(
+            steps, device, &generator, &tokens, &labels, &vars, &mut opt, &mut rng,
+        )?),
+        false => None,
+    };
     let frozen = Generator::new(&cfg, frozen_var_builder(&varmap, DType::F32, device)?)?;
     let opts = SampleOptions {
         num_iter: 16.min(l),
@@ -235,6 +242,7 @@ pub fn run(
         "model_tflops_per_s": achieved / 1e12,
         // model FLOPs per second over the device's peak (--peak-tflops; CUDA only by default)
         "mfu": peak_tflops.map(|p| achieved / (p * 1e12)),
+        "phases": phase_times,
         "sample_images": 16,
         "sample_s": sample_s,
         "sample_images_per_s": 16.0 / sample_s,
@@ -244,6 +252,69 @@ pub fn run(
         "threads": candle_core::utils::get_num_threads(),
         "cpus_available": std::thread::available_parallelism().map_or(0, |n| n.get()),
     }))
+}
+
+/// Median seconds of each phase of a training step, the device synchronised after each, and
+/// how long the host took to queue it (`*_queued_s`): a phase whose queueing takes as long as the
+/// phase itself is bound by the host (kernel launches, allocations), not by the device.
+#[allow(clippy::too_many_arguments)]
+fn time_phases(
+    steps: usize,
+    device: &Device,
+    generator: &Generator,
+    tokens: &models::Tokens,
+    labels: &[u32],
+    vars: &[candle_core::Var],
+    opt: &mut AdamW,
+    rng: &mut Rng,
+) -> anyhow::Result<serde_json::Value> {
+    const NAMES: [&str; 7] = [
+        "forward_s",
+        "forward_queued_s",
+        "backward_s",
+        "backward_queued_s",
+        "clip_s",
+        "optimizer_s",
+        "optimizer_queued_s",
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
+    for _ in 0..steps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let loss = generator.loss(tokens, labels, rng)?;
+        let queued = t0.elapsed();
+        device.synchronize()?;
+        let (forward, t1) = (t0.elapsed(), Instant::now());
+        let mut grads = loss.backward()?;
+        let backward_queued = t1.elapsed();
+        device.synchronize()?;
+        let (backward, t2) = (t1.elapsed(), Instant::now());
+        clip_grad_norm(&mut grads, vars, 3.0)?;
+        device.synchronize()?;
+        let (clip, t3) = (t2.elapsed(), Instant::now());
+        opt.step(&grads, 1e-4)?;
+        let optimizer_queued = t3.elapsed();
+        device.synchronize()?;
+        let optimizer = t3.elapsed();
+        let all = [
+            forward,
+            queued,
+            backward,
+            backward_queued,
+            clip,
+            optimizer,
+            optimizer_queued,
+        ];
+        for (s, d) in samples.iter_mut().zip(all) {
+            s.push(d.as_secs_f64());
+        }
+    }
+    let map: serde_json::Map<String, serde_json::Value> = NAMES
+        .iter()
+        .zip(samples)
+        .map(|(n, s)| (n.to_string(), median(s).into()))
+        .collect();
+    Ok(map.into())
 }
 
 /// Evaluation workloads: (name, what it measures).

@@ -130,6 +130,13 @@ pub enum Command {
         /// CUDA: 989 for bf16 and 67 for f32, an H100/H200 SXM; none on the CPU]
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// Images per training step, for every workload chosen [default: each workload's own]
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Also time each phase of a step (forward, backward, clipping, optimizer) with the device
+        /// synchronised between them, and how long the host took to queue each one
+        #[arg(long)]
+        phases: bool,
         /// List the workloads and exit
         #[arg(long)]
         list: bool,
@@ -746,6 +753,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             steps,
             precision,
             peak_tflops,
+            batch,
+            phases,
             list,
         } => {
             let all = crate::bench::workloads();
@@ -803,11 +812,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 v
             };
-            if steps == 0 {
-                anyhow::bail!("--steps must be at least 1");
+            if batch == Some(0) {
+                anyhow::bail!("--batch must be at least 1");
             }
             for w in &chosen {
-                let line = crate::bench::run(w, &dev, &device, steps, precision, peak_tflops)?;
+                let w = crate::bench::Workload {
+                    batch: batch.unwrap_or(w.batch),
+                    ..w.clone()
+                };
+                let line =
+                    crate::bench::run(&w, &dev, &device, steps, precision, peak_tflops, phases)?;
                 println!("{line}");
             }
             Ok(0)
