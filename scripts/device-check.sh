@@ -10,9 +10,12 @@
 #                         bench then skips mar-base, and the quickstart is skipped)
 #   SKIP_QUICKSTART=1     leave out the one-seed quickstart
 #   WITH_CPU=1            also time the quickstart on this machine's CPU
-#   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1c; skipped
+#   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1a; skipped
 #                         when absent); PYTHON the interpreter with torch (python3)
-# Budget: under 8 minutes on an H200 without step 1c, which adds up to 6 minutes (two pairs of
+#   FUSED_TESTS           the models crate's unit-test binary built with `--features cuda`
+#                         (`cargo test --release -p models --features cuda --no-run`; *.gz too):
+#                         step 0a runs its fused::cuda_tests, every fused kernel against the CPU
+# Budget: under 8 minutes on an H200 without step 1a, which adds up to 6 minutes (two pairs of
 # 90 s caps; not yet timed on a GPU). Each step has a timeout; a step that runs out is
 # logged with rc=124 and the script goes on. Session 1 measured on
 # an H200: quickstart 97 s, tiny spec 24 s with CUDA start-up, MAR-B 1.5 s per step.
@@ -61,29 +64,31 @@ timed() { # name, timeout, command...
 DEVICE=${DEVICE:-cuda:0}
 TAG=${DEVICE%%:*} # cuda or cpu: the name of each step's log files
 BIG=(--workload mar-base)
-SELFTEST_LIMIT=75 BENCH_LIMIT=150 BF16_LIMIT=75
+SELFTEST_LIMIT=60 BENCH_LIMIT=100 BF16_LIMIT=50
 # on a CPU: no MAR-B, no quickstart, and room for ~6 s steps (mar-tiny, bf16 ~9 s)
 if [ "$TAG" = cpu ]; then BIG=(); SKIP_QUICKSTART=1; BENCH_LIMIT=600 BF16_LIMIT=300; fi
 
+# 0a. the fused ops' CUDA kernels (kernels.cu) against their CPU versions, forward and backward
+if [ -n "${FUSED_TESTS:-}" ]; then
+  FT=/tmp/models-tests
+  case "$FUSED_TESTS" in *.gz) gzip -dc "$FUSED_TESTS" > "$FT" ;; *) cp "$FUSED_TESTS" "$FT" ;; esac
+  chmod +x "$FT"
+  timed fused-cuda-tests 60 "$FT" fused::cuda_tests --test-threads 1 --nocapture
+  grep -E "^test |test result|panicked|differs" "$OUT/fused-cuda-tests.out" "$OUT/fused-cuda-tests.err" | tee -a "$SUMMARY"
+fi
 # 0. the device tests: every model on the device against the CPU (one JSON object per check)
 timed "selftest-$TAG" "$SELFTEST_LIMIT" "$BIN" selftest --device "$DEVICE"
 grep -c '"pass":true' "$OUT/selftest-$TAG.out" | sed 's/^/checks passed: /' | tee -a "$SUMMARY"
 grep '"pass":false' "$OUT/selftest-$TAG.out" | tee -a "$SUMMARY"
 tail -1 "$OUT/selftest-$TAG.err" | tee -a "$SUMMARY"
-# 1. throughput of the named workloads (one JSON object per line)
-timed "bench-$TAG" "$BENCH_LIMIT" "$BIN" bench --device "$DEVICE" --workload mar-tiny --workload mar-tiny-ce --workload ar-tiny --workload ar-tiny-ce "${BIG[@]}"
-cat "$OUT/bench-$TAG.out" >> "$SUMMARY"
-# 1b. the same with bf16 products (f32 master weights), for the f32/bf16 comparison
-timed "bench-$TAG-bf16" "$BF16_LIMIT" "$BIN" bench --device "$DEVICE" --precision bf16 --workload mar-tiny "${BIG[@]}"
-cat "$OUT/bench-$TAG-bf16.out" >> "$SUMMARY"
-# 1c. the reference PyTorch MAR beside ours, back to back, two runs each, and the ratios
+# 1a. the reference PyTorch MAR beside ours, back to back, two runs each, and the ratios
 # (issue 12's targets: mar-base under bf16 on CUDA, mar-tiny in f32 on the CPU). Needs the
 # official code's models/ and diffusion/ in MAR_SRC and ../shared/bench/reference_mar.py (REF_BENCH).
 REF_BENCH=${REF_BENCH:-../shared/bench/reference_mar.py}
 MAR_SRC=${MAR_SRC:-target/reference-mar}
 PYTHON=${PYTHON:-python3}
 if [ -f "$REF_BENCH" ] && [ -d "$MAR_SRC/models" ]; then
-  if [ "$TAG" = cpu ]; then REF_W=mar-tiny REF_P=f32 REF_LIMIT=120; else REF_W=mar-base REF_P=bf16 REF_LIMIT=90; fi
+  if [ "$TAG" = cpu ]; then REF_W=mar-tiny REF_P=f32 REF_LIMIT=120; else REF_W=mar-base REF_P=bf16 REF_LIMIT=50; fi
   for i in 1 2; do
     timed "ref-$TAG-$i" "$REF_LIMIT" env MAR_SRC="$MAR_SRC" "$PYTHON" "$REF_BENCH" "$TAG" --precision "$REF_P" "$REF_W"
     timed "ours-$TAG-$i" "$REF_LIMIT" "$BIN" bench --device "$DEVICE" --precision "$REF_P" --workload "$REF_W"
@@ -110,6 +115,12 @@ PY
 else
   say "reference bench skipped: no $REF_BENCH or no $MAR_SRC/models (carry them to compare)"
 fi
+# 1. throughput of the named workloads (one JSON object per line)
+timed "bench-$TAG" "$BENCH_LIMIT" "$BIN" bench --device "$DEVICE" --phases --workload mar-tiny --workload mar-tiny-ce --workload ar-tiny --workload ar-tiny-ce "${BIG[@]}"
+cat "$OUT/bench-$TAG.out" >> "$SUMMARY"
+# 1b. the same in f32, for the f32/bf16 comparison (bf16 is the default on CUDA)
+timed "bench-$TAG-f32" "$BF16_LIMIT" "$BIN" bench --device "$DEVICE" --phases --precision f32 --workload mar-tiny "${BIG[@]}"
+cat "$OUT/bench-$TAG-f32.out" >> "$SUMMARY"
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
 # 3. the quickstart (one seed) on the device, then on this machine's CPU, for a side-by-side time

@@ -260,10 +260,15 @@ pub fn run_generator(
 ) -> Result<GeneratorOutcome, anyhow::Error> {
     let varmap = VarMap::new();
     let generator = Generator::new(cfg, seeded_var_builder(&varmap, 7, DType::F32, device))?;
-    // random values everywhere: zero-initialised layers would hide whole branches at init
+    // random values everywhere: zero-initialised layers would hide whole branches at init. Drawn
+    // on the CPU and copied, so that both sides start from bit-identical weights (noise drawn on
+    // a GPU matches the CPU's only to the last bits of log/sin/cos).
     let mut rng = Rng::new(11);
     for (_, v) in sorted_vars(&varmap)? {
-        v.set(&(rng.normal_tensor(v.dims(), device)? * 0.2)?)?;
+        let r = rng
+            .normal_tensor(v.dims(), &Device::Cpu)?
+            .to_device(device)?;
+        v.set(&(r * 0.2)?)?;
     }
     let init = concat_vars(&varmap)?;
     let labels: Vec<u32> = (0..BATCH).map(|i| (i % cfg.num_classes) as u32).collect();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
+use models::fused::{self, AdamWStep};
 use models::Rng;
 
 use crate::spec::{LrScheduleSpec, TrainSpec};
@@ -27,8 +28,8 @@ struct Param {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    /// the first and second moments stacked, `[m; v]`, as [`models::fused::adamw`] takes them
+    moments: Tensor,
 }
 
 /// AdamW (Loshchilov & Hutter 2019) with per-parameter weight-decay groups and inspectable state,
@@ -71,11 +72,11 @@ impl AdamW {
         let params = sorted_vars(varmap)?
             .into_iter()
             .map(|(name, var)| {
+                let zeros = var.zeros_like()?;
                 Ok(Param {
                     decay: decays(&name, &var),
                     name,
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
+                    moments: Tensor::stack(&[&zeros, &zeros], 0)?,
                     var,
                 })
             })
@@ -97,8 +98,9 @@ impl AdamW {
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<()> {
         self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let (beta1, beta2, eps, t) = (self.beta1, self.beta2, self.eps, self.t);
+        let with_decay = AdamWStep::new(beta1, beta2, eps, lr, self.weight_decay, t);
+        let without_decay = AdamWStep::new(beta1, beta2, eps, lr, 0.0, t);
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -106,16 +108,10 @@ impl AdamW {
             // candle leaves a variable's gradient attached to the graph of the step that made it
             // (its activations): detached, the moments do not chain every step's graph together
             let g = &g.detach();
-            p.m = ((&p.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let m_hat = (&p.m / bc1)?;
-            let v_hat = (&p.v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let mut theta = p.var.as_tensor().clone();
-            if p.decay && self.weight_decay > 0.0 {
-                theta = (theta * (1.0 - lr * self.weight_decay))?;
-            }
-            p.var.set(&(theta - (update * lr)?)?)?;
+            let step = if p.decay { &with_decay } else { &without_decay };
+            let (theta, moments) = fused::adamw(&p.var.as_tensor().detach(), &p.moments, g, step)?;
+            p.moments = moments;
+            p.var.set(&theta)?;
         }
         Ok(())
     }
@@ -124,8 +120,11 @@ impl AdamW {
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("adam.m.{}", p.name), p.m.clone());
-            out.insert(format!("adam.v.{}", p.name), p.v.clone());
+            for (i, key) in ["m", "v"].into_iter().enumerate() {
+                if let Ok(moment) = p.moments.get(i) {
+                    out.insert(format!("adam.{key}.{}", p.name), moment);
+                }
+            }
         }
         out
     }
@@ -141,8 +140,7 @@ impl AdamW {
             if m.shape() != p.var.shape() || v.shape() != p.var.shape() {
                 return Err(format!("optimizer state of {} has the wrong shape", p.name));
             }
-            p.m = m.clone();
-            p.v = v.clone();
+            p.moments = Tensor::stack(&[m, v], 0).map_err(|e| format!("{}: {e}", p.name))?;
         }
         self.t = t;
         Ok(())
@@ -213,16 +211,16 @@ pub fn clip_grad_norm(
     vars: &[Var],
     max_norm: f64,
 ) -> candle_core::Result<f64> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-    }
+    // each gradient's sum of squares stays on the device; the host reads their f64 total once
+    let squares = vars
+        .iter()
+        .filter_map(|v| grads.get(v.as_tensor()))
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = match squares.is_empty() {
+        true => 0.0,
+        false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?,
+    };
     let norm = total.sqrt();
     if norm > max_norm && norm.is_finite() {
         let scale = max_norm / (norm + 1e-6);

@@ -80,13 +80,15 @@ impl Rng {
         (0..n).map(|_| self.normal() as f32).collect()
     }
 
+    /// N(0, 1) noise of `shape`, generated on `device` ([`crate::fused::gaussian_noise`]) from
+    /// one value of this stream: the same on every device, and nothing to upload.
     pub fn normal_tensor(
         &mut self,
         shape: &[usize],
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let n = shape.iter().product();
-        Tensor::from_vec(self.normal_vec(n), shape, device)
+        let key = self.next_u64();
+        crate::fused::gaussian_noise(key, &shape.into(), device)
     }
 
     /// Sample an index from unnormalised probabilities.

@@ -162,3 +162,54 @@ pub(super) fn col_sum_finalize(
     b.arg(out);
     launch(b, elementwise_cfg(m))
 }
+
+/// [`super::adamw`]'s kernel over `n` values: `[θ'; m'; v']` from contiguous θ, `[m; v]` and g.
+pub(super) fn adamw(
+    s: &super::AdamWStep,
+    n: usize,
+    theta: (&CudaStorage, &Layout),
+    moments: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = theta.0.device();
+    let (t, m, gr) = (view(theta)?, view(moments)?, view(g)?);
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let out = alloc(dev, 3 * n)?;
+    let kernel = Kernel::load(dev, "fused_adamw")?;
+    let mut b = kernel.builder();
+    b.arg(&n);
+    b.arg(&t);
+    b.arg(&m);
+    b.arg(&gr);
+    for x in [
+        &s.beta1, &s.beta2, &s.inv_bc1, &s.inv_bc2, &s.eps, &s.lr, &s.decay,
+    ] {
+        b.arg(x);
+    }
+    b.arg(&out);
+    launch(b, elementwise_cfg(n))?;
+    Ok(wrap(out, dev))
+}
+
+/// An f32 input from its layout's offset on (the caller checks that it is contiguous).
+fn view<'a>((s, l): (&'a CudaStorage, &Layout)) -> Result<CudaView<'a, f32>> {
+    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
+}
+
+/// [`super::gaussian_noise`]'s kernel: `n` normals from `key`.
+pub(super) fn gaussian_noise(dev: &CudaDevice, key: u64, n: usize) -> Result<CudaStorage> {
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let out = alloc(dev, n)?;
+    let kernel = Kernel::load(dev, "gaussian_noise")?;
+    let mut b = kernel.builder();
+    b.arg(&n);
+    b.arg(&key);
+    b.arg(&out);
+    launch(b, elementwise_cfg(n.div_ceil(2)))?;
+    Ok(wrap(out, dev))
+}

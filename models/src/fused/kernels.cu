@@ -375,3 +375,48 @@ extern "C" __global__ void fused_softmax_bwd(size_t cols, const float* p, size_t
   for (size_t j = threadIdx.x; j < cols; j += blockDim.x)
     out[j] = scale * prow[j] * (drow[j] - inner);
 }
+
+// ---------------------------------------------------------------------------------------------
+// the optimizer
+
+// One AdamW update (adamw.rs), over n contiguous values: out = [θ'; m'; v'] from θ, the stacked
+// moments [m; v] and the gradient g. The order of operations is adamw_plain's.
+extern "C" __global__ void fused_adamw(size_t n, const float* theta, const float* moments,
+                                       const float* g, float beta1, float beta2, float inv_bc1,
+                                       float inv_bc2, float eps, float lr, float decay, float* out) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const float gi = g[i];
+    const float m1 = moments[i] * beta1 + gi * (1.0f - beta1);
+    const float v1 = moments[n + i] * beta2 + (gi * gi) * (1.0f - beta2);
+    const float u = (m1 * inv_bc1) / (sqrtf(v1 * inv_bc2) + eps);
+    out[i] = theta[i] * decay - u * lr;
+    out[n + i] = m1;
+    out[2 * n + i] = v1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// noise (noise.rs): values 2j and 2j+1 from SplitMix64 of key + (j+1)·γ, Box–Muller
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+extern "C" __global__ void gaussian_noise(size_t n, unsigned long long key, float* out) {
+  const size_t pairs = (n + 1) / 2;
+  for (size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x; j < pairs;
+       j += (size_t)blockDim.x * gridDim.x) {
+    const unsigned long long bits = mix64(key + (j + 1) * 0x9E3779B97F4A7C15ull);
+    const float scale = 1.0f / 16777216.0f;
+    const float u1 = 1.0f - (float)(unsigned int)(bits >> 40) * scale;
+    const float u2 = (float)(((unsigned int)(bits >> 8)) >> 8) * scale;
+    const float r = sqrtf(-2.0f * logf(u1));
+    float s, c;
+    sincosf(6.28318530717958647692f * u2, &s, &c);
+    out[2 * j] = r * c;
+    if (2 * j + 1 < n) out[2 * j + 1] = r * s;
+  }
+}

@@ -1,7 +1,7 @@
 //! Fused element-wise ops with hand-written backward passes, for the hot paths of training.
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
-//! `attention_softmax`, `bias_add`, `gated_residual`) whose forward pass is a single pass over rows and whose backward pass is
+//! `attention_softmax`, `bias_add`, `gated_residual`, and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
 //! one more, instead of the five to ten candle ops (each allocating a full tensor, forward and
 //! backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
@@ -16,6 +16,7 @@
 //! computed on the device the tensors live on.
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
+mod adamw;
 mod attention;
 mod bias_add;
 #[cfg(feature = "cuda")]
@@ -25,14 +26,17 @@ mod gelu;
 mod layer_norm;
 mod math;
 mod modulate;
+mod noise;
 mod silu;
 
+pub use adamw::{adamw, adamw_plain, AdamWStep};
 pub use attention::{attention_softmax, attention_softmax_plain};
 pub use bias_add::{bias_add, bias_add_plain};
 pub use gated_residual::{gated_residual, gated_residual_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use modulate::{modulate, modulate_plain};
+pub use noise::{gaussian_noise, gaussian_noise_cpu};
 pub use silu::{silu, silu_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.
@@ -409,6 +413,42 @@ mod cuda_tests {
                 2e-3,
             )?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn gaussian_noise_is_the_cpus() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("gaussian noise: no CUDA device, skipped");
+            return Ok(());
+        };
+        let shape = candle_core::Shape::from((1001, 33));
+        let g = gaussian_noise(42, &shape, &gpu)?;
+        assert!(g.device().is_cuda(), "noise: not generated on the GPU");
+        let c = gaussian_noise(42, &shape, &Device::Cpu)?;
+        let d = max_diff(&c, &g.to_device(&Device::Cpu)?)?;
+        assert!(d < 1e-5, "noise: GPU values differ from the CPU's by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_update() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("adamw: no CUDA device, skipped");
+            return Ok(());
+        };
+        let theta = randn(&[300, 70], 1)?;
+        let moments = Tensor::stack(&[randn(&[300, 70], 2)?, randn(&[300, 70], 3)?.sqr()?], 0)?;
+        let g = randn(&[300, 70], 4)?;
+        let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.02, 3);
+        let (tc, mc) = adamw(&theta, &moments, &g, &s)?;
+        let on = |t: &Tensor| t.to_device(&gpu);
+        let (tg, mg) = adamw(&on(&theta)?, &on(&moments)?, &on(&g)?, &s)?;
+        assert!(tg.device().is_cuda(), "adamw: the result left the GPU");
+        let d = max_diff(&tc, &tg.to_device(&Device::Cpu)?)?;
+        assert!(d < 1e-6, "adamw: θ differs by {d}");
+        let d = max_diff(&mc, &mg.to_device(&Device::Cpu)?)?;
+        assert!(d < 1e-5, "adamw: moments differ by {d}");
         Ok(())
     }
 
