@@ -118,10 +118,14 @@ impl Workload {
             decoder_width: self.width,
             decoder_depth: self.decoder_depth,
             heads: self.heads,
+            decoder_heads: self.heads,
             mlp_ratio: 4.0,
             num_classes: self.classes,
             buffer_size: self.buffer,
             label_drop: 0.1,
+            // the reference bench trains with its default dropout too
+            attn_dropout: 0.1,
+            proj_dropout: 0.1,
             head: match self.vocab {
                 Some(vocab) => HeadConfig::CrossEntropy { vocab },
                 None => HeadConfig::Diffusion {

@@ -71,13 +71,6 @@ impl MarConfig {
         &self,
         sampling_steps: Option<usize>,
     ) -> Result<GeneratorConfig, String> {
-        if self.encoder_num_heads != self.decoder_num_heads {
-            return Err(format!(
-                "encoder_num_heads {} differs from decoder_num_heads {}: ablate's MAR uses one \
-                 head count for both",
-                self.encoder_num_heads, self.decoder_num_heads
-            ));
-        }
         let sampling_steps = match sampling_steps {
             Some(s) => s,
             None => self.num_sampling_steps.trim().parse().map_err(|_| {
@@ -103,10 +96,14 @@ impl MarConfig {
             decoder_width: self.decoder_embed_dim,
             decoder_depth: self.decoder_depth,
             heads: self.encoder_num_heads,
+            decoder_heads: self.decoder_num_heads,
             mlp_ratio: self.mlp_ratio,
             num_classes: self.class_num,
             buffer_size: self.buffer_size,
             label_drop: 0.0,
+            // an imported model only samples, where dropout is off
+            attn_dropout: 0.0,
+            proj_dropout: 0.0,
             head: HeadConfig::Diffusion {
                 width: self.diffloss_w,
                 depth: self.diffloss_d,
@@ -136,6 +133,8 @@ pub struct ImportOptions {
     /// attention heads of encoder and decoder (default: the reference model's, from `args.model`,
     /// else width / 64)
     pub heads: Option<usize>,
+    /// attention heads of the decoder (default: `args.decoder_num_heads`, else `heads`)
+    pub decoder_heads: Option<usize>,
     pub patch_size: Option<usize>,
     pub vae_stride: Option<usize>,
     pub diffusion_batch_mul: Option<usize>,
@@ -633,7 +632,7 @@ pub fn infer_config(
         );
     }
     let model_name = args.get("model").and_then(ArgValue::as_string);
-    let heads = match opts.heads {
+    let heads = match opts.heads.or_else(|| arg_usize("encoder_num_heads")) {
         Some(h) => h,
         None => match model_name
             .as_deref()
@@ -649,11 +648,18 @@ pub fn infer_config(
             }
         },
     };
-    for (what, w) in [("encoder", width), ("decoder", decoder_width)] {
-        if heads == 0 || !w.is_multiple_of(heads) {
+    let decoder_heads = opts
+        .decoder_heads
+        .or_else(|| arg_usize("decoder_num_heads"))
+        .unwrap_or(heads);
+    for (what, w, h, flag) in [
+        ("encoder", width, heads, "--heads"),
+        ("decoder", decoder_width, decoder_heads, "--decoder-heads"),
+    ] {
+        if h == 0 || !w.is_multiple_of(h) {
             return fail(
                 path,
-                format!("{what} width {w} is not divisible by {heads} heads; give --heads"),
+                format!("{what} width {w} is not divisible by {h} heads; give {flag}"),
             );
         }
     }
@@ -671,7 +677,7 @@ pub fn infer_config(
         encoder_num_heads: heads,
         decoder_embed_dim: decoder_width,
         decoder_depth: count_blocks(shapes, "decoder_blocks."),
-        decoder_num_heads: heads,
+        decoder_num_heads: decoder_heads,
         mlp_ratio,
         vae_embed_dim: token_dim / (patch_size * patch_size),
         class_num,
@@ -977,6 +983,50 @@ mod tests {
         assert!(shapes.contains_key("encoder_blocks.1.attn.qkv.weight"));
         assert!(shapes.contains_key("diffloss.net.res_blocks.1.adaLN_modulation.1.weight"));
         assert!(shapes.contains_key("fake_latent"));
+    }
+
+    /// Encoder and decoder head counts are separate: from --heads / --decoder-heads, else from
+    /// the checkpoint's args (`encoder_num_heads`, `decoder_num_heads`); a count that does not
+    /// divide its width names the flag to give.
+    #[test]
+    fn decoder_heads_come_from_the_flag_or_the_args() {
+        let c = MarConfig {
+            decoder_num_heads: 4,
+            ..cfg()
+        };
+        let gen = c.generator_config(None).unwrap();
+        assert_eq!((gen.heads, gen.decoder_heads), (2, 4));
+        let expected = expected_parameters(&gen).unwrap();
+        let shapes: BTreeMap<String, Vec<usize>> = expected.iter().cloned().collect();
+        let by_flag = ImportOptions {
+            heads: Some(2),
+            decoder_heads: Some(4),
+            num_sampling_steps: Some("10".into()),
+            ..Default::default()
+        };
+        let inferred =
+            infer_config(Path::new("x.pth"), &shapes, &BTreeMap::new(), &by_flag).unwrap();
+        assert_eq!(inferred, c);
+        let args: BTreeMap<String, ArgValue> = [
+            ("encoder_num_heads".to_string(), ArgValue::Int(2)),
+            ("decoder_num_heads".to_string(), ArgValue::Int(4)),
+        ]
+        .into_iter()
+        .collect();
+        let by_args = ImportOptions {
+            num_sampling_steps: Some("10".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            infer_config(Path::new("x.pth"), &shapes, &args, &by_args).unwrap(),
+            c
+        );
+        let bad = ImportOptions {
+            decoder_heads: Some(5),
+            ..by_flag
+        };
+        let e = infer_config(Path::new("x.pth"), &shapes, &BTreeMap::new(), &bad).unwrap_err();
+        assert!(e.to_string().contains("--decoder-heads"), "{e}");
     }
 
     #[test]

@@ -171,6 +171,10 @@ pub enum Command {
         /// reference model's from the checkpoint's args.model, else width / 64)
         #[arg(long)]
         heads: Option<usize>,
+        /// Attention heads of the decoder (default: args.decoder_num_heads, else --heads or the
+        /// encoder's)
+        #[arg(long)]
+        decoder_heads: Option<usize>,
         /// Patch size over the tokenizer latents (default: args.patch_size, else 1)
         #[arg(long)]
         patch_size: Option<usize>,
@@ -857,6 +861,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             checkpoint,
             out,
             heads,
+            decoder_heads,
             patch_size,
             vae_stride,
             diffusion_batch_mul,
@@ -873,6 +878,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             let opts = crate::checkpoint::ImportOptions {
                 heads,
+                decoder_heads,
                 patch_size,
                 vae_stride,
                 diffusion_batch_mul,

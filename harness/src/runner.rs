@@ -1113,10 +1113,13 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
         decoder_width: g.decoder_width.unwrap_or(g.width),
         decoder_depth: g.decoder_depth.unwrap_or(g.depth),
         heads: g.heads,
+        decoder_heads: g.decoder_heads.unwrap_or(g.heads),
         mlp_ratio: g.mlp_ratio,
         num_classes: classes,
         buffer_size: g.buffer,
         label_drop: g.label_drop,
+        attn_dropout: g.attn_dropout,
+        proj_dropout: g.proj_dropout,
         head: match run.arm {
             Arm::CrossEntropy => HeadConfig::CrossEntropy {
                 vocab: tok.vocab().unwrap_or(2),

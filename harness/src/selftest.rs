@@ -207,10 +207,14 @@ impl Variant {
             decoder_width: 32,
             decoder_depth: 2,
             heads: 4,
+            // unequal head counts and dropout on, so that the device runs both paths
+            decoder_heads: 2,
             mlp_ratio: 2.0,
             num_classes: 4,
             buffer_size: 4,
             label_drop: 0.1,
+            attn_dropout: 0.1,
+            proj_dropout: 0.1,
             head: if self.diffusion {
                 HeadConfig::Diffusion {
                     width: 32,

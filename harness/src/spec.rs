@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 /// Bumped when a change to the code changes what a run with the same spec produces.
 /// 2: causal AR runs have depth + decoder_depth blocks (size parity with MAR).
 /// 3: Gaussian noise is generated on the run's device from a key of its seeded stream
-///    (`fused::gaussian_noise`), so the noise values differ from version 2's.
+///    (`fused::gaussian_noise`), so the noise values differ from version 2's; the generator's
+///    blocks have dropout 0.1 by default (generator.attn_dropout / proj_dropout, as the
+///    reference), and generator.decoder_heads is a key.
 pub const RESULTS_VERSION: &str = "3";
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +275,9 @@ pub struct GeneratorSpec {
     pub decoder_depth: Option<usize>,
     #[serde(default = "d_heads")]
     pub heads: usize,
+    /// MAR decoder's attention heads (the reference's `decoder_num_heads`; defaults to heads)
+    #[serde(default)]
+    pub decoder_heads: Option<usize>,
     #[serde(default = "d_mlp_ratio")]
     pub mlp_ratio: f64,
     /// MAR's class buffer slots
@@ -280,6 +285,12 @@ pub struct GeneratorSpec {
     pub buffer: usize,
     #[serde(default = "d_label_drop")]
     pub label_drop: f64,
+    /// dropout of the blocks' attention probabilities in training (the reference's 0.1)
+    #[serde(default = "d_dropout")]
+    pub attn_dropout: f64,
+    /// dropout of the attention projection's and both MLP layers' outputs (the reference's 0.1)
+    #[serde(default = "d_dropout")]
+    pub proj_dropout: f64,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -306,6 +317,10 @@ fn d_buffer() -> usize {
     4
 }
 fn d_label_drop() -> f64 {
+    0.1
+}
+/// timm's Block as MAR builds it: `attn_drop = proj_drop = 0.1` (models/mar.py defaults)
+fn d_dropout() -> f64 {
     0.1
 }
 
@@ -1229,14 +1244,28 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
         g.width,
         g.heads
     );
-    if let Some(w) = g.decoder_width {
+    let decoder_heads = g.decoder_heads.unwrap_or(g.heads);
+    check!(
+        decoder_heads >= 1,
+        "generator.decoder_heads",
+        "expected at least 1, found {}",
+        decoder_heads
+    );
+    if decoder_heads >= 1 {
+        let w = g.decoder_width.unwrap_or(g.width);
         check!(
-            w % g.heads == 0,
-            "generator.decoder_width",
-            "must be divisible by generator.heads ({}), found {}",
-            g.heads,
-            w
+            w.is_multiple_of(decoder_heads),
+            "generator.decoder_heads",
+            "must divide the decoder width ({}), found {}",
+            w,
+            decoder_heads
         );
+    }
+    for (key, p) in [
+        ("generator.attn_dropout", g.attn_dropout),
+        ("generator.proj_dropout", g.proj_dropout),
+    ] {
+        check!((0.0..1.0).contains(&p), key, "expected [0, 1), found {}", p);
     }
     check!(
         g.mlp_ratio > 0.0,
@@ -1614,6 +1643,34 @@ diffusion = { tokenizer = "px" }
         .expect_err("a batch larger than the data")
         .to_string();
         assert!(e.contains("train.batch") && e.contains("120"), "{e}");
+    }
+
+    #[test]
+    fn dropout_and_decoder_heads_are_checked_and_in_the_identity() {
+        for key in ["generator.attn_dropout", "generator.proj_dropout"] {
+            for bad in ["-0.1", "1", "nan"] {
+                let e = load_str("m", MINI, &[format!("{key}={bad}")])
+                    .expect_err(bad)
+                    .to_string();
+                assert!(e.contains(key) && e.contains("[0, 1)"), "{key}={bad}: {e}");
+            }
+        }
+        let e = load_str("m", MINI, &["generator.decoder_heads=3".into()])
+            .expect_err("3 heads do not divide width 64")
+            .to_string();
+        assert!(
+            e.contains("generator.decoder_heads") && e.contains("64"),
+            "{e}"
+        );
+        let base = load_str("m", MINI, &[]).expect("mini").runs();
+        let other = load_str("m", MINI, &["generator.attn_dropout=0".into()])
+            .expect("no attention dropout")
+            .runs();
+        assert_ne!(
+            base[0].hash(""),
+            other[0].hash(""),
+            "dropout is part of a run's identity"
+        );
     }
 
     #[test]

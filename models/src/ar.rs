@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::generator::{ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
 use crate::mar::SampleState;
-use crate::nn::{Block, KvCache, LayerNorm};
+use crate::nn::{Block, Dropout, KvCache, LayerNorm};
 use crate::rng::Rng;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
@@ -29,6 +29,8 @@ pub struct Ar {
     seq_len: usize,
     width: usize,
     label_drop: f64,
+    /// dropout probabilities of the blocks in training (attention probabilities, projections)
+    dropout: (f64, f64),
 }
 
 /// Rows `orders[b][i]` of a (L, W) table, as (B, K, W) with K = orders[b].len().
@@ -105,6 +107,7 @@ impl Ar {
             seq_len: cfg.seq_len,
             width: w,
             label_drop: cfg.label_drop,
+            dropout: (cfg.attn_dropout, cfg.proj_dropout),
         })
     }
 
@@ -119,6 +122,7 @@ impl Ar {
         tokens: &Tokens,
         class_embedding: &Tensor,
         orders: Option<&[Vec<usize>]>,
+        drop: Option<&Dropout>,
     ) -> Result<Tensor> {
         let x = self.embed.forward(tokens)?;
         let (b, l, w) = x.dims3()?;
@@ -145,7 +149,7 @@ impl Ar {
             _ => inputs.broadcast_add(&self.pos_embed_learned)?,
         };
         for block in &self.blocks {
-            h = block.forward(&h, true)?;
+            h = block.forward(&h, true, drop)?;
         }
         Ok(self.norm.forward(&h)?)
     }
@@ -160,8 +164,9 @@ impl Ar {
         } else {
             (tokens.clone(), None)
         };
+        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng);
         let z = self
-            .forward(&tokens, &class_embedding, orders.as_deref())?
+            .forward(&tokens, &class_embedding, orders.as_deref(), drop.as_ref())?
             .reshape((b * self.seq_len, self.width))?;
         self.head.loss(&z, &tokens.flatten_rows()?, None, rng)
     }
@@ -267,10 +272,13 @@ mod tests {
                 decoder_width: 8,
                 decoder_depth: 1,
                 heads: 2,
+                decoder_heads: 2,
                 mlp_ratio: 2.0,
                 num_classes: 2,
                 buffer_size: 1,
                 label_drop: 0.0,
+                attn_dropout: 0.0,
+                proj_dropout: 0.0,
                 head: HeadConfig::CrossEntropy { vocab: 7 },
                 precision: Default::default(),
             };
@@ -300,6 +308,7 @@ mod tests {
                 &ordered,
                 &cls,
                 (order == Order::Random).then_some(orders.as_slice()),
+                None,
             )?;
             // incremental: class first, then each ordered token with its positions
             let mut caches = vec![KvCache::default(); ar.blocks.len()];

@@ -94,10 +94,13 @@ mod tests {
             decoder_width: 8,
             decoder_depth: 0,
             heads: 2,
+            decoder_heads: 2,
             mlp_ratio: 4.0,
             num_classes: 10,
             buffer_size: 0,
             label_drop: 0.0,
+            attn_dropout: 0.0,
+            proj_dropout: 0.0,
             head: HeadConfig::CrossEntropy { vocab: 16 },
             precision: Precision::F32,
         };

@@ -60,12 +60,19 @@ pub struct GeneratorConfig {
     pub decoder_width: usize,
     pub decoder_depth: usize,
     pub heads: usize,
+    /// MAR's decoder heads (the reference's `decoder_num_heads`; ignored for AR)
+    pub decoder_heads: usize,
     pub mlp_ratio: f64,
     pub num_classes: usize,
     /// MAR's buffer of class-embedding slots
     pub buffer_size: usize,
     /// probability of replacing the class with the "fake" class in training (CFG)
     pub label_drop: f64,
+    /// dropout of the transformer blocks in training, as timm's `Block` (reference default 0.1):
+    /// on the attention probabilities, and on the outputs of the attention projection and of
+    /// both MLP layers
+    pub attn_dropout: f64,
+    pub proj_dropout: f64,
     pub head: HeadConfig,
     /// arithmetic of the linear layers and attention products (weights stay f32)
     pub precision: Precision,
@@ -83,11 +90,21 @@ impl GeneratorConfig {
                 self.width, self.heads
             ));
         }
-        if self.kind == GeneratorKind::Mar && !self.decoder_width.is_multiple_of(self.heads) {
+        if self.kind == GeneratorKind::Mar
+            && (self.decoder_heads == 0 || !self.decoder_width.is_multiple_of(self.decoder_heads))
+        {
             return bad(format!(
-                "decoder width {} is not divisible by heads {}",
-                self.decoder_width, self.heads
+                "decoder width {} is not divisible by decoder heads {}",
+                self.decoder_width, self.decoder_heads
             ));
+        }
+        for (name, p) in [
+            ("attn_dropout", self.attn_dropout),
+            ("proj_dropout", self.proj_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("{name} must be in [0, 1), got {p}"));
+            }
         }
         if !(0.0..1.0).contains(&self.label_drop) {
             return bad(format!(
@@ -326,10 +343,13 @@ mod tests {
             decoder_width: 16,
             decoder_depth: 1,
             heads: 2,
+            decoder_heads: 2,
             mlp_ratio: 2.0,
             num_classes: 3,
             buffer_size: 2,
             label_drop: 0.1,
+            attn_dropout: 0.1,
+            proj_dropout: 0.1,
             head: if diffusion {
                 HeadConfig::Diffusion {
                     width: 16,

@@ -6,7 +6,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
 use crate::head::Head;
-use crate::nn::{linear_xavier, Block, LayerNorm, Linear};
+use crate::nn::{linear_xavier, Block, Dropout, LayerNorm, Linear};
 use crate::rng::Rng;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
@@ -30,6 +30,8 @@ pub struct Mar {
     buffer_size: usize,
     decoder_width: usize,
     label_drop: f64,
+    /// dropout probabilities of the blocks in training (attention probabilities, projections)
+    dropout: (f64, f64),
 }
 
 /// Mask ratio for training: truncated Gaussian N(1, 0.25²) on [0.7, 1] (mean ≈ 0.867, MAR §3.3).
@@ -132,7 +134,7 @@ impl Mar {
                 .map(|i| {
                     Block::new(
                         wd,
-                        cfg.heads,
+                        cfg.decoder_heads,
                         cfg.mlp_ratio,
                         cfg.precision,
                         vb.pp(format!("decoder_blocks.{i}")),
@@ -150,6 +152,7 @@ impl Mar {
             buffer_size: cfg.buffer_size,
             decoder_width: wd,
             label_drop: cfg.label_drop,
+            dropout: (cfg.attn_dropout, cfg.proj_dropout),
         })
     }
 
@@ -175,6 +178,7 @@ impl Mar {
         tokens: &Tokens,
         mask: &[bool],
         class_embedding: &Tensor,
+        drop: Option<&Dropout>,
     ) -> Result<Tensor> {
         let x = self.embed.forward(tokens)?;
         let (b, l, w) = x.dims3()?;
@@ -192,13 +196,18 @@ impl Mar {
             .index_select(&idx, 0)?
             .reshape((b, kept, w))?;
         for block in &self.encoder_blocks {
-            x = block.forward(&x, false)?;
+            x = block.forward(&x, false, drop)?;
         }
         Ok(self.encoder_norm.forward(&x)?)
     }
 
     /// MAE decoder: put the encoded tokens back, mask tokens elsewhere; returns z (B, L, Wd).
-    pub fn forward_decoder(&self, x: &Tensor, mask: &[bool]) -> Result<Tensor> {
+    pub fn forward_decoder(
+        &self,
+        x: &Tensor,
+        mask: &[bool],
+        drop: Option<&Dropout>,
+    ) -> Result<Tensor> {
         let x = self.decoder_embed.forward(x)?;
         let (b, kept, wd) = x.dims3()?;
         let total = self.seq_len + self.buffer_size;
@@ -227,7 +236,7 @@ impl Mar {
             .reshape((b, total, wd))?
             .broadcast_add(&self.decoder_pos_embed_learned)?;
         for block in &self.decoder_blocks {
-            x = block.forward(&x, false)?;
+            x = block.forward(&x, false, drop)?;
         }
         let x = self
             .decoder_norm
@@ -254,8 +263,9 @@ impl Mar {
         let b = labels.len();
         let class_embedding = self.class.train(labels, self.label_drop, rng, &dev)?;
         let mask = self.training_mask(b, rng);
-        let x = self.forward_encoder(tokens, &mask, &class_embedding)?;
-        let z = self.forward_decoder(&x, &mask)?;
+        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng);
+        let x = self.forward_encoder(tokens, &mask, &class_embedding, drop.as_ref())?;
+        let z = self.forward_decoder(&x, &mask, drop.as_ref())?;
         let z = z.reshape((b * self.seq_len, self.decoder_width))?;
         let mask_t: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
         let mask_t = Tensor::from_vec(mask_t, b * self.seq_len, &dev)?;
@@ -284,8 +294,8 @@ impl Mar {
             } else {
                 masked.clone()
             };
-            let x = self.forward_encoder(&tokens, &mask_rows, &class_embedding)?;
-            let z = self.forward_decoder(&x, &mask_rows)?;
+            let x = self.forward_encoder(&tokens, &mask_rows, &class_embedding, None)?;
+            let z = self.forward_decoder(&x, &mask_rows, None)?;
             let last = step + 1 >= num_iter;
             let mask_len = tokens_masked_after(step, num_iter, l, currently_masked);
             // positions to predict now: masked now and not masked after this step (all at the end)

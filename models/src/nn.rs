@@ -4,6 +4,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::fused;
+use crate::Rng;
 use candle_nn::{Init, VarBuilder};
 
 /// Arithmetic of the matrix products. The weights are f32 variables either way (master weights,
@@ -197,9 +198,60 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&fused::gelu_erf(&self.fc1.forward(x)?)?)
+impl Mlp {
+    /// fc1 → GELU → dropout → fc2 → dropout (timm's `Mlp` with `drop = proj_drop`).
+    pub fn forward(&self, x: &Tensor, drop: Option<&Dropout>) -> Result<Tensor> {
+        let h = fused::gelu_erf(&self.fc1.forward(x)?)?;
+        let h = Dropout::proj(drop, &h)?;
+        Dropout::proj(drop, &self.fc2.forward(&h)?)
+    }
+}
+
+/// The dropout of one training forward pass, at timm `Block`'s sites: the attention
+/// probabilities (`attn`), and the outputs of the attention projection and of both MLP layers
+/// (`proj`). Each site takes the next key of a counter over one key drawn from the step's seeded
+/// [`Rng`], so masks are the same on every device and on resume. Sampling and evaluation pass
+/// `None`: no dropout.
+#[derive(Debug)]
+pub struct Dropout {
+    attn: f32,
+    proj: f32,
+    key: u64,
+    sites: std::cell::Cell<u64>,
+}
+
+impl Dropout {
+    /// Dropout with these probabilities for one forward pass; `None` (and nothing drawn from
+    /// `rng`) when both are 0.
+    pub fn new(attn: f64, proj: f64, rng: &mut Rng) -> Option<Dropout> {
+        (attn > 0.0 || proj > 0.0).then(|| Dropout {
+            attn: attn as f32,
+            proj: proj as f32,
+            key: rng.next_u64(),
+            sites: std::cell::Cell::new(0),
+        })
+    }
+
+    fn next_key(&self) -> u64 {
+        let site = self.sites.get();
+        self.sites.set(site + 1);
+        fused::derive_key(self.key, site)
+    }
+
+    /// Dropout of attention probabilities, if any.
+    pub fn attn(drop: Option<&Dropout>, x: &Tensor) -> Result<Tensor> {
+        match drop {
+            Some(d) if d.attn > 0.0 => fused::dropout(x, d.attn, d.next_key()),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// Dropout of a projection's output, if any.
+    pub fn proj(drop: Option<&Dropout>, x: &Tensor) -> Result<Tensor> {
+        match drop {
+            Some(d) if d.proj > 0.0 => fused::dropout(x, d.proj, d.next_key()),
+            _ => Ok(x.clone()),
+        }
     }
 }
 
@@ -244,25 +296,34 @@ impl Attention {
         ))
     }
 
-    /// softmax(q·kᵀ/√d) · v, causal when asked (each query sees the keys up to its own position).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    /// softmax(q·kᵀ/√d) · v, causal when asked (each query sees the keys up to its own position),
+    /// with dropout on the probabilities and on the projection's output when training.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        causal: bool,
+        drop: Option<&Dropout>,
+    ) -> Result<Tensor> {
         let (b, h, l, hd) = q.dims4()?;
         let scale = 1.0 / (hd as f64).sqrt();
         // scores come back in f32: scale, mask and softmax are f32 in every precision
         let att = self.precision.matmul(q, &k.t()?)?;
         let att = fused::attention_softmax(&att, scale, causal)?;
+        let att = Dropout::attn(drop, &att)?;
         let y = self
             .precision
             .matmul(&att, v)?
             .transpose(1, 2)?
             .reshape((b, l, h * hd))?;
-        self.proj.forward(&y)
+        Dropout::proj(drop, &self.proj.forward(&y)?)
     }
 
     /// Self-attention over all positions, or causal (position i sees positions ≤ i).
-    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, causal: bool, drop: Option<&Dropout>) -> Result<Tensor> {
         let (q, k, v) = self.qkv_heads(x)?;
-        self.attend(&q, &k, &v, causal)
+        self.attend(&q, &k, &v, causal, drop)
     }
 
     /// Attend from the new positions in `x` to everything cached plus themselves (causal within x).
@@ -274,7 +335,7 @@ impl Attention {
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        self.attend(&q, &k, &v, l > 1)
+        self.attend(&q, &k, &v, l > 1, None)
     }
 }
 
@@ -325,14 +386,16 @@ impl Block {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, causal)?)?;
-        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    /// `drop`: the training pass's dropout, `None` when sampling or evaluating.
+    pub fn forward(&self, x: &Tensor, causal: bool, drop: Option<&Dropout>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, causal, drop)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?, drop)?
     }
 
+    /// Incremental decoding (sampling): no dropout.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = (x + self.attn.forward_cached(&self.norm1.forward(x)?, cache)?)?;
-        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+        &x + self.mlp.forward(&self.norm2.forward(&x)?, None)?
     }
 }
 
@@ -391,7 +454,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let block = Block::new(16, 4, 2.0, Precision::F32, vb)?;
         let x = Tensor::randn(0f32, 1., (2, 5, 16), &dev)?;
-        let full = block.forward(&x, true)?;
+        let full = block.forward(&x, true, None)?;
         let mut cache = KvCache::default();
         let first = block.forward_cached(&x.narrow(1, 0, 3)?, &mut cache)?;
         let fourth = block.forward_cached(&x.narrow(1, 3, 1)?, &mut cache)?;

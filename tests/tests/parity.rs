@@ -378,10 +378,14 @@ fn reference_mar_config(c: &serde_json::Value) -> (models::GeneratorConfig, usiz
         decoder_width: get("decoder_embed_dim"),
         decoder_depth: get("decoder_depth"),
         heads: get("encoder_num_heads"),
+        decoder_heads: get("decoder_num_heads"),
         mlp_ratio: c["mlp_ratio"].as_f64().expect("mlp_ratio"),
         num_classes: get("class_num"),
         buffer_size: get("buffer_size"),
         label_drop: 0.0,
+        // the fixtures' passes run with the masks they record and no dropout (forward_* with None)
+        attn_dropout: c["attn_dropout"].as_f64().unwrap_or(0.0),
+        proj_dropout: c["proj_dropout"].as_f64().unwrap_or(0.0),
         head: models::HeadConfig::Diffusion {
             width: get("diffloss_w"),
             depth: get("diffloss_d"),
@@ -427,9 +431,14 @@ fn mar_training_pass(mar: &models::mar::Mar, f: &HashMap<String, Tensor>, p: usi
         .class_embedding(&labels, false)
         .expect("class embedding");
     let enc = mar
-        .forward_encoder(&models::Tokens::Continuous(tokens.clone()), &mask, &class)
+        .forward_encoder(
+            &models::Tokens::Continuous(tokens.clone()),
+            &mask,
+            &class,
+            None,
+        )
         .expect("encoder");
-    let z = mar.forward_decoder(&enc, &mask).expect("decoder");
+    let z = mar.forward_decoder(&enc, &mask, None).expect("decoder");
 
     // loss: rows repeated diffusion_batch_mul times, fixed timesteps and noise, masked mean
     let models::head::Head::Diffusion {
@@ -501,9 +510,9 @@ fn small_mar_matches_the_reference() {
         .expect("guided class embedding");
     let zeros = Tensor::zeros((2 * b, l, d), DType::F32, &Device::Cpu).expect("zeros");
     let enc = mar
-        .forward_encoder(&models::Tokens::Continuous(zeros), &all, &class)
+        .forward_encoder(&models::Tokens::Continuous(zeros), &all, &class, None)
         .expect("encoder");
-    let z = mar.forward_decoder(&enc, &all).expect("decoder");
+    let z = mar.forward_decoder(&enc, &all, None).expect("decoder");
     check_key(&f, "output.first_step_z", &z, tol);
 }
 
@@ -605,9 +614,9 @@ fn imported_reference_checkpoint_reproduces_the_reference_mar() {
             .class_embedding(&labels, false)
             .expect("class embedding");
         let enc = mar
-            .forward_encoder(&models::Tokens::Continuous(tokens), &mask, &class)
+            .forward_encoder(&models::Tokens::Continuous(tokens), &mask, &class, None)
             .expect("encoder");
-        let z = mar.forward_decoder(&enc, &mask).expect("decoder");
+        let z = mar.forward_decoder(&enc, &mask, None).expect("decoder");
         (enc, z)
     };
     let (enc, z) = forward("model.safetensors");

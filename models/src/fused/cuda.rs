@@ -213,3 +213,30 @@ pub(super) fn gaussian_noise(dev: &CudaDevice, key: u64, n: usize) -> Result<Cud
     launch(b, elementwise_cfg(n.div_ceil(2)))?;
     Ok(wrap(out, dev))
 }
+
+/// [`super::dropout`]'s kernel over `n` contiguous values.
+pub(super) fn dropout(
+    key: u64,
+    threshold: u32,
+    scale: f32,
+    n: usize,
+    x: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = x.0.device();
+    let xv = view(x)?;
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let out = alloc(dev, n)?;
+    let kernel = Kernel::load(dev, "fused_dropout")?;
+    let mut b = kernel.builder();
+    b.arg(&n);
+    b.arg(&key);
+    b.arg(&threshold);
+    b.arg(&scale);
+    b.arg(&xv);
+    b.arg(&out);
+    launch(b, elementwise_cfg(n))?;
+    Ok(wrap(out, dev))
+}

@@ -420,3 +420,16 @@ extern "C" __global__ void gaussian_noise(size_t n, unsigned long long key, floa
     if (2 * j + 1 < n) out[2 * j + 1] = r * s;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// dropout (dropout.rs): value i kept when the top 24 bits of SplitMix64(key + (i+1)·γ) are at
+// least `threshold`, kept values scaled; the backward pass is the same kernel on dy
+
+extern "C" __global__ void fused_dropout(size_t n, unsigned long long key, unsigned int threshold,
+                                         float scale, const float* x, float* y) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
+    y[i] = u >= threshold ? x[i] * scale : 0.0f;
+  }
+}

@@ -21,6 +21,7 @@ mod attention;
 mod bias_add;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dropout;
 mod gated_residual;
 mod gelu;
 mod layer_norm;
@@ -32,11 +33,12 @@ mod silu;
 pub use adamw::{adamw, adamw_plain, AdamWStep};
 pub use attention::{attention_softmax, attention_softmax_plain};
 pub use bias_add::{bias_add, bias_add_plain};
+pub use dropout::{dropout, dropout_plain};
 pub use gated_residual::{gated_residual, gated_residual_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use modulate::{modulate, modulate_plain};
-pub use noise::{gaussian_noise, gaussian_noise_cpu};
+pub use noise::{derive_key, gaussian_noise, gaussian_noise_cpu};
 pub use silu::{silu, silu_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.
@@ -429,6 +431,12 @@ mod cuda_tests {
         let d = max_diff(&c, &g.to_device(&Device::Cpu)?)?;
         assert!(d < 1e-5, "noise: GPU values differ from the CPU's by {d}");
         Ok(())
+    }
+
+    #[test]
+    fn dropout_masks_match_the_cpus() -> Result<()> {
+        let x = randn(&[37, 130], 1)?;
+        compare("dropout", std::slice::from_ref(&x), |t| dropout(&t[0], 0.1, 9), 1e-6)
     }
 
     #[test]

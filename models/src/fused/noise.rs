@@ -16,6 +16,18 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A key for use number `index` of `key` (each dropout site of a forward pass takes one).
+pub fn derive_key(key: u64, index: u64) -> u64 {
+    mix64(key.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
+}
+
+/// The 24-bit uniform integer of counter `i` (the top bits of SplitMix64 of key + (i+1)·γ), as
+/// dropout masks draw them.
+#[inline(always)]
+pub(super) fn uniform24(key: u64, i: u64) -> u32 {
+    (mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA))) >> 40) as u32
+}
+
 /// The pair of normals of counter `j` (Box–Muller; u₁ in (0, 1] so that its log is finite).
 #[inline(always)]
 fn pair(key: u64, j: u64) -> (f32, f32) {
