@@ -177,14 +177,19 @@ fn trainable(weights: HashMap<String, Tensor>) -> (VarBuilder<'static>, HashMap<
 
 /// Every `grad.NAME` of a gradient fixture against the gradient of our variable NAME (after
 /// stripping `prefix` from ours), under the manifest's gradient tolerance.
-fn check_gradients(file: &str, loss: &Tensor, variables: &HashMap<String, Tensor>, prefix: &str) {
-    let Some(dir) = parity_dir() else { return };
+fn check_gradients(
+    dir: &Path,
+    file: &str,
+    loss: &Tensor,
+    variables: &HashMap<String, Tensor>,
+    prefix: &str,
+) {
     let tol = ablate_tests::gradient_tolerance(
-        manifest(&dir)[file]["tolerance"]
+        manifest(dir)[file]["tolerance"]
             .as_str()
             .expect("tolerance"),
     );
-    let reference = load(&dir, file);
+    let reference = load(dir, file);
     let grads = loss.backward().expect("backward");
     let mut checked = 0;
     let mut worst = (0f64, String::new());
@@ -482,11 +487,36 @@ fn mar_training_pass(mar: &models::mar::Mar, f: &HashMap<String, Tensor>, p: usi
 #[test]
 fn small_mar_matches_the_reference() {
     let Some(dir) = parity_dir() else { return };
+    check_small_mar(&dir);
+}
+
+/// Our own fixture folder in the same format (tests/fixtures/make_parity_heads.py, the official
+/// code): a MAR whose encoder has 4 heads and whose decoder has 2.
+fn unequal_heads_dir() -> std::path::PathBuf {
+    ablate_tests::workspace_root().join("tests/fixtures/parity-heads")
+}
+
+#[test]
+fn small_mar_with_unequal_head_counts_matches_the_reference() {
+    let dir = unequal_heads_dir();
+    let c = &manifest(&dir)["mar_small.safetensors"]["config"];
+    assert_ne!(c["encoder_num_heads"], c["decoder_num_heads"], "{c}");
+    check_small_mar(&dir);
+}
+
+#[test]
+fn small_mar_with_unequal_head_counts_gradients_match_the_reference() {
+    check_small_mar_gradients(&unequal_heads_dir());
+}
+
+/// The reference MAR of `dir`'s mar_small.safetensors: patchify, encoder, decoder, loss, and the
+/// first guided sampling step.
+fn check_small_mar(dir: &Path) {
     let file = "mar_small.safetensors";
-    let entry = &manifest(&dir)[file];
+    let entry = &manifest(dir)[file];
     let tol = tolerance(entry["tolerance"].as_str().expect("tolerance"));
     let (cfg, p) = reference_mar_config(&entry["config"]);
-    let f = load(&dir, file);
+    let f = load(dir, file);
     let weights: HashMap<String, Tensor> = f
         .iter()
         .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
@@ -533,7 +563,13 @@ fn diffloss_mlp_gradients_match_the_reference() {
         )
         .expect("loss terms");
     let loss = models::diffloss::masked_mean(&terms.loss, Some(&f["input.mask"])).expect("mean");
-    check_gradients("diffloss_mlp_grads.safetensors", &loss, &variables, "net.");
+    check_gradients(
+        &dir,
+        "diffloss_mlp_grads.safetensors",
+        &loss,
+        &variables,
+        "net.",
+    );
 }
 
 /// The gradient of the small MAR's training loss with respect to every parameter (encoder,
@@ -541,9 +577,14 @@ fn diffloss_mlp_gradients_match_the_reference() {
 #[test]
 fn small_mar_gradients_match_the_reference() {
     let Some(dir) = parity_dir() else { return };
+    check_small_mar_gradients(&dir);
+}
+
+/// The gradients of `dir`'s mar_small loss against its mar_small_grads.safetensors.
+fn check_small_mar_gradients(dir: &Path) {
     let file = "mar_small.safetensors";
-    let (cfg, p) = reference_mar_config(&manifest(&dir)[file]["config"]);
-    let f = load(&dir, file);
+    let (cfg, p) = reference_mar_config(&manifest(dir)[file]["config"]);
+    let f = load(dir, file);
     let weights: HashMap<String, Tensor> = f
         .iter()
         .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
@@ -552,7 +593,13 @@ fn small_mar_gradients_match_the_reference() {
     let (vb, variables) = trainable(weights);
     let mar = models::mar::Mar::new(&cfg, vb).expect("build MAR from the reference weights");
     let pass = mar_training_pass(&mar, &f, p);
-    check_gradients("mar_small_grads.safetensors", &pass.loss, &variables, "");
+    check_gradients(
+        dir,
+        "mar_small_grads.safetensors",
+        &pass.loss,
+        &variables,
+        "",
+    );
 }
 
 /// `ablate import` of the reference-format checkpoint made from mar_small's weights

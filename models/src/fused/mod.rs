@@ -436,7 +436,12 @@ mod cuda_tests {
     #[test]
     fn dropout_masks_match_the_cpus() -> Result<()> {
         let x = randn(&[37, 130], 1)?;
-        compare("dropout", std::slice::from_ref(&x), |t| dropout(&t[0], 0.1, 9), 1e-6)
+        compare(
+            "dropout",
+            std::slice::from_ref(&x),
+            |t| dropout(&t[0], 0.1, 9),
+            1e-6,
+        )
     }
 
     #[test]
