@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 /// 3: Gaussian noise is generated on the run's device from a key of its seeded stream
 ///    (`fused::gaussian_noise`), so the noise values differ from version 2's; the generator's
 ///    blocks have dropout 0.1 by default (generator.attn_dropout / proj_dropout, as the
-///    reference), and generator.decoder_heads is a key.
+///    reference), generator.decoder_heads is a key, and causal AR's linear guidance counts the
+///    tokens known after each step as MAR does (`models::generator::ar_tokens_known_after`).
 pub const RESULTS_VERSION: &str = "3";
 
 #[derive(Debug, thiserror::Error)]

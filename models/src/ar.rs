@@ -7,7 +7,7 @@
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::generator::{ClassEmbed, GeneratorConfig, Order, SampleOptions};
+use crate::generator::{ar_tokens_known_after, ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
 use crate::mar::SampleState;
 use crate::nn::{Block, Dropout, KvCache, LayerNorm};
@@ -31,6 +31,12 @@ pub struct Ar {
     label_drop: f64,
     /// dropout probabilities of the blocks in training (attention probabilities, projections)
     dropout: (f64, f64),
+}
+
+/// The guidance scale of step `i` of `l`: tokens counted as known after the step, as MAR counts
+/// them ([`ar_tokens_known_after`]).
+fn cfg_at_step(opts: &SampleOptions, i: usize, l: usize) -> f64 {
+    opts.cfg_at(ar_tokens_known_after(i, l), l)
 }
 
 /// Rows `orders[b][i]` of a (L, W) table, as (B, K, W) with K = orders[b].len().
@@ -223,9 +229,9 @@ impl Ar {
         )?;
         for i in 0..l {
             let zi = z.reshape((rows, self.width))?;
-            let token = self
-                .head
-                .sample(&zi, opts.temperature, guided, opts.cfg_at(i, l), rng)?;
+            let token =
+                self.head
+                    .sample(&zi, opts.temperature, guided, cfg_at_step(opts, i, l), rng)?;
             let at: Vec<usize> = (0..b).map(|bi| bi * l + orders[bi][i]).collect();
             state.write(&at, &token)?;
             if i + 1 < l {

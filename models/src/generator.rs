@@ -211,13 +211,26 @@ pub struct SampleOptions {
 }
 
 impl SampleOptions {
-    /// The guidance scale when `generated` of `total` tokens are known.
+    /// The guidance scale of a step after which `generated` of `total` tokens count as known
+    /// (MAR: the reference's `seq_len − mask_len`, where mask_len, the tokens still masked after
+    /// the step, is at least 1 even at the last step; AR uses the same count, see
+    /// [`ar_tokens_known_after`]).
     pub fn cfg_at(&self, generated: usize, total: usize) -> f64 {
         match self.cfg_schedule {
             CfgSchedule::Linear => 1.0 + (self.cfg - 1.0) * generated as f64 / total as f64,
             CfgSchedule::Constant => self.cfg,
         }
     }
+}
+
+/// The tokens the linear guidance schedule counts as known after causal AR's step `i` (0-based)
+/// of `total`. The choice: count them after the step, as MAR does, with MAR's floor of one token
+/// still masked, i.e. min(i + 1, total − 1). So AR and MAR with one token per step (MAR with
+/// `mar_steps` = sequence length) use the same scale at every step: 1 + (s−1)·k/L for
+/// k = 1, 2, …, L−1, L−1. (Counting the tokens known before the step would give AR's first token
+/// no guidance at all.)
+pub fn ar_tokens_known_after(i: usize, total: usize) -> usize {
+    (i + 1).min(total.saturating_sub(1))
 }
 
 /// The class embedding and the learned "fake" class used for label drop and as CFG's
@@ -383,6 +396,29 @@ mod tests {
 
     /// Every trainable variable must receive a non-zero gradient (catches ops without backward),
     /// in f32 and in bf16 (where the f32 weights are reached through casts).
+    /// AR's guidance scale at each step is MAR's with one token per step (the decision recorded
+    /// at `ar_tokens_known_after`), on the reference's MAR arithmetic (`tokens_masked_after`).
+    #[test]
+    fn ar_and_one_token_per_step_mar_share_the_guidance_schedule() {
+        let opts = SampleOptions {
+            num_iter: 16,
+            cfg: 3.0,
+            cfg_schedule: CfgSchedule::Linear,
+            temperature: 1.0,
+        };
+        let l = 16;
+        let mut masked = l;
+        for step in 0..l {
+            let mask_len = crate::mar::tokens_masked_after(step, l, l, masked);
+            let mar = opts.cfg_at(l - mask_len, l);
+            let ar = opts.cfg_at(ar_tokens_known_after(step, l), l);
+            assert_eq!(ar, mar, "step {step}");
+            masked = mask_len;
+        }
+        assert_eq!(opts.cfg_at(ar_tokens_known_after(0, l), l), 1.125);
+        assert_eq!(opts.cfg_at(ar_tokens_known_after(15, l), l), 2.875);
+    }
+
     #[test]
     fn every_variable_gets_a_gradient() -> Result<()> {
         let dev = Device::Cpu;
