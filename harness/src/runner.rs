@@ -449,7 +449,9 @@ impl Runner {
         fnet: &EvalNet,
         device: &Device,
     ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
-        let tspec = run.tokenizer().clone();
+        let mut tspec = run.tokenizer().clone();
+        // how the generator uses the tokens, not how the tokenizer is fitted
+        tspec.sample_posterior = false;
         let seed = tspec.seed.unwrap_or(run.seed);
         let identity = serde_json::json!({
             "results_version": spec::RESULTS_VERSION,
@@ -890,7 +892,8 @@ impl Runner {
         let fnet = self.feature_net(exp, &run.spec, &ds, &device)?;
         self.db.set_stage(run_id, "tokenizer")?;
         let tok = self.tokenizer(exp, run, &ds, &fnet, &device)?;
-        let (tokenizer, train_tokens) = (&tok.0, &tok.1);
+        let tokenizer = &tok.0;
+        let train_tokens = TrainTokens::new(tokenizer, &tok.1, &ds.train, run)?;
 
         self.db.set_stage(run_id, "train")?;
         let t_train = Instant::now();
@@ -930,7 +933,7 @@ impl Runner {
             run_id,
             &generator,
             &varmap,
-            train_tokens,
+            &train_tokens,
             &ds.train,
             run,
             tokenizer,
@@ -1180,34 +1183,110 @@ impl DataOrder {
     }
 }
 
-fn token_batch(
-    data: &TokenData,
-    idx: &[usize],
-    seq_len: usize,
-    token_dim: usize,
-    device: &Device,
-) -> candle_core::Result<Tokens> {
-    Ok(match data {
-        TokenData::Discrete(codes) => {
+/// The training split's tokens as the generator sees them: each image's tokens, with data.hflip
+/// also those of its mirror image, and with tokenizer.sample_posterior the KL posterior's
+/// standard deviation beside each mean, so that every step trains on a fresh draw.
+pub struct TrainTokens<'a> {
+    plain: &'a TokenData,
+    plain_std: Option<Vec<f32>>,
+    mirrored: Option<(TokenData, Option<Vec<f32>>)>,
+}
+
+impl<'a> TrainTokens<'a> {
+    fn new(
+        tok: &Tokenizer,
+        plain: &'a TokenData,
+        train: &ImageSet,
+        run: &PlannedRun,
+    ) -> Result<Self> {
+        let posterior = run.tokenizer().sample_posterior;
+        let std_of = |set: &ImageSet| -> Result<Option<Vec<f32>>> {
+            Ok(match posterior {
+                true => tok.posterior_std(set)?,
+                false => None,
+            })
+        };
+        let mirrored = match run.spec.data.hflip {
+            true => {
+                let m = train.mirrored();
+                Some((tok.encode(&m)?, std_of(&m)?))
+            }
+            false => None,
+        };
+        Ok(TrainTokens {
+            plain,
+            plain_std: std_of(train)?,
+            mirrored,
+        })
+    }
+
+    /// Which images of step `step`'s batch are mirrored: a fair coin per image from (seed, step),
+    /// so a resumed run flips the same ones; none without data.hflip.
+    fn flips(&self, seed: u64, step: usize, n: usize) -> Vec<bool> {
+        if self.mirrored.is_none() {
+            return vec![false; n];
+        }
+        let mut rng = Rng::new(seed ^ 0xF11B_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        (0..n).map(|_| rng.uniform() < 0.5).collect()
+    }
+
+    /// The tokens of images `idx` (mirrored where `flips` says), as one batch on `device`; with
+    /// posterior sampling, mean + std·ε with ε drawn from `rng`.
+    fn batch(
+        &self,
+        idx: &[usize],
+        flips: &[bool],
+        (seq_len, token_dim): (usize, usize),
+        device: &Device,
+        rng: &mut Rng,
+    ) -> candle_core::Result<Tokens> {
+        let row = seq_len * token_dim;
+        if let TokenData::Discrete(_) = self.plain {
             let mut v = Vec::with_capacity(idx.len() * seq_len);
-            for &i in idx {
-                v.extend_from_slice(&codes[i * seq_len..(i + 1) * seq_len]);
+            for (&i, &flip) in idx.iter().zip(flips) {
+                if let TokenData::Discrete(codes) = self.side(flip).0 {
+                    v.extend_from_slice(&codes[i * seq_len..(i + 1) * seq_len]);
+                }
             }
-            Tokens::Discrete(Tensor::from_vec(v, (idx.len(), seq_len), device)?)
-        }
-        TokenData::Continuous(x) => {
-            let row = seq_len * token_dim;
-            let mut v = Vec::with_capacity(idx.len() * row);
-            for &i in idx {
-                v.extend_from_slice(&x[i * row..(i + 1) * row]);
-            }
-            Tokens::Continuous(Tensor::from_vec(
+            return Ok(Tokens::Discrete(Tensor::from_vec(
                 v,
-                (idx.len(), seq_len, token_dim),
+                (idx.len(), seq_len),
                 device,
-            )?)
+            )?));
         }
-    })
+        let mut means = Vec::with_capacity(idx.len() * row);
+        let mut stds = self
+            .plain_std
+            .as_ref()
+            .map(|_| Vec::with_capacity(idx.len() * row));
+        for (&i, &flip) in idx.iter().zip(flips) {
+            let (data, std) = self.side(flip);
+            if let TokenData::Continuous(x) = data {
+                means.extend_from_slice(&x[i * row..(i + 1) * row]);
+            }
+            if let (Some(out), Some(std)) = (stds.as_mut(), std) {
+                out.extend_from_slice(&std[i * row..(i + 1) * row]);
+            }
+        }
+        let shape = [idx.len(), seq_len, token_dim];
+        let mean = Tensor::from_vec(means, &shape, device)?;
+        Ok(Tokens::Continuous(match stds {
+            // a draw from each token's posterior: mean + std·ε
+            Some(std) => {
+                let std = Tensor::from_vec(std, &shape, device)?;
+                (mean + (std * rng.normal_tensor(&shape, device)?)?)?
+            }
+            None => mean,
+        }))
+    }
+
+    /// The tokens (and posterior standard deviations) of the plain or the mirrored images.
+    fn side(&self, flip: bool) -> (&TokenData, Option<&Vec<f32>>) {
+        match (&self.mirrored, flip) {
+            (Some((t, std)), true) => (t, std.as_ref()),
+            _ => (self.plain, self.plain_std.as_ref()),
+        }
+    }
 }
 
 /// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
@@ -1220,7 +1299,7 @@ fn train_generator(
     run_id: i64,
     generator: &Generator,
     varmap: &VarMap,
-    tokens: &TokenData,
+    tokens: &TrainTokens,
     train: &ImageSet,
     run: &PlannedRun,
     tok: &Tokenizer,
@@ -1271,7 +1350,9 @@ fn train_generator(
     for step in start..t.steps {
         let idx = order.batch(step, t.batch);
         let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
-        let batch = token_batch(tokens, &idx, tok.seq_len(), tok.token_dim(), device)?;
+        let flips = tokens.flips(run.seed, step, idx.len());
+        let dims = (tok.seq_len(), tok.token_dim());
+        let batch = tokens.batch(&idx, &flips, dims, device, &mut rng)?;
         let loss = generator.loss(&batch, &labels, &mut rng)?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
@@ -1412,6 +1493,44 @@ fn save_class_grid(path: &Path, set: &ImageSet, classes: usize, cols: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches take each image's tokens from the plain or the mirrored side as flipped, and with
+    /// posterior standard deviations draw mean + std·ε (exactly the mean where std is 0).
+    #[test]
+    fn training_batches_flip_and_draw_from_the_posterior() -> Result<()> {
+        let plain = TokenData::Continuous(vec![1.0, 2.0, 3.0, 4.0]); // 2 images × 2 tokens × 1
+        let mirrored = TokenData::Continuous(vec![-1.0, -2.0, -3.0, -4.0]);
+        let zero = vec![0.0; 4];
+        let t = TrainTokens {
+            plain: &plain,
+            plain_std: Some(zero.clone()),
+            mirrored: Some((mirrored, Some(vec![0.5; 4]))),
+        };
+        let mut rng = Rng::new(1);
+        let dev = Device::Cpu;
+        let Tokens::Continuous(b) = t.batch(&[1, 0], &[false, false], (2, 1), &dev, &mut rng)?
+        else {
+            panic!("continuous")
+        };
+        assert_eq!(b.flatten_all()?.to_vec1::<f32>()?, vec![3.0, 4.0, 1.0, 2.0]);
+        let Tokens::Continuous(b) = t.batch(&[1, 0], &[true, false], (2, 1), &dev, &mut rng)?
+        else {
+            panic!("continuous")
+        };
+        let v = b.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(v[2..], [1.0, 2.0], "std 0: the mean itself");
+        assert!(
+            v[0] != -3.0 && (v[0] + 3.0).abs() < 3.0,
+            "a draw around -3: {v:?}"
+        );
+        // flips: a fair coin per image, the same for the same (seed, step)
+        let f = t.flips(7, 3, 1000);
+        assert_eq!(f, t.flips(7, 3, 1000));
+        assert_ne!(f, t.flips(7, 4, 1000));
+        let share = f.iter().filter(|&&x| x).count() as f64 / 1000.0;
+        assert!((share - 0.5).abs() < 0.06, "{share}");
+        Ok(())
+    }
 
     #[test]
     fn report_folders_of_different_names_differ() {

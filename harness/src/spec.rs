@@ -122,6 +122,11 @@ pub struct DataSpec {
     /// seed of the generated data set (fixed across run seeds so every run sees the same data)
     #[serde(default)]
     pub seed: u64,
+    /// random horizontal flip of training images for the generator, as the reference's loader
+    /// (and its cached latents of both flips) does; off for digits, whose mirror images are not
+    /// digits
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hflip: bool,
 }
 fn d_image_size() -> usize {
     16
@@ -201,6 +206,11 @@ pub struct TokenizerSpec {
     pub batch: usize,
     #[serde(default = "d_ae_lr")]
     pub lr: f64,
+    /// kl: the generator trains on a fresh draw from each token's posterior every step (mean +
+    /// std·ε, as the reference's engine_mar.py), instead of on the posterior mean. Not part of the
+    /// tokenizer's own identity: the fitted tokenizer is the same either way
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sample_posterior: bool,
 }
 impl TokenizerSpec {
     /// Tokens per image of side `image_size`: patches, or positions of the latent grid.
@@ -1126,6 +1136,12 @@ fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Result<(), Spe
     );
     for (name, t) in &s.tokenizers {
         let key = |k: &str| format!("tokenizers.{name}.{k}");
+        check!(
+            !t.sample_posterior || t.kind == TokenizerKind::Kl,
+            &key("sample_posterior"),
+            "only a kl tokenizer has a posterior to sample, this one is {:?}",
+            t.kind
+        );
         if t.kind.is_autoencoder() {
             check!(
                 [4, 8].contains(&t.downsample) && d.image_size.is_multiple_of(t.downsample),

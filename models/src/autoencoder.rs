@@ -398,6 +398,23 @@ impl Autoencoder {
         }
     }
 
+    /// KL: the posterior's standard deviation exp(logvar/2) at each token, (B, h·w, latent_dim),
+    /// beside [`Autoencoder::encode`]'s mean (for training on posterior draws); None for VQ.
+    pub fn encode_std(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.codebook.is_some() {
+            return Ok(None);
+        }
+        self.check_input(x)?;
+        let b = x.dim(0)?;
+        let moments = self.quant_conv.forward(&self.encoder.forward(x)?)?;
+        let rows = Self::to_rows(&moments)?;
+        let positions = rows.dim(0)? / b;
+        let d = self.config.latent_dim;
+        // the same clamp as the training pass (LDM's DiagonalGaussianDistribution)
+        let logvar = rows.narrow(1, d, d)?.clamp(-30f32, 20f32)?;
+        Ok(Some((logvar * 0.5)?.exp()?.reshape((b, positions, d))?))
+    }
+
     /// Latents (B, latent_dim, h, w) → images (B, C, S, S) on the [-1, 1] scale (unclamped).
     pub fn decode_latents(&self, z: &Tensor) -> Result<Tensor> {
         Ok(self.decoder.forward(&self.post_quant_conv.forward(z)?)?)

@@ -161,6 +161,62 @@ fn mnist_autoencoder_tokenizers_trained_once_for_three_cells() {
     }
 }
 
+/// tokenizer.sample_posterior and data.hflip change what the generator trains on (its loss curve)
+/// but not the fitted tokenizer: toggling them reuses the KL tokenizer and trains new runs.
+#[test]
+fn posterior_draws_and_flips_train_new_runs_on_the_same_tokenizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = mnist_spec(dir.path());
+    let spec = spec.to_str().expect("utf-8 path");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", spec, "--no-report", "--set", "grid={}"];
+        for e in extra {
+            args.extend(["--set", e]);
+        }
+        let out = ablate(dir.path(), &args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{extra:?}: {err}");
+        err
+    };
+    let plain = run(&[]);
+    assert!(plain.contains("tokenizer kl fitted"), "{plain}");
+    let posterior = run(&["tokenizers.kl.sample_posterior=true"]);
+    let flipped = run(&["data.hflip=true"]);
+    for err in [&posterior, &flipped] {
+        assert!(!err.contains("tokenizer kl fitted"), "refitted: {err}");
+    }
+    // posterior draws concern the KL arm alone; flips change what both arms train on
+    assert!(posterior.contains("2 finished (1 earlier)"), "{posterior}");
+    assert!(flipped.contains("2 finished (0 earlier)"), "{flipped}");
+    let db = Db::open_existing(&dir.path().join("ablate.sqlite")).expect("database");
+    let runs = db.list_runs(Some("mnist-tiny")).expect("runs");
+    let diffusion: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == "generator" && r.name.contains("diffusion"))
+        .collect();
+    assert_eq!(diffusion.len(), 3, "plain, posterior draws, flips");
+    let curves: Vec<Vec<f64>> = diffusion
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+            db.metrics(r.id, Some("train/loss"))
+                .expect("metrics")
+                .iter()
+                .map(|m| m.value)
+                .collect()
+        })
+        .collect();
+    assert_ne!(curves[0], curves[1], "posterior draws changed nothing");
+    assert_ne!(curves[0], curves[2], "flips changed nothing");
+    let e = ablate(
+        dir.path(),
+        &["run", spec, "--set", "tokenizers.vq.sample_posterior=true"],
+    );
+    let err = stderr(&e);
+    assert_eq!(e.status.code(), Some(2), "{err}");
+    assert!(err.contains("tokenizers.vq.sample_posterior"), "{err}");
+}
+
 #[test]
 fn bad_data_path_fails_the_run_with_the_file_named() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -406,6 +406,7 @@ mod tests {
             train,
             test,
             seed: 0,
+            hflip: false,
         }
     }
 

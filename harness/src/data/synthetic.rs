@@ -78,6 +78,18 @@ impl ImageSet {
         self.channels * self.size * self.size
     }
 
+    /// The same images mirrored left to right (data.hflip's other half).
+    pub fn mirrored(&self) -> ImageSet {
+        let mut images = self.images.clone();
+        for row in images.chunks_exact_mut(self.size.max(1)) {
+            row.reverse();
+        }
+        ImageSet {
+            images,
+            ..self.clone()
+        }
+    }
+
     /// The images at `idx` as one (B, C, H, W) tensor of values in [0, 1].
     pub fn batch_tensor(
         &self,
@@ -314,6 +326,23 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirrored_reverses_every_row_of_every_channel() {
+        let set = ImageSet {
+            images: (0..12).map(|v| v as f32).collect(), // 1 image, 3 channels, 2×2
+            labels: vec![0],
+            n: 1,
+            channels: 3,
+            size: 2,
+        };
+        let m = set.mirrored();
+        assert_eq!(
+            m.images,
+            vec![1., 0., 3., 2., 5., 4., 7., 6., 9., 8., 11., 10.]
+        );
+        assert_eq!(m.mirrored(), set);
+    }
 
     fn small(seed: u64) -> SyntheticConfig {
         SyntheticConfig {

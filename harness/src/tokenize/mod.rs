@@ -243,6 +243,38 @@ impl Tokenizer {
         }
     }
 
+    /// KL tokenizers: the posterior standard deviation of every token value of `set`, on the
+    /// tokens' scale (N × L × C, beside [`Tokenizer::encode`]'s means); None for the others.
+    pub fn posterior_std(&self, set: &ImageSet) -> Result<Option<Vec<f32>>, TokenizeError> {
+        let Backend::Autoencoder {
+            model,
+            scale,
+            device,
+            ..
+        } = &self.backend
+        else {
+            return Ok(None);
+        };
+        if model.codebook().is_some() {
+            return Ok(None);
+        }
+        let len = set.image_len();
+        let mut values = Vec::with_capacity(set.n * self.seq_len() * self.token_dim());
+        for start in (0..set.n).step_by(AE_BATCH) {
+            let b = AE_BATCH.min(set.n - start);
+            let x = Tensor::from_slice(
+                &set.images[start * len..(start + b) * len],
+                (b, set.channels, set.size, set.size),
+                device,
+            )?
+            .affine(2.0, -1.0)?;
+            if let Some(std) = model.encode_std(&x)? {
+                values.extend((std * *scale)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(Some(values))
+    }
+
     /// Tokens back to images (N×C×H×W in [0, 1]).
     pub fn decode(&self, tokens: &TokenData, n: usize) -> Result<Vec<f32>, TokenizeError> {
         let (seq, dim) = (self.seq_len(), self.token_dim());
