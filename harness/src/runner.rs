@@ -474,7 +474,12 @@ impl Runner {
         let what = format!("    tokenizer {}", run.tokenizer_name());
         let _held = self.wait_lock(&self.layout.lock(&hash), &what)?;
         let finished = self.is_finished(id)?;
-        let (tok, data) = if finished && (path.exists() || tspec.kind == TokenizerKind::Patch) {
+        let cached = match tspec.kind {
+            // nothing fitted, nothing stored
+            TokenizerKind::Patch => true,
+            _ => path.exists() && cache_intact(&self.db, id, "tokenizer", &path, "tokenizer")?,
+        };
+        let (tok, data) = if finished && cached {
             let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path, device)?;
             let data = tok.encode(&ds.train)?;
             (tok, data)
@@ -819,7 +824,10 @@ impl Runner {
         let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
         let _held = self.wait_lock(&self.layout.lock(&hash), "    the feature net")?;
         let finished = self.is_finished(id)?;
-        if finished && path.exists() {
+        if finished
+            && path.exists()
+            && cache_intact(&self.db, id, "checkpoint", &path, "feature net")?
+        {
             net.load(&path)?;
         } else {
             self.start(id, "cpu")?;
@@ -1089,6 +1097,32 @@ fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> 
         bytes as i64,
     )?;
     Ok(())
+}
+
+/// Whether a cached file of run `run_id` still has the sha256 recorded with it (the newest record
+/// of `kind`). A file that does not is reported and removed, so that the caller fits it again;
+/// one without a record (written before records were kept) is trusted.
+fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Result<bool> {
+    let Some(recorded) = db
+        .artifacts(run_id)?
+        .into_iter()
+        .filter(|a| a.kind == kind)
+        .next_back()
+    else {
+        return Ok(true);
+    };
+    let found = crate::files::sha256_file(path)?;
+    if found == recorded.sha256 {
+        return Ok(true);
+    }
+    eprintln!(
+        "warning: the cached {what} {} is damaged (its sha256 is not the one recorded when it \
+         was written); fitting it again",
+        path.display()
+    );
+    std::fs::remove_file(path)
+        .map_err(|e| anyhow::anyhow!("removing the damaged {}: {e}", path.display()))?;
+    Ok(false)
 }
 
 /// The model configuration of a run, from its spec and its tokenizer.

@@ -399,3 +399,45 @@ fn sigterm_to_a_jobs_parent_stops_its_workers() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(generator_runs(&db).iter().all(|r| r.status == "finished"));
 }
+
+/// A cached tokenizer or feature net whose bytes changed after it was written (a bad disk, a
+/// truncated copy) is not loaded: the rerun names it, fits it again and finishes.
+#[test]
+fn damaged_cached_tokenizer_and_feature_net_are_fitted_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let base = ["run", "experiments/tiny.toml", "--no-report", "--set"];
+    let first = ablate(root, &[&base[..], &["sample.count=10"]].concat());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let files = |sub: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(root.join(sub))
+            .expect("cache folder")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.is_file())
+            .collect()
+    };
+    let cached: Vec<_> = files("cache/tokenizers")
+        .into_iter()
+        .chain(files("cache/classifiers"))
+        .collect();
+    assert!(cached.len() >= 2, "{cached:?}");
+    for f in &cached {
+        let mut bytes = std::fs::read(f).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(f, bytes).expect("damage");
+    }
+    // new generator runs (another sample count is another run) that need both caches again
+    let second = ablate(root, &[&base[..], &["sample.count=12"]].concat());
+    let err = stderr(&second);
+    assert!(second.status.success(), "{err}");
+    assert!(
+        err.contains("cached tokenizer") && err.contains("is damaged"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cached feature net") && err.contains("is damaged"),
+        "{err}"
+    );
+    assert!(err.contains("finished (0 earlier), 0 failed"), "{err}");
+}
