@@ -1103,12 +1103,7 @@ fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> 
 /// of `kind`). A file that does not is reported and removed, so that the caller fits it again;
 /// one without a record (written before records were kept) is trusted.
 fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Result<bool> {
-    let Some(recorded) = db
-        .artifacts(run_id)?
-        .into_iter()
-        .filter(|a| a.kind == kind)
-        .next_back()
-    else {
+    let Some(recorded) = db.artifacts(run_id)?.into_iter().rfind(|a| a.kind == kind) else {
         return Ok(true);
     };
     let found = crate::files::sha256_file(path)?;
