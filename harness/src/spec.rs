@@ -918,6 +918,39 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedSpec, SpecError> 
     })
 }
 
+/// The offset of the `[` of an array value that is still open at `offset` (brackets counted
+/// outside strings and comments, from the start of the file), if there is one.
+fn unclosed_array_before(source: &str, offset: usize) -> Option<usize> {
+    let mut open: Vec<usize> = Vec::new();
+    let (mut in_string, mut in_comment, mut after_equals) = (None::<char>, false, false);
+    let mut chars = source
+        .char_indices()
+        .take_while(|&(i, _)| i < offset)
+        .peekable();
+    while let Some((i, c)) = chars.next() {
+        match (in_string, in_comment, c) {
+            (_, true, '\n') => in_comment = false,
+            (_, true, _) => {}
+            (Some('"'), _, '\\') => {
+                chars.next();
+            }
+            (Some(q), _, c) if c == q => in_string = None,
+            (Some(_), _, _) => {}
+            (None, _, '"' | '\'') => in_string = Some(c),
+            (None, _, '#') => in_comment = true,
+            (None, _, '=') => after_equals = true,
+            (None, _, '\n') if open.is_empty() => after_equals = false,
+            // a `[` opens an array inside a value; at the start of a line it is a table header
+            (None, _, '[') if after_equals || !open.is_empty() => open.push(i),
+            (None, _, ']') if !open.is_empty() => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open.first().copied()
+}
+
 pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<LoadedSpec, SpecError> {
     let at = |offset: usize, message: String| {
         let (line, column) = line_col(source, offset);
@@ -934,19 +967,29 @@ pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<Loaded
             message,
         }
     };
-    // 1. the file as written, with spans for every error
-    let base: Spec = toml::from_str(source).map_err(|e| {
-        at(
-            e.span().map(|s| s.start).unwrap_or(0),
-            e.message().to_string(),
-        )
-    })?;
-    let mut table: toml::Table = toml::from_str(source).map_err(|e| {
-        at(
-            e.span().map(|s| s.start).unwrap_or(0),
-            e.message().to_string(),
-        )
-    })?;
+    // 1. the file as written, with spans for every error. An array left open (`seeds = [0`) is
+    // only noticed where the next key or table starts: point at the array's opening instead.
+    let syntax = |e: toml::de::Error| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        let about_arrays = ["comma", "`]`", "unclosed"]
+            .iter()
+            .any(|w| e.message().contains(w));
+        let open = unclosed_array_before(source, offset)
+            .filter(|&open| about_arrays && line_col(source, open).0 < line_col(source, offset).0);
+        match open {
+            Some(open) => at(
+                open,
+                format!(
+                    "this array is not closed: expected `,` or `]` before line {} ({})",
+                    line_col(source, offset).0,
+                    e.message().trim()
+                ),
+            ),
+            None => at(offset, e.message().to_string()),
+        }
+    };
+    let base: Spec = toml::from_str(source).map_err(syntax)?;
+    let mut table: toml::Table = toml::from_str(source).map_err(syntax)?;
     // 2. command-line overrides
     for o in overrides {
         let (k, v) = parse_override(o).map_err(|m| SpecError::Override {
@@ -1688,6 +1731,24 @@ diffusion = { tokenizer = "px" }
             other[0].hash(""),
             "dropout is part of a run's identity"
         );
+    }
+
+    #[test]
+    fn an_unclosed_array_is_reported_where_it_opens() {
+        let src = "name = \"x\"\n# a [comment]\nseeds = [0\n\n[data]\nsource = \"synthetic\"\n";
+        let e = load_str("s.toml", src, &[])
+            .expect_err("unclosed")
+            .to_string();
+        assert!(
+            e.starts_with("s.toml:3:9: seeds: this array is not closed"),
+            "{e}"
+        );
+        assert!(e.contains("before line 5"), "{e}");
+        // arrays that close, strings with brackets, and table headers are no trouble
+        let ok = format!("{MINI}\n");
+        assert_eq!(unclosed_array_before(&ok, ok.len()), None);
+        let s = "a = \"[\"\nb = [1, [2]]\n[t]\nc = 1\n";
+        assert_eq!(unclosed_array_before(s, s.len()), None);
     }
 
     #[test]
