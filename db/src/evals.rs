@@ -55,8 +55,17 @@ impl Db {
     /// metric, then step, feature net and settings. [`Error::NotFound`] if the experiment is
     /// not registered.
     pub fn evals_for_experiment(&self, experiment: &str) -> Result<Vec<EvalRecord>> {
+        self.evals_for_version(experiment, None)
+    }
+
+    /// [`Db::evals_for_experiment`] for version `version` of it (the latest when `None`).
+    pub fn evals_for_version(
+        &self,
+        experiment: &str,
+        version: Option<i64>,
+    ) -> Result<Vec<EvalRecord>> {
         let rows: Vec<EvalRecordRaw> = self.block_on(async {
-            let experiment_id = self.require_experiment(experiment).await?;
+            let (experiment_id, version) = self.require_version(experiment, version).await?;
             Ok::<_, Error>(
                 sqlx::query_as(
                     "SELECT v.run_id, r.name AS run_name, r.kind, r.cell, r.arm, r.seed, v.step,
@@ -65,10 +74,11 @@ impl Db {
                      FROM evals v
                      JOIN runs r ON r.id = v.run_id
                      JOIN experiment_runs er ON er.run_id = r.id
-                     WHERE er.experiment_id = ?1
+                     WHERE er.experiment_id = ?1 AND er.version = ?2
                      ORDER BY er.position, r.seed, v.metric, v.step, v.feature_net, v.settings",
                 )
                 .bind(experiment_id)
+                .bind(version)
                 .fetch_all(self.pool())
                 .await?,
             )

@@ -24,6 +24,64 @@ impl Db {
         })
     }
 
+    /// The version of experiment `experiment_id` whose resolved configuration hashes to
+    /// `config_hash`: its latest version when that one has this configuration, else a new
+    /// version (the next number), which becomes the latest. Runs created from now on are linked
+    /// to it.
+    pub fn experiment_version(
+        &self,
+        experiment_id: i64,
+        config_hash: &str,
+        spec_toml: &str,
+    ) -> Result<i64> {
+        self.block_on(async {
+            let mut tx = self.write_tx().await?;
+            let latest: Option<(i64, String)> = sqlx::query_as(
+                "SELECT version, config_hash FROM experiment_versions
+                 WHERE experiment_id = ?1 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(experiment_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let version = match latest {
+                Some((v, hash)) if hash == config_hash => v,
+                other => {
+                    let next = other.map_or(1, |(v, _)| v + 1);
+                    sqlx::query(
+                        "INSERT INTO experiment_versions (experiment_id, version, config_hash,
+                                                          spec_toml)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .bind(experiment_id)
+                    .bind(next)
+                    .bind(config_hash)
+                    .bind(spec_toml)
+                    .execute(&mut *tx)
+                    .await?;
+                    next
+                }
+            };
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    /// The versions of experiment `name`: (version, created_at, runs linked), oldest first.
+    pub fn experiment_versions(&self, name: &str) -> Result<Vec<(i64, String, i64)>> {
+        self.block_on(async {
+            let id = self.require_experiment(name).await?;
+            Ok(sqlx::query_as(
+                "SELECT v.version, v.created_at,
+                        (SELECT COUNT(*) FROM experiment_runs er
+                         WHERE er.experiment_id = v.experiment_id AND er.version = v.version)
+                 FROM experiment_versions v WHERE v.experiment_id = ?1 ORDER BY v.version",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await?)
+        })
+    }
+
     /// The id of experiment `name`, if registered.
     pub fn experiment_id(&self, name: &str) -> Result<Option<i64>> {
         self.block_on(async {
@@ -51,12 +109,17 @@ impl Db {
     /// Every experiment with its linked and finished run counts, oldest first.
     pub fn list_experiments(&self) -> Result<Vec<ExperimentRow>> {
         self.block_on(async {
+            // counts of the latest version
             Ok(sqlx::query_as(
                 "SELECT e.id, e.name, e.spec_path, e.created_at,
+                        COALESCE((SELECT MAX(version) FROM experiment_versions
+                                  WHERE experiment_id = e.id), 1) AS version,
                         COUNT(r.id) AS runs,
                         COALESCE(SUM(r.status = 'finished'), 0) AS finished
                  FROM experiments e
                  LEFT JOIN experiment_runs er ON er.experiment_id = e.id
+                      AND er.version = COALESCE((SELECT MAX(version) FROM experiment_versions
+                                                 WHERE experiment_id = e.id), 1)
                  LEFT JOIN runs r ON r.id = er.run_id
                  GROUP BY e.id
                  ORDER BY e.id",

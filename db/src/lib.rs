@@ -178,6 +178,34 @@ impl Db {
     }
 
     /// The id of experiment `name`, or [`Error::NotFound`].
+    /// The latest version of experiment `experiment_id` (1 when none is recorded).
+    pub(crate) async fn latest_version(&self, experiment_id: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 1) FROM experiment_versions WHERE experiment_id = ?1",
+        )
+        .bind(experiment_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Version `version` of experiment `name` (its id and the version number; the latest when
+    /// `None`). [`Error::NotFound`] for an unknown experiment or version.
+    pub(crate) async fn require_version(
+        &self,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<(i64, i64)> {
+        let id = self.require_experiment(name).await?;
+        let latest = self.latest_version(id).await?;
+        match version {
+            None => Ok((id, latest)),
+            Some(v) if (1..=latest).contains(&v) => Ok((id, v)),
+            Some(v) => Err(Error::NotFound(format!(
+                "version {v} of experiment '{name}' (it has versions 1 to {latest})"
+            ))),
+        }
+    }
+
     pub(crate) async fn require_experiment(&self, name: &str) -> Result<i64> {
         sqlx::query_scalar("SELECT id FROM experiments WHERE name = ?1")
             .bind(name)

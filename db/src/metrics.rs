@@ -102,19 +102,30 @@ impl Db {
     /// Key `key` of every run of `experiment`, ordered by the run's position, then step.
     /// [`crate::Error::NotFound`] if the experiment is not registered.
     pub fn metrics_for_experiment(&self, experiment: &str, key: &str) -> Result<Vec<MetricRecord>> {
+        self.metrics_for_version(experiment, None, key)
+    }
+
+    /// [`Db::metrics_for_experiment`] for version `version` of it (the latest when `None`).
+    pub fn metrics_for_version(
+        &self,
+        experiment: &str,
+        version: Option<i64>,
+        key: &str,
+    ) -> Result<Vec<MetricRecord>> {
         let rows: Vec<MetricRecordRaw> = self.block_on(async {
-            let experiment_id = self.require_experiment(experiment).await?;
+            let (experiment_id, version) = self.require_version(experiment, version).await?;
             Ok::<_, crate::Error>(
                 sqlx::query_as(
                     "SELECT m.run_id, r.cell, r.arm, r.seed, m.key, m.step, m.value, m.wall_time
                      FROM metrics m
                      JOIN runs r ON r.id = m.run_id
                      JOIN experiment_runs er ON er.run_id = r.id
-                     WHERE er.experiment_id = ?1 AND m.key = ?2
+                     WHERE er.experiment_id = ?1 AND er.version = ?3 AND m.key = ?2
                      ORDER BY er.position, r.id, m.step",
                 )
                 .bind(experiment_id)
                 .bind(key)
+                .bind(version)
                 .fetch_all(self.pool())
                 .await?,
             )

@@ -120,7 +120,10 @@ pub struct ExperimentRow {
     pub name: String,
     pub spec_path: String,
     pub created_at: String,
-    /// Runs linked to the experiment (shared runs count in every experiment that links them).
+    /// The latest version (a changed configuration under the same name is a new version).
+    pub version: i64,
+    /// Runs linked to the experiment's latest version (shared runs count in every experiment that
+    /// links them).
     pub runs: i64,
     /// Of those, runs with status `finished`.
     pub finished: i64,

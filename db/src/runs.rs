@@ -111,10 +111,14 @@ impl Db {
                     .await?
                 }
             };
+            // linked to the experiment's latest version (Db::experiment_version made it current)
             sqlx::query(
-                "INSERT OR IGNORE INTO experiment_runs (experiment_id, run_id, position)
-                 SELECT ?1, ?2, COALESCE(MAX(position) + 1, 0)
-                 FROM experiment_runs WHERE experiment_id = ?1",
+                "INSERT OR IGNORE INTO experiment_runs (experiment_id, version, run_id, position)
+                 SELECT ?1, v.version, ?2,
+                        (SELECT COALESCE(MAX(position) + 1, 0) FROM experiment_runs
+                         WHERE experiment_id = ?1 AND version = v.version)
+                 FROM (SELECT COALESCE(MAX(version), 1) AS version FROM experiment_versions
+                       WHERE experiment_id = ?1) v",
             )
             .bind(experiment_id)
             .bind(run_id)
@@ -273,21 +277,36 @@ impl Db {
         })
     }
 
-    /// Runs linked to `experiment` in position order, or every run in id order when `None`.
-    /// [`Error::NotFound`] if the experiment is not registered.
+    /// Runs linked to the latest version of `experiment` in position order, or every run in id
+    /// order when `None`. [`Error::NotFound`] if the experiment is not registered.
     pub fn list_runs(&self, experiment: Option<&str>) -> Result<Vec<RunRow>> {
+        match experiment {
+            Some(name) => self.list_version_runs(name, None),
+            None => self.list_runs_in(None),
+        }
+    }
+
+    /// Runs of version `version` of `experiment` (the latest when `None`), in position order.
+    /// [`Error::NotFound`] if the experiment or that version does not exist.
+    pub fn list_version_runs(&self, experiment: &str, version: Option<i64>) -> Result<Vec<RunRow>> {
+        self.list_runs_in(Some((experiment, version)))
+    }
+
+    fn list_runs_in(&self, experiment: Option<(&str, Option<i64>)>) -> Result<Vec<RunRow>> {
         let raw: Vec<RunRaw> = self.block_on(async {
             match experiment {
-                Some(name) => {
-                    let experiment_id = self.require_experiment(name).await?;
+                Some((name, version)) => {
+                    let (experiment_id, version) = self.require_version(name, version).await?;
                     Ok::<_, Error>(
                         sqlx::query_as(concat!(
                             "SELECT ",
                             run_cols!(),
                             " FROM runs r JOIN experiment_runs er ON er.run_id = r.id
-                             WHERE er.experiment_id = ?1 ORDER BY er.position, r.id"
+                             WHERE er.experiment_id = ?1 AND er.version = ?2
+                             ORDER BY er.position, r.id"
                         ))
                         .bind(experiment_id)
+                        .bind(version)
                         .fetch_all(self.pool())
                         .await?,
                     )

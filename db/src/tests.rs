@@ -85,7 +85,7 @@ fn migrations_apply_and_reopen() {
     let applied: i64 = db
         .block_on(sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(db.pool()))
         .expect("migrations");
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "0001_init and 0002_experiment_versions");
 
     let id = db
         .upsert_experiment("e", "e.toml", "a = 1")
@@ -665,7 +665,7 @@ fn concurrent_writers_on_one_file_never_lock() {
     let applied: i64 = db
         .block_on(sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(db.pool()))
         .expect("migrations");
-    assert_eq!(applied, 1, "concurrent openers applied the migration once");
+    assert_eq!(applied, 2, "concurrent openers applied each migration once");
 }
 
 #[test]
@@ -774,5 +774,98 @@ fn artifact_paths_resolve_against_the_root() {
     assert_eq!(
         db.resolve("/elsewhere/x.png"),
         PathBuf::from("/elsewhere/x.png")
+    );
+}
+
+/// A changed configuration under one name is a new version: runs link to the version that
+/// planned them (a run planned by two versions is in both), and the runs, evals and metrics of
+/// one version never include another's, nor twice the same run.
+#[test]
+fn experiment_versions_keep_configurations_apart() {
+    let (_dir, _path, db) = temp_db();
+    let exp = db
+        .upsert_experiment("e", "e.toml", "a = 1")
+        .expect("upsert");
+    let params = json!({});
+    assert_eq!(
+        db.experiment_version(exp, "config-a", "a = 1").expect("v1"),
+        1
+    );
+    let shared = db
+        .create_run(exp, &new_run("shared", Some("diffusion"), 0, &params))
+        .expect("run");
+    let only_a = db
+        .create_run(exp, &new_run("only-a", Some("diffusion"), 1, &params))
+        .expect("run");
+    // the same configuration again: still version 1
+    assert_eq!(
+        db.experiment_version(exp, "config-a", "a = 1").expect("v1"),
+        1
+    );
+    assert_eq!(
+        db.experiment_version(exp, "config-b", "a = 2").expect("v2"),
+        2
+    );
+    assert_eq!(
+        db.create_run(exp, &new_run("shared", Some("diffusion"), 0, &params))
+            .expect("run"),
+        shared
+    );
+    let only_b = db
+        .create_run(exp, &new_run("only-b", Some("diffusion"), 2, &params))
+        .expect("run");
+    for run in [shared, only_a, only_b] {
+        db.insert_eval(&NewEval {
+            run_id: run,
+            step: 10,
+            metric: "fid",
+            value: run as f64,
+            sample_count: 10,
+            feature_net: "f",
+            settings: &json!({}),
+        })
+        .expect("eval");
+        db.insert_metrics(run, &[point("train/loss", 1, run as f64)])
+            .expect("metrics");
+    }
+    let ids = |v: Option<i64>| -> Vec<i64> {
+        db.list_version_runs("e", v)
+            .expect("runs")
+            .iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert_eq!(ids(None), vec![shared, only_b], "the latest version");
+    assert_eq!(ids(Some(1)), vec![shared, only_a]);
+    assert_eq!(db.list_runs(Some("e")).expect("runs").len(), 2);
+    let evals: Vec<i64> = db
+        .evals_for_version("e", Some(1))
+        .expect("evals")
+        .iter()
+        .map(|e| e.run_id)
+        .collect();
+    assert_eq!(
+        evals,
+        vec![shared, only_a],
+        "each run once, version 1's only"
+    );
+    let losses = db
+        .metrics_for_version("e", None, "train/loss")
+        .expect("metrics");
+    assert_eq!(
+        losses.iter().map(|m| m.run_id).collect::<Vec<_>>(),
+        vec![shared, only_b]
+    );
+    let e = db
+        .list_version_runs("e", Some(3))
+        .expect_err("no version 3")
+        .to_string();
+    assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
+    let listed = db.list_experiments().expect("list");
+    assert_eq!((listed[0].version, listed[0].runs), (2, 2));
+    let versions = db.experiment_versions("e").expect("versions");
+    assert_eq!(
+        versions.iter().map(|v| (v.0, v.2)).collect::<Vec<_>>(),
+        vec![(1, 2), (2, 2)]
     );
 }

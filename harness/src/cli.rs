@@ -60,6 +60,10 @@ pub enum Command {
         /// Formats to write, comma-separated
         #[arg(long, value_enum, value_delimiter = ',', default_value = "md,html,csv")]
         format: Vec<ReportFormat>,
+        /// Version of the experiment to report (a changed configuration under the same name is a
+        /// new version; see `ablate list`) [default: the latest]
+        #[arg(long)]
+        version: Option<i64>,
     },
     /// Pin an experiment's current results as a named baseline
     Baseline {
@@ -621,11 +625,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             experiment,
             out,
             format,
+            version,
         } => {
             let db = open_db(&layout)?;
             let out = out.unwrap_or_else(|| layout.report_dir(&experiment));
             let formats: Vec<reports::Format> = format.into_iter().map(Into::into).collect();
-            let r = reports::write_report(&db, &experiment, &out, &formats)?;
+            let r = reports::write_report_version(&db, &experiment, version, &out, &formats)?;
             if formats.contains(&reports::Format::Markdown) {
                 println!("{}", r.markdown);
             }
@@ -698,19 +703,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             match experiment {
                 None => {
                     println!(
-                        "{:<4} {:<24} {:>6} {:>9}  created",
-                        "id", "experiment", "runs", "finished"
+                        "{:<4} {:<24} {:>7} {:>6} {:>9}  created",
+                        "id", "experiment", "version", "runs", "finished"
                     );
+                    // runs and finished count the latest version
                     for e in db.list_experiments()? {
                         println!(
-                            "{:<4} {:<24} {:>6} {:>9}  {}",
-                            e.id, e.name, e.runs, e.finished, e.created_at
+                            "{:<4} {:<24} {:>7} {:>6} {:>9}  {}",
+                            e.id, e.name, e.version, e.runs, e.finished, e.created_at
                         );
                     }
                 }
                 Some(name) => {
                     if db.experiment_id(&name)?.is_none() {
                         anyhow::bail!("no experiment named '{name}' (see `ablate list`)");
+                    }
+                    let versions = db.experiment_versions(&name)?;
+                    if versions.len() > 1 {
+                        for (v, created, runs) in &versions {
+                            println!("version {v}: {runs} runs, created {created}");
+                        }
+                        println!("the runs of the latest version:");
                     }
                     println!(
                         "{:<5} {:<11} {:<12} {:<50} {:<10}",

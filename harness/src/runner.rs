@@ -277,6 +277,26 @@ impl Runner {
         )?;
         let runs = loaded.runs();
         let total = runs.len();
+        // the experiment's configuration is the set of its runs' identities (data included): a
+        // different one under the same name is a new version, and reports show one version
+        let mut identities = Vec::with_capacity(total);
+        for run in &runs {
+            let fingerprint = self.dataset(&run.spec)?.fingerprint.clone();
+            identities.push(run.hash(&fingerprint));
+        }
+        identities.sort();
+        let config_hash = spec::content_hash(&serde_json::json!(identities));
+        let version = self
+            .db
+            .experiment_version(exp, &config_hash, &loaded.source)?;
+        if version > 1 {
+            self.say(format!(
+                "experiment '{}': version {version} (its configuration differs from version {}; \
+                 reports show the latest version, `ablate report --version N` an earlier one)",
+                loaded.base.name,
+                version - 1
+            ));
+        }
         // failures another process records from now on are reported, not retried (see attempt)
         self.since = self.db.now()?;
         let mut outcomes = Vec::new();

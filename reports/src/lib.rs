@@ -116,14 +116,23 @@ struct Loaded {
     evals_df: polars::prelude::DataFrame,
     runs_df: polars::prelude::DataFrame,
     summary: stats::Summary,
+    /// The version shown (None: the latest); a report never mixes versions.
+    version: Option<i64>,
+    /// (the version shown, the latest version)
+    versions: (i64, i64),
 }
 
-fn load(db: &db::Db, experiment: &str) -> Result<Loaded> {
+fn load(db: &db::Db, experiment: &str, version: Option<i64>) -> Result<Loaded> {
     if db.experiment_id(experiment)?.is_none() {
         return Err(Error::UnknownExperiment(experiment.to_string()));
     }
-    let evals = db.evals_for_experiment(experiment)?;
-    let runs = db.list_runs(Some(experiment))?;
+    let latest = db
+        .experiment_versions(experiment)?
+        .last()
+        .map_or(1, |v| v.0);
+    let versions = (version.unwrap_or(latest), latest);
+    let evals = db.evals_for_version(experiment, version)?;
+    let runs = db.list_version_runs(experiment, version)?;
     let infos = rows::describe(&runs);
     let mut table_rows: Vec<rows::RowInfo> = Vec::new();
     for info in &infos {
@@ -142,6 +151,8 @@ fn load(db: &db::Db, experiment: &str) -> Result<Loaded> {
         evals_df,
         runs_df,
         summary,
+        version,
+        versions,
     })
 }
 
@@ -161,7 +172,20 @@ pub fn write_report(
     out_dir: &Path,
     formats: &[Format],
 ) -> Result<ReportOutput> {
-    let l = load(db, experiment)?;
+    write_report_version(db, experiment, None, out_dir, formats)
+}
+
+/// [`write_report`] of version `version` of the experiment (the latest when `None`): a spec run
+/// again with another configuration under the same name is a new version, and a report shows
+/// exactly one.
+pub fn write_report_version(
+    db: &db::Db,
+    experiment: &str,
+    version: Option<i64>,
+    out_dir: &Path,
+    formats: &[Format],
+) -> Result<ReportOutput> {
+    let l = load(db, experiment, version)?;
     let want = |f: Format| formats.contains(&f);
     let documents = want(Format::Markdown) || want(Format::Html);
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
@@ -273,6 +297,14 @@ fn notes(l: &Loaded) -> Vec<String> {
         }
     }
     let mut notes = Vec::new();
+    if l.versions.1 > 1 {
+        notes.push(format!(
+            "Version {} of {} of this experiment: the spec was run under this name with {} \
+             configurations, and a report shows the runs of one (`ablate report --version N` \
+             for another; `ablate list` shows them).",
+            l.versions.0, l.versions.1, l.versions.1
+        ));
+    }
     if !by_status.is_empty() {
         let parts: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
         notes.push(format!(
@@ -319,7 +351,7 @@ fn draw_plots(
             stats::WITH_CFG,
         )?);
     }
-    let losses = db.metrics_for_experiment(experiment, LOSS_KEY)?;
+    let losses = db.metrics_for_version(experiment, l.version, LOSS_KEY)?;
     let curves = stats::loss_curves(&frames::metrics_frame(&losses)?, &l.runs_df)?;
     if !curves.is_empty() {
         figures.push(plots::lines(
@@ -465,7 +497,7 @@ fn copy_grids(db: &db::Db, l: &Loaded, out_dir: &Path) -> Result<Grids> {
 
 /// The current table entries of `experiment` (what a baseline stores).
 pub fn current_entries(db: &db::Db, experiment: &str) -> Result<Vec<Entry>> {
-    let l = load(db, experiment)?;
+    let l = load(db, experiment, None)?;
     let labels: BTreeMap<String, String> =
         l.rows.iter().map(|r| (r.key.clone(), r.short())).collect();
     let mut entries = drift::entries(&l.summary, &labels);

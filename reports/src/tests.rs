@@ -218,7 +218,7 @@ const ALL: [Format; 3] = Format::ALL;
 fn summary_numbers_match_hand_computation() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_filled(dir.path());
-    let l = load(&db, EXP).unwrap();
+    let l = load(&db, EXP, None).unwrap();
     let s = &l.summary;
     let keys: Vec<&str> = l.rows.iter().map(|r| r.key.as_str()).collect();
     assert_eq!(
@@ -614,7 +614,7 @@ fn formats_choose_the_files() {
 fn loss_curves_average_generator_runs_only() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_filled(dir.path());
-    let l = load(&db, EXP).unwrap();
+    let l = load(&db, EXP, None).unwrap();
     let losses = db.metrics_for_experiment(EXP, LOSS_KEY).unwrap();
     let curves = stats::loss_curves(&frames::metrics_frame(&losses).unwrap(), &l.runs_df).unwrap();
     // One row with losses (few rows): one curve per (row, arm).
@@ -673,7 +673,7 @@ fn fid_over_training_and_sweeps_follow_the_data() {
         }
     }
     let out = write_report(&db, "sweep", &dir.path().join("out"), &ALL).unwrap();
-    let l = load(&db, "sweep").unwrap();
+    let l = load(&db, "sweep", None).unwrap();
     let curves = stats::fid_over_training(&l.evals_df, &l.runs_df).unwrap();
     // Two rows (temperature 0.5 and 1), two arms, two steps each.
     assert_eq!(curves.len(), 4, "{curves:?}");

@@ -62,7 +62,7 @@ fn changed_data_under_the_same_path_is_run_again() {
     );
     let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("database");
     let generators: Vec<_> = db
-        .list_runs(Some("tiny"))
+        .list_runs(None)
         .expect("runs")
         .into_iter()
         .filter(|r| r.kind == "generator")
@@ -70,6 +70,9 @@ fn changed_data_under_the_same_path_is_run_again() {
     assert_eq!(generators.len(), 4, "two runs per version of the data");
     let hashes: std::collections::HashSet<_> = generators.iter().map(|r| &r.hash).collect();
     assert_eq!(hashes.len(), 4, "each run has its own identity");
+    // changed data is a new version of the experiment: its report shows the new runs alone
+    let latest = db.list_runs(Some("tiny")).expect("runs");
+    assert_eq!(latest.iter().filter(|r| r.kind == "generator").count(), 2);
 
     // unreadable data fails with the folder named, and marks nothing finished
     std::fs::remove_dir_all(&data).expect("remove the data");
@@ -80,7 +83,7 @@ fn changed_data_under_the_same_path_is_run_again() {
         "names the folder:\n{err}"
     );
     let finished = db
-        .list_runs(Some("tiny"))
+        .list_runs(None)
         .expect("runs")
         .into_iter()
         .filter(|r| r.kind == "generator" && r.status == "finished")

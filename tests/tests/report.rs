@@ -57,3 +57,74 @@ fn a_report_rebuilt_from_another_folder_or_a_moved_root_embeds_the_sample_grids(
         std::fs::read_to_string(moved.join("reports/tiny/report.html")).expect("report.html");
     assert_eq!(html.matches("alt=\"samples ").count(), 2, "after the move");
 }
+
+/// One experiment name run with two configurations (train.steps 6, then 20) becomes two
+/// versions: the report shows the latest one's runs alone (the tokenizer table no longer averages
+/// both configurations as seeds), `--version 1` the first, and `ablate list` the versions.
+#[test]
+fn a_changed_configuration_is_a_new_version_and_reports_never_mix_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(ablate_bin())
+            .current_dir(workspace_root())
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .output()
+            .expect("run ablate");
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            stderr(&out),
+        )
+    };
+    let tiny = ["run", "experiments/tiny.toml", "--no-report", "--set"];
+    run(&[&tiny[..], &["train.steps=6"]].concat());
+    let (_, err) = run(&[&tiny[..], &["train.steps=20"]].concat());
+    assert!(err.contains("experiment 'tiny': version 2"), "{err}");
+    // the same configuration again is the same version
+    let (_, err) = run(&[&tiny[..], &["train.steps=20"]].concat());
+    assert!(!err.contains("version 3"), "{err}");
+
+    let (md, _) = run(&["report", "tiny", "--format", "md"]);
+    assert!(md.contains("Version 2 of 2 of this experiment"), "{md}");
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("| patch | patch |"))
+        .unwrap_or_else(|| panic!("tokenizer row: {md}"));
+    // one seed: n=1 per configuration (mixing the two versions made it n=2)
+    assert!(line.contains("(n=1)") && !line.contains("(n=2)"), "{line}");
+    let (md1, _) = run(&["report", "tiny", "--format", "md", "--version", "1"]);
+    assert!(md1.contains("Version 1 of 2 of this experiment"), "{md1}");
+    assert_ne!(md, md1, "the versions' tables differ");
+
+    let (list, _) = run(&["list"]);
+    let row = list
+        .lines()
+        .find(|l| l.contains(" tiny "))
+        .expect("tiny listed");
+    assert!(
+        row.split_whitespace().nth(2) == Some("2"),
+        "version column: {list}"
+    );
+    let (runs, _) = run(&["list", "tiny"]);
+    assert!(
+        runs.contains("version 1: ") && runs.contains("version 2: "),
+        "{runs}"
+    );
+
+    let out = Command::new(ablate_bin())
+        .current_dir(workspace_root())
+        .arg("--root")
+        .arg(root)
+        .args(["report", "tiny", "--version", "3"])
+        .output()
+        .expect("run ablate");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("version 3 of experiment 'tiny'"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -189,7 +189,8 @@ fn posterior_draws_and_flips_train_new_runs_on_the_same_tokenizer() {
     assert!(posterior.contains("2 finished (1 earlier)"), "{posterior}");
     assert!(flipped.contains("2 finished (0 earlier)"), "{flipped}");
     let db = Db::open_existing(&dir.path().join("ablate.sqlite")).expect("database");
-    let runs = db.list_runs(Some("mnist-tiny")).expect("runs");
+    // each configuration is a version of the experiment: all runs, across versions
+    let runs = db.list_runs(None).expect("runs");
     let diffusion: Vec<_> = runs
         .iter()
         .filter(|r| r.kind == "generator" && r.name.contains("diffusion"))
