@@ -439,7 +439,7 @@ impl Runner {
                     self.say(format!("    interrupted: {e}"));
                     return Err(stopped.into());
                 }
-                let msg = format!("{e:#}");
+                let msg = crate::cli::describe(&e);
                 self.db.fail_run(run_id, &msg)?;
                 self.say(format!("    failed: {msg}"));
                 outcome.status = "failed".into();
