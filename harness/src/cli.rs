@@ -566,7 +566,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     f.error.as_deref().unwrap_or("")
                 );
             }
-            if !no_report {
+            // a worker of `--jobs` leaves the report to the process that started it, unless that
+            // process is gone (killed): then the worker that finishes writes it
+            let parent_gone =
+                crate::workers::report_parent().is_some_and(|pid| !crate::runner::pid_alive(pid));
+            if parent_gone {
+                eprintln!("the process that started this worker is gone: writing the report");
+            }
+            if !no_report || parent_gone {
                 let out = layout.report_dir(&loaded.base.name);
                 // processes sharing the spec write the report one at a time; the last one to
                 // finish writes it with every run

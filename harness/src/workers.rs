@@ -76,6 +76,16 @@ pub fn worker_args(args: &[OsString]) -> Vec<OsString> {
     out
 }
 
+/// Set on a worker whose starting process writes the report (the user did not ask for
+/// `--no-report`): that process's pid, so that the worker can write the report itself when the
+/// process is gone by the time the runs are done.
+const REPORT_PARENT: &str = "ABLATE_REPORT_PARENT";
+
+/// In a worker of `--jobs`: the pid of the process that will write the report, if it will.
+pub fn report_parent() -> Option<i64> {
+    std::env::var(REPORT_PARENT).ok()?.parse().ok()
+}
+
 /// Worker processes started by [`spawn`].
 pub struct Workers {
     children: Vec<(Child, PathBuf)>,
@@ -86,6 +96,7 @@ pub struct Workers {
 pub fn spawn(jobs: usize, root: &Path, threads: usize) -> anyhow::Result<Workers> {
     let exe = std::env::current_exe().context("finding the ablate executable for --jobs")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let reports = !args.iter().any(|a| a == "--no-report");
     let args = worker_args(&args);
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -97,7 +108,11 @@ pub fn spawn(jobs: usize, root: &Path, threads: usize) -> anyhow::Result<Workers
         let err = file
             .try_clone()
             .with_context(|| format!("opening {}", log.display()))?;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if reports {
+            command.env(REPORT_PARENT, std::process::id().to_string());
+        }
+        let child = command
             .args(&args)
             .env("RAYON_NUM_THREADS", threads.to_string())
             .stdin(Stdio::null())

@@ -441,3 +441,49 @@ fn damaged_cached_tokenizer_and_feature_net_are_fitted_again() {
     );
     assert!(err.contains("finished (0 earlier), 0 failed"), "{err}");
 }
+
+/// A `--jobs` parent killed outright (SIGKILL: no chance to stop its workers) leaves its worker
+/// to finish every run, the parent's interrupted one included, and to write the report that the
+/// parent would have written.
+#[test]
+fn a_worker_writes_the_report_when_its_parent_was_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--jobs",
+        "2",
+        "--set",
+        "train.steps=400",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        "sample.count=10",
+    ];
+    let mut parent = ablate_tests::spawn_ablate(&root, &args);
+    let started = std::time::Instant::now();
+    while first_checkpoint_step(&root).is_none() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    parent.kill().expect("SIGKILL the parent");
+    parent.wait().expect("reap the parent");
+    // the worker carries on alone: wait for the report it writes
+    let report = root.join("reports/tiny/report.md");
+    let started = std::time::Instant::now();
+    while !report.exists() && started.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(root.join("logs/worker-1.log")).unwrap_or_default();
+    assert!(report.exists(), "no report; the worker's log:\n{log}");
+    assert!(log.contains("is gone: writing the report"), "{log}");
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let runs = generator_runs(&db);
+    assert!(
+        runs.iter().all(|r| r.status == "finished"),
+        "{:?}",
+        runs.iter()
+            .map(|r| (&r.name, &r.status))
+            .collect::<Vec<_>>()
+    );
+}
