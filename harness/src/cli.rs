@@ -45,6 +45,27 @@ pub enum Command {
         #[arg(long, default_value_t = 1, value_name = "N")]
         jobs: usize,
     },
+    /// Write a Slurm array job for a spec: N tasks share its runs on this root, then a job that
+    /// depends on the array writes the report (scripts in ROOT/slurm/NAME/)
+    Slurm {
+        spec: PathBuf,
+        /// Array tasks: processes sharing the spec's runs
+        #[arg(long)]
+        tasks: usize,
+        #[arg(long)]
+        partition: Option<String>,
+        /// GPUs per task (each task then trains on cuda:0 of its allocation)
+        #[arg(long)]
+        gpus_per_task: Option<usize>,
+        /// Wall-time limit per task, e.g. 04:00:00
+        #[arg(long)]
+        time: Option<String>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Also submit: sbatch the array and the dependent report job, print their ids
+        #[arg(long)]
+        submit: bool,
+    },
     /// Print the runs a spec expands to and which are already finished
     Plan {
         spec: PathBuf,
@@ -596,6 +617,64 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             println!("database: {}", layout.db().display());
             Ok(if failed.is_empty() { 0 } else { 1 })
+        }
+        Command::Slurm {
+            spec,
+            tasks,
+            partition,
+            gpus_per_task,
+            time,
+            set,
+            submit,
+        } => {
+            // checked completely first, as `run` would check it
+            let loaded = spec::load(&spec, &set)?;
+            if tasks == 0 {
+                return Err(UsageError("--tasks: expected at least 1, found 0".into()).into());
+            }
+            let absolute = |p: &std::path::Path| {
+                std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+            };
+            let root = absolute(&layout.root)?;
+            let dir = root.join("slurm").join(
+                layout
+                    .report_dir(&loaded.base.name)
+                    .file_name()
+                    .unwrap_or_default(),
+            );
+            let exe = std::env::current_exe().context("finding the ablate executable")?;
+            let opts = crate::slurm::SlurmOptions {
+                tasks,
+                partition,
+                gpus_per_task,
+                time,
+                set,
+            };
+            let scripts = crate::slurm::write_scripts(
+                &exe,
+                &root,
+                &absolute(&spec)?,
+                &loaded.base.name,
+                &opts,
+                &dir,
+            )?;
+            println!("array job:  {}", scripts.array.display());
+            println!("report job: {}", scripts.report.display());
+            println!("submit:     {}", scripts.submit.display());
+            if submit {
+                let out = std::process::Command::new("bash")
+                    .arg(&scripts.submit)
+                    .output()
+                    .context("running sbatch (is Slurm installed here?)")?;
+                if !out.status.success() {
+                    anyhow::bail!(
+                        "submitting failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+            Ok(0)
         }
         Command::Plan { spec, set } => {
             let loaded = spec::load(&spec, &set)?;

@@ -11,6 +11,7 @@ pub mod files;
 pub mod lock;
 pub mod runner;
 pub mod selftest;
+pub mod slurm;
 pub mod spec;
 pub mod stop;
 pub mod tokenize;

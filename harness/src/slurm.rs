@@ -1,0 +1,193 @@
+//! `ablate slurm`: a Slurm array job for one spec. Every array task runs `ablate run SPEC` on the
+//! shared root; the runner's locks let several processes share a spec's runs, each run done once
+//! (as `--jobs` does on one machine). A last job, started when the array has ended, writes the
+//! report. The scripts are plain bash, so they also run without Slurm: set SLURM_ARRAY_TASK_ID
+//! and start them side by side.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// What the array job asks of Slurm.
+#[derive(Debug, Clone)]
+pub struct SlurmOptions {
+    /// array tasks (processes sharing the spec's runs)
+    pub tasks: usize,
+    pub partition: Option<String>,
+    /// GPUs per task; each task then runs on `cuda:0` of its allocation
+    pub gpus_per_task: Option<usize>,
+    /// wall-time limit of each task (`--time`, e.g. 04:00:00)
+    pub time: Option<String>,
+    /// spec overrides (`--set`), passed to every task
+    pub set: Vec<String>,
+}
+
+/// The scripts written for one experiment.
+#[derive(Debug, Clone)]
+pub struct SlurmScripts {
+    pub array: PathBuf,
+    pub report: PathBuf,
+    pub submit: PathBuf,
+}
+
+/// A value quoted for bash (single quotes, any inner quote closed and reopened).
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The `#SBATCH` header shared by the array and the report job.
+fn header(name: &str, opts: &SlurmOptions, logs: &Path, array: bool) -> String {
+    let mut h = String::from("#!/usr/bin/env bash\n");
+    let job = if array {
+        name.to_string()
+    } else {
+        format!("{name}-report")
+    };
+    h += &format!("#SBATCH --job-name={}\n", quote(&format!("ablate-{job}")));
+    let log = if array { "%x-%A_%a.log" } else { "%x-%j.log" };
+    h += &format!(
+        "#SBATCH --output={}\n",
+        quote(&logs.join(log).display().to_string())
+    );
+    if array {
+        h += &format!("#SBATCH --array=0-{}\n", opts.tasks - 1);
+        if let Some(g) = opts.gpus_per_task {
+            h += &format!("#SBATCH --gpus-per-task={g}\n");
+        }
+    }
+    if let Some(p) = &opts.partition {
+        h += &format!("#SBATCH --partition={}\n", quote(p));
+    }
+    if let Some(t) = &opts.time {
+        h += &format!("#SBATCH --time={}\n", quote(t));
+    }
+    h += "set -euo pipefail\n";
+    h
+}
+
+/// Write `array.sbatch`, `report.sbatch` and `submit.sh` for `spec` (experiment `name`) into
+/// `dir`, for the `ablate` at `exe` working on `root`.
+pub fn write_scripts(
+    exe: &Path,
+    root: &Path,
+    spec: &Path,
+    name: &str,
+    opts: &SlurmOptions,
+    dir: &Path,
+) -> anyhow::Result<SlurmScripts> {
+    if opts.tasks == 0 {
+        anyhow::bail!("--tasks: expected at least 1, found 0");
+    }
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let (exe, root, spec) = (
+        quote(&exe.display().to_string()),
+        quote(&root.display().to_string()),
+        quote(&spec.display().to_string()),
+    );
+    let mut run = format!("{exe} --root {root} run {spec} --no-report --quiet");
+    for s in &opts.set {
+        run += &format!(" --set {}", quote(s));
+    }
+    if opts.gpus_per_task.is_some() {
+        run += " --device cuda:0";
+    }
+    let array = header(name, opts, &logs, true)
+        + "# every task runs the whole spec; runs are shared through the root's locks, each done once\n"
+        + "export RAYON_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-${RAYON_NUM_THREADS:-}}\"\n"
+        + "[ -n \"$RAYON_NUM_THREADS\" ] || unset RAYON_NUM_THREADS\n"
+        + &format!("echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n{run}\n");
+    let report =
+        header(name, opts, &logs, false) + &format!("{exe} --root {root} report {}\n", quote(name));
+    let array_path = dir.join("array.sbatch");
+    let report_path = dir.join("report.sbatch");
+    let submit = format!(
+        "#!/usr/bin/env bash\n# submit the array, then the report once every task has ended\n\
+         set -euo pipefail\n\
+         array=$(sbatch --parsable {})\n\
+         report=$(sbatch --parsable --dependency=afterany:\"${{array%%;*}}\" {})\n\
+         echo \"array job $array, report job $report\"\n",
+        quote(&array_path.display().to_string()),
+        quote(&report_path.display().to_string()),
+    );
+    let submit_path = dir.join("submit.sh");
+    for (path, text) in [
+        (&array_path, &array),
+        (&report_path, &report),
+        (&submit_path, &submit),
+    ] {
+        crate::files::write_bytes(path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        make_executable(path)?;
+    }
+    Ok(SlurmScripts {
+        array: array_path,
+        report: report_path,
+        submit: submit_path,
+    })
+}
+
+fn make_executable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_name_the_array_the_options_and_the_dependent_report() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = SlurmOptions {
+            tasks: 4,
+            partition: Some("gpu".into()),
+            gpus_per_task: Some(1),
+            time: Some("02:00:00".into()),
+            set: vec!["seeds=[0,1]".into(), "name=\"it's\"".into()],
+        };
+        let s = write_scripts(
+            Path::new("/opt/ablate"),
+            Path::new("/shared/root"),
+            Path::new("/shared/t.toml"),
+            "t",
+            &opts,
+            dir.path(),
+        )
+        .expect("scripts");
+        let array = std::fs::read_to_string(&s.array).expect("array");
+        for line in [
+            "#SBATCH --array=0-3",
+            "#SBATCH --gpus-per-task=1",
+            "#SBATCH --partition='gpu'",
+            "#SBATCH --time='02:00:00'",
+            "'/opt/ablate' --root '/shared/root' run '/shared/t.toml' --no-report --quiet \
+             --set 'seeds=[0,1]' --set 'name=\"it'\\''s\"' --device cuda:0",
+        ] {
+            assert!(array.contains(line), "{line}\n{array}");
+        }
+        let report = std::fs::read_to_string(&s.report).expect("report");
+        assert!(report.contains("'/opt/ablate' --root '/shared/root' report 't'"));
+        assert!(!report.contains("--array"));
+        let submit = std::fs::read_to_string(&s.submit).expect("submit");
+        assert!(submit.contains("--dependency=afterany:"), "{submit}");
+        for p in [&s.array, &s.report, &s.submit] {
+            let ok = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(p)
+                .status()
+                .expect("bash -n");
+            assert!(ok.success(), "{} is not valid bash", p.display());
+        }
+        let zero = SlurmOptions { tasks: 0, ..opts };
+        assert!(write_scripts(
+            Path::new("a"),
+            Path::new("r"),
+            Path::new("s"),
+            "t",
+            &zero,
+            dir.path()
+        )
+        .is_err());
+    }
+}
