@@ -526,6 +526,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             // the spec is checked completely before anything touches the database
             let loaded = spec::load(&spec, &set)?;
+            if let Some(available) = spec::available_memory() {
+                spec::check_memory(&loaded, available)?;
+            }
             if let Some(d) = &device {
                 crate::runner::parse_device(d)?;
             }
@@ -627,7 +630,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             set,
             submit,
         } => {
-            // checked completely first, as `run` would check it
+            // checked completely first, as `run` would check it (memory: on the tasks' nodes)
             let loaded = spec::load(&spec, &set)?;
             if tasks == 0 {
                 return Err(UsageError("--tasks: expected at least 1, found 0".into()).into());

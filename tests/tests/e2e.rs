@@ -1244,3 +1244,25 @@ fn bench_prints_one_json_line_per_workload() {
         stderr(&bad)
     );
 }
+
+/// Sizes beyond this machine's memory are refused before anything is written (before, an
+/// allocation abort after the whole training), naming the key.
+#[test]
+fn sizes_beyond_the_memory_exit_2_before_anything_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    for set in ["sample.count=10000000000", "data.train=100000000000"] {
+        let out = ablate(&root, &["run", "experiments/tiny.toml", "--set", set]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        let key = set.split('=').next().expect("key");
+        assert!(
+            err.contains(&format!("{key}: ")) && err.contains("GiB available"),
+            "{err}"
+        );
+        assert!(
+            !root.join("ablate.sqlite").exists(),
+            "{set}: nothing written"
+        );
+    }
+}
