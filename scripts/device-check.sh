@@ -8,17 +8,18 @@
 # Environment:
 #   DEVICE=cuda:0         the device under test; DEVICE=cpu runs the same steps on the CPU (the
 #                         bench then skips mar-base, and the quickstart is skipped)
-#   SKIP_QUICKSTART=1     leave out the one-seed quickstart
+#   SKIP_QUICKSTART=1     leave out the one-seed quickstart (f32, then bf16 unless
+#                         WITH_BF16_QUICKSTART=0)
 #   WITH_CPU=1            also time the quickstart on this machine's CPU
 #   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1a; skipped
 #                         when absent); PYTHON the interpreter with torch (python3)
 #   FUSED_TESTS           the models crate's unit-test binary built with `--features cuda`
 #                         (`cargo test --release -p models --features cuda --no-run`; *.gz too):
 #                         step 0a runs its fused::cuda_tests, every fused kernel against the CPU
-# Budget: under 8 minutes on an H200 without step 1a, which adds up to 6 minutes (two pairs of
-# 90 s caps; not yet timed on a GPU). Each step has a timeout; a step that runs out is
-# logged with rc=124 and the script goes on. Session 1 measured on
-# an H200: quickstart 97 s, tiny spec 24 s with CUDA start-up, MAR-B 1.5 s per step.
+# Budget: measured on an H200 in session 5 (everything but the bf16 quickstart): 0a 12–19 s,
+# selftest 14–17 s, the reference pairs 36 + 9 + 22 + 9 s, benches 24 + 21 s, tiny 1.5 s,
+# quickstart 45–52 s: about 3.5 minutes plus the machine's start. Each step has a timeout; a step
+# that runs out is logged with rc=124 and the script goes on.
 set -uo pipefail
 BIN_IN=${1:?usage: scripts/device-check.sh BINARY OUT_DIR}
 OUT=${2:?usage: scripts/device-check.sh BINARY OUT_DIR}
@@ -127,6 +128,12 @@ timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --
 if [ "${SKIP_QUICKSTART:-0}" != 1 ]; then
 timed quickstart-cuda 135 "$BIN" --root "$OUT/qs-cuda" run experiments/quickstart.toml --device "$DEVICE" --set 'seeds=[0]'
 grep -E "^\[|train |done" "$OUT/quickstart-cuda.err" > "$OUT/quickstart-cuda.stages.txt"
+# the same in bf16 (f32 master weights): end to end, before bf16 can become train.precision's
+# default on CUDA (issue 12); FIDs beside the f32 ones
+if [ "${WITH_BF16_QUICKSTART:-1}" = 1 ]; then
+timed quickstart-cuda-bf16 135 "$BIN" --root "$OUT/qs-cuda-bf16" run experiments/quickstart.toml --device "$DEVICE" --set 'seeds=[0]' --set train.precision=bf16
+grep -E "^\[|train |done" "$OUT/quickstart-cuda-bf16.err" > "$OUT/quickstart-cuda-bf16.stages.txt"
+fi
 fi
 if [ "${WITH_CPU:-0}" = 1 ]; then
   timed quickstart-cpu 200 "$BIN" --root "$OUT/qs-cpu" run experiments/quickstart.toml --device cpu --set 'seeds=[0]'
