@@ -316,8 +316,7 @@ pub struct UsageError(pub String);
 fn is_usage(e: &anyhow::Error) -> bool {
     e.downcast_ref::<spec::SpecError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
-        || e.downcast_ref::<crate::checkpoint::CheckpointError>()
-            .is_some()
+        || e.downcast_ref::<crate::import::CheckpointError>().is_some()
         || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
             .is_some_and(reports::Error::is_usage)
@@ -389,7 +388,7 @@ pub fn describe(e: &anyhow::Error) -> String {
 }
 
 /// The summary of `ablate import`.
-fn print_import(checkpoint: &std::path::Path, r: &crate::checkpoint::ImportReport) {
+fn print_import(checkpoint: &std::path::Path, r: &crate::import::ImportReport) {
     println!("checkpoint: {}", checkpoint.display());
     println!(
         "  entries: {}{}",
@@ -995,7 +994,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 ))
                 .into());
             }
-            let opts = crate::checkpoint::ImportOptions {
+            let opts = crate::import::ImportOptions {
                 heads,
                 decoder_heads,
                 patch_size,
@@ -1003,7 +1002,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 diffusion_batch_mul,
                 num_sampling_steps,
             };
-            let r = crate::checkpoint::import(&checkpoint, &out, &opts)?;
+            let r = crate::import::import(&checkpoint, &out, &opts)?;
             print_import(&checkpoint, &r);
             Ok(0)
         }
@@ -1025,8 +1024,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let dev = crate::runner::parse_device(&device)?;
             let (file, cfg_path) =
-                crate::checkpoint::resolve_weights(&weights, config.as_deref(), !no_ema)?;
-            let mc = crate::checkpoint::read_config(&cfg_path)?;
+                crate::import::resolve_weights(&weights, config.as_deref(), !no_ema)?;
+            let mc = crate::import::read_config(&cfg_path)?;
             if let Some(&c) = classes.iter().find(|&&c| c as usize >= mc.class_num) {
                 return Err(UsageError(format!(
                     "--classes: class {c} is out of range: the model has {} classes (0..{})",
@@ -1052,7 +1051,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 )
                 .into());
             }
-            let mar = crate::checkpoint::load_mar(&file, &mc, &cfg_path, diffusion_steps, &dev)?;
+            let mar = crate::import::load_mar(&file, &mc, &cfg_path, diffusion_steps, &dev)?;
             let labels: Vec<u32> = (0..count).map(|i| classes[i % classes.len()]).collect();
             let opts = models::SampleOptions {
                 num_iter: mar_steps.min(mc.seq_len),
@@ -1100,7 +1099,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            crate::checkpoint::save_safetensors_atomic(&tensors, &out)?;
+            crate::import::save_safetensors_atomic(&tensors, &out)?;
             println!(
                 "weights: {} ({})",
                 file.display(),

@@ -1,13 +1,13 @@
 //! ablate's harness: the experiment spec, data sets, tokenizers, training, sampling, evaluation
 //! and the runner that ties them to the tracking database. The `ablate` binary is `main.rs`.
 pub mod bench;
-pub mod checkpoint;
 pub mod cli;
 pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod fid;
 pub mod files;
+pub mod import;
 pub mod lock;
 pub mod runner;
 pub mod selftest;

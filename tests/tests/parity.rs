@@ -603,7 +603,7 @@ fn check_small_mar_gradients(dir: &Path) {
 }
 
 /// `ablate import` of the reference-format checkpoint made from mar_small's weights
-/// (tests/fixtures/mar_small.pth), loaded back by `harness::checkpoint`, reproduces the reference
+/// (tests/fixtures/mar_small.pth), loaded back by `harness::import`, reproduces the reference
 /// encoder and decoder outputs; its EMA weights (a perturbed copy) do not.
 #[test]
 fn imported_reference_checkpoint_reproduces_the_reference_mar() {
@@ -635,9 +635,9 @@ fn imported_reference_checkpoint_reproduces_the_reference_mar() {
         ablate_tests::stderr(&out)
     );
     let cfg_path = out_dir.join("config.json");
-    let config = harness::checkpoint::read_config(&cfg_path).expect("config.json");
+    let config = harness::import::read_config(&cfg_path).expect("config.json");
     let forward = |weights: &str| {
-        let mar = harness::checkpoint::load_mar(
+        let mar = harness::import::load_mar(
             &out_dir.join(weights),
             &config,
             &cfg_path,
