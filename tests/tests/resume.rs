@@ -487,3 +487,105 @@ fn a_worker_writes_the_report_when_its_parent_was_killed() {
             .collect::<Vec<_>>()
     );
 }
+
+/// The checkpoint step of every run folder under `root`, by folder: it changes whenever any
+/// run writes a checkpoint.
+fn checkpoint_steps(root: &std::path::Path) -> Vec<(std::path::PathBuf, Option<u64>)> {
+    let mut steps: Vec<_> = std::fs::read_dir(root.join("artifacts"))
+        .map(|dir| {
+            dir.filter_map(|e| {
+                let path = e.ok()?.path();
+                let step = checkpoint_step(&path.join("checkpoint.json"));
+                Some((path, step))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+/// SIGKILL at 20 points (each a moment after a new checkpoint appears, plus a delay that varies
+/// from kill to kill, so kills land mid-step, mid-write and mid-sampling too), a rerun after each:
+/// the runs end with the weights of an uninterrupted run and every logged step exactly once.
+#[test]
+fn killed_at_twenty_points_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = dir.path().join("clean");
+    let killed = dir.path().join("killed");
+    // long enough for 20 kills: 75 checkpoints per run
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--no-report",
+        "--set",
+        "train.steps=1500",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        "grid.\"generator.kind\"=[\"ar\"]",
+        "--set",
+        "sample.count=10",
+    ];
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut kills = 0;
+    for k in 0..40u64 {
+        if kills == 20 {
+            break;
+        }
+        let before = checkpoint_steps(&killed);
+        let mut child = ablate_tests::spawn_ablate(&killed, &args);
+        let started = std::time::Instant::now();
+        let mut finished = false;
+        loop {
+            if child.try_wait().expect("poll").is_some() {
+                finished = true;
+                break;
+            }
+            if checkpoint_steps(&killed) != before || started.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis((k * 7) % 30));
+        if child.try_wait().expect("poll").is_none() {
+            child.kill().expect("SIGKILL");
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    let out = ablate(&killed, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        kills >= 20,
+        "only {kills} kills landed before the runs finished"
+    );
+
+    let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
+    for r in generator_runs(&db) {
+        assert_eq!(r.status, "finished", "{}", r.name);
+        let clean_run = clean_db
+            .run_by_hash(&r.hash)
+            .expect("query")
+            .expect("same run in the clean root");
+        let worst = weight_difference(&clean_db, clean_run.id, &db, r.id);
+        assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
+        let steps = logged_steps(&db, r.id, "train/loss");
+        assert_eq!(
+            steps,
+            (1..=750).map(|i| i * 2).collect::<Vec<i64>>(),
+            "{}",
+            r.name
+        );
+        eprintln!(
+            "{}: {kills} kills, max |Δw| after resume = {worst:e}",
+            r.name
+        );
+    }
+}
