@@ -112,12 +112,19 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<Raw, DataError> {
         be_u32(&ib, 8) as usize,
         be_u32(&ib, 12) as usize,
     );
-    let expected = 16 + n * rows * cols;
+    // a header's counts multiply past any file size (and past usize: a wrapped product once
+    // passed this check and panicked on the slice below)
+    let expected = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .and_then(|v| v.checked_add(16))
+        .unwrap_or(usize::MAX);
     if ib.len() < expected {
         return Err(DataError::Truncated {
             path: images.display().to_string(),
             message: format!(
-                "header says {n} images of {rows}×{cols} ({expected} bytes), file has {} bytes",
+                "header says {n} images of {rows}×{cols} (at least {expected} bytes), file has {} \
+                 bytes",
                 ib.len()
             ),
         });
@@ -148,4 +155,32 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<Raw, DataError> {
         width: cols,
         source: images.display().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts whose product wraps past 2^64 (2 × 4042815511 × 2281422937 = 2^64 − 2) are a short
+    /// file, not a panic.
+    #[test]
+    fn header_counts_that_overflow_are_a_truncated_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (images, labels) = (dir.path().join("i"), dir.path().join("l"));
+        let mut ib = Vec::new();
+        for v in [IMAGES_MAGIC, 2, 4_042_815_511, 2_281_422_937] {
+            ib.extend_from_slice(&v.to_be_bytes());
+        }
+        std::fs::write(&images, &ib).expect("images");
+        let mut lb = Vec::new();
+        for v in [LABELS_MAGIC, 2] {
+            lb.extend_from_slice(&v.to_be_bytes());
+        }
+        lb.extend_from_slice(&[0, 1]);
+        std::fs::write(&labels, &lb).expect("labels");
+        match read_pair(&images, &labels) {
+            Err(e) => assert!(matches!(e, DataError::Truncated { .. }), "{e}"),
+            Ok(_) => panic!("16 bytes read as 2 huge images"),
+        }
+    }
 }
