@@ -364,27 +364,10 @@ pub fn main() -> i32 {
                 None if is_usage(&e) => 2,
                 None => 1,
             };
-            eprintln!("error: {}", describe(&e));
+            eprintln!("error: {}", crate::runner::describe(&e));
             code
         }
     }
-}
-
-/// An error and its causes on one line, each cause said once: a cause whose text the message
-/// already holds (library errors often print their source inside their own text) is skipped.
-pub fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
 }
 
 /// The summary of `ablate import`.
@@ -1272,25 +1255,5 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("  params: {}", serde_json::to_string(&r.params)?);
             Ok(0)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cause_already_in_the_message_is_said_once() {
-        let io = std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "creating directory /x: File exists",
-        );
-        let e = anyhow::Error::new(db::Error::Io(io)).context("opening the database");
-        assert_eq!(
-            describe(&e),
-            "opening the database: I/O error: creating directory /x: File exists"
-        );
-        let plain = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(describe(&plain), "outer: inner");
     }
 }

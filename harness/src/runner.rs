@@ -187,6 +187,23 @@ fn tune_cuda_device(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// An error and its causes on one line, each cause said once: a cause whose text the message
+/// already holds (library errors often print their source inside their own text) is skipped.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// A tokenizer fit: its run, its seed and where its file goes.
 struct TokenizerJob<'a> {
     id: i64,
@@ -439,7 +456,7 @@ impl Runner {
                     self.say(format!("    interrupted: {e}"));
                     return Err(stopped.into());
                 }
-                let msg = crate::cli::describe(&e);
+                let msg = describe(&e);
                 self.db.fail_run(run_id, &msg)?;
                 self.say(format!("    failed: {msg}"));
                 outcome.status = "failed".into();
@@ -1542,6 +1559,21 @@ fn save_class_grid(path: &Path, set: &ImageSet, classes: usize, cols: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "creating directory /x: File exists",
+        );
+        let e = anyhow::Error::new(db::Error::Io(io)).context("opening the database");
+        assert_eq!(
+            describe(&e),
+            "opening the database: I/O error: creating directory /x: File exists"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&plain), "outer: inner");
+    }
 
     /// Batches take each image's tokens from the plain or the mirrored side as flipped, and with
     /// posterior standard deviations draw mean + std·ε (exactly the mean where std is 0).

@@ -76,10 +76,6 @@ impl Rng {
         p
     }
 
-    pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32).collect()
-    }
-
     /// N(0, 1) noise of `shape`, generated on `device` ([`crate::fused::gaussian_noise`]) from
     /// one value of this stream: the same on every device, and nothing to upload.
     pub fn normal_tensor(

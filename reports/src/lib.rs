@@ -116,9 +116,7 @@ struct Loaded {
     evals_df: polars::prelude::DataFrame,
     runs_df: polars::prelude::DataFrame,
     summary: stats::Summary,
-    /// The version shown (None: the latest); a report never mixes versions.
-    version: Option<i64>,
-    /// (the version shown, the latest version)
+    /// (the version shown, the latest version): a report never mixes versions
     versions: (i64, i64),
 }
 
@@ -151,7 +149,6 @@ fn load(db: &db::Db, experiment: &str, version: Option<i64>) -> Result<Loaded> {
         evals_df,
         runs_df,
         summary,
-        version,
         versions,
     })
 }
@@ -351,7 +348,7 @@ fn draw_plots(
             stats::WITH_CFG,
         )?);
     }
-    let losses = db.metrics_for_version(experiment, l.version, LOSS_KEY)?;
+    let losses = db.metrics_for_version(experiment, Some(l.versions.0), LOSS_KEY)?;
     let curves = stats::loss_curves(&frames::metrics_frame(&losses)?, &l.runs_df)?;
     if !curves.is_empty() {
         figures.push(plots::lines(

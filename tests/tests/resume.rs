@@ -60,6 +60,25 @@ fn weight_difference(a_db: &Db, a: i64, b_db: &Db, b: i64) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// A resumed run `r` is finished, has the weights of the same run in the clean root (max |Δw|
+/// ≤ 1e-6, returned) and its loss logged at every second step up to `steps`, each once.
+fn assert_resumed_like_clean(db: &Db, clean_db: &Db, r: &db::RunRow, steps: i64) -> f32 {
+    assert_eq!(r.status, "finished", "{}", r.name);
+    let clean_run = clean_db
+        .run_by_hash(&r.hash)
+        .expect("query")
+        .expect("same run in the clean root");
+    let worst = weight_difference(clean_db, clean_run.id, db, r.id);
+    assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
+    assert_eq!(
+        logged_steps(db, r.id, "train/loss"),
+        (1..=steps / 2).map(|i| i * 2).collect::<Vec<i64>>(),
+        "{}",
+        r.name
+    );
+    worst
+}
+
 /// The generator runs of the tiny experiment under a root, in order.
 fn generator_runs(db: &Db) -> Vec<db::RunRow> {
     db.list_runs(Some("tiny"))
@@ -141,23 +160,9 @@ fn killed_run_resumes_to_the_same_weights() {
         .collect();
     assert_eq!(runs.len(), 2);
     for r in &runs {
-        assert_eq!(r.status, "finished");
-        let clean_run = clean_db
-            .run_by_hash(&r.hash)
-            .expect("query")
-            .expect("same run in the clean root");
-        let worst = weight_difference(&clean_db, clean_run.id, &db, r.id);
-        assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
+        let worst = assert_resumed_like_clean(&db, &clean_db, r, 300);
         eprintln!(
             "{}: killed at step {killed_at}, max |Δw| after resume = {worst:e}",
-            r.name
-        );
-        // every logged step exactly once
-        let steps = logged_steps(&db, r.id, "train/loss");
-        assert_eq!(
-            steps,
-            (1..=150).map(|i| i * 2).collect::<Vec<i64>>(),
-            "{}",
             r.name
         );
     }
@@ -569,20 +574,7 @@ fn killed_at_twenty_points_resumes_to_the_same_weights() {
     let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
     let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
     for r in generator_runs(&db) {
-        assert_eq!(r.status, "finished", "{}", r.name);
-        let clean_run = clean_db
-            .run_by_hash(&r.hash)
-            .expect("query")
-            .expect("same run in the clean root");
-        let worst = weight_difference(&clean_db, clean_run.id, &db, r.id);
-        assert!(worst <= 1e-6, "{}: max |Δw| = {worst}", r.name);
-        let steps = logged_steps(&db, r.id, "train/loss");
-        assert_eq!(
-            steps,
-            (1..=750).map(|i| i * 2).collect::<Vec<i64>>(),
-            "{}",
-            r.name
-        );
+        let worst = assert_resumed_like_clean(&db, &clean_db, &r, 1500);
         eprintln!(
             "{}: {kills} kills, max |Δw| after resume = {worst:e}",
             r.name

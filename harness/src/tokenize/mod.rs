@@ -33,6 +33,22 @@ pub enum TokenizeError {
     Diverged { step: usize, loss: f32 },
 }
 
+/// Images `start..start + AE_BATCH` of `set` (fewer at the end) as the autoencoder's input:
+/// (B, C, S, S) on the [-1, 1] scale.
+fn autoencoder_batch(
+    set: &ImageSet,
+    start: usize,
+    device: &Device,
+) -> Result<Tensor, TokenizeError> {
+    let (len, b) = (set.image_len(), AE_BATCH.min(set.n - start));
+    Ok(Tensor::from_slice(
+        &set.images[start * len..(start + b) * len],
+        (b, set.channels, set.size, set.size),
+        device,
+    )?
+    .affine(2.0, -1.0)?)
+}
+
 /// Token data for a whole split, on the host.
 #[derive(Debug, Clone)]
 pub enum TokenData {
@@ -216,18 +232,10 @@ impl Tokenizer {
                 device,
                 ..
             } => {
-                let len = set.image_len();
                 let mut codes = Vec::new();
                 let mut values = Vec::new();
                 for start in (0..set.n).step_by(AE_BATCH) {
-                    let b = AE_BATCH.min(set.n - start);
-                    let x = Tensor::from_slice(
-                        &set.images[start * len..(start + b) * len],
-                        (b, set.channels, set.size, set.size),
-                        device,
-                    )?
-                    .affine(2.0, -1.0)?;
-                    let t = model.encode(&x)?;
+                    let t = model.encode(&autoencoder_batch(set, start, device)?)?;
                     if model.codebook().is_some() {
                         codes.extend(t.flatten_all()?.to_vec1::<u32>()?);
                     } else {
@@ -258,17 +266,9 @@ impl Tokenizer {
         if model.codebook().is_some() {
             return Ok(None);
         }
-        let len = set.image_len();
         let mut values = Vec::with_capacity(set.n * self.seq_len() * self.token_dim());
         for start in (0..set.n).step_by(AE_BATCH) {
-            let b = AE_BATCH.min(set.n - start);
-            let x = Tensor::from_slice(
-                &set.images[start * len..(start + b) * len],
-                (b, set.channels, set.size, set.size),
-                device,
-            )?
-            .affine(2.0, -1.0)?;
-            if let Some(std) = model.encode_std(&x)? {
+            if let Some(std) = model.encode_std(&autoencoder_batch(set, start, device)?)? {
                 values.extend((std * *scale)?.flatten_all()?.to_vec1::<f32>()?);
             }
         }

@@ -38,7 +38,7 @@ pub use gated_residual::{gated_residual, gated_residual_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use modulate::{modulate, modulate_plain};
-pub use noise::{derive_key, gaussian_noise, gaussian_noise_cpu};
+pub use noise::{derive_key, gaussian_noise};
 pub use silu::{silu, silu_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.

@@ -59,7 +59,7 @@ pub fn gaussian_noise(key: u64, shape: &Shape, device: &Device) -> Result<Tensor
 }
 
 /// [`gaussian_noise`]'s values on the CPU.
-pub fn gaussian_noise_cpu(key: u64, n: usize) -> Vec<f32> {
+fn gaussian_noise_cpu(key: u64, n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = vec![0f32; n];
     let fill = |first: usize, block: &mut [f32]| {
