@@ -166,10 +166,13 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        // ablate patch: CANDLE_BACKWARD_PROFILE=1 times each node's rule, device synchronised
+        let mut profile = profile::Profile::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
             }
+            let _timed = profile.start(node)?;
             let grad = grads
                 .remove(node)
                 .expect("candle internal error - grad not populated");
@@ -678,6 +681,7 @@ impl Tensor {
                 };
             }
         }
+        profile.report();
         Ok(grads)
     }
 }
@@ -790,5 +794,116 @@ impl GradStore {
     /// Get the tensor ids of the stored gradient tensors
     pub fn get_ids(&self) -> impl Iterator<Item = &TensorId> {
         self.0.keys()
+    }
+}
+
+/// ablate patch: where the device time of a backward pass goes, by rule (op) and by rule and
+/// shape, with the device synchronised around every node: `CANDLE_BACKWARD_PROFILE=1` prints the
+/// tables to stderr after each backward pass. Diagnostic only; off by default (no cost).
+mod profile {
+    use super::*;
+    use std::time::Instant;
+
+    pub(super) struct Profile {
+        on: bool,
+        by_op: HashMap<String, (usize, f64)>,
+        by_shape: HashMap<String, (usize, f64)>,
+        total: f64,
+    }
+
+    /// Times one node from its creation to its drop.
+    pub(super) struct Timed<'a> {
+        profile: Option<&'a mut Profile>,
+        node: Tensor,
+        started: Instant,
+    }
+
+    fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("CANDLE_BACKWARD_PROFILE").is_some_and(|v| v == "1"))
+    }
+
+    fn name(op: &Op) -> String {
+        match op {
+            Op::Binary(_, _, b) => format!("binary {b:?}"),
+            Op::Unary(_, u) => format!("unary {u:?}"),
+            Op::Cmp(..) => "cmp".into(),
+            Op::Reduce(_, r, _) => format!("reduce {r:?}"),
+            Op::Matmul(..) => "matmul".into(),
+            Op::Gather(..) => "gather".into(),
+            Op::IndexSelect(..) => "index_select".into(),
+            Op::WhereCond(..) => "where_cond".into(),
+            Op::Cat(..) => "cat".into(),
+            Op::Affine { .. } => "affine".into(),
+            Op::ToDType(t) => format!("to_dtype from {:?}", t.dtype()),
+            Op::Copy(..) => "copy".into(),
+            Op::Broadcast(..) => "broadcast".into(),
+            Op::Narrow(..) => "narrow".into(),
+            Op::Reshape(..) => "reshape".into(),
+            Op::Transpose(..) => "transpose".into(),
+            Op::Permute(..) => "permute".into(),
+            Op::Powf(..) => "powf".into(),
+            Op::CustomOp1(_, c) => format!("custom {}", c.name()),
+            Op::CustomOp2(_, _, c) => format!("custom {}", c.name()),
+            Op::CustomOp3(_, _, _, c) => format!("custom {}", c.name()),
+            _ => "other".into(),
+        }
+    }
+
+    impl Profile {
+        pub(super) fn new() -> Self {
+            Profile {
+                on: enabled(),
+                by_op: HashMap::new(),
+                by_shape: HashMap::new(),
+                total: 0.0,
+            }
+        }
+
+        pub(super) fn start(&mut self, node: &Tensor) -> Result<Timed<'_>> {
+            if !self.on {
+                return Ok(Timed {
+                    profile: None,
+                    node: node.clone(),
+                    started: Instant::now(),
+                });
+            }
+            node.device().synchronize()?;
+            Ok(Timed {
+                profile: Some(self),
+                node: node.clone(),
+                started: Instant::now(),
+            })
+        }
+
+        pub(super) fn report(&self) {
+            if !self.on {
+                return;
+            }
+            for (title, map) in [("rule", &self.by_op), ("rule and shape", &self.by_shape)] {
+                let mut v: Vec<_> = map.iter().collect();
+                v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+                eprintln!("backward profile by {title}: {:.1} ms in all", self.total * 1e3);
+                for (k, (n, t)) in v.into_iter().take(30) {
+                    eprintln!("{:>9.3} ms {:>5.1}% {n:>5}x  {k}", t * 1e3, 100.0 * t / self.total);
+                }
+            }
+        }
+    }
+
+    impl Drop for Timed<'_> {
+        fn drop(&mut self) {
+            let Some(p) = self.profile.take() else { return };
+            let _ = self.node.device().synchronize();
+            let dt = self.started.elapsed().as_secs_f64();
+            let op = self.node.op().as_ref().map_or("leaf".to_string(), name);
+            let shaped = format!("{op} {:?}", self.node.dims());
+            for (map, key) in [(&mut p.by_op, op), (&mut p.by_shape, shaped)] {
+                let e = map.entry(key).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += dt;
+            }
+            p.total += dt;
+        }
     }
 }

@@ -65,6 +65,8 @@ pub struct CudaDevice {
     pub(crate) blas: Arc<cudarc::cublas::CudaBlas>,
     curand: Arc<Mutex<CudaRng>>,
     seed_value: Arc<RwLock<u64>>,
+    /// ablate patch: page-locked staging for host-to-device copies (staging.rs).
+    staging: Arc<Mutex<super::staging::StagingRing>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -106,7 +108,32 @@ impl CudaDevice {
         if cuda_graph_htod_cache_enabled() && !src.is_empty() {
             return self.memcpy_htod_capture_cached(src, dst);
         }
+        if self.staged_htod(src, dst)? {
+            return Ok(());
+        }
         self.stream.memcpy_htod(src, dst).w()
+    }
+
+    /// ablate patch: copy through the page-locked staging ring (staging.rs); false when the
+    /// ring does not take this copy.
+    fn staged_htod<
+        T: cudarc::driver::DeviceRepr,
+        Src: cudarc::driver::HostSlice<T> + ?Sized,
+        Dst: cudarc::driver::DevicePtrMut<T>,
+    >(
+        &self,
+        src: &Src,
+        dst: &mut Dst,
+    ) -> Result<bool> {
+        assert!(dst.len() >= src.len());
+        // SAFETY: the slice is only read, on this thread, before this function returns.
+        let (src, _sync) = unsafe { src.stream_synced_slice(&self.stream) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), std::mem::size_of_val(src))
+        };
+        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        let mut ring = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        ring.copy(&self.context, &self.stream, bytes, ptr)
     }
 
     pub fn clone_dtoh<T: cudarc::driver::DeviceRepr, Src: cudarc::driver::DevicePtr<T>>(
@@ -152,7 +179,13 @@ impl CudaDevice {
         if cuda_graph_htod_cache_enabled() && !src.is_empty() {
             return self.clone_htod_capture_cached(src);
         }
-        self.stream.clone_htod(src).w()
+        // SAFETY: every value is written by the copy below
+        let mut dst = unsafe { self.stream.alloc::<T>(src.len()) }.w()?;
+        if self.staged_htod(src, &mut dst)? {
+            return Ok(dst);
+        }
+        self.stream.memcpy_htod(src, &mut dst).w()?;
+        Ok(dst)
     }
 
     fn check_capture_copy(&self, op: &str) -> Result<()> {
@@ -386,6 +419,7 @@ impl CudaDevice {
             modules: Arc::new(std::sync::RwLock::new(module_store)),
             custom_modules: Arc::new(std::sync::RwLock::new(HashMap::new())),
             seed_value: Arc::new(RwLock::new(299792458)),
+            staging: Arc::new(Mutex::new(super::staging::StagingRing::new())),
         })
     }
 }
