@@ -4,9 +4,10 @@
 //! AR") every image gets its own permutation, and the position of the token to predict is added
 //! to each input so the model knows where it is going. Sampling decodes one token per step with a
 //! kv-cache.
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::fused;
 use crate::generator::{ar_tokens_known_after, ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
 use crate::mar::SampleState;
@@ -40,17 +41,11 @@ fn cfg_at_step(opts: &SampleOptions, i: usize, l: usize) -> f64 {
 }
 
 /// Rows `orders[b][i]` of a (L, W) table, as (B, K, W) with K = orders[b].len().
-fn gather_positions(
-    table: &Tensor,
-    orders: &[Vec<usize>],
-    device: &Device,
-) -> candle_core::Result<Tensor> {
+fn gather_positions(table: &Tensor, orders: &[Vec<usize>]) -> candle_core::Result<Tensor> {
     let w = table.dim(1)?;
     let l = orders.first().map(|o| o.len()).unwrap_or(0);
     let idx: Vec<u32> = orders.iter().flatten().map(|&p| p as u32).collect();
-    table
-        .index_select(&Tensor::from_vec(idx, orders.len() * l, device)?, 0)?
-        .reshape((orders.len(), l, w))
+    fused::gather_rows(table, &idx)?.reshape((orders.len(), l, w))
 }
 
 /// Tokens reordered so that step i holds position `orders[b][i]`.
@@ -132,11 +127,10 @@ impl Ar {
     ) -> Result<Tensor> {
         let x = self.embed.forward(tokens)?;
         let (b, l, w) = x.dims3()?;
-        let dev = x.device().clone();
         // input i carries the token of step i−1 (with its position, in random order) …
         let x = match (orders, &self.input_pos_embed_learned) {
             (Some(orders), Some(input_pos)) => {
-                (x + gather_positions(&input_pos.squeeze(0)?, orders, &dev)?)?
+                (x + gather_positions(&input_pos.squeeze(0)?, orders)?)?
             }
             _ => x,
         };
@@ -150,7 +144,7 @@ impl Ar {
         // … plus the position of the token step i predicts
         let mut h = match orders {
             Some(orders) if self.random_order() => {
-                (inputs + gather_positions(&self.pos_embed_learned.squeeze(0)?, orders, &dev)?)?
+                (inputs + gather_positions(&self.pos_embed_learned.squeeze(0)?, orders)?)?
             }
             _ => inputs.broadcast_add(&self.pos_embed_learned)?,
         };
@@ -197,7 +191,7 @@ impl Ar {
     ) -> candle_core::Result<Tensor> {
         let col: Vec<Vec<usize>> = orders.iter().map(|o| vec![o[i]]).collect();
         let table = table.squeeze(0)?;
-        let rows = gather_positions(&table, &col, table.device())?;
+        let rows = gather_positions(&table, &col)?;
         if guided {
             Tensor::cat(&[&rows, &rows], 0)
         } else {
@@ -261,7 +255,7 @@ impl Ar {
 mod tests {
     use super::*;
     use crate::generator::{GeneratorKind, HeadConfig};
-    use candle_core::DType;
+    use candle_core::{DType, Device};
 
     /// The kv-cached decoder must compute the same z as teacher forcing on the same tokens.
     #[test]

@@ -70,7 +70,7 @@ impl TimestepEmbedder {
             // sampling: every row is at the same step
             return emb.broadcast_as((t.len(), emb.dim(1)?));
         }
-        emb.index_select(&Tensor::from_vec(index, t.len(), device)?, 0)
+        fused::gather_rows(&emb, &index)
     }
 }
 

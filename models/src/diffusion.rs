@@ -189,18 +189,11 @@ impl GaussianDiffusion {
         self.betas.len()
     }
 
-    /// Gather `v[t]` for each row as an (N, 1) f32 tensor.
-    fn extract(v: &[f64], t: &[usize], device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = t.iter().map(|&i| v[i] as f32).collect();
-        Tensor::from_vec(data, (t.len(), 1), device)
-    }
-
     /// x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε
     pub fn q_sample(&self, x_start: &Tensor, t: &[usize], noise: &Tensor) -> Result<Tensor> {
-        let dev = x_start.device();
-        let a = Self::extract(&self.sqrt_alphas_cumprod, t, dev)?;
-        let b = Self::extract(&self.sqrt_one_minus_alphas_cumprod, t, dev)?;
-        x_start.broadcast_mul(&a)? + noise.broadcast_mul(&b)?
+        let at = AtSteps::new(self, t, x_start.device())?;
+        at.mul(Coef::SqrtAlphasCumprod, x_start)?
+            + at.mul(Coef::SqrtOneMinusAlphasCumprod, noise)?
     }
 
     /// Mean and clipped log-variance of q(x_{t-1} | x_t, x_0).
@@ -210,12 +203,13 @@ impl GaussianDiffusion {
         x_t: &Tensor,
         t: &[usize],
     ) -> Result<(Tensor, Tensor)> {
-        let dev = x_t.device();
-        let c1 = Self::extract(&self.posterior_mean_coef1, t, dev)?;
-        let c2 = Self::extract(&self.posterior_mean_coef2, t, dev)?;
-        let mean = (x_start.broadcast_mul(&c1)? + x_t.broadcast_mul(&c2)?)?;
-        let logvar = Self::extract(&self.posterior_log_variance_clipped, t, dev)?
-            .broadcast_as(mean.shape())?;
+        Self::q_posterior_at(&AtSteps::new(self, t, x_t.device())?, x_start, x_t)
+    }
+
+    fn q_posterior_at(at: &AtSteps, x_start: &Tensor, x_t: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mean = (at.mul(Coef::PosteriorMeanCoef1, x_start)?
+            + at.mul(Coef::PosteriorMeanCoef2, x_t)?)?;
+        let logvar = at.broadcast(Coef::PosteriorLogVarianceClipped, mean.shape())?;
         Ok((mean, logvar))
     }
 
@@ -226,30 +220,31 @@ impl GaussianDiffusion {
         x_t: &Tensor,
         t: &[usize],
     ) -> Result<MeanVariance> {
-        let dev = x_t.device();
+        self.p_mean_variance_at(&AtSteps::new(self, t, x_t.device())?, model_output, x_t)
+    }
+
+    fn p_mean_variance_at(
+        &self,
+        at: &AtSteps,
+        model_output: &Tensor,
+        x_t: &Tensor,
+    ) -> Result<MeanVariance> {
         let c = x_t.dim(D::Minus1)?;
         let eps = model_output.narrow(D::Minus1, 0, c)?;
         let log_variance = if self.learn_sigma {
             let v = model_output.narrow(D::Minus1, c, c)?;
-            let min_log = Self::extract(&self.posterior_log_variance_clipped, t, dev)?;
-            let max_log = Self::extract(&self.log_betas, t, dev)?;
             // learned range: interpolate between β̃_t and β_t in log space (Nichol & Dhariwal 2021, eq. 15)
             let frac = ((v + 1.0)? / 2.0)?;
-            (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?
+            (at.mul(Coef::LogBetas, &frac)?
+                + at.mul(Coef::PosteriorLogVarianceClipped, &(1.0 - &frac)?)?)?
         } else {
             // fixed small variance: the posterior variance β̃_t
-            Self::extract(&self.posterior_log_variance_clipped, t, dev)?
-                .broadcast_as(x_t.shape())?
+            at.broadcast(Coef::PosteriorLogVarianceClipped, x_t.shape())?
                 .contiguous()?
         };
-        let pred_xstart =
-            (x_t.broadcast_mul(&Self::extract(&self.sqrt_recip_alphas_cumprod, t, dev)?)?
-                - eps.broadcast_mul(&Self::extract(
-                    &self.sqrt_recipm1_alphas_cumprod,
-                    t,
-                    dev,
-                )?)?)?;
-        let (mean, _) = self.q_posterior(&pred_xstart, x_t, t)?;
+        let pred_xstart = (at.mul(Coef::SqrtRecipAlphasCumprod, x_t)?
+            - at.mul(Coef::SqrtRecipm1AlphasCumprod, &eps)?)?;
+        let (mean, _) = Self::q_posterior_at(at, &pred_xstart, x_t)?;
         Ok(MeanVariance {
             mean,
             log_variance,
@@ -266,13 +261,14 @@ impl GaussianDiffusion {
         temperature: f64,
         noise: &Tensor,
     ) -> Result<Tensor> {
-        let out = self.p_mean_variance(model_output, x_t, t)?;
-        let nonzero: Vec<f32> = t.iter().map(|&i| if i == 0 { 0.0 } else { 1.0 }).collect();
-        let nonzero = Tensor::from_vec(nonzero, (t.len(), 1), x_t.device())?;
+        let at = AtSteps::new(self, t, x_t.device())?;
+        let out = self.p_mean_variance_at(&at, model_output, x_t)?;
+        if at.same_step() == Some(0) {
+            return Ok(out.mean); // the last step adds no noise
+        }
         let std = (out.log_variance * 0.5)?.exp()?;
         out.mean
-            + (std * noise)?
-                .broadcast_mul(&nonzero)?
+            + at.mul(Coef::NonZero, &(std * noise)?)?
                 .affine(temperature, 0.0)?
     }
 
@@ -300,7 +296,8 @@ impl GaussianDiffusion {
             &[eps.detach(), model_output.narrow(D::Minus1, c, c)?],
             D::Minus1,
         )?;
-        let vb = self.vb_terms_bpd(&frozen, x_start, x_t, t)?;
+        let vb =
+            self.vb_terms_bpd_at(&AtSteps::new(self, t, x_t.device())?, &frozen, x_start, x_t)?;
         Ok(TrainingTerms {
             loss: (&mse + &vb)?,
             mse,
@@ -316,8 +313,23 @@ impl GaussianDiffusion {
         x_t: &Tensor,
         t: &[usize],
     ) -> Result<Tensor> {
-        let (true_mean, true_logvar) = self.q_posterior(x_start, x_t, t)?;
-        let out = self.p_mean_variance(model_output, x_t, t)?;
+        self.vb_terms_bpd_at(
+            &AtSteps::new(self, t, x_t.device())?,
+            model_output,
+            x_start,
+            x_t,
+        )
+    }
+
+    fn vb_terms_bpd_at(
+        &self,
+        at: &AtSteps,
+        model_output: &Tensor,
+        x_start: &Tensor,
+        x_t: &Tensor,
+    ) -> Result<Tensor> {
+        let (true_mean, true_logvar) = Self::q_posterior_at(at, x_start, x_t)?;
+        let out = self.p_mean_variance_at(at, model_output, x_t)?;
         let ln2 = std::f64::consts::LN_2;
         let kl = (normal_kl(&true_mean, &true_logvar, &out.mean, &out.log_variance)?
             .mean(D::Minus1)?
@@ -330,9 +342,129 @@ impl GaussianDiffusion {
         .neg()?
         .mean(D::Minus1)?
             / ln2)?;
-        let is_zero: Vec<u8> = t.iter().map(|&i| u8::from(i == 0)).collect();
-        let is_zero = Tensor::from_vec(is_zero, t.len(), x_t.device())?;
-        is_zero.where_cond(&nll, &kl)
+        // the decoder NLL at t = 0, the KL elsewhere
+        match at.same_step() {
+            Some(0) => Ok(nll),
+            Some(_) => Ok(kl),
+            None => at
+                .column(Coef::NonZero)?
+                .flatten_all()?
+                .eq(0.0)?
+                .where_cond(&nll, &kl),
+        }
+    }
+}
+
+/// The schedule arrays that the training terms and the reverse step read at each row's timestep.
+#[derive(Debug, Clone, Copy)]
+enum Coef {
+    SqrtAlphasCumprod,
+    SqrtOneMinusAlphasCumprod,
+    SqrtRecipAlphasCumprod,
+    SqrtRecipm1AlphasCumprod,
+    PosteriorMeanCoef1,
+    PosteriorMeanCoef2,
+    PosteriorLogVarianceClipped,
+    LogBetas,
+    /// 1 where t > 0, else 0
+    NonZero,
+}
+
+impl Coef {
+    const ALL: [Coef; 9] = [
+        Coef::SqrtAlphasCumprod,
+        Coef::SqrtOneMinusAlphasCumprod,
+        Coef::SqrtRecipAlphasCumprod,
+        Coef::SqrtRecipm1AlphasCumprod,
+        Coef::PosteriorMeanCoef1,
+        Coef::PosteriorMeanCoef2,
+        Coef::PosteriorLogVarianceClipped,
+        Coef::LogBetas,
+        Coef::NonZero,
+    ];
+
+    /// The value at step `i`, as the f32 the tensors use.
+    fn at(self, d: &GaussianDiffusion, i: usize) -> f32 {
+        let v = match self {
+            Coef::SqrtAlphasCumprod => d.sqrt_alphas_cumprod[i],
+            Coef::SqrtOneMinusAlphasCumprod => d.sqrt_one_minus_alphas_cumprod[i],
+            Coef::SqrtRecipAlphasCumprod => d.sqrt_recip_alphas_cumprod[i],
+            Coef::SqrtRecipm1AlphasCumprod => d.sqrt_recipm1_alphas_cumprod[i],
+            Coef::PosteriorMeanCoef1 => d.posterior_mean_coef1[i],
+            Coef::PosteriorMeanCoef2 => d.posterior_mean_coef2[i],
+            Coef::PosteriorLogVarianceClipped => d.posterior_log_variance_clipped[i],
+            Coef::LogBetas => d.log_betas[i],
+            Coef::NonZero => f64::from(u8::from(i > 0)),
+        };
+        v as f32
+    }
+}
+
+/// The schedule at the timesteps of N rows. When every row is at one step (sampling) the values
+/// are scalars and nothing is uploaded; otherwise one (coefficients, N) table is uploaded once for
+/// all the coefficients a call reads (one host-to-device copy instead of one per coefficient).
+enum AtSteps {
+    Same {
+        step: usize,
+        values: [f32; 9],
+        device: Device,
+    },
+    Rows {
+        table: Tensor,
+        n: usize,
+    },
+}
+
+impl AtSteps {
+    fn new(d: &GaussianDiffusion, t: &[usize], device: &Device) -> Result<AtSteps> {
+        if let Some(&first) = t.first() {
+            if t.iter().all(|&i| i == first) {
+                return Ok(AtSteps::Same {
+                    step: first,
+                    values: Coef::ALL.map(|c| c.at(d, first)),
+                    device: device.clone(),
+                });
+            }
+        }
+        let data: Vec<f32> = Coef::ALL
+            .iter()
+            .flat_map(|c| t.iter().map(move |&i| c.at(d, i)))
+            .collect();
+        let table = Tensor::from_vec(data, (Coef::ALL.len(), t.len()), device)?;
+        Ok(AtSteps::Rows { table, n: t.len() })
+    }
+
+    fn same_step(&self) -> Option<usize> {
+        match self {
+            AtSteps::Same { step, .. } => Some(*step),
+            AtSteps::Rows { .. } => None,
+        }
+    }
+
+    /// The coefficient at each row, (N, 1) (rows case).
+    fn column(&self, c: Coef) -> Result<Tensor> {
+        match self {
+            AtSteps::Same { .. } => candle_core::bail!("column of a single-step AtSteps"),
+            AtSteps::Rows { table, n } => table.get(c as usize)?.reshape((*n, 1)),
+        }
+    }
+
+    /// x · coefficient, row by row.
+    fn mul(&self, c: Coef, x: &Tensor) -> Result<Tensor> {
+        match self {
+            AtSteps::Same { values, .. } => x.affine(f64::from(values[c as usize]), 0.0),
+            AtSteps::Rows { .. } => x.broadcast_mul(&self.column(c)?),
+        }
+    }
+
+    /// The coefficient of each row repeated over `shape` (N, …).
+    fn broadcast(&self, c: Coef, shape: &candle_core::Shape) -> Result<Tensor> {
+        match self {
+            AtSteps::Same { values, device, .. } => {
+                Tensor::full(values[c as usize], (), device)?.broadcast_as(shape)
+            }
+            AtSteps::Rows { .. } => self.column(c)?.broadcast_as(shape),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::fused;
 use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
 use crate::head::Head;
 use crate::nn::{linear_xavier, Block, Dropout, LayerNorm, Linear};
@@ -190,11 +191,7 @@ impl Mar {
         let x = self.z_proj_ln.forward(&x)?;
         let idx = self.kept_indices(mask, b);
         let kept = idx.len() / b;
-        let idx = Tensor::from_vec(idx, kept * b, x.device())?;
-        let mut x = x
-            .reshape((b * total, w))?
-            .index_select(&idx, 0)?
-            .reshape((b, kept, w))?;
+        let mut x = fused::gather_rows(&x.reshape((b * total, w))?, &idx)?.reshape((b, kept, w))?;
         for block in &self.encoder_blocks {
             x = block.forward(&x, false, drop)?;
         }
@@ -230,9 +227,7 @@ impl Mar {
                 }
             }
         }
-        let idx = Tensor::from_vec(idx, b * total, x.device())?;
-        let mut x = src
-            .index_select(&idx, 0)?
+        let mut x = fused::gather_rows(&src, &idx)?
             .reshape((b, total, wd))?
             .broadcast_add(&self.decoder_pos_embed_learned)?;
         for block in &self.decoder_blocks {

@@ -103,12 +103,7 @@ impl Module for Linear {
             Precision::F32 => {
                 candle_nn::Linear::new(self.inner.weight().clone(), None).forward(x)?
             }
-            Precision::Bf16 => {
-                let w = self.inner.weight().to_dtype(DType::BF16)?;
-                candle_nn::Linear::new(w, None)
-                    .forward(&x.to_dtype(DType::BF16)?)?
-                    .to_dtype(DType::F32)?
-            }
+            Precision::Bf16 => return fused::linear_bf16(x, self.weight(), self.bias()),
         };
         match self.inner.bias() {
             Some(b) => fused::bias_add(&y, b),
@@ -280,20 +275,19 @@ impl Attention {
         })
     }
 
-    /// Project to (q, k, v), each (batch, heads, positions, head_dim).
+    /// Project to (q, k, v), each (batch, heads, positions, head_dim). Three products with the
+    /// weight's row blocks ([`Linear::forward_chunks`]) rather than one product cut in three: the
+    /// backward of a cut (`narrow`) pads each part's gradient with zeros to the full qkv width.
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, l, c) = x.dims3()?;
         let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, l, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        Ok((
-            qkv.get(0)?.contiguous()?,
-            qkv.get(1)?.contiguous()?,
-            qkv.get(2)?.contiguous()?,
-        ))
+        let heads = |t: &Tensor| {
+            t.reshape((b, l, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let qkv = self.qkv.forward_chunks(x, 3)?;
+        Ok((heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?))
     }
 
     /// softmax(q·kᵀ/√d) · v, causal when asked (each query sees the keys up to its own position),

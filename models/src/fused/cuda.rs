@@ -240,3 +240,251 @@ pub(super) fn dropout(
     launch(b, elementwise_cfg(n))?;
     Ok(wrap(out, dev))
 }
+
+/// [`super::gather_rows`] forward: rows `index` of the contiguous (rows, cols) input.
+pub(super) fn gather_rows(
+    index: &[u32],
+    cols: usize,
+    x: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = x.0.device();
+    let n = index.len() * cols;
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let xv = view(x)?;
+    let index = dev.clone_htod(index)?;
+    let n_out = index.len();
+    let out = alloc(dev, n)?;
+    let kernel = Kernel::load(dev, "gather_rows")?;
+    let mut b = kernel.builder();
+    b.arg(&n_out);
+    b.arg(&cols);
+    b.arg(&xv);
+    b.arg(&index);
+    b.arg(&out);
+    launch(b, elementwise_cfg(n))?;
+    Ok(wrap(out, dev))
+}
+
+/// [`super::gather_rows`] backward: (rows, cols) sums of dy's rows over each row's readers,
+/// given as CSR (`offsets`, `order`), uploaded as one buffer.
+pub(super) fn scatter_rows_sum(
+    offsets: &[u32],
+    order: &[u32],
+    cols: usize,
+    dy: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = dy.0.device();
+    let rows = offsets.len() - 1;
+    if rows * cols == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(rows * cols)?, dev));
+    }
+    let dyv = view(dy)?;
+    let inverse = dev.clone_htod(&[offsets, order].concat())?;
+    let out = alloc(dev, rows * cols)?;
+    let kernel = Kernel::load(dev, "scatter_rows_sum")?;
+    let mut b = kernel.builder();
+    b.arg(&rows);
+    b.arg(&cols);
+    b.arg(&dyv);
+    b.arg(&inverse);
+    b.arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, rows.min(65535) as u32, 1),
+        block_dim: COL_SUM_BLOCK,
+        shared_mem_bytes: 0,
+    };
+    launch(b, cfg)?;
+    Ok(wrap(out, dev))
+}
+
+/// `n` f32 values from `x` rounded to bf16 (as u16 bit patterns) in a fresh buffer.
+fn to_bf16(dev: &CudaDevice, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlice<u16>> {
+    // SAFETY: the kernel below writes all n values.
+    let out = unsafe { dev.alloc::<u16>(n.max(1)) }?;
+    if n > 0 {
+        let kernel = Kernel::load(dev, "cast_f32_bf16")?;
+        let mut b = kernel.builder();
+        b.arg(&n);
+        b.arg(x);
+        b.arg(&out);
+        launch(b, elementwise_cfg(n))?;
+    }
+    Ok(out)
+}
+
+/// One cuBLAS GemmEx on the device's stream, column-major as cuBLAS sees it:
+/// C (m×n, ld m) = op(A)·op(B) with A and B bf16, C f32, f32 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16_f32(
+    dev: &CudaDevice,
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    a: &CudaSlice<u16>,
+    lda: usize,
+    b: &CudaSlice<u16>,
+    ldb: usize,
+    c: &mut CudaSlice<f32>,
+    beta: f32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let int = |v: usize| -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gemm size {v} over i32")))
+    };
+    let stream = dev.cuda_stream();
+    let blas_handle = dev.cublas_handle();
+    let alpha = 1.0f32;
+    let (ap, _ra) = a.device_ptr(&stream);
+    let (bp, _rb) = b.device_ptr(&stream);
+    let (cp, _rc) = c.device_ptr_mut(&stream);
+    // SAFETY: the handle runs on the device's stream; A is (op(A) m×k) with ld lda, B (op(B) k×n)
+    // with ld ldb, C m×n with ld m, all within the buffers the callers allocated for them.
+    unsafe {
+        blas::gemm_ex(
+            *blas_handle.handle(),
+            op(ta),
+            op(tb),
+            int(m)?,
+            int(n)?,
+            int(k)?,
+            (&alpha as *const f32).cast(),
+            ap as *const std::ffi::c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            int(lda)?,
+            bp as *const std::ffi::c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            int(ldb)?,
+            (&beta as *const f32).cast(),
+            cp as *mut std::ffi::c_void,
+            sys::cudaDataType_t::CUDA_R_32F,
+            int(m)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cublasGemmEx: {e:?}")))?;
+    Ok(())
+}
+
+/// [`super::linear_bf16`] forward: y (n×out, row-major) = bf16(x)·bf16(W)ᵀ + b, for contiguous
+/// x (n×k) and W (out×k). Row-major y is column-major yᵀ (out×n) = W(k×out, col-major)ᵀ·xᵀ.
+pub(super) fn linear_bf16(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    (n, k, out): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = x.0.device();
+    if n * out == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(n * out)?, dev));
+    }
+    let xb = to_bf16(dev, &view(x)?, n * k)?;
+    let wb = to_bf16(dev, &view(w)?, out * k)?;
+    let y = if k == 0 {
+        dev.alloc_zeros::<f32>(n * out)?
+    } else {
+        let mut y = alloc(dev, n * out)?;
+        gemm_bf16_f32(dev, (true, false), (out, n, k), &wb, k, &xb, k, &mut y, 0.0)?;
+        y
+    };
+    if let Some(b) = b {
+        // in place: y[r, j] += b[j] (the bias row read with stride 0)
+        let bv = view(b)?;
+        let kernel = Kernel::load(dev, "fused_bias_add_fwd")?;
+        let mut args = kernel.builder();
+        let zero = 0usize;
+        // the same buffer as input and output: each value is read, then written, by one thread
+        args.arg(&n).arg(&out).arg(&y).arg(&out);
+        args.arg(&bv).arg(&zero).arg(&y);
+        launch(args, elementwise_cfg(n * out))?;
+    }
+    Ok(wrap(y, dev))
+}
+
+/// dx (n×k) = bf16(dy)·bf16(W): column-major dxᵀ (k×n) = W(k×out, col-major)·dyᵀ(out×n).
+pub(super) fn linear_bf16_grad_input(
+    dy: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    (n, k, out): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = dy.0.device();
+    if n * k == 0 || out == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(n * k)?, dev));
+    }
+    let dyb = to_bf16(dev, &view(dy)?, n * out)?;
+    let wb = to_bf16(dev, &view(w)?, out * k)?;
+    let mut dx = alloc(dev, n * k)?;
+    gemm_bf16_f32(
+        dev,
+        (false, false),
+        (k, n, out),
+        &wb,
+        k,
+        &dyb,
+        out,
+        &mut dx,
+        0.0,
+    )?;
+    Ok(wrap(dx, dev))
+}
+
+/// [dW (out×k); db (out)] = [bf16(dy)ᵀ·bf16(x); Σ_rows dy]: column-major dWᵀ (k×out) =
+/// xᵀ(k×n, col-major)·dy(n×out); db by the deterministic column sums of the bias add.
+pub(super) fn linear_bf16_grad_weight(
+    dy: (&CudaStorage, &Layout),
+    x: (&CudaStorage, &Layout),
+    (n, k, out): (usize, usize, usize),
+    bias: bool,
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = dy.0.device();
+    let len = out * k + if bias { out } else { 0 };
+    let mut g = dev.alloc_zeros::<f32>(len.max(1))?;
+    if n == 0 || len == 0 {
+        return Ok(wrap(g, dev));
+    }
+    let dyv = view(dy)?;
+    if k > 0 && out > 0 {
+        let dyb = to_bf16(dev, &dyv, n * out)?;
+        let xb = to_bf16(dev, &view(x)?, n * k)?;
+        gemm_bf16_f32(
+            dev,
+            (false, true),
+            (k, out, n),
+            &xb,
+            k,
+            &dyb,
+            out,
+            &mut g,
+            0.0,
+        )?;
+    }
+    if bias && out > 0 {
+        let (per, chunks) = col_sum_chunks(n);
+        let partial = alloc(dev, chunks * out)?;
+        let kernel = Kernel::load(dev, "fused_bias_add_bwd_partial")?;
+        let mut b = kernel.builder();
+        b.arg(&n)
+            .arg(&out)
+            .arg(&dyv)
+            .arg(&out)
+            .arg(&per)
+            .arg(&partial);
+        launch(b, col_sum_cfg(out, chunks))?;
+        col_sum_finalize(dev, &partial, chunks, out, &mut g.slice_mut(out * k..))?;
+    }
+    Ok(wrap(g, dev))
+}

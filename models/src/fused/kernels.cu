@@ -12,6 +12,7 @@
 // atomics, so that they come out the same on every run: `*_partial` kernels sum blocks of rows into
 // a (chunks, m) buffer, one row per chunk of rows, and `col_sum_finalize` adds those chunk rows up.
 #include <stddef.h>
+#include <cuda_bf16.h>
 
 #define WARP 32
 // row-wise kernels run one block per row, with at most this many threads (a multiple of 32)
@@ -432,4 +433,49 @@ extern "C" __global__ void fused_dropout(size_t n, unsigned long long key, unsig
     const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
     y[i] = u >= threshold ? x[i] * scale : 0.0f;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// row gather y[j] = x[index[j]] and its backward dx[r] = Σ dy[j] over the readers j of row r
+
+// grid-stride over n_out × cols values
+extern "C" __global__ void gather_rows(size_t n_out, size_t cols, const float* x,
+                                       const unsigned int* index, float* y) {
+  FOR_EACH_ELEMENT(n_out, cols) { y[i] = x[(size_t)index[ROW(i, cols)] * cols + COL(i, cols)]; }
+}
+
+// grid: (column tiles of 32, source rows, grid-stride); block: 32 columns × 8 lanes down the
+// reader list. `inverse` holds offsets[rows + 1] then the readers of each row in ascending order;
+// lane k sums readers k, k + 8, …, and the 8 lane sums are added in a fixed order, so every run
+// gives the same result.
+extern "C" __global__ void scatter_rows_sum(size_t rows, size_t cols, const float* dy,
+                                            const unsigned int* inverse, float* dx) {
+  __shared__ float acc[COL_SUM_ROWS_PER_STEP][WARP];
+  const unsigned int* order = inverse + rows + 1;
+  const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
+  for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const unsigned int k0 = inverse[r], k1 = inverse[r + 1];
+    float s = 0.0f;
+    if (j < cols) {
+#pragma unroll 4
+      for (unsigned int k = k0 + threadIdx.y; k < k1; k += COL_SUM_ROWS_PER_STEP)
+        s += dy[(size_t)order[k] * cols + j];
+    }
+    acc[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < cols) {
+      float t = 0.0f;
+#pragma unroll
+      for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) t += acc[k][threadIdx.x];
+      dx[r * cols + j] = t;
+    }
+    __syncthreads();  // acc is rewritten for the next row
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 linear layer: operands rounded to bf16 (round to nearest even) for cuBLAS
+
+extern "C" __global__ void cast_f32_bf16(size_t n, const float* x, __nv_bfloat16* y) {
+  FOR_EACH_ELEMENT(n, 1) { y[i] = __float2bfloat16_rn(x[i]); }
 }

@@ -1,7 +1,8 @@
 //! Fused element-wise ops with hand-written backward passes, for the hot paths of training.
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
-//! `attention_softmax`, `bias_add`, `gated_residual`, and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
+//! `attention_softmax`, `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
+//! bf16 linear layer `linear_bf16` (CUDA only), and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
 //! one more, instead of the five to ten candle ops (each allocating a full tensor, forward and
 //! backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
@@ -23,8 +24,10 @@ mod bias_add;
 mod cuda;
 mod dropout;
 mod gated_residual;
+mod gather;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod math;
 mod modulate;
 mod noise;
@@ -35,8 +38,10 @@ pub use attention::{attention_softmax, attention_softmax_plain};
 pub use bias_add::{bias_add, bias_add_plain};
 pub use dropout::{dropout, dropout_plain};
 pub use gated_residual::{gated_residual, gated_residual_plain};
+pub use gather::{gather_rows, gather_rows_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
+pub use linear::{linear_bf16, linear_bf16_plain};
 pub use modulate::{modulate, modulate_plain};
 pub use noise::{derive_key, gaussian_noise};
 pub use silu::{silu, silu_plain};
@@ -441,6 +446,99 @@ mod cuda_tests {
             std::slice::from_ref(&x),
             |t| dropout(&t[0], 0.1, 9),
             1e-6,
+        )
+    }
+
+    /// Host-to-device copies go through candle's page-locked staging ring (vendor/candle-core,
+    /// cuda_backend/staging.rs): 90 MB of uploads of mixed sizes wrap its 64 MB, with the copies
+    /// still queued behind slow kernels, and each tensor must arrive as written.
+    #[test]
+    fn uploads_through_the_staging_ring_arrive_intact() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("uploads: no CUDA device, skipped");
+            return Ok(());
+        };
+        let big = randn(&[2048, 2048], 1)?.to_device(&gpu)?;
+        let mut sent = Vec::new();
+        let mut total = 0usize;
+        for k in 0..400usize {
+            // queue work ahead of the copies so that they are still in flight when the ring wraps
+            if k % 50 == 0 {
+                let _ = big.matmul(&big)?;
+            }
+            let n = 1 + (k * 7919) % 120_000;
+            let data: Vec<f32> = (0..n).map(|i| (i as f32) * 0.5 + k as f32).collect();
+            total += 4 * n;
+            sent.push((Tensor::from_vec(data.clone(), n, &gpu)?, data));
+        }
+        assert!(total > 80 << 20, "only {total} bytes uploaded");
+        for (k, (t, data)) in sent.iter().enumerate() {
+            assert_eq!(&t.to_vec1::<f32>()?, data, "upload {k} differs");
+        }
+        Ok(())
+    }
+
+    /// The bf16 linear layer on CUDA (casts, cuBLAS GemmEx with f32 results) against the
+    /// composition on the CPU (bf16 results): within bf16's relative precision.
+    #[test]
+    fn linear_bf16_against_the_composition() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("linear bf16: no CUDA device, skipped");
+            return Ok(());
+        };
+        for bias in [true, false] {
+            let (x, w, b) = (
+                randn(&[3, 70, 96], 1)?,
+                randn(&[40, 96], 2)?,
+                randn(&[40], 3)?,
+            );
+            // without a bias, only x and W are inputs (each input must receive a gradient)
+            let f = |t: &[Tensor]| linear_bf16(&t[0], &t[1], t.get(2));
+            let seed = randn(&[3, 70, 40], 4)?;
+            let inputs = if bias { vec![x, w, b] } else { vec![x, w] };
+            let (yc, gc) = grads(&inputs, f, &seed)?;
+            let on_gpu = inputs
+                .iter()
+                .map(|t| t.to_device(&gpu))
+                .collect::<Result<Vec<_>>>()?;
+            let (yg, gg) = grads(&on_gpu, f, &seed.to_device(&gpu)?)?;
+            let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                let scale = a
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
+                    .max(1e-6);
+                Ok(max_diff(a, &b.to_device(&Device::Cpu)?)? / scale)
+            };
+            let r = rel(&yc, &yg)?;
+            assert!(
+                r < 1e-2,
+                "linear bf16 (bias {bias}): forward differs by {r} of the largest"
+            );
+            for (i, (a, g)) in gc.iter().zip(&gg).enumerate() {
+                let r = rel(a, g)?;
+                assert!(
+                    r < 2e-2,
+                    "linear bf16 (bias {bias}): gradient {i} differs by {r}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gather_rows_many_to_one() -> Result<()> {
+        // 3000 readers of 70 rows, one of them read by half (MAR's mask token), 3 rows unread
+        let index: Vec<u32> = (0..3000u32)
+            .map(|j| if j % 2 == 0 { 7 } else { (j * 31) % 67 })
+            .collect();
+        let x = randn(&[70, 130], 1)?;
+        compare(
+            "gather rows",
+            std::slice::from_ref(&x),
+            |t| gather_rows(&t[0], &index),
+            1e-4,
         )
     }
 
