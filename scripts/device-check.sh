@@ -13,6 +13,7 @@
 #   WITH_CPU=1            also time the quickstart on this machine's CPU
 #   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1a; skipped
 #                         when absent); PYTHON the interpreter with torch (python3)
+#   (BINARY built with `--features cuda,profile` also writes host-profile.*.txt in step 1c)
 #   FUSED_TESTS           the models crate's unit-test binary built with `--features cuda`
 #                         (`cargo test --release -p models --features cuda --no-run`; *.gz too):
 #                         step 0a runs its fused::cuda_tests, every fused kernel against the CPU
@@ -122,6 +123,15 @@ cat "$OUT/bench-$TAG.out" >> "$SUMMARY"
 # 1b. the same in f32, for the f32/bf16 comparison (bf16 is the default on CUDA)
 timed "bench-$TAG-f32" "$BF16_LIMIT" "$BIN" bench --device "$DEVICE" --phases --precision f32 --workload mar-tiny "${BIG[@]}"
 cat "$OUT/bench-$TAG-f32.out" >> "$SUMMARY"
+# 1c. where the host's time goes in a mar-base step (a build with `--features cuda,profile`; a
+# build without the feature says so and this step fails), and 1d. the same bench with host-to-device
+# copies straight from pageable memory, not through candle's page-locked staging ring (vendor/)
+if [ "$TAG" = cuda ]; then
+  timed "bench-$TAG-profile" "$BF16_LIMIT" "$BIN" bench --device "$DEVICE" --phases --profile "$OUT/host-profile.txt" "${BIG[@]}"
+  cat "$OUT/bench-$TAG-profile.out" >> "$SUMMARY"
+  timed "bench-$TAG-pageable" "$BF16_LIMIT" env CANDLE_CUDA_PAGEABLE_UPLOADS=1 "$BIN" bench --device "$DEVICE" --phases "${BIG[@]}"
+  cat "$OUT/bench-$TAG-pageable.out" >> "$SUMMARY"
+fi
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
 # 3. the quickstart (one seed) on the device, then on this machine's CPU, for a side-by-side time

@@ -173,18 +173,36 @@ pub fn parse_precision(s: &str) -> anyhow::Result<Precision> {
     }
 }
 
+/// How [`run`] measures a workload.
+pub struct Options {
+    /// Timed training steps (after 2 warm-up steps).
+    pub steps: usize,
+    pub precision: Precision,
+    /// The device's peak TFLOP/s, for `mfu`.
+    pub peak_tflops: Option<f64>,
+    /// Also time the phases of a step ([`time_phases`]).
+    pub phases: bool,
+    /// Profile the host over the timed steps into this file ([`crate::profile`]).
+    pub profile: Option<std::path::PathBuf>,
+}
+
 /// Train `steps` timed steps (after 2 warm-up steps) and sample 16 images with 16 MAR steps,
 /// 100 diffusion steps and CFG 3.0, with the generator's products in `precision` (weights and
-/// optimizer state f32, as in training); returns the JSON line.
+/// optimizer state f32, as in training); returns the JSON line. With `profile`, the timed steps
+/// are profiled into that file ([`crate::profile`]).
 pub fn run(
     w: &Workload,
     device: &Device,
     device_name: &str,
-    steps: usize,
-    precision: Precision,
-    peak_tflops: Option<f64>,
-    phases: bool,
+    o: &Options,
 ) -> anyhow::Result<serde_json::Value> {
+    let Options {
+        steps,
+        precision,
+        peak_tflops,
+        phases,
+        ref profile,
+    } = *o;
     let cfg = GeneratorConfig {
         precision,
         ..w.config()
@@ -199,7 +217,15 @@ pub fn run(
     let labels: Vec<u32> = (0..w.batch).map(|i| (i % w.classes) as u32).collect();
     let tokens = cfg.random_tokens(w.batch, &mut rng, device)?;
     let mut times = Vec::new();
+    let mut host_profile = None;
     for step in 0..steps + 2 {
+        if step == 2 {
+            // the timed steps only
+            host_profile = profile
+                .as_deref()
+                .map(crate::profile::HostProfile::start)
+                .transpose()?;
+        }
         device.synchronize()?;
         let t0 = Instant::now();
         let loss = generator.loss(&tokens, &labels, &mut rng)?;
@@ -210,6 +236,9 @@ pub fn run(
         if step >= 2 {
             times.push(t0.elapsed().as_secs_f64());
         }
+    }
+    if let Some(p) = host_profile {
+        p.write()?;
     }
     let train_step_s = median(times);
     let phase_times = match phases {

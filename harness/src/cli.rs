@@ -162,6 +162,10 @@ pub enum Command {
         /// synchronised between them, and how long the host took to queue each one
         #[arg(long)]
         phases: bool,
+        /// Write a sampling profile of the host over the timed training steps to this file (the
+        /// workload's name is added before the extension); needs a build with `--features profile`
+        #[arg(long)]
+        profile: Option<PathBuf>,
         /// List the workloads and exit
         #[arg(long)]
         list: bool,
@@ -860,6 +864,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             peak_tflops,
             batch,
             phases,
+            profile,
             list,
         } => {
             let all = crate::bench::workloads();
@@ -925,8 +930,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     batch: batch.unwrap_or(w.batch),
                     ..w.clone()
                 };
-                let line =
-                    crate::bench::run(&w, &dev, &device, steps, precision, peak_tflops, phases)?;
+                let o = crate::bench::Options {
+                    steps,
+                    precision,
+                    peak_tflops,
+                    phases,
+                    profile: profile
+                        .as_ref()
+                        .map(|p| p.with_extension(format!("{}.txt", w.name))),
+                };
+                let line = crate::bench::run(&w, &dev, &device, &o)?;
                 println!("{line}");
             }
             Ok(0)

@@ -9,6 +9,7 @@ pub mod fid;
 pub mod files;
 pub mod import;
 pub mod lock;
+pub mod profile;
 pub mod runner;
 pub mod selftest;
 pub mod slurm;
