@@ -1,4 +1,6 @@
-//! Mutation fuzzing of readers that take user files: the spec TOML and IDX image/label pairs.
+//! Mutation fuzzing of the readers that take user files: the spec TOML, IDX image/label pairs,
+//! CIFAR-10 batches, images of an image folder, FID statistics (.npz), weights (.safetensors and
+//! .pth, as the Inception loader reads them) and reference checkpoints (`ablate import`'s .pth).
 //! Inputs are seeds from `tests/fuzz/READER/` with random byte edits (flip, insert, delete,
 //! duplicate a span, an extreme 32-bit value); every input must come back as Ok or an error,
 //! never a panic. `ABLATE_FUZZ_SECS` sets the time per reader (2 s by default, so the suite stays
@@ -147,6 +149,66 @@ fn idx_reader_never_panics() {
         std::fs::write(&images, &inputs[0]).expect("images");
         std::fs::write(&labels, &inputs[1]).expect("labels");
         let _ = harness::data::idx::read_pair(&images, &labels);
+    });
+    assert!(runs > 0);
+}
+
+#[test]
+fn cifar_reader_never_panics() {
+    let runs = fuzz("cifar", |inputs, dir| {
+        let path = dir.join("data_batch_1.bin");
+        std::fs::write(&path, &inputs[0]).expect("batch");
+        let _ = harness::data::cifar::read_batches(&[path]);
+    });
+    assert!(runs > 0);
+}
+
+#[test]
+fn image_folder_decoder_never_panics() {
+    let runs = fuzz("images", |inputs, dir| {
+        let files: Vec<(PathBuf, u32)> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let p = dir.join(format!("{i}.png"));
+                std::fs::write(&p, b).expect("image");
+                (p, 0)
+            })
+            .collect();
+        let _ = harness::data::folder::decode(&files, 8);
+    });
+    assert!(runs > 0);
+}
+
+#[test]
+fn fid_statistics_reader_never_panics() {
+    let runs = fuzz("npz", |inputs, dir| {
+        let path = dir.join("stats.npz");
+        std::fs::write(&path, &inputs[0]).expect("npz");
+        let _ = harness::eval::inception::read_stats(&path);
+    });
+    assert!(runs > 0);
+}
+
+#[test]
+fn safetensors_weights_reader_never_panics() {
+    let runs = fuzz("safetensors", |inputs, dir| {
+        let path = dir.join("weights.safetensors");
+        std::fs::write(&path, &inputs[0]).expect("weights");
+        let _ = harness::eval::inception::load_inception(&path, &candle_core::Device::Cpu);
+    });
+    assert!(runs > 0);
+}
+
+#[test]
+fn pth_readers_never_panic() {
+    let runs = fuzz("pth", |inputs, dir| {
+        let path = dir.join("weights.pth");
+        std::fs::write(&path, &inputs[0]).expect("pth");
+        let _ = harness::eval::inception::load_inception(&path, &candle_core::Device::Cpu);
+        if let Ok(c) = harness::import::PthCheckpoint::open(&path) {
+            let _ = c.tensors("model");
+        }
     });
     assert!(runs > 0);
 }
