@@ -14,6 +14,9 @@
 #   REF_BENCH, MAR_SRC    the reference bench script and the official MAR code (step 1a; skipped
 #                         when absent); PYTHON the interpreter with torch (python3)
 #   (BINARY built with `--features cuda,profile` also writes host-profile.*.txt in step 1c)
+#   PACK=1                at the end, pack every output but summary.txt and the host profile into
+#                         OUT_DIR/outputs.tar.gz (the device tool brings back a limited number of
+#                         files: in session 6 a full run's profile and logs were left behind)
 #   FUSED_TESTS           the models crate's unit-test binary built with `--features cuda`
 #                         (`cargo test --release -p models --features cuda --no-run`; *.gz too):
 #                         step 0a runs its fused::cuda_tests, every fused kernel against the CPU
@@ -150,3 +153,7 @@ if [ "${WITH_CPU:-0}" = 1 ]; then
   grep -E "^\[|train |done" "$OUT/quickstart-cpu.err" > "$OUT/quickstart-cpu.stages.txt"
 fi
 say "done"
+if [ "${PACK:-0}" = 1 ]; then
+  ( cd "$OUT" && find . -type f ! -name summary.txt ! -name 'host-profile*.txt' ! -name outputs.tar.gz -print0 \
+      | tar --null -czf outputs.tar.gz --files-from - --remove-files ) && say "packed into outputs.tar.gz"
+fi
