@@ -371,7 +371,8 @@ enum Coef {
 }
 
 impl Coef {
-    const ALL: [Coef; 9] = [
+    const COUNT: usize = 9;
+    const ALL: [Coef; Coef::COUNT] = [
         Coef::SqrtAlphasCumprod,
         Coef::SqrtOneMinusAlphasCumprod,
         Coef::SqrtRecipAlphasCumprod,
@@ -406,7 +407,7 @@ impl Coef {
 enum AtSteps {
     Same {
         step: usize,
-        values: [f32; 9],
+        values: [f32; Coef::COUNT],
         device: Device,
     },
     Rows {
