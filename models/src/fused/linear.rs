@@ -74,6 +74,23 @@ fn cpu_error(op: &str) -> candle_core::Error {
 
 struct LinearBf16;
 
+/// The forward pass of both arities (with and without a bias).
+#[cfg(feature = "cuda")]
+fn forward_cuda(
+    x: (&candle_core::CudaStorage, &Layout),
+    w: (&candle_core::CudaStorage, &Layout),
+    b: Option<(&candle_core::CudaStorage, &Layout)>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    let (n, k, out) = dims(x.1, w.1)?;
+    if let Some((_, bl)) = b {
+        if bl.shape().elem_count() != out {
+            candle_core::bail!("fused-linear-bf16: the bias needs {out} values")
+        }
+    }
+    let y = super::cuda::linear_bf16(x, w, b, (n, k, out))?;
+    Ok((y, out_shape(x.1, out)))
+}
+
 impl CustomOp2 for LinearBf16 {
     fn name(&self) -> &'static str {
         "fused-linear-bf16"
@@ -97,9 +114,7 @@ impl CustomOp2 for LinearBf16 {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k, out) = dims(xl, wl)?;
-        let y = super::cuda::linear_bf16((x, xl), (w, wl), None, (n, k, out))?;
-        Ok((y, out_shape(xl, out)))
+        forward_cuda((x, xl), (w, wl), None)
     }
 
     fn bwd(
@@ -141,12 +156,7 @@ impl CustomOp3 for LinearBf16 {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k, out) = dims(xl, wl)?;
-        if bl.shape().elem_count() != out {
-            candle_core::bail!("{}: the bias needs {out} values", CustomOp3::name(self))
-        }
-        let y = super::cuda::linear_bf16((x, xl), (w, wl), Some((b, bl)), (n, k, out))?;
-        Ok((y, out_shape(xl, out)))
+        forward_cuda((x, xl), (w, wl), Some((b, bl)))
     }
 
     fn bwd(

@@ -813,8 +813,8 @@ mod profile {
 
     /// Times one node from its creation to its drop.
     pub(super) struct Timed<'a> {
-        profile: Option<&'a mut Profile>,
-        node: Tensor,
+        /// The profile and the node, when profiling is on.
+        on: Option<(&'a mut Profile, Tensor)>,
         started: Instant,
     }
 
@@ -863,15 +863,13 @@ mod profile {
         pub(super) fn start(&mut self, node: &Tensor) -> Result<Timed<'_>> {
             if !self.on {
                 return Ok(Timed {
-                    profile: None,
-                    node: node.clone(),
+                    on: None,
                     started: Instant::now(),
                 });
             }
             node.device().synchronize()?;
             Ok(Timed {
-                profile: Some(self),
-                node: node.clone(),
+                on: Some((self, node.clone())),
                 started: Instant::now(),
             })
         }
@@ -893,11 +891,11 @@ mod profile {
 
     impl Drop for Timed<'_> {
         fn drop(&mut self) {
-            let Some(p) = self.profile.take() else { return };
-            let _ = self.node.device().synchronize();
+            let Some((p, node)) = self.on.take() else { return };
+            let _ = node.device().synchronize();
             let dt = self.started.elapsed().as_secs_f64();
-            let op = self.node.op().as_ref().map_or("leaf".to_string(), name);
-            let shaped = format!("{op} {:?}", self.node.dims());
+            let op = node.op().as_ref().map_or("leaf".to_string(), name);
+            let shaped = format!("{op} {:?}", node.dims());
             for (map, key) in [(&mut p.by_op, op), (&mut p.by_shape, shaped)] {
                 let e = map.entry(key).or_insert((0, 0.0));
                 e.0 += 1;
