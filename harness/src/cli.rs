@@ -360,7 +360,14 @@ pub fn main() -> i32 {
     if let Err(e) = crate::stop::install() {
         eprintln!("warning: SIGINT/SIGTERM will end ablate without a checkpoint: {e}");
     }
-    match run(cli) {
+    if let Command::Run { jobs, .. } = &cli.command {
+        if *jobs > 1 {
+            // before the thread pool exists: rayon and candle's CPU kernels both read it
+            let threads = crate::workers::threads_per_job(*jobs);
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        }
+    }
+    match crate::workers::on_cpu_pool(move || run(cli)) {
         Ok(code) => code,
         Err(e) => {
             let code = match e.downcast_ref::<crate::stop::Stopped>() {
@@ -524,8 +531,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let started = std::time::Instant::now();
             let workers = if jobs > 1 {
                 let threads = crate::workers::threads_per_job(jobs);
-                // before any thread pool exists: rayon and candle's CPU kernels both read it
-                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
                 std::fs::create_dir_all(&layout.root)
                     .with_context(|| format!("creating {}", layout.root.display()))?;
                 let w = crate::workers::spawn(jobs, &layout.root, threads)?;

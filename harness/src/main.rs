@@ -7,8 +7,11 @@ fn main() {
 /// candle allocates a fresh output for every op. glibc serves blocks above its mmap threshold
 /// with mmap and unmaps them on free, so each large op paid page faults and TLB shootdowns:
 /// about a quarter of a CPU training step at the time (mar-tiny 1.90 s → 1.41 s with this).
-/// Serve every block from the heap and keep freed memory for reuse; peak RSS did not grow. A
-/// user's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` still win.
+/// Serve every block from the heap and keep freed memory for reuse; peak RSS did not grow.
+/// One arena: the work runs on rayon's threads (`workers::on_cpu_pool`), and glibc gave each
+/// thread an arena of its own, built of 64 MB heaps that a large tensor does not fit, which
+/// raised mar-tiny's peak RSS from 2.5 to 3.9 GB. A user's own `MALLOC_MMAP_THRESHOLD_`,
+/// `MALLOC_TRIM_THRESHOLD_` and `MALLOC_ARENA_MAX` still win.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -20,5 +23,9 @@ fn keep_freed_memory() {
         };
         set("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD);
         set("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: as above
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        }
     }
 }

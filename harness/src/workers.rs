@@ -37,6 +37,16 @@ pub fn pin_cpu_threads() {
     }
 }
 
+/// Run `f` on a thread of rayon's global pool, the pool of the matrix products and the fused ops.
+/// An op split from a pool thread hands its parts to the other threads through their queues; split
+/// from any other thread, every op also puts that thread to sleep and wakes it when the parts are
+/// done, and on a virtual machine each wake-up costs. Measured on 2 cores (mar-tiny training):
+/// 2.04 s per step from the main thread, 1.55–1.61 s from the pool.
+pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `scope` runs its body on a pool thread and blocks the calling thread until it returns
+    rayon::scope(|_| f())
+}
+
 /// Threads per process: the user's `RAYON_NUM_THREADS` when set, else the cores this process may
 /// use divided by `jobs` (at least 1).
 pub fn threads_per_job(jobs: usize) -> usize {
