@@ -99,15 +99,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.precision {
-            Precision::F32 => {
-                candle_nn::Linear::new(self.inner.weight().clone(), None).forward(x)?
-            }
-            Precision::Bf16 => return fused::linear_bf16(x, self.weight(), self.bias()),
-        };
-        match self.inner.bias() {
-            Some(b) => fused::bias_add(&y, b),
-            None => Ok(y),
+        match self.precision {
+            Precision::F32 => fused::linear(x, self.weight(), self.bias()),
+            Precision::Bf16 => fused::linear_bf16(x, self.weight(), self.bias()),
         }
     }
 }

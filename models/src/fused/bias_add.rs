@@ -104,9 +104,13 @@ impl CustomOp2 for BiasAdd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = as_rows(dy)?.apply_op1_no_bwd(&BiasAddBackward)?;
-        Ok((Some(dy.clone()), Some(db.reshape(b.shape())?)))
+        Ok((Some(dy.clone()), Some(row_sum(dy)?.reshape(b.shape())?)))
     }
+}
+
+/// Σ_rows dy over dy's last dimension: a bias's gradient.
+pub(super) fn row_sum(dy: &Tensor) -> Result<Tensor> {
+    as_rows(dy)?.apply_op1_no_bwd(&BiasAddBackward)
 }
 
 /// db = Σ_rows dy of [`BiasAdd`], as a vector of dy's last dimension.

@@ -58,26 +58,21 @@ impl CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let x = f32_data(s, self.name())?;
         let n = l.shape().elem_count();
         let x = &x[l.start_offset()..l.start_offset() + n];
         let (t, scale) = (threshold(self.p), 1.0 / (1.0 - self.p));
-        let mut out = vec![0f32; n];
         const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (o, x))| {
-                for (k, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                    let i = (c * CHUNK + k) as u64;
-                    *o = if noise::uniform24(self.key, i) >= t {
-                        x * scale
-                    } else {
-                        0.0
-                    };
-                }
-            });
+        let out = super::par_fill(n, CHUNK, |first, o| {
+            for (k, (o, &x)) in o.iter_mut().zip(&x[first..]).enumerate() {
+                let i = (first + k) as u64;
+                *o = if noise::uniform24(self.key, i) >= t {
+                    x * scale
+                } else {
+                    0.0
+                };
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

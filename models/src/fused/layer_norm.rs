@@ -162,14 +162,16 @@ fn backward(
 ) -> LayerNormGrads {
     let c = xr.cols;
     let per = rows_per_task(c);
-    let mut dx = vec![0f32; xr.rows * c];
     if c == 0 {
-        return (dx, w.map(|_| (Vec::new(), Vec::new())));
+        return (Vec::new(), w.map(|_| (Vec::new(), Vec::new())));
     }
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+    let n = xr.rows * c;
+    let mut dx = Vec::with_capacity(n);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..n]
         .par_chunks_mut(per * c)
         .enumerate()
         .map(|(i, block)| {
+            let block = super::zeroed(block);
             let mut dw = vec![0f32; if w.is_some() { c } else { 0 }];
             let mut db = vec![0f32; dw.len()];
             let dwb = w.map(|_| (&mut dw[..], &mut db[..]));
@@ -177,6 +179,8 @@ fn backward(
             (dw, db)
         })
         .collect();
+    // SAFETY: the blocks above covered all n values, each zeroed before it was written
+    unsafe { dx.set_len(n) };
     let sums = w.map(|_| {
         let mut dw = vec![0f32; c];
         let mut db = vec![0f32; c];

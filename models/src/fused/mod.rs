@@ -2,7 +2,7 @@
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
 //! `attention_softmax`, `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
-//! bf16 linear layer `linear_bf16` (CUDA only), and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
+//! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
 //! one more, instead of the five to ten candle ops (each allocating a full tensor, forward and
 //! backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
@@ -28,6 +28,7 @@ mod gather;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod linear_f32;
 mod math;
 mod modulate;
 mod noise;
@@ -42,6 +43,7 @@ pub use gather::{gather_rows, gather_rows_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use linear::{linear_bf16, linear_bf16_plain};
+pub use linear_f32::{linear, linear_plain};
 pub use modulate::{modulate, modulate_plain};
 pub use noise::{derive_key, gaussian_noise};
 pub use silu::{silu, silu_plain};
@@ -149,19 +151,14 @@ const SEQUENTIAL_MAX: usize = 1 << 16;
 
 /// Run `f(first_row, out_block)` over blocks of whole rows of a fresh `rows × cols` output.
 fn par_rows(rows: usize, cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; rows * cols];
-    let per = rows_per_task(cols);
     if cols == 0 {
-        // nothing to compute (and no chunks of width 0)
-    } else if rows * cols <= SEQUENTIAL_MAX {
-        f(0, &mut out);
-    } else {
-        out.par_chunks_mut(per * cols)
-            .enumerate()
-            .for_each(|(i, block)| f(i * per, block));
+        // nothing to compute (and no blocks of width 0)
+        return Vec::new();
     }
-    out
+    let per = rows_per_task(cols);
+    par_fill(rows * cols, per * cols, |first, block| {
+        f(first / cols, block)
+    })
 }
 
 /// [`par_rows`] for ops with two outputs of one shape, returned stacked (`[a; b]`):
@@ -173,22 +170,53 @@ fn par_rows2(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let n = rows * cols;
-    let mut out = vec![0f32; 2 * n];
     if cols == 0 {
-        return out;
+        return Vec::new();
     }
-    let (a, b) = out.split_at_mut(n);
+    let mut out = Vec::with_capacity(2 * n);
+    let (a, b) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
     let per = rows_per_task(cols);
     a.par_chunks_mut(per * cols)
         .zip(b.par_chunks_mut(per * cols))
         .enumerate()
         .for_each(|(i, (ab, bb))| {
+            let (ab, bb) = (zeroed(ab), zeroed(bb));
             let pairs = ab.chunks_exact_mut(cols).zip(bb.chunks_exact_mut(cols));
             for (k, (ar, br)) in pairs.enumerate() {
                 f(i * per + k, ar, br);
             }
         });
+    // SAFETY: the blocks above covered all 2n values, each zeroed before `f` wrote it
+    unsafe { out.set_len(2 * n) };
     out
+}
+
+/// A fresh output of `n` values filled by `f(first_value, block)` over blocks of `block` values
+/// on the pool (outputs up to [`SEQUENTIAL_MAX`] on the calling thread). Each task zeroes its own
+/// block before `f` writes it, in its core's cache: a whole output zeroed first by one thread
+/// (`vec![0; n]`) left the other cores idle for a pass over memory per op.
+fn par_fill(n: usize, block: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    if n <= SEQUENTIAL_MAX || block == 0 {
+        let mut out = vec![0f32; n];
+        f(0, &mut out);
+        return out;
+    }
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(i, b)| f(i * block, zeroed(b)));
+    // SAFETY: the blocks above covered all n values, each zeroed before `f` wrote it
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `block` set to zeros, as initialised values.
+fn zeroed(block: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    block.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every element was just written, and MaybeUninit<f32> has f32's layout
+    unsafe { &mut *(block as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// An element-wise op y = f(x) with dx = dy · f'(x): one pass forward, one pass backward.

@@ -60,9 +60,8 @@ pub fn gaussian_noise(key: u64, shape: &Shape, device: &Device) -> Result<Tensor
 
 /// [`gaussian_noise`]'s values on the CPU.
 fn gaussian_noise_cpu(key: u64, n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; n];
-    let fill = |first: usize, block: &mut [f32]| {
+    const CHUNK: usize = 1 << 14; // even, so that pairs never straddle two blocks
+    super::par_fill(n, CHUNK, |first, block| {
         for (k, two) in block.chunks_mut(2).enumerate() {
             let (a, b) = pair(key, ((first + 2 * k) / 2) as u64);
             two[0] = a;
@@ -70,16 +69,7 @@ fn gaussian_noise_cpu(key: u64, n: usize) -> Vec<f32> {
                 *x = b;
             }
         }
-    };
-    const CHUNK: usize = 1 << 14; // even, so that pairs never straddle two chunks
-    if n <= CHUNK {
-        fill(0, &mut out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, block)| fill(i * CHUNK, block));
-    }
-    out
+    })
 }
 
 #[cfg(test)]
