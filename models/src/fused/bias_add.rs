@@ -29,8 +29,9 @@ fn add_row(x: &[f32], b: &[f32], y: &mut [f32]) {
     }
 }
 
+/// acc += dy, element by element.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn accumulate_row(dy: &[f32], acc: &mut [f32]) {
+pub(super) fn accumulate_row(dy: &[f32], acc: &mut [f32]) {
     for j in 0..acc.len() {
         acc[j] += dy[j];
     }

@@ -166,7 +166,8 @@ fn backward(
         return (Vec::new(), w.map(|_| (Vec::new(), Vec::new())));
     }
     let n = xr.rows * c;
-    let mut dx = Vec::with_capacity(n);
+    // room for dw and db after dx, where the affine backward op returns them
+    let mut dx = Vec::with_capacity(n + if w.is_some() { 2 * c } else { 0 });
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..n]
         .par_chunks_mut(per * c)
         .enumerate()
