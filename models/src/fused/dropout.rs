@@ -46,6 +46,20 @@ fn kept(key: u64, i: u64, p: f32) -> bool {
     noise::uniform24(key, i) >= threshold(p)
 }
 
+/// out[k] = x[k]·scale where value first + k is kept, else 0. Compiled for AVX-512 too, whose
+/// 64-bit multiplies let the mask's hash run 8 values at a time (scalar, it was 4% of a CPU
+/// training step).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn apply_mask(key: u64, threshold: u32, scale: f32, first: u64, x: &[f32], out: &mut [f32]) {
+    for (k, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+        let kept = noise::uniform24(key, first + k as u64) >= threshold;
+        *o = if kept { x * scale } else { 0.0 };
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Dropout {
     p: f32,
@@ -64,14 +78,14 @@ impl CustomOp1 for Dropout {
         let (t, scale) = (threshold(self.p), 1.0 / (1.0 - self.p));
         const CHUNK: usize = 1 << 14;
         let out = super::par_fill(n, CHUNK, |first, o| {
-            for (k, (o, &x)) in o.iter_mut().zip(&x[first..]).enumerate() {
-                let i = (first + k) as u64;
-                *o = if noise::uniform24(self.key, i) >= t {
-                    x * scale
-                } else {
-                    0.0
-                };
-            }
+            apply_mask(
+                self.key,
+                t,
+                scale,
+                first as u64,
+                &x[first..first + o.len()],
+                o,
+            )
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
