@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use db::Db;
 
-use crate::runner::{Layout, Runner};
 use crate::spec;
+use crate::{layout::Layout, runner::Runner};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -523,7 +523,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 spec::check_memory(&loaded, available)?;
             }
             if let Some(d) = &device {
-                crate::runner::parse_device(d)?;
+                crate::device::parse_device(d)?;
             }
             if jobs == 0 {
                 return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
@@ -584,7 +584,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             // a worker of `--jobs` leaves the report to the process that started it, unless that
             // process is gone (killed): then the worker that finishes writes it
             let parent_gone =
-                crate::workers::report_parent().is_some_and(|pid| !crate::runner::pid_alive(pid));
+                crate::workers::report_parent().is_some_and(|pid| !crate::device::pid_alive(pid));
             if parent_gone {
                 eprintln!("the process that started this worker is gone: writing the report");
             }
@@ -794,8 +794,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let db = open_db(&layout)?;
             // show runs whose process died as interrupted, not running
             db.reap_dead_runs(
-                &crate::runner::Environment::detect().host,
-                &crate::runner::pid_alive,
+                &crate::device::Environment::detect().host,
+                &crate::device::pid_alive,
             )?;
             match experiment {
                 None => {
@@ -885,7 +885,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 return Ok(0);
             }
-            let dev = crate::runner::parse_device(&device)?;
+            let dev = crate::device::parse_device(&device)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
@@ -950,7 +950,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Selftest { device } => {
-            let dev = crate::runner::parse_device(&device)?;
+            let dev = crate::device::parse_device(&device)?;
             let checks = crate::selftest::run(&dev, &device, |group| {
                 for c in group {
                     if let Ok(line) = serde_json::to_string(c) {
@@ -1023,7 +1023,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             device,
             out,
         } => {
-            let dev = crate::runner::parse_device(&device)?;
+            let dev = crate::device::parse_device(&device)?;
             let (file, cfg_path) =
                 crate::import::resolve_weights(&weights, config.as_deref(), !no_ema)?;
             let mc = crate::import::read_config(&cfg_path)?;

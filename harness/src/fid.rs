@@ -9,7 +9,7 @@ use models::inception::Convention;
 use crate::eval::extractor::{load_classifier, Extractor, Features};
 use crate::eval::inception::{load_inception, read_folder, read_stats, write_stats};
 use crate::eval::metrics::{self, Gaussian};
-use crate::runner::Layout;
+use crate::layout::Layout;
 
 /// The standard weight file's name, looked for under `ROOT/weights/` when `--weights` is not given.
 pub const STANDARD_WEIGHTS: &str = "pt_inception-2015-12-05-6726825d.pth";

@@ -11,6 +11,8 @@ use models::Rng;
 
 use crate::spec::{LrScheduleSpec, TrainSpec};
 
+pub mod generator;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]

@@ -1,0 +1,93 @@
+//! Where everything lives under the root folder: the database, caches, run artifacts, locks and
+//! reports.
+use std::path::PathBuf;
+
+/// Where things live: `root/ablate.sqlite`, `root/cache/…`, `root/artifacts/HASH/…`, `root/reports/NAME/…`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn db(&self) -> PathBuf {
+        self.root.join("ablate.sqlite")
+    }
+    pub fn tokenizer(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/tokenizers")
+            .join(format!("{hash}.safetensors"))
+    }
+    /// Checkpoints of a tokenizer fit in progress (removed once the tokenizer is saved).
+    pub fn tokenizer_checkpoints(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/tokenizers")
+            .join(format!("{hash}.ckpt"))
+    }
+    pub fn classifier(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("cache/classifiers")
+            .join(format!("{hash}.safetensors"))
+    }
+    /// Reference statistics (and features) of a split, per data set, feature net and convention.
+    pub fn reference_stats(&self, key: &str) -> PathBuf {
+        self.root.join("cache/stats").join(format!("{key}.npz"))
+    }
+    /// The lock file of a run, a training or a shared stage (see [`crate::lock`]).
+    pub fn lock(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{name}.lock"))
+    }
+    pub fn run_dir(&self, hash: &str) -> PathBuf {
+        self.root.join("artifacts").join(hash)
+    }
+    /// `reports/NAME`, with characters other than ASCII letters, digits, '-' and '_' replaced by
+    /// '_'. When that changed the name, a short hash of the real name follows, so that two names
+    /// that read alike after replacing ("名前", "日本") do not share (and overwrite) one folder.
+    pub fn report_dir(&self, experiment: &str) -> PathBuf {
+        let safe: String = experiment
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let folder = if safe == experiment {
+            safe
+        } else {
+            let digest = crate::spec::content_hash(&serde_json::Value::from(experiment));
+            format!("{safe}-{}", &digest[..8])
+        };
+        self.root.join("reports").join(folder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_folders_of_different_names_differ() {
+        let layout = Layout {
+            root: PathBuf::from("r"),
+        };
+        assert_eq!(layout.report_dir("tiny"), PathBuf::from("r/reports/tiny"));
+        let (a, b) = (layout.report_dir("名前"), layout.report_dir("日本"));
+        assert_ne!(
+            a, b,
+            "names that read alike after replacing get their own folders"
+        );
+        let a = a
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(a.starts_with("__-") && a.len() == 11, "{a}");
+        assert_eq!(
+            layout.report_dir("名前"),
+            layout.report_dir("名前"),
+            "stable"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! Stage 2, the generator's training loop, top to bottom: data order, training tokens, the step
+//! (loss, backward, clipping, AdamW, EMA), logging, checkpoints and evaluations along the way.
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use db::Db;
+use models::{Generator, Rng, Tokens};
+
+use crate::data::ImageSet;
+use crate::runner::{spinner, Result};
+use crate::spec::PlannedRun;
+use crate::tokenize::{TokenData, Tokenizer};
+use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
+
+/// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
+/// so the order is the same for both arms and a resumed run continues where it stopped.
+struct DataOrder {
+    seed: u64,
+    n: usize,
+    epoch: usize,
+    perm: Vec<usize>,
+}
+
+impl DataOrder {
+    pub fn new(seed: u64, n: usize) -> Self {
+        DataOrder {
+            seed,
+            n,
+            epoch: usize::MAX,
+            perm: Vec::new(),
+        }
+    }
+
+    fn batch(&mut self, step: usize, batch: usize) -> Vec<usize> {
+        (0..batch)
+            .map(|j| {
+                let global = step * batch + j;
+                let epoch = global / self.n;
+                if epoch != self.epoch {
+                    self.perm = Rng::new(
+                        self.seed ^ 0xDA7A_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+                    )
+                    .permutation(self.n);
+                    self.epoch = epoch;
+                }
+                self.perm[global % self.n]
+            })
+            .collect()
+    }
+}
+
+/// The training split's tokens as the generator sees them: each image's tokens, with data.hflip
+/// also those of its mirror image, and with tokenizer.sample_posterior the KL posterior's
+/// standard deviation beside each mean, so that every step trains on a fresh draw.
+pub struct TrainTokens<'a> {
+    plain: &'a TokenData,
+    plain_std: Option<Vec<f32>>,
+    mirrored: Option<(TokenData, Option<Vec<f32>>)>,
+}
+
+impl<'a> TrainTokens<'a> {
+    pub fn new(
+        tok: &Tokenizer,
+        plain: &'a TokenData,
+        train: &ImageSet,
+        run: &PlannedRun,
+    ) -> Result<Self> {
+        let posterior = run.tokenizer().sample_posterior;
+        let std_of = |set: &ImageSet| -> Result<Option<Vec<f32>>> {
+            Ok(match posterior {
+                true => tok.posterior_std(set)?,
+                false => None,
+            })
+        };
+        let mirrored = match run.spec.data.hflip {
+            true => {
+                let m = train.mirrored();
+                Some((tok.encode(&m)?, std_of(&m)?))
+            }
+            false => None,
+        };
+        Ok(TrainTokens {
+            plain,
+            plain_std: std_of(train)?,
+            mirrored,
+        })
+    }
+
+    /// Which images of step `step`'s batch are mirrored: a fair coin per image from (seed, step),
+    /// so a resumed run flips the same ones; none without data.hflip.
+    fn flips(&self, seed: u64, step: usize, n: usize) -> Vec<bool> {
+        if self.mirrored.is_none() {
+            return vec![false; n];
+        }
+        let mut rng = Rng::new(seed ^ 0xF11B_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        (0..n).map(|_| rng.uniform() < 0.5).collect()
+    }
+
+    /// The tokens of images `idx` (mirrored where `flips` says), as one batch on `device`; with
+    /// posterior sampling, mean + std·ε with ε drawn from `rng`.
+    fn batch(
+        &self,
+        idx: &[usize],
+        flips: &[bool],
+        (seq_len, token_dim): (usize, usize),
+        device: &Device,
+        rng: &mut Rng,
+    ) -> candle_core::Result<Tokens> {
+        let row = seq_len * token_dim;
+        if let TokenData::Discrete(_) = self.plain {
+            let mut v = Vec::with_capacity(idx.len() * seq_len);
+            for (&i, &flip) in idx.iter().zip(flips) {
+                if let TokenData::Discrete(codes) = self.side(flip).0 {
+                    v.extend_from_slice(&codes[i * seq_len..(i + 1) * seq_len]);
+                }
+            }
+            return Ok(Tokens::Discrete(Tensor::from_vec(
+                v,
+                (idx.len(), seq_len),
+                device,
+            )?));
+        }
+        let mut means = Vec::with_capacity(idx.len() * row);
+        let mut stds = self
+            .plain_std
+            .as_ref()
+            .map(|_| Vec::with_capacity(idx.len() * row));
+        for (&i, &flip) in idx.iter().zip(flips) {
+            let (data, std) = self.side(flip);
+            if let TokenData::Continuous(x) = data {
+                means.extend_from_slice(&x[i * row..(i + 1) * row]);
+            }
+            if let (Some(out), Some(std)) = (stds.as_mut(), std) {
+                out.extend_from_slice(&std[i * row..(i + 1) * row]);
+            }
+        }
+        let shape = [idx.len(), seq_len, token_dim];
+        let mean = Tensor::from_vec(means, &shape, device)?;
+        Ok(Tokens::Continuous(match stds {
+            // a draw from each token's posterior: mean + std·ε
+            Some(std) => {
+                let std = Tensor::from_vec(std, &shape, device)?;
+                (mean + (std * rng.normal_tensor(&shape, device)?)?)?
+            }
+            None => mean,
+        }))
+    }
+
+    /// The tokens (and posterior standard deviations) of the plain or the mirrored images.
+    fn side(&self, flip: bool) -> (&TokenData, Option<&Vec<f32>>) {
+        match (&self.mirrored, flip) {
+            (Some((t, std)), true) => (t, std.as_ref()),
+            _ => (self.plain, self.plain_std.as_ref()),
+        }
+    }
+}
+
+/// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
+pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
+
+/// Stage 2: train the generator, resuming from its checkpoint when there is one.
+#[allow(clippy::too_many_arguments)]
+pub fn train_generator(
+    db: &Db,
+    run_id: i64,
+    generator: &Generator,
+    varmap: &VarMap,
+    tokens: &TrainTokens,
+    train: &ImageSet,
+    run: &PlannedRun,
+    tok: &Tokenizer,
+    device: &Device,
+    dir: &Path,
+    quiet: bool,
+    on_eval: &mut EvalHook,
+) -> Result<Option<Ema>> {
+    let t = &run.spec.train;
+    let eval_every = run.spec.eval.every;
+    let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
+    let mut ema = if t.ema > 0.0 {
+        Some(Ema::new(varmap, t.ema)?)
+    } else {
+        None
+    };
+    let vars: Vec<_> = opt.vars().cloned().collect();
+    let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
+    let mut start = 0;
+    let mut sums = LogSums::default();
+    if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
+        if let Some(note) = &resume.recovered {
+            // a damaged latest checkpoint: the run went on from the previous one; say so on it
+            db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
+        }
+        start = resume.step;
+        if let Some(saved) = resume.rng {
+            rng = saved;
+        }
+        // checkpoints of earlier versions (and of log boundaries) carry no partial sums
+        sums = serde_json::from_value(resume.extra).unwrap_or_default();
+        db.delete_metrics_after(run_id, resume.step as i64)?;
+    }
+    let mut order = DataOrder::new(run.seed, train.n);
+    let pb = spinner(
+        quiet,
+        t.steps as u64,
+        format!("training {} · {}", run.cell, run.arm.as_str()),
+    );
+    pb.set_position(start as u64);
+    let mut writer = db.metric_writer(run_id, 100);
+    let (mut loss_sum, mut norm_sum, mut count) = (sums.loss, sums.grad_norm, sums.count);
+    let every = if t.checkpoint_every == 0 {
+        t.steps
+    } else {
+        t.checkpoint_every
+    };
+    for step in start..t.steps {
+        let idx = order.batch(step, t.batch);
+        let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
+        let flips = tokens.flips(run.seed, step, idx.len());
+        let dims = (tok.seq_len(), tok.token_dim());
+        let batch = tokens.batch(&idx, &flips, dims, device, &mut rng)?;
+        let loss = generator.loss(&batch, &labels, &mut rng)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(crate::train::TrainError::Diverged { step, loss: value }.into());
+        }
+        let mut grads = loss.backward()?;
+        let norm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
+        let lr = lr_at(step, t);
+        opt.step(&grads, lr)?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(step + 1)?;
+        }
+        loss_sum += value as f64;
+        norm_sum += norm;
+        count += 1;
+        if (step + 1) % t.log_every == 0 || step + 1 == t.steps {
+            let s = step as i64 + 1;
+            writer.push("train/loss", s, loss_sum / count as f64)?;
+            writer.push("train/grad_norm", s, norm_sum / count as f64)?;
+            writer.push("train/lr", s, lr)?;
+            pb.set_message(format!(
+                "{} · {} · loss {:.4}",
+                run.cell,
+                run.arm.as_str(),
+                loss_sum / count as f64
+            ));
+            (loss_sum, norm_sum, count) = (0.0, 0.0, 0);
+        }
+        pb.set_position(step as u64 + 1);
+        let stop = crate::stop::requested();
+        if (step + 1) % every == 0 || step + 1 == t.steps || stop.is_some() {
+            writer.flush()?;
+            // the running log averages go with the checkpoint, so a resumed run logs the same
+            let partial = LogSums {
+                loss: loss_sum,
+                grad_norm: norm_sum,
+                count,
+            };
+            Checkpoint::save(dir, varmap, &opt, ema.as_ref(), step + 1, &rng, &partial)?;
+        }
+        if let Some(sig) = stop {
+            pb.finish_and_clear();
+            return Err(crate::stop::Stopped(sig).into());
+        }
+        // the final evaluation happens after training, with the full sample count
+        if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
+            pb.set_message(format!("{} · {} · evaluating", run.cell, run.arm.as_str()));
+            on_eval(step + 1, varmap, ema.as_ref())?;
+        }
+    }
+    writer.flush()?;
+    pb.finish_and_clear();
+    Ok(ema)
+}
+
+/// The running sums of the training log between two log steps, saved with a checkpoint taken
+/// between them (a stop), so that the resumed run logs the same averages.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct LogSums {
+    loss: f64,
+    grad_norm: f64,
+    count: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Batches take each image's tokens from the plain or the mirrored side as flipped, and with
+    /// posterior standard deviations draw mean + std·ε (exactly the mean where std is 0).
+    #[test]
+    fn training_batches_flip_and_draw_from_the_posterior() -> Result<()> {
+        let plain = TokenData::Continuous(vec![1.0, 2.0, 3.0, 4.0]); // 2 images × 2 tokens × 1
+        let mirrored = TokenData::Continuous(vec![-1.0, -2.0, -3.0, -4.0]);
+        let zero = vec![0.0; 4];
+        let t = TrainTokens {
+            plain: &plain,
+            plain_std: Some(zero.clone()),
+            mirrored: Some((mirrored, Some(vec![0.5; 4]))),
+        };
+        let mut rng = Rng::new(1);
+        let dev = Device::Cpu;
+        let Tokens::Continuous(b) = t.batch(&[1, 0], &[false, false], (2, 1), &dev, &mut rng)?
+        else {
+            panic!("continuous")
+        };
+        assert_eq!(b.flatten_all()?.to_vec1::<f32>()?, vec![3.0, 4.0, 1.0, 2.0]);
+        let Tokens::Continuous(b) = t.batch(&[1, 0], &[true, false], (2, 1), &dev, &mut rng)?
+        else {
+            panic!("continuous")
+        };
+        let v = b.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(v[2..], [1.0, 2.0], "std 0: the mean itself");
+        assert!(
+            v[0] != -3.0 && (v[0] + 3.0).abs() < 3.0,
+            "a draw around -3: {v:?}"
+        );
+        // flips: a fair coin per image, the same for the same (seed, step)
+        let f = t.flips(7, 3, 1000);
+        assert_eq!(f, t.flips(7, 3, 1000));
+        assert_ne!(f, t.flips(7, 4, 1000));
+        let share = f.iter().filter(|&&x| x).count() as f64 / 1000.0;
+        assert!((share - 0.5).abs() < 0.06, "{share}");
+        Ok(())
+    }
+}
