@@ -136,7 +136,23 @@ impl Db {
                     attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10 * attempt));
                 }
-                other => break other?,
+                Err(e) => {
+                    // SQLite says only "unable to open database file" (or "readonly database")
+                    // when the file or its folder cannot be written; say which and what to do
+                    return Err(match unwritable(path) {
+                        Some(why) => Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!(
+                                "the tracking database {} cannot be written ({why}); ablate \
+                                 writes the file and, beside it, SQLite's -wal and -shm files: \
+                                 make the file and its folder writable, or use another --root",
+                                path.display()
+                            ),
+                        )),
+                        None => e,
+                    });
+                }
+                Ok(pool) => break pool,
             }
         };
         Ok(Db {
@@ -222,5 +238,29 @@ impl Drop for Db {
         if tokio::runtime::Handle::try_current().is_err() {
             self.rt.block_on(self.pool.close());
         }
+    }
+}
+
+/// Why the database file at `path` or its folder cannot be written, if one of them cannot: the
+/// file is opened for appending (nothing is written) and a probe file is created and removed in
+/// the folder.
+fn unwritable(path: &Path) -> Option<String> {
+    use std::fs::OpenOptions;
+    if path.exists() {
+        if let Err(e) = OpenOptions::new().append(true).open(path) {
+            return Some(format!("{}: {e}", path.display()));
+        }
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let probe = dir.join(format!(".ablate-write-probe-{}", std::process::id()));
+    match OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(format!("folder {}: {e}", dir.display())),
     }
 }

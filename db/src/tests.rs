@@ -869,3 +869,22 @@ fn experiment_versions_keep_configurations_apart() {
         vec![(1, 2), (2, 2)]
     );
 }
+
+/// A database path that cannot be written is named with the reason and what to do, instead of
+/// SQLite's bare "unable to open database file". (Root writes through chmod 444, so the test uses
+/// a path that is a folder; `chattr +i` on a root gives the same message, "Operation not
+/// permitted".)
+#[test]
+fn an_unwritable_database_is_named_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ablate.sqlite");
+    std::fs::create_dir(&path).expect("a folder where the file should be");
+    let Err(err) = Db::open(&path) else {
+        panic!("a folder opened as a database")
+    };
+    let text = err.to_string();
+    assert!(matches!(err, Error::Io(_)), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("cannot be written"), "{text}");
+    assert!(text.contains("writable"), "{text}");
+}

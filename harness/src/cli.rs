@@ -442,7 +442,7 @@ fn print_import(checkpoint: &std::path::Path, r: &crate::import::ImportReport) {
 /// The tracking database of a root that must already have one (report, list, show, compare).
 fn open_db(layout: &Layout) -> anyhow::Result<Db> {
     Db::open_existing(&layout.db())
-        .with_context(|| format!("no database under {}", layout.root.display()))
+        .with_context(|| format!("opening the database under {}", layout.root.display()))
 }
 
 /// The report files, one a line; the per-run sample grids as one line for their folder.

@@ -88,7 +88,7 @@ fn classifier_checkpoint(layout: &Layout, run: &str) -> Result<PathBuf> {
     let hash = match run.parse::<i64>() {
         Ok(id) => {
             let db = db::Db::open_existing(&layout.db())
-                .with_context(|| format!("no database under {}", layout.root.display()))?;
+                .with_context(|| format!("opening the database under {}", layout.root.display()))?;
             let row = db
                 .run(id)?
                 .ok_or_else(|| UsageError(format!("--feature-net: no run {id}")))?;
