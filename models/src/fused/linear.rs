@@ -12,6 +12,9 @@
 //! [`linear_bf16_plain`].
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::out_shape;
+
 /// y = x·Wᵀ (+ b) with the product in bf16 and f32 in and out: `x` (…, in), `w` (out, in), `b` (out).
 pub fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let fused = cfg!(feature = "cuda")
@@ -54,16 +57,6 @@ fn dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
         candle_core::bail!("linear_bf16: x has {xk} features, the weight {k}")
     }
     Ok((xl.shape().elem_count() / k.max(1), k, out))
-}
-
-/// x's shape with the last dimension `out`.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn out_shape(xl: &Layout, out: usize) -> Shape {
-    let mut d = xl.dims().to_vec();
-    if let Some(last) = d.last_mut() {
-        *last = out;
-    }
-    Shape::from(d)
 }
 
 fn cpu_error(op: &str) -> candle_core::Error {

@@ -105,6 +105,15 @@ impl Rows {
     }
 }
 
+/// The shape of `l` with its last dimension `n` (a linear layer's output of `n` features).
+fn out_shape(l: &Layout, n: usize) -> candle_core::Shape {
+    let mut d = l.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = n;
+    }
+    candle_core::Shape::from(d)
+}
+
 /// The tensor itself when its layout is a [`Rows`] view, else a contiguous copy.
 fn as_rows(t: &Tensor) -> Result<Tensor> {
     if Rows::of(t.layout()).is_some() {
