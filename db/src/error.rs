@@ -15,6 +15,9 @@ pub enum Error {
     /// A filesystem operation (creating the database directory, the runtime) failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The database server could not be reached or refused the connection.
+    #[error("{0}")]
+    Connect(String),
     /// A named or numbered row (database file, experiment, run) does not exist.
     #[error("not found: {0}")]
     NotFound(String),

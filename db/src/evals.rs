@@ -1,7 +1,7 @@
 //! Evaluation results and artifacts.
 
 use crate::model::{canonical_json, EvalRecordRaw};
-use crate::{now_sql, ArtifactRow, Db, Error, EvalRecord, NewEval, Result};
+use crate::{ArtifactRow, Db, Error, EvalRecord, NewEval, Result};
 
 impl Db {
     /// Records an evaluation; a result with the same run, step, metric, feature net and
@@ -10,18 +10,14 @@ impl Db {
         let settings = canonical_json(e.settings);
         self.block_on(async {
             let mut tx = self.write_tx().await?;
-            let id: i64 = sqlx::query_scalar(concat!(
-                "INSERT INTO evals (run_id, step, metric, value, sample_count, feature_net, settings)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            let id: i64 = sqlx::query_scalar(self.sql("INSERT INTO evals (run_id, step, metric, value, sample_count, feature_net, settings)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (run_id, step, metric, feature_net, settings) DO UPDATE
-                 SET value = excluded.value, sample_count = excluded.sample_count, created_at = ",
-                now_sql!(),
-                " RETURNING id"
-            ))
+                 SET value = excluded.value, sample_count = excluded.sample_count, created_at = {now} RETURNING id"))
             .bind(e.run_id)
             .bind(e.step)
             .bind(e.metric)
-            .bind(e.value)
+            .bind(crate::metrics::not_nan(e.value))
             .bind(e.sample_count)
             .bind(e.feature_net)
             .bind(&settings)
@@ -41,7 +37,7 @@ impl Db {
                         COALESCE((SELECT MIN(er.position) FROM experiment_runs er
                                   WHERE er.run_id = r.id), 0) AS position
                  FROM evals v JOIN runs r ON r.id = v.run_id
-                 WHERE v.run_id = ?1
+                 WHERE v.run_id = $1
                  ORDER BY v.step, v.metric, v.feature_net, v.settings",
             )
             .bind(run_id)
@@ -74,7 +70,7 @@ impl Db {
                      FROM evals v
                      JOIN runs r ON r.id = v.run_id
                      JOIN experiment_runs er ON er.run_id = r.id
-                     WHERE er.experiment_id = ?1 AND er.version = ?2
+                     WHERE er.experiment_id = $1 AND er.version = $2
                      ORDER BY er.position, r.seed, v.metric, v.step, v.feature_net, v.settings",
                 )
                 .bind(experiment_id)
@@ -98,14 +94,10 @@ impl Db {
     ) -> Result<i64> {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
-            let id: i64 = sqlx::query_scalar(concat!(
-                "INSERT INTO artifacts (run_id, kind, path, sha256, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+            let id: i64 = sqlx::query_scalar(self.sql("INSERT INTO artifacts (run_id, kind, path, sha256, bytes)
+                 VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (run_id, kind, path) DO UPDATE
-                 SET sha256 = excluded.sha256, bytes = excluded.bytes, created_at = ",
-                now_sql!(),
-                " RETURNING id"
-            ))
+                 SET sha256 = excluded.sha256, bytes = excluded.bytes, created_at = {now} RETURNING id"))
             .bind(run_id)
             .bind(kind)
             .bind(path)
@@ -123,7 +115,7 @@ impl Db {
         self.block_on(async {
             Ok(sqlx::query_as(
                 "SELECT id, run_id, kind, path, sha256, bytes, created_at
-                 FROM artifacts WHERE run_id = ?1 ORDER BY id",
+                 FROM artifacts WHERE run_id = $1 ORDER BY id",
             )
             .bind(run_id)
             .fetch_all(self.pool())

@@ -1,7 +1,7 @@
 //! Experiments and the baselines pinned to them.
 
 use crate::model::{canonical_json, ExperimentRow};
-use crate::{now_sql, Db, Error, Result};
+use crate::{Db, Error, Result};
 
 impl Db {
     /// Registers experiment `name`, or updates its spec path and text if it exists; its id.
@@ -9,7 +9,7 @@ impl Db {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO experiments (name, spec_path, spec_toml) VALUES (?1, ?2, ?3)
+                "INSERT INTO experiments (name, spec_path, spec_toml) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE
                  SET spec_path = excluded.spec_path, spec_toml = excluded.spec_toml
                  RETURNING id",
@@ -38,7 +38,7 @@ impl Db {
             let mut tx = self.write_tx().await?;
             let latest: Option<(i64, String)> = sqlx::query_as(
                 "SELECT version, config_hash FROM experiment_versions
-                 WHERE experiment_id = ?1 ORDER BY version DESC LIMIT 1",
+                 WHERE experiment_id = $1 ORDER BY version DESC LIMIT 1",
             )
             .bind(experiment_id)
             .fetch_optional(&mut *tx)
@@ -50,7 +50,7 @@ impl Db {
                     sqlx::query(
                         "INSERT INTO experiment_versions (experiment_id, version, config_hash,
                                                           spec_toml)
-                         VALUES (?1, ?2, ?3, ?4)",
+                         VALUES ($1, $2, $3, $4)",
                     )
                     .bind(experiment_id)
                     .bind(next)
@@ -74,7 +74,7 @@ impl Db {
                 "SELECT v.version, v.created_at,
                         (SELECT COUNT(*) FROM experiment_runs er
                          WHERE er.experiment_id = v.experiment_id AND er.version = v.version)
-                 FROM experiment_versions v WHERE v.experiment_id = ?1 ORDER BY v.version",
+                 FROM experiment_versions v WHERE v.experiment_id = $1 ORDER BY v.version",
             )
             .bind(id)
             .fetch_all(self.pool())
@@ -86,7 +86,7 @@ impl Db {
     pub fn experiment_id(&self, name: &str) -> Result<Option<i64>> {
         self.block_on(async {
             Ok(
-                sqlx::query_scalar("SELECT id FROM experiments WHERE name = ?1")
+                sqlx::query_scalar("SELECT id FROM experiments WHERE name = $1")
                     .bind(name)
                     .fetch_optional(self.pool())
                     .await?,
@@ -98,7 +98,7 @@ impl Db {
     pub fn experiment_spec(&self, name: &str) -> Result<Option<(String, String)>> {
         self.block_on(async {
             Ok(
-                sqlx::query_as("SELECT spec_path, spec_toml FROM experiments WHERE name = ?1")
+                sqlx::query_as("SELECT spec_path, spec_toml FROM experiments WHERE name = $1")
                     .bind(name)
                     .fetch_optional(self.pool())
                     .await?,
@@ -115,7 +115,7 @@ impl Db {
                         COALESCE((SELECT MAX(version) FROM experiment_versions
                                   WHERE experiment_id = e.id), 1) AS version,
                         COUNT(r.id) AS runs,
-                        COALESCE(SUM(r.status = 'finished'), 0) AS finished
+                        COALESCE(SUM(CASE WHEN r.status = 'finished' THEN 1 ELSE 0 END), 0) AS finished
                  FROM experiments e
                  LEFT JOIN experiment_runs er ON er.experiment_id = e.id
                       AND er.version = COALESCE((SELECT MAX(version) FROM experiment_versions
@@ -141,17 +141,15 @@ impl Db {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
             let experiment_id: i64 =
-                sqlx::query_scalar("SELECT id FROM experiments WHERE name = ?1")
+                sqlx::query_scalar("SELECT id FROM experiments WHERE name = $1")
                     .bind(experiment)
                     .fetch_optional(&mut *tx)
                     .await?
                     .ok_or_else(|| Error::NotFound(format!("experiment '{experiment}'")))?;
-            let id: i64 = sqlx::query_scalar(concat!(
-                "INSERT INTO baselines (name, experiment_id, payload) VALUES (?1, ?2, ?3)
+            let id: i64 = sqlx::query_scalar(self.sql(
+                "INSERT INTO baselines (name, experiment_id, payload) VALUES ($1, $2, $3)
                  ON CONFLICT (name, experiment_id) DO UPDATE
-                 SET payload = excluded.payload, created_at = ",
-                now_sql!(),
-                " RETURNING id"
+                 SET payload = excluded.payload, created_at = {now} RETURNING id",
             ))
             .bind(name)
             .bind(experiment_id)
@@ -169,7 +167,7 @@ impl Db {
             sqlx::query_scalar(
                 "SELECT b.payload FROM baselines b
                  JOIN experiments e ON e.id = b.experiment_id
-                 WHERE e.name = ?1 AND b.name = ?2",
+                 WHERE e.name = $1 AND b.name = $2",
             )
             .bind(experiment)
             .bind(name)

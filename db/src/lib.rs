@@ -2,27 +2,35 @@
 //!
 //! It records experiments, runs (identified by the content hash of their resolved
 //! configuration and shareable between experiments), metric histories, evaluations, artifacts
-//! and pinned baselines in SQLite through sqlx, with the schema kept as migrations in
-//! `db/migrations/` and applied on every open. It knows nothing of models.
+//! and pinned baselines, through sqlx's `Any` driver in one of two backends ([`Backend`]): a
+//! SQLite file (the default, `db/migrations/`) or a PostgreSQL server shared by several machines
+//! (`db/migrations-postgres/`, the same schema in Postgres's types). Migrations are applied on
+//! every open. The SQL is written once for both: numbered parameters (`$1`), `ON CONFLICT`
+//! upserts, and `{now}` for the server's clock (see `Db::sql`). It knows nothing of models.
 //!
 //! The API is synchronous: [`Db`] owns a current-thread tokio runtime and a small connection
 //! pool, and every method blocks on its query. Do not call it from inside an async runtime.
 //!
-//! Concurrency: the database runs in WAL mode with a 30 s busy timeout, and every write
-//! transaction starts with `BEGIN IMMEDIATE`, so several processes (or threads, each with its
-//! own [`Db`]) can write to one file without "database is locked" errors. Committed rows
-//! survive a killed process.
+//! Concurrency: every write transaction takes the database's write lock first (SQLite:
+//! `BEGIN IMMEDIATE` in WAL mode with a 30 s busy timeout; Postgres: a transaction-scoped
+//! advisory lock), so several processes (or threads, each with its own [`Db`]) write one at a
+//! time and never see "database is locked". Committed rows survive a killed process. On Postgres,
+//! [`Db::advisory_lock`] gives the harness named locks that the server releases when their
+//! process dies.
 //!
 //! Conventions: timestamps are RFC 3339 UTC text with milliseconds
 //! (`2025-01-31T12:00:00.123Z`); JSON columns hold text with sorted object keys; a NaN metric or
 //! eval value is stored as NULL and read back as NaN.
 
+mod copy;
 mod error;
 mod evals;
 mod experiments;
 mod metrics;
 mod model;
 mod runs;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -30,9 +38,9 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyConnection, AnyPool};
+use sqlx::{AssertSqlSafe, Connection, Executor};
 
 pub use error::{Error, Result};
 pub use metrics::MetricWriter;
@@ -41,26 +49,36 @@ pub use model::{
     RunStatus, RUN_KINDS,
 };
 
-/// SQL expression for "now" as RFC 3339 UTC text with milliseconds.
-macro_rules! now_sql {
-    () => {
-        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    };
-}
-pub(crate) use now_sql;
-
 /// How long a connection waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections per [`Db`]; SQLite has one writer at a time, so more would not help.
 const MAX_CONNECTIONS: u32 = 4;
+/// The Postgres advisory lock every write transaction takes first, so that writers run one at a
+/// time as they do on SQLite (whose `BEGIN IMMEDIATE` takes the file's write lock).
+const PG_WRITER_LOCK: i64 = 0x61_626c_6174_6500; // "ablate\0"
+
+/// Which server holds the tracking database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file under the root (the default).
+    Sqlite,
+    /// A PostgreSQL server, shared by several machines.
+    Postgres,
+}
 
 /// A handle on the tracking database. Cheap to share by reference across threads; each
 /// process (or thread) that wants its own connections may also open its own.
 #[derive(Debug)]
 pub struct Db {
-    pool: SqlitePool,
+    pool: AnyPool,
     rt: tokio::runtime::Runtime,
-    path: PathBuf,
+    backend: Backend,
+    /// The SQLite file, or the Postgres URL with its password removed.
+    location: String,
+    /// The folder that stored artifact paths are relative to.
+    root: PathBuf,
+    /// The Postgres URL (with its password), for the advisory locks' own connections.
+    url: Option<String>,
 }
 
 impl Db {
@@ -75,7 +93,7 @@ impl Db {
                 ))
             })?;
         }
-        Db::connect(path, true)
+        Db::connect_sqlite(path, true)
     }
 
     /// Opens an existing database at `path` and applies pending migrations; a
@@ -87,20 +105,68 @@ impl Db {
                 path.display()
             )));
         }
-        Db::connect(path, false)
+        Db::connect_sqlite(path, false)
     }
 
-    /// The file this handle was opened on.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The root: the folder holding the database file, which artifact paths are relative to.
-    pub fn root(&self) -> PathBuf {
-        match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
+    /// Opens the tracking database on the PostgreSQL server at `url`
+    /// (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`) and applies pending migrations;
+    /// stored artifact paths are relative to `root`, the folder the machines share.
+    pub fn open_postgres(url: &str, root: &Path) -> Result<Db> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::Invalid(format!(
+                "database URL '{}': expected postgres://USER@HOST[:PORT]/DATABASE",
+                redact(url)
+            )));
         }
+        sqlx::any::install_default_drivers();
+        let rt = runtime()?;
+        let pool = rt
+            .block_on(async {
+                // one plain connection first: the pool would retry a refused one until its
+                // timeout, and a server that is down or a wrong URL should be said at once
+                AnyConnection::connect(url).await?.close().await?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(MAX_CONNECTIONS)
+                    .acquire_timeout(BUSY_TIMEOUT)
+                    .connect(url)
+                    .await?;
+                // the Postgres migrator serialises concurrent openers with its own advisory lock
+                sqlx::migrate!("./migrations-postgres").run(&pool).await?;
+                Ok::<_, Error>(pool)
+            })
+            .map_err(|e| match e {
+                Error::Sqlx(e) => Error::Connect(format!(
+                    "the tracking database {} cannot be opened: {e}; check that the server is \
+                     running, the URL's user, password and database, and that the database exists \
+                     (createdb NAME)",
+                    redact(url)
+                )),
+                other => other,
+            })?;
+        Ok(Db {
+            pool,
+            rt,
+            backend: Backend::Postgres,
+            location: redact(url),
+            root: root.to_path_buf(),
+            url: Some(url.to_owned()),
+        })
+    }
+
+    /// Where this handle is connected: the SQLite file, or the Postgres URL without its password.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Which server holds this database.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The root: the folder that artifact paths are relative to (for SQLite, the folder holding
+    /// the database file).
+    pub fn root(&self) -> PathBuf {
+        self.root.clone()
     }
 
     /// Where a stored artifact path points: relative paths (what the harness records) are
@@ -111,27 +177,24 @@ impl Db {
         if p.is_absolute() {
             p.to_path_buf()
         } else {
-            self.root().join(p)
+            self.root.join(p)
         }
     }
 
-    fn connect(path: &Path, create: bool) -> Result<Db> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(create)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+    fn connect_sqlite(path: &Path, create: bool) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let rt = runtime()?;
+        let url = format!(
+            "sqlite://{}?mode={}",
+            path.display(),
+            if create { "rwc" } else { "rw" }
+        );
         // Several processes opening a fresh file at the same moment can see SQLITE_BUSY while
         // one of them switches the file to WAL (that switch does not always wait on the busy
         // handler); retry the open with a growing pause instead of failing.
         let mut attempt = 0u64;
         let pool = loop {
-            match rt.block_on(Self::connect_pool(options.clone())) {
+            match rt.block_on(Self::connect_sqlite_pool(&url)) {
                 Err(e) if attempt < 40 && e.to_string().contains("database is locked") => {
                     attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10 * attempt));
@@ -155,27 +218,45 @@ impl Db {
                 Ok(pool) => break pool,
             }
         };
+        let root = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         Ok(Db {
             pool,
             rt,
-            path: path.to_path_buf(),
+            backend: Backend::Sqlite,
+            location: path.display().to_string(),
+            root,
+            url: None,
         })
     }
 
-    async fn connect_pool(options: SqliteConnectOptions) -> Result<SqlitePool> {
-        {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .connect_with(options)
-                .await?;
-            // The migrator takes no lock on SQLite; running it inside an IMMEDIATE transaction
-            // (its own transactions nest as savepoints) serialises concurrent openers, so a
-            // second process sees the first one's migrations instead of re-applying them.
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            sqlx::migrate!("./migrations").run(&mut tx).await?;
-            tx.commit().await?;
-            Ok::<_, Error>(pool)
-        }
+    async fn connect_sqlite_pool(url: &str) -> Result<AnyPool> {
+        let pool = AnyPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers run beside the one writer; NORMAL syncs at checkpoints,
+                    // which WAL keeps consistent after a crash
+                    conn.execute(AssertSqlSafe(format!(
+                        "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; \
+                         PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+                        BUSY_TIMEOUT.as_millis()
+                    )))
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        // The migrator takes no lock on SQLite; running it inside an IMMEDIATE transaction
+        // (its own transactions nest as savepoints) serialises concurrent openers, so a
+        // second process sees the first one's migrations instead of re-applying them.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::migrate!("./migrations").run(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(pool)
     }
 
     /// Runs `fut` to completion on this handle's runtime.
@@ -183,21 +264,79 @@ impl Db {
         self.rt.block_on(fut)
     }
 
-    /// Begins a write transaction that takes the write lock up front (waiting up to the busy
-    /// timeout), so it can never fail later on a read-to-write lock upgrade.
-    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Begins a write transaction that takes the write lock up front, so that writers run one at
+    /// a time: on SQLite `BEGIN IMMEDIATE` (waiting up to the busy timeout, and never failing
+    /// later on a read-to-write upgrade), on Postgres a transaction-scoped advisory lock.
+    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITER_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
 
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
-    /// The id of experiment `name`, or [`Error::NotFound`].
+    /// `sql` with `{now}` replaced by this server's expression for the current time as RFC 3339
+    /// UTC text with milliseconds (`2025-01-31T12:00:00.123Z`), the format of every timestamp.
+    pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        let now = match self.backend {
+            Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            Backend::Postgres => {
+                "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+            }
+        };
+        AssertSqlSafe(sql.replace("{now}", now))
+    }
+
+    /// Takes the advisory lock `name` on the Postgres server if no other session holds it (None
+    /// when one does), or waits for it (`wait`). The lock lives on a connection of its own and is
+    /// released when the returned value is dropped, or by the server when the process dies.
+    /// [`Error::Invalid`] on SQLite, whose locks are files beside it.
+    pub fn advisory_lock(&self, name: &str, wait: bool) -> Result<Option<AdvisoryLock>> {
+        let Some(url) = self.url.as_deref() else {
+            return Err(Error::Invalid(format!(
+                "advisory lock '{name}': only a Postgres tracking database has advisory locks"
+            )));
+        };
+        // its own runtime and connection, so that the lock outlives any borrow of this handle
+        let rt = runtime()?;
+        let conn = rt.block_on(async {
+            let mut conn = AnyConnection::connect(url).await?;
+            // the server hashes the name to the lock's 64-bit key
+            let taken: bool = if wait {
+                sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                    .bind(name)
+                    .execute(&mut conn)
+                    .await?;
+                true
+            } else {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(name)
+                    .fetch_one(&mut conn)
+                    .await?
+            };
+            Ok::<_, Error>(taken.then_some(conn))
+        })?;
+        Ok(conn.map(|conn| AdvisoryLock {
+            rt,
+            conn: Some(conn),
+            name: name.to_owned(),
+        }))
+    }
+
     /// The latest version of experiment `experiment_id` (1 when none is recorded).
     pub(crate) async fn latest_version(&self, experiment_id: i64) -> Result<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT COALESCE(MAX(version), 1) FROM experiment_versions WHERE experiment_id = ?1",
+            "SELECT COALESCE(MAX(version), 1) FROM experiment_versions WHERE experiment_id = $1",
         )
         .bind(experiment_id)
         .fetch_one(&self.pool)
@@ -223,11 +362,39 @@ impl Db {
     }
 
     pub(crate) async fn require_experiment(&self, name: &str) -> Result<i64> {
-        sqlx::query_scalar("SELECT id FROM experiments WHERE name = ?1")
+        sqlx::query_scalar("SELECT id FROM experiments WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| Error::NotFound(format!("experiment '{name}'")))
+    }
+}
+
+/// A held Postgres advisory lock (see [`Db::advisory_lock`]): a connection of its own, closed
+/// (which releases the lock) when dropped.
+#[derive(Debug)]
+pub struct AdvisoryLock {
+    rt: tokio::runtime::Runtime,
+    conn: Option<AnyConnection>,
+    name: String,
+}
+
+impl AdvisoryLock {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        // Closing the session releases its advisory locks; inside another runtime (where
+        // blocking is impossible) dropping the socket does the same once the server notices.
+        if let Some(conn) = self.conn.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                let _ = self.rt.block_on(conn.close());
+            }
+        }
     }
 }
 
@@ -238,6 +405,27 @@ impl Drop for Db {
         if tokio::runtime::Handle::try_current().is_err() {
             self.rt.block_on(self.pool.close());
         }
+    }
+}
+
+/// The current-thread runtime each handle blocks on.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `url` with its password replaced by `***`, for messages and the stored location.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -16,13 +16,15 @@ impl Db {
             let mut tx = self.write_tx().await?;
             for point in points {
                 sqlx::query(
-                    "INSERT OR REPLACE INTO metrics (run_id, key, step, value, wall_time)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO metrics (run_id, key, step, value, wall_time)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (run_id, key, step) DO UPDATE
+                     SET value = excluded.value, wall_time = excluded.wall_time",
                 )
                 .bind(run_id)
                 .bind(point.key.as_str())
                 .bind(point.step)
-                .bind(point.value)
+                .bind(not_nan(point.value))
                 .bind(point.wall_time)
                 .execute(&mut *tx)
                 .await?;
@@ -48,7 +50,7 @@ impl Db {
         let rows: Vec<(String, i64, Option<f64>, f64)> = self.block_on(async {
             sqlx::query_as(
                 "SELECT key, step, value, wall_time FROM metrics
-                 WHERE run_id = ?1 AND (?2 IS NULL OR key = ?2)
+                 WHERE run_id = $1 AND ($2 IS NULL OR key = $2)
                  ORDER BY key, step",
             )
             .bind(run_id)
@@ -72,7 +74,7 @@ impl Db {
     pub fn latest_metrics(&self, run_id: i64) -> Result<Vec<(String, i64, f64)>> {
         let rows: Vec<(String, i64, Option<f64>)> = self.block_on(async {
             sqlx::query_as(
-                "SELECT key, step, value FROM latest_metrics WHERE run_id = ?1 ORDER BY key",
+                "SELECT key, step, value FROM latest_metrics WHERE run_id = $1 ORDER BY key",
             )
             .bind(run_id)
             .fetch_all(self.pool())
@@ -89,7 +91,7 @@ impl Db {
     pub fn delete_metrics_after(&self, run_id: i64, step: i64) -> Result<u64> {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
-            let done = sqlx::query("DELETE FROM metrics WHERE run_id = ?1 AND step > ?2")
+            let done = sqlx::query("DELETE FROM metrics WHERE run_id = $1 AND step > $2")
                 .bind(run_id)
                 .bind(step)
                 .execute(&mut *tx)
@@ -120,7 +122,7 @@ impl Db {
                      FROM metrics m
                      JOIN runs r ON r.id = m.run_id
                      JOIN experiment_runs er ON er.run_id = r.id
-                     WHERE er.experiment_id = ?1 AND er.version = ?3 AND m.key = ?2
+                     WHERE er.experiment_id = $1 AND er.version = $3 AND m.key = $2
                      ORDER BY er.position, r.id, m.step",
                 )
                 .bind(experiment_id)
@@ -136,6 +138,11 @@ impl Db {
 
 /// Buffers metric points of one run and writes them in batches (see [`Db::metric_writer`]).
 /// Dropping it flushes what is left, ignoring errors; call [`MetricWriter::flush`] to see them.
+/// `value`, or NULL for NaN: SQLite stores a NaN as NULL, and Postgres is made to do the same.
+pub(crate) fn not_nan(value: f64) -> Option<f64> {
+    (!value.is_nan()).then_some(value)
+}
+
 #[derive(Debug)]
 pub struct MetricWriter<'a> {
     db: &'a Db,

@@ -1,7 +1,7 @@
 //! Runs: registration, lifecycle and listing.
 
 use crate::model::{canonical_json, RunRaw, RUN_KINDS};
-use crate::{now_sql, Db, Error, NewRun, Result, RunRow};
+use crate::{Db, Error, NewRun, Result, RunRow};
 
 /// The `runs` columns in [`RunRaw`] order, for a table aliased `r`.
 macro_rules! run_cols {
@@ -23,7 +23,7 @@ impl Db {
             sqlx::query_as(concat!(
                 "SELECT ",
                 run_cols!(),
-                " FROM runs r WHERE r.hash = ?1"
+                " FROM runs r WHERE r.hash = $1"
             ))
             .bind(hash)
             .fetch_optional(self.pool())
@@ -38,7 +38,7 @@ impl Db {
             sqlx::query_as(concat!(
                 "SELECT ",
                 run_cols!(),
-                " FROM runs r WHERE r.id = ?1"
+                " FROM runs r WHERE r.id = $1"
             ))
             .bind(id)
             .fetch_optional(self.pool())
@@ -51,7 +51,7 @@ impl Db {
     /// so that it compares with them as text.
     pub fn now(&self) -> Result<String> {
         self.block_on(async {
-            Ok(sqlx::query_scalar(concat!("SELECT ", now_sql!()))
+            Ok(sqlx::query_scalar(self.sql("SELECT {now}"))
                 .fetch_one(self.pool())
                 .await?)
         })
@@ -75,14 +75,14 @@ impl Db {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
             let experiment: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM experiments WHERE id = ?1")
+                sqlx::query_scalar("SELECT id FROM experiments WHERE id = $1")
                     .bind(experiment_id)
                     .fetch_optional(&mut *tx)
                     .await?;
             if experiment.is_none() {
                 return Err(Error::NotFound(format!("experiment id {experiment_id}")));
             }
-            let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM runs WHERE hash = ?1")
+            let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM runs WHERE hash = $1")
                 .bind(run.hash)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -92,7 +92,7 @@ impl Db {
                     sqlx::query_scalar(
                         "INSERT INTO runs (hash, kind, name, cell, arm, seed, params, status,
                                            git_commit, git_dirty, host, device, version)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12)
                          RETURNING id",
                     )
                     .bind(run.hash)
@@ -103,7 +103,7 @@ impl Db {
                     .bind(run.seed)
                     .bind(&params)
                     .bind(run.git_commit)
-                    .bind(run.git_dirty)
+                    .bind(i64::from(run.git_dirty))
                     .bind(run.host)
                     .bind(run.device)
                     .bind(run.version)
@@ -113,12 +113,14 @@ impl Db {
             };
             // linked to the experiment's latest version (Db::experiment_version made it current)
             sqlx::query(
-                "INSERT OR IGNORE INTO experiment_runs (experiment_id, version, run_id, position)
-                 SELECT ?1, v.version, ?2,
+                "INSERT INTO experiment_runs (experiment_id, version, run_id, position)
+                 SELECT $1, v.version, $2,
                         (SELECT COALESCE(MAX(position) + 1, 0) FROM experiment_runs
-                         WHERE experiment_id = ?1 AND version = v.version)
+                         WHERE experiment_id = $1 AND version = v.version)
                  FROM (SELECT COALESCE(MAX(version), 1) AS version FROM experiment_versions
-                       WHERE experiment_id = ?1) v",
+                       WHERE experiment_id = $1) v
+                 WHERE true
+                 ON CONFLICT DO NOTHING",
             )
             .bind(experiment_id)
             .bind(run_id)
@@ -142,19 +144,15 @@ impl Db {
     ) -> Result<()> {
         self.update_run(
             run_id,
-            sqlx::query(concat!(
-                "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ",
-                now_sql!(),
-                "), ended_at = NULL, error = NULL, pid = ?2, host = ?3, device = ?4,
-                 git_commit = ?5, git_dirty = ?6
-                 WHERE id = ?1"
-            ))
+            sqlx::query(self.sql("UPDATE runs SET status = 'running', started_at = COALESCE(started_at, {now}), ended_at = NULL, error = NULL, pid = $2, host = $3, device = $4,
+                 git_commit = $5, git_dirty = $6
+                 WHERE id = $1"))
             .bind(run_id)
             .bind(pid)
             .bind(host)
             .bind(device)
             .bind(git_commit)
-            .bind(git_dirty),
+            .bind(i64::from(git_dirty)),
         )
     }
 
@@ -166,22 +164,39 @@ impl Db {
                 "run param key: expected letters, digits and '_'; found '{key}'"
             )));
         }
-        let path = format!("$.{key}");
-        let value = canonical_json(value);
-        self.update_run(
-            run_id,
-            sqlx::query("UPDATE runs SET params = json_set(params, ?2, json(?3)) WHERE id = ?1")
+        let value = value.clone();
+        self.block_on(async {
+            let mut tx = self.write_tx().await?;
+            let params: Option<String> =
+                sqlx::query_scalar("SELECT params FROM runs WHERE id = $1")
+                    .bind(run_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(params) = params else {
+                return Err(Error::NotFound(format!("run id {run_id}")));
+            };
+            let mut params: serde_json::Value = serde_json::from_str(&params)?;
+            let Some(object) = params.as_object_mut() else {
+                return Err(Error::Invalid(format!(
+                    "params of run id {run_id}: expected a JSON object"
+                )));
+            };
+            object.insert(key.to_owned(), value);
+            sqlx::query("UPDATE runs SET params = $2 WHERE id = $1")
                 .bind(run_id)
-                .bind(path)
-                .bind(value),
-        )
+                .bind(canonical_json(&params))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Records the stage the run is in (free text, e.g. `train`, `sample`, `eval`).
     pub fn set_stage(&self, run_id: i64, stage: &str) -> Result<()> {
         self.update_run(
             run_id,
-            sqlx::query("UPDATE runs SET stage = ?2 WHERE id = ?1")
+            sqlx::query("UPDATE runs SET stage = $2 WHERE id = $1")
                 .bind(run_id)
                 .bind(stage),
         )
@@ -191,11 +206,7 @@ impl Db {
     pub fn finish_run(&self, run_id: i64) -> Result<()> {
         self.update_run(
             run_id,
-            sqlx::query(concat!(
-                "UPDATE runs SET status = 'finished', stage = 'done', error = NULL, ended_at = ",
-                now_sql!(),
-                " WHERE id = ?1"
-            ))
+            sqlx::query(self.sql("UPDATE runs SET status = 'finished', stage = 'done', error = NULL, ended_at = {now} WHERE id = $1"))
             .bind(run_id),
         )
     }
@@ -204,10 +215,8 @@ impl Db {
     pub fn fail_run(&self, run_id: i64, error: &str) -> Result<()> {
         self.update_run(
             run_id,
-            sqlx::query(concat!(
-                "UPDATE runs SET status = 'failed', error = ?2, ended_at = ",
-                now_sql!(),
-                " WHERE id = ?1"
+            sqlx::query(self.sql(
+                "UPDATE runs SET status = 'failed', error = $2, ended_at = {now} WHERE id = $1",
             ))
             .bind(run_id)
             .bind(error),
@@ -219,18 +228,14 @@ impl Db {
     pub fn mark_interrupted(&self, run_id: i64) -> Result<()> {
         self.block_on(async {
             let mut tx = self.write_tx().await?;
-            let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM runs WHERE id = ?1")
+            let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM runs WHERE id = $1")
                 .bind(run_id)
                 .fetch_optional(&mut *tx)
                 .await?;
             if exists.is_none() {
                 return Err(Error::NotFound(format!("run id {run_id}")));
             }
-            sqlx::query(concat!(
-                "UPDATE runs SET status = 'interrupted', ended_at = ",
-                now_sql!(),
-                " WHERE id = ?1 AND status IN ('queued', 'running')"
-            ))
+            sqlx::query(self.sql("UPDATE runs SET status = 'interrupted', ended_at = {now} WHERE id = $1 AND status IN ('queued', 'running')"))
             .bind(run_id)
             .execute(&mut *tx)
             .await?;
@@ -244,7 +249,7 @@ impl Db {
     /// between the check and the update is left alone.
     pub fn reap_dead_runs(&self, host: &str, is_alive: &dyn Fn(i64) -> bool) -> Result<usize> {
         let running: Vec<(i64, Option<i64>)> = self.block_on(async {
-            sqlx::query_as("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?1")
+            sqlx::query_as("SELECT id, pid FROM runs WHERE status = 'running' AND host = $1")
                 .bind(host)
                 .fetch_all(self.pool())
                 .await
@@ -260,11 +265,7 @@ impl Db {
             let mut tx = self.write_tx().await?;
             let mut reaped = 0;
             for (id, pid) in &dead {
-                let done = sqlx::query(concat!(
-                    "UPDATE runs SET status = 'interrupted', ended_at = ",
-                    now_sql!(),
-                    " WHERE id = ?1 AND status = 'running' AND host = ?2 AND pid IS ?3"
-                ))
+                let done = sqlx::query(self.sql("UPDATE runs SET status = 'interrupted', ended_at = {now} WHERE id = $1 AND status = 'running' AND host = $2 AND pid IS NOT DISTINCT FROM $3"))
                 .bind(id)
                 .bind(host)
                 .bind(pid)
@@ -302,7 +303,7 @@ impl Db {
                             "SELECT ",
                             run_cols!(),
                             " FROM runs r JOIN experiment_runs er ON er.run_id = r.id
-                             WHERE er.experiment_id = ?1 AND er.version = ?2
+                             WHERE er.experiment_id = $1 AND er.version = $2
                              ORDER BY er.position, r.id"
                         ))
                         .bind(experiment_id)
@@ -328,7 +329,7 @@ impl Db {
     fn update_run<'q>(
         &self,
         run_id: i64,
-        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     ) -> Result<()> {
         self.block_on(async {
             let mut tx = self.write_tx().await?;

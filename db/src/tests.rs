@@ -15,6 +15,50 @@ fn temp_db() -> (tempfile::TempDir, PathBuf, Db) {
     (dir, path, db)
 }
 
+/// Each case runs twice: as its own test on a fresh SQLite file, and in
+/// `every_case_on_postgres` on a fresh database of one throwaway PostgreSQL cluster.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[test]
+                fn $case() {
+                    let (_dir, _path, db) = super::temp_db();
+                    super::$case(&db);
+                }
+            )*
+        }
+
+        #[test]
+        fn every_case_on_postgres() {
+            let cluster = crate::testing::TempPostgres::start().expect("a throwaway PostgreSQL cluster");
+            eprintln!("server: {}", cluster.version());
+            $(
+                let url = cluster.create_database().expect("a database");
+                let root = tempfile::tempdir().expect("temp dir");
+                let db = Db::open_postgres(&url, root.path()).expect("opening the database");
+                eprintln!("case on postgres: {}", stringify!($case));
+                $case(&db);
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    upsert_experiment_updates_spec,
+    create_run_is_idempotent_and_links_second_experiment,
+    run_lifecycle,
+    reap_dead_runs_marks_only_dead_on_this_host,
+    metric_writer_batches_and_replaces,
+    delete_metrics_after_step,
+    evals_join_experiment_and_replace,
+    artifacts_and_baselines,
+    one_db_shared_across_threads,
+    now_compares_with_run_timestamps,
+    set_run_param_adds_beside_the_spec_and_refuses_bad_keys,
+    experiment_versions_keep_configurations_apart,
+);
+
 fn new_run<'a>(
     hash: &'a str,
     arm: Option<&'a str>,
@@ -107,9 +151,7 @@ fn open_existing_missing_file_names_path() {
     assert!(!path.exists(), "open_existing must not create the file");
 }
 
-#[test]
-fn upsert_experiment_updates_spec() {
-    let (_dir, _path, db) = temp_db();
+fn upsert_experiment_updates_spec(db: &Db) {
     let a = db
         .upsert_experiment("exp", "a.toml", "x = 1")
         .expect("insert");
@@ -139,9 +181,7 @@ fn upsert_experiment_updates_spec() {
     );
 }
 
-#[test]
-fn create_run_is_idempotent_and_links_second_experiment() {
-    let (_dir, _path, db) = temp_db();
+fn create_run_is_idempotent_and_links_second_experiment(db: &Db) {
     let e1 = db.upsert_experiment("one", "one.toml", "").expect("e1");
     let e2 = db.upsert_experiment("two", "two.toml", "").expect("e2");
     let params = json!({"z": 1, "a": {"y": [1, 2], "b": true}});
@@ -205,7 +245,7 @@ fn create_run_is_idempotent_and_links_second_experiment() {
     let positions: Vec<i64> = db
         .block_on(
             sqlx::query_scalar(
-                "SELECT position FROM experiment_runs WHERE experiment_id = ?1 ORDER BY position",
+                "SELECT position FROM experiment_runs WHERE experiment_id = $1 ORDER BY position",
             )
             .bind(e1)
             .fetch_all(db.pool()),
@@ -234,9 +274,7 @@ fn create_run_is_idempotent_and_links_second_experiment() {
     ));
 }
 
-#[test]
-fn run_lifecycle() {
-    let (_dir, _path, db) = temp_db();
+fn run_lifecycle(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let id = db
@@ -313,9 +351,7 @@ fn run_lifecycle() {
     ));
 }
 
-#[test]
-fn reap_dead_runs_marks_only_dead_on_this_host() {
-    let (_dir, _path, db) = temp_db();
+fn reap_dead_runs_marks_only_dead_on_this_host(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let alive = db
@@ -342,7 +378,7 @@ fn reap_dead_runs_marks_only_dead_on_this_host() {
     db.start_run(no_pid, 1, "hostA", "cpu", None, false)
         .expect("start");
     db.block_on(
-        sqlx::query("UPDATE runs SET pid = NULL WHERE id = ?1")
+        sqlx::query("UPDATE runs SET pid = NULL WHERE id = $1")
             .bind(no_pid)
             .execute(db.pool()),
     )
@@ -368,9 +404,7 @@ fn reap_dead_runs_marks_only_dead_on_this_host() {
     );
 }
 
-#[test]
-fn metric_writer_batches_and_replaces() {
-    let (_dir, _path, db) = temp_db();
+fn metric_writer_batches_and_replaces(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let run = db
@@ -382,20 +416,20 @@ fn metric_writer_batches_and_replaces() {
         w.push("loss", 1, 0.9).expect("push");
         w.push("loss", 2, 0.8).expect("push");
         assert_eq!(
-            (w.pending(), stored(&db)),
+            (w.pending(), stored(db)),
             (2, 0),
             "below the batch size nothing is written"
         );
         w.push("lr", 2, 1e-3).expect("push");
         assert_eq!(
-            (w.pending(), stored(&db)),
+            (w.pending(), stored(db)),
             (0, 3),
             "the third point writes the batch"
         );
         w.push("loss", 3, 0.7).expect("push");
-        assert_eq!(stored(&db), 3);
+        assert_eq!(stored(db), 3);
     } // drop flushes
-    assert_eq!(stored(&db), 4);
+    assert_eq!(stored(db), 4);
 
     // Re-inserting (key, step) replaces: a resumed run never duplicates.
     db.insert_metrics(run, &[point("loss", 2, 0.5), point("loss", 4, f64::NAN)])
@@ -447,9 +481,7 @@ fn metric_writer_batches_and_replaces() {
     ));
 }
 
-#[test]
-fn delete_metrics_after_step() {
-    let (_dir, _path, db) = temp_db();
+fn delete_metrics_after_step(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let run = db
@@ -477,9 +509,7 @@ fn delete_metrics_after_step() {
     assert_eq!(db.delete_metrics_after(run, 6).expect("delete"), 0);
 }
 
-#[test]
-fn evals_join_experiment_and_replace() {
-    let (_dir, _path, db) = temp_db();
+fn evals_join_experiment_and_replace(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let ce = db
@@ -555,9 +585,7 @@ fn evals_join_experiment_and_replace() {
     ));
 }
 
-#[test]
-fn artifacts_and_baselines() {
-    let (_dir, _path, db) = temp_db();
+fn artifacts_and_baselines(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let run = db
@@ -604,19 +632,38 @@ fn artifacts_and_baselines() {
 
 #[test]
 fn concurrent_writers_on_one_file_never_lock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("shared.sqlite");
+    concurrent_writers_never_lock(Arc::new(move || Db::open(&path)), 2);
+}
+
+/// Concurrent writers on a fresh Postgres database: migrations applied once, no lost writes.
+#[test]
+fn concurrent_writers_on_one_postgres_database_never_lock() {
+    let cluster = crate::testing::TempPostgres::start().expect("a throwaway PostgreSQL cluster");
+    let url = cluster.create_database().expect("a database");
+    let root = tempfile::tempdir().expect("temp dir");
+    let root = root.path().to_path_buf();
+    concurrent_writers_never_lock(Arc::new(move || Db::open_postgres(&url, &root)), 1);
+}
+
+/// Threads each open their own handle with `open` at the same moment (so that they also migrate a
+/// fresh database at once) and write runs and metrics; `migrations` is how many the backend has.
+fn concurrent_writers_never_lock(
+    open: Arc<dyn Fn() -> crate::Result<Db> + Send + Sync>,
+    migrations: i64,
+) {
     const THREADS: usize = 8;
     const BATCHES: i64 = 100;
     const POINTS: i64 = 5;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = Arc::new(dir.path().join("shared.sqlite"));
     let barrier = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let path = Arc::clone(&path);
+            let open = Arc::clone(&open);
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || -> crate::Result<i64> {
-                barrier.wait(); // every thread opens (and migrates) a fresh file at once
-                let db = Db::open(&path)?;
+                barrier.wait(); // every thread opens (and migrates) a fresh database at once
+                let db = open()?;
                 let e = db.upsert_experiment("conc", "conc.toml", "")?;
                 let params = json!({"thread": t});
                 let hash = format!("run-{t}");
@@ -640,7 +687,7 @@ fn concurrent_writers_on_one_file_never_lock() {
             Err(e) => panic!("a concurrent writer failed: {e}"),
         }
     }
-    let db = Db::open(&path).expect("open");
+    let db = open().expect("open");
     let list = db.list_experiments().expect("list");
     assert_eq!(list.len(), 1);
     assert_eq!(
@@ -665,7 +712,71 @@ fn concurrent_writers_on_one_file_never_lock() {
     let applied: i64 = db
         .block_on(sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(db.pool()))
         .expect("migrations");
-    assert_eq!(applied, 2, "concurrent openers applied each migration once");
+    assert_eq!(
+        applied, migrations,
+        "concurrent openers applied each migration once"
+    );
+}
+
+/// A Postgres advisory lock is refused to another handle while held, released on drop, and
+/// waited for; SQLite has none (its locks are files).
+#[test]
+fn advisory_locks_on_postgres() {
+    let cluster = crate::testing::TempPostgres::start().expect("a throwaway PostgreSQL cluster");
+    let url = cluster.create_database().expect("a database");
+    let root = tempfile::tempdir().expect("temp dir");
+    let (a, b) = (
+        Db::open_postgres(&url, root.path()).expect("open"),
+        Db::open_postgres(&url, root.path()).expect("open"),
+    );
+    let held = a
+        .advisory_lock("run-x", false)
+        .expect("lock")
+        .expect("free at first");
+    assert_eq!(held.name(), "run-x");
+    assert!(
+        b.advisory_lock("run-x", false).expect("lock").is_none(),
+        "held by a"
+    );
+    assert!(
+        b.advisory_lock("run-y", false).expect("lock").is_some(),
+        "another name is free"
+    );
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| b.advisory_lock("run-x", true).map(|l| l.is_some()));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "waits while a holds the lock");
+        drop(held);
+        assert!(
+            waiter.join().expect("waiter").expect("lock"),
+            "taken once a lets go"
+        );
+    });
+    let (_dir, _path, sqlite) = temp_db();
+    assert!(matches!(
+        sqlite.advisory_lock("run-x", false),
+        Err(Error::Invalid(_))
+    ));
+}
+
+/// A Postgres URL that does not answer is named (without its password) with what to check.
+#[test]
+fn an_unreachable_postgres_is_named_with_what_to_check() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://me:secret@127.0.0.1:{port}/ablate");
+    let err = Db::open_postgres(&url, root.path()).expect_err("nothing listens there");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("me:***@127.0.0.1:{port}")), "{msg}");
+    assert!(!msg.contains("secret"), "{msg}");
+    assert!(msg.contains("check that the server is running"), "{msg}");
+    assert!(matches!(
+        Db::open_postgres("mysql://x", root.path()),
+        Err(Error::Invalid(_))
+    ));
 }
 
 #[test]
@@ -674,9 +785,7 @@ fn db_is_send_and_sync() {
     assert_send_sync::<Db>();
 }
 
-#[test]
-fn one_db_shared_across_threads() {
-    let (_dir, _path, db) = temp_db();
+fn one_db_shared_across_threads(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let run = db
@@ -704,9 +813,7 @@ fn one_db_shared_across_threads() {
 
 /// `now()` is the clock `ended_at` uses, so the two compare as text: a run failed after a reading
 /// of `now()` ends at or after it, and one failed before ends before a later reading.
-#[test]
-fn now_compares_with_run_timestamps() {
-    let (_dir, _path, db) = temp_db();
+fn now_compares_with_run_timestamps(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({});
     let before = db
@@ -736,9 +843,7 @@ fn now_compares_with_run_timestamps() {
     assert!(ended(after) >= since, "{} >= {since}", ended(after));
 }
 
-#[test]
-fn set_run_param_adds_beside_the_spec_and_refuses_bad_keys() {
-    let (_dir, _path, db) = temp_db();
+fn set_run_param_adds_beside_the_spec_and_refuses_bad_keys(db: &Db) {
     let e = db.upsert_experiment("e", "e.toml", "").expect("exp");
     let params = json!({"generator": {"kind": "mar"}});
     let id = db
@@ -780,9 +885,7 @@ fn artifact_paths_resolve_against_the_root() {
 /// A changed configuration under one name is a new version: runs link to the version that
 /// planned them (a run planned by two versions is in both), and the runs, evals and metrics of
 /// one version never include another's, nor twice the same run.
-#[test]
-fn experiment_versions_keep_configurations_apart() {
-    let (_dir, _path, db) = temp_db();
+fn experiment_versions_keep_configurations_apart(db: &Db) {
     let exp = db
         .upsert_experiment("e", "e.toml", "a = 1")
         .expect("upsert");
@@ -887,4 +990,132 @@ fn an_unwritable_database_is_named_with_what_to_do() {
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("cannot be written"), "{text}");
     assert!(text.contains("writable"), "{text}");
+}
+
+/// `copy_into` moves a SQLite history to Postgres with its ids, and new rows continue after them;
+/// a database that already holds experiments is refused.
+#[test]
+fn a_sqlite_history_copies_into_postgres() {
+    let (_dir, _path, sqlite) = temp_db();
+    let e = sqlite
+        .upsert_experiment("e", "e.toml", "a = 1")
+        .expect("exp");
+    sqlite
+        .experiment_version(e, "c1", "a = 1")
+        .expect("version");
+    let params = json!({"lr": 0.1});
+    let runs: Vec<i64> = (0..3)
+        .map(|s| {
+            sqlite
+                .create_run(e, &new_run(&format!("h{s}"), Some("diffusion"), s, &params))
+                .expect("run")
+        })
+        .collect();
+    sqlite
+        .start_run(runs[0], 7, "hostA", "cpu", None, true)
+        .expect("start");
+    sqlite.finish_run(runs[0]).expect("finish");
+    let points: Vec<MetricPoint> = (0..450)
+        .map(|s| point("loss", s, 1.0 / (s + 1) as f64))
+        .collect();
+    sqlite.insert_metrics(runs[0], &points).expect("metrics");
+    sqlite
+        .insert_metrics(runs[1], &[point("loss", 0, f64::NAN)])
+        .expect("nan");
+    let settings = json!({"cfg": 1.0});
+    sqlite
+        .insert_eval(&NewEval {
+            run_id: runs[0],
+            step: 450,
+            metric: "fid",
+            value: 12.5,
+            sample_count: 64,
+            feature_net: "classifier",
+            settings: &settings,
+        })
+        .expect("eval");
+    sqlite
+        .insert_artifact(runs[0], "samples", "artifacts/h0/s.png", "ab", 10)
+        .expect("artifact");
+    sqlite
+        .pin_baseline("e", "main", &json!({"fid": 12.5}))
+        .expect("baseline");
+
+    let cluster = crate::testing::TempPostgres::start().expect("a throwaway PostgreSQL cluster");
+    let url = cluster.create_database().expect("a database");
+    let root = tempfile::tempdir().expect("temp dir");
+    let pg = Db::open_postgres(&url, root.path()).expect("open");
+    let counts = sqlite.copy_into(&pg).expect("copy");
+    let count = |t: &str| counts.iter().find(|(name, _)| *name == t).map(|(_, n)| *n);
+    assert_eq!(count("runs"), Some(3));
+    assert_eq!(count("metrics"), Some(451));
+
+    let summary = |db: &Db| {
+        let experiments: Vec<_> = db
+            .list_experiments()
+            .expect("list")
+            .into_iter()
+            .map(|x| (x.id, x.name, x.created_at, x.version, x.runs, x.finished))
+            .collect();
+        let runs: Vec<_> = db
+            .list_runs(Some("e"))
+            .expect("runs")
+            .into_iter()
+            .map(|r| {
+                (
+                    r.id,
+                    r.hash,
+                    r.status,
+                    r.params,
+                    r.git_dirty,
+                    r.pid,
+                    r.ended_at,
+                )
+            })
+            .collect();
+        let metrics: Vec<_> = db
+            .metrics_for_experiment("e", "loss")
+            .expect("metrics")
+            .into_iter()
+            .map(|m| (m.run_id, m.step, m.value.to_bits(), m.wall_time.to_bits()))
+            .collect();
+        let evals: Vec<_> = db
+            .evals_for_experiment("e")
+            .expect("evals")
+            .into_iter()
+            .map(|v| {
+                (
+                    v.run_id,
+                    v.metric,
+                    v.value.to_bits(),
+                    v.settings,
+                    v.position,
+                )
+            })
+            .collect();
+        (
+            experiments,
+            runs,
+            metrics,
+            evals,
+            db.artifacts(runs_of(db)[0]).expect("artifacts").len(),
+            db.baseline("e", "main").expect("baseline"),
+        )
+    };
+    fn runs_of(db: &Db) -> Vec<i64> {
+        db.list_runs(Some("e"))
+            .expect("runs")
+            .iter()
+            .map(|r| r.id)
+            .collect()
+    }
+    assert_eq!(summary(&sqlite), summary(&pg));
+    let next = pg
+        .create_run(e, &new_run("h9", None, 9, &params))
+        .expect("new run");
+    assert!(
+        next > *runs.iter().max().expect("runs"),
+        "ids continue after the copied ones"
+    );
+    assert!(matches!(sqlite.copy_into(&pg), Err(Error::Invalid(_))));
 }

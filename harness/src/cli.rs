@@ -19,6 +19,11 @@ pub struct Cli {
     /// Folder for the database, caches, checkpoints and reports
     #[arg(long, global = true, env = "ABLATE_ROOT", default_value = "runs")]
     pub root: PathBuf,
+    /// The tracking database on a PostgreSQL server (postgres://USER[:PASSWORD]@HOST[:PORT]/DB),
+    /// shared by several machines, in place of ROOT/ablate.sqlite; the root still holds the
+    /// caches and artifacts, on a folder the machines share
+    #[arg(long, global = true, env = "ABLATE_DB", value_name = "URL")]
+    pub db: Option<String>,
     /// Print only results, no progress
     #[arg(long, short, global = true)]
     pub quiet: bool,
@@ -101,6 +106,11 @@ pub enum Command {
         /// Also write the result as JUnit XML to this file
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
+    },
+    /// Tracking-database tools
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
     },
     /// List experiments, or the runs of one
     List {
@@ -290,6 +300,20 @@ pub enum BaselineAction {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum DbAction {
+    /// Copy a whole history (experiments, runs, metrics, evals, artifacts' records, baselines),
+    /// ids included, into an empty database: e.g. ROOT/ablate.sqlite into a Postgres server.
+    /// Each of FROM and TO is a SQLite file or a postgres:// URL; artifact paths stay relative
+    /// to the root
+    Copy {
+        /// The database to read (a SQLite file that exists, or a postgres:// URL)
+        from: String,
+        /// The empty database to fill (a SQLite file, created if missing, or a postgres:// URL)
+        to: String,
+    },
+}
+
 /// Output formats of `ablate report --format`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReportFormat {
@@ -441,8 +465,22 @@ fn print_import(checkpoint: &std::path::Path, r: &crate::import::ImportReport) {
 
 /// The tracking database of a root that must already have one (report, list, show, compare).
 fn open_db(layout: &Layout) -> anyhow::Result<Db> {
-    Db::open_existing(&layout.db())
-        .with_context(|| format!("opening the database under {}", layout.root.display()))
+    layout
+        .open_existing_db()
+        .with_context(|| format!("opening the tracking database {}", layout.db_location()))
+}
+
+/// The tracking database at `location`: a postgres:// URL (its artifacts relative to the
+/// root), or a SQLite file (created when `create`, else it must exist).
+fn open_location(location: &str, layout: &Layout, create: bool) -> anyhow::Result<Db> {
+    let db = if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+        Db::open_postgres(location, &layout.root)
+    } else if create {
+        Db::open(std::path::Path::new(location))
+    } else {
+        Db::open_existing(std::path::Path::new(location))
+    };
+    db.with_context(|| format!("opening the tracking database {}", db::redact(location)))
 }
 
 /// The report files, one a line; the per-run sample grids as one line for their folder.
@@ -508,6 +546,7 @@ fn drift_tolerances(
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let layout = Layout {
         root: cli.root.clone(),
+        db_url: cli.db.clone(),
     };
     match cli.command {
         Command::Run {
@@ -593,9 +632,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 // processes sharing the spec write the report one at a time; the last one to
                 // finish writes it with every run
                 let safe = out.file_name().map(|n| n.to_string_lossy().into_owned());
-                let lock_path = layout.lock(&format!("report-{}", safe.unwrap_or_default()));
-                let _held = crate::lock::lock(&lock_path)
-                    .with_context(|| format!("locking {}", lock_path.display()))?;
+                let lock = format!("report-{}", safe.unwrap_or_default());
+                let _held = crate::lock::lock(&layout, &runner.db, &lock)?;
                 match reports::write_report(
                     &runner.db,
                     &loaded.base.name,
@@ -609,7 +647,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     Err(e) => eprintln!("report not written: {e}"),
                 }
             }
-            println!("database: {}", layout.db().display());
+            println!("database: {}", layout.db_location());
             Ok(if failed.is_empty() { 0 } else { 1 })
         }
         Command::Slurm {
@@ -643,6 +681,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 gpus_per_task,
                 time,
                 set,
+                db: layout.db_url.clone(),
             };
             let scripts = crate::slurm::write_scripts(
                 &exe,
@@ -672,7 +711,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Plan { spec, set } => {
             let loaded = spec::load(&spec, &set)?;
-            let db = if layout.db().exists() {
+            let db = if layout.has_db() {
                 Some(open_db(&layout)?)
             } else {
                 None
@@ -732,6 +771,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", r.markdown);
             }
             print_report_files(&r.files);
+            Ok(0)
+        }
+        Command::Db {
+            action: DbAction::Copy { from, to },
+        } => {
+            let source = open_location(&from, &layout, false)?;
+            let dest = open_location(&to, &layout, true)?;
+            let counts = source.copy_into(&dest).with_context(|| {
+                format!("copying {} into {}", source.location(), dest.location())
+            })?;
+            for (table, rows) in &counts {
+                println!("{table:<20} {rows:>9} row(s)");
+            }
+            println!("copied {} into {}", source.location(), dest.location());
             Ok(0)
         }
         Command::Baseline {

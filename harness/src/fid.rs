@@ -87,8 +87,9 @@ fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extract
 fn classifier_checkpoint(layout: &Layout, run: &str) -> Result<PathBuf> {
     let hash = match run.parse::<i64>() {
         Ok(id) => {
-            let db = db::Db::open_existing(&layout.db())
-                .with_context(|| format!("opening the database under {}", layout.root.display()))?;
+            let db = layout.open_existing_db().with_context(|| {
+                format!("opening the tracking database {}", layout.db_location())
+            })?;
             let row = db
                 .run(id)?
                 .ok_or_else(|| UsageError(format!("--feature-net: no run {id}")))?;

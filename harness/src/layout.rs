@@ -2,15 +2,50 @@
 //! reports.
 use std::path::PathBuf;
 
+use db::Db;
+
 /// Where things live: `root/ablate.sqlite`, `root/cache/…`, `root/artifacts/HASH/…`, `root/reports/NAME/…`.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub root: PathBuf,
+    /// A Postgres tracking database (`--db`) in place of `root/ablate.sqlite`.
+    pub db_url: Option<String>,
 }
 
 impl Layout {
+    /// The SQLite tracking database's file (unused when [`Layout::db_url`] is set).
     pub fn db(&self) -> PathBuf {
         self.root.join("ablate.sqlite")
+    }
+
+    /// Opens the tracking database, creating the SQLite file if missing.
+    pub fn open_db(&self) -> db::Result<Db> {
+        match &self.db_url {
+            Some(url) => Db::open_postgres(url, &self.root),
+            None => Db::open(&self.db()),
+        }
+    }
+
+    /// Opens a tracking database that must already exist ([`db::Error::NotFound`] when the
+    /// SQLite file does not).
+    pub fn open_existing_db(&self) -> db::Result<Db> {
+        match &self.db_url {
+            Some(url) => Db::open_postgres(url, &self.root),
+            None => Db::open_existing(&self.db()),
+        }
+    }
+
+    /// The tracking database for messages: the SQLite file, or the URL without its password.
+    pub fn db_location(&self) -> String {
+        match &self.db_url {
+            Some(url) => db::redact(url),
+            None => self.db().display().to_string(),
+        }
+    }
+
+    /// Whether there may be a tracking database to read (always, with a server).
+    pub fn has_db(&self) -> bool {
+        self.db_url.is_some() || self.db().exists()
     }
     pub fn tokenizer(&self, hash: &str) -> PathBuf {
         self.root
@@ -71,6 +106,7 @@ mod tests {
     fn report_folders_of_different_names_differ() {
         let layout = Layout {
             root: PathBuf::from("r"),
+            db_url: None,
         };
         assert_eq!(layout.report_dir("tiny"), PathBuf::from("r/reports/tiny"));
         let (a, b) = (layout.report_dir("名前"), layout.report_dir("日本"));

@@ -106,7 +106,7 @@ pub(crate) fn spinner(quiet: bool, len: u64, msg: String) -> ProgressBar {
 
 impl Runner {
     pub fn open(layout: Layout, device_override: Option<String>, quiet: bool) -> Result<Self> {
-        let db = Db::open(&layout.db())?;
+        let db = layout.open_db()?;
         Ok(Runner {
             db,
             layout,
@@ -234,12 +234,9 @@ impl Runner {
             error: None,
         };
         // this run and its training: another process may hold them (N processes, one spec)
-        let run_lock = self.layout.lock(&hash);
-        let train_lock = self
-            .layout
-            .lock(&format!("train-{}", run.train_hash(&data_fingerprint)));
+        let train_lock = format!("train-{}", run.train_hash(&data_fingerprint));
         let label = format!("[{}/{total}] {name}", i + 1);
-        let Some(_run_held) = self.take_lock(&run_lock, wait, &label)? else {
+        let Some(_run_held) = self.take_lock(&hash, wait, &label)? else {
             return Ok(None);
         };
         let Some(_train_held) =
@@ -356,7 +353,7 @@ impl Runner {
         }
         let path = self.layout.tokenizer(&hash);
         let what = format!("    tokenizer {}", run.tokenizer_name());
-        let _held = self.wait_lock(&self.layout.lock(&hash), &what)?;
+        let _held = self.wait_lock(&hash, &what)?;
         let finished = self.is_finished(id)?;
         let cached = match tspec.kind {
             // nothing fitted, nothing stored
@@ -507,13 +504,14 @@ impl Runner {
         Ok((tok, data))
     }
 
-    /// Take the lock at `path`. When another process holds it: wait for it (`wait`), or give up
-    /// (None) so that the caller can do other work first; `what` names it in the message.
-    fn take_lock(&self, path: &Path, wait: bool, what: &str) -> Result<Option<lock::Lock>> {
+    /// Take lock `name` (see [`crate::lock`]). When another process holds it: wait for it
+    /// (`wait`), or give up (None) so that the caller can do other work first; `what` names it in
+    /// the message.
+    fn take_lock(&self, name: &str, wait: bool, what: &str) -> Result<Option<lock::Lock>> {
         if wait {
-            return self.wait_lock(path, what).map(Some);
+            return self.wait_lock(name, what).map(Some);
         }
-        let held = lock::try_lock(path)?;
+        let held = lock::try_lock(&self.layout, &self.db, name)?;
         if held.is_none() {
             self.say(format!(
                 "{what}: running in another process; coming back to it"
@@ -522,14 +520,14 @@ impl Runner {
         Ok(held)
     }
 
-    /// Take the lock at `path`, waiting (with a message naming `what`) while another process holds
-    /// it; for a shared stage the wait usually ends with the stage finished, to be reused.
-    fn wait_lock(&self, path: &Path, what: &str) -> Result<lock::Lock> {
-        if let Some(held) = lock::try_lock(path)? {
+    /// Take lock `name`, waiting (with a message naming `what`) while another process holds it;
+    /// for a shared stage the wait usually ends with the stage finished, to be reused.
+    fn wait_lock(&self, name: &str, what: &str) -> Result<lock::Lock> {
+        if let Some(held) = lock::try_lock(&self.layout, &self.db, name)? {
             return Ok(held);
         }
         self.say(format!("{what}: waiting for the other process running it"));
-        Ok(lock::lock(path)?)
+        lock::lock(&self.layout, &self.db, name)
     }
 
     /// Mark a run as running here: this process, host, device and code version.
@@ -706,7 +704,7 @@ impl Runner {
         }
         let path = self.layout.classifier(&hash);
         let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
-        let _held = self.wait_lock(&self.layout.lock(&hash), "    the feature net")?;
+        let _held = self.wait_lock(&hash, "    the feature net")?;
         let finished = self.is_finished(id)?;
         if finished
             && path.exists()

@@ -19,6 +19,8 @@ pub struct SlurmOptions {
     pub time: Option<String>,
     /// spec overrides (`--set`), passed to every task
     pub set: Vec<String>,
+    /// the Postgres tracking database (`--db`), passed to every task and the report job
+    pub db: Option<String>,
 }
 
 /// The scripts written for one experiment.
@@ -84,7 +86,11 @@ pub fn write_scripts(
         quote(&root.display().to_string()),
         quote(&spec.display().to_string()),
     );
-    let mut run = format!("{exe} --root {root} run {spec} --no-report --quiet");
+    let mut global = format!("--root {root}");
+    if let Some(url) = &opts.db {
+        global += &format!(" --db {}", quote(url));
+    }
+    let mut run = format!("{exe} {global} run {spec} --no-report --quiet");
     for s in &opts.set {
         run += &format!(" --set {}", quote(s));
     }
@@ -97,7 +103,7 @@ pub fn write_scripts(
         + "[ -n \"$RAYON_NUM_THREADS\" ] || unset RAYON_NUM_THREADS\n"
         + &format!("echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n{run}\n");
     let report =
-        header(name, opts, &logs, false) + &format!("{exe} --root {root} report {}\n", quote(name));
+        header(name, opts, &logs, false) + &format!("{exe} {global} report {}\n", quote(name));
     let array_path = dir.join("array.sbatch");
     let report_path = dir.join("report.sbatch");
     let submit = format!(
@@ -145,6 +151,7 @@ mod tests {
             gpus_per_task: Some(1),
             time: Some("02:00:00".into()),
             set: vec!["seeds=[0,1]".into(), "name=\"it's\"".into()],
+            db: Some("postgres://me@db.cluster/ablate".into()),
         };
         let s = write_scripts(
             Path::new("/opt/ablate"),
@@ -161,13 +168,15 @@ mod tests {
             "#SBATCH --gpus-per-task=1",
             "#SBATCH --partition='gpu'",
             "#SBATCH --time='02:00:00'",
-            "'/opt/ablate' --root '/shared/root' run '/shared/t.toml' --no-report --quiet \
-             --set 'seeds=[0,1]' --set 'name=\"it'\\''s\"' --device cuda:0",
+            "'/opt/ablate' --root '/shared/root' --db 'postgres://me@db.cluster/ablate' run \
+             '/shared/t.toml' --no-report --quiet --set 'seeds=[0,1]' --set 'name=\"it'\\''s\"' --device cuda:0",
         ] {
             assert!(array.contains(line), "{line}\n{array}");
         }
         let report = std::fs::read_to_string(&s.report).expect("report");
-        assert!(report.contains("'/opt/ablate' --root '/shared/root' report 't'"));
+        assert!(report.contains(
+            "'/opt/ablate' --root '/shared/root' --db 'postgres://me@db.cluster/ablate' report 't'"
+        ));
         assert!(!report.contains("--array"));
         let submit = std::fs::read_to_string(&s.submit).expect("submit");
         assert!(submit.contains("--dependency=afterany:"), "{submit}");
