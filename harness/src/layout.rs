@@ -91,7 +91,7 @@ impl Layout {
         let folder = if safe == experiment {
             safe
         } else {
-            let digest = crate::spec::content_hash(&serde_json::Value::from(experiment));
+            let digest = crate::identity::content_hash(&serde_json::Value::from(experiment));
             format!("{safe}-{}", &digest[..8])
         };
         self.root.join("reports").join(folder)

@@ -8,6 +8,7 @@ pub mod device;
 pub mod eval;
 pub mod fid;
 pub mod files;
+pub mod identity;
 pub mod import;
 pub mod layout;
 pub mod lock;

@@ -17,6 +17,7 @@ use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig};
 use crate::data::{self, Dataset};
 use crate::device::{device_label, parse_device, pid_alive, Environment};
 use crate::eval::{self, metrics, EvalNet, FeatureNet, Net};
+use crate::identity;
 use crate::layout::Layout;
 use crate::lock;
 use crate::sample::{sample_images, save_class_grid};
@@ -149,7 +150,7 @@ impl Runner {
             identities.push(run.hash(&fingerprint));
         }
         identities.sort();
-        let config_hash = spec::content_hash(&serde_json::json!(identities));
+        let config_hash = identity::content_hash(&serde_json::json!(identities));
         let version = self
             .db
             .experiment_version(exp, &config_hash, &loaded.source)?;
@@ -330,23 +331,16 @@ impl Runner {
         fnet: &EvalNet,
         device: &Device,
     ) -> Result<std::rc::Rc<(Tokenizer, TokenData)>> {
-        let mut tspec = run.tokenizer().clone();
-        // how the generator uses the tokens, not how the tokenizer is fitted
-        tspec.sample_posterior = false;
+        let tspec = run.tokenizer();
         let seed = tspec.seed.unwrap_or(run.seed);
-        let identity = serde_json::json!({
-            "results_version": spec::RESULTS_VERSION,
-            "data": ds.fingerprint,
-            "tokenizer": tspec,
-            "seed": seed,
-        });
-        let hash = spec::content_hash(&identity);
+        let config = identity::tokenizer(tspec, seed, ds);
+        let hash = identity::content_hash(&config);
         // recorded (or linked to this experiment) whether or not it is fitted now
         let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
         let device_name = device_label(device);
         let id = self.db.create_run(
             exp,
-            &self.stage_run(&hash, "tokenizer", &name, seed, &identity, &device_name),
+            &self.stage_run(&hash, "tokenizer", &name, seed, &config, &device_name),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
             return Ok(t.clone());
@@ -361,7 +355,7 @@ impl Runner {
             _ => path.exists() && cache_intact(&self.db, id, "tokenizer", &path, "tokenizer")?,
         };
         let (tok, data) = if finished && cached {
-            let tok = Tokenizer::load(&tspec, ds.train.channels, ds.train.size, &path, device)?;
+            let tok = Tokenizer::load(tspec, ds.train.channels, ds.train.size, &path, device)?;
             let data = tok.encode(&ds.train)?;
             (tok, data)
         } else {
@@ -633,12 +627,7 @@ impl Runner {
         net_id: &str,
         ds: &Dataset,
     ) -> Result<EvalNet> {
-        let reference_id = format!(
-            "{}-{}-test-{net_id}-{}",
-            ds.name,
-            &ds.fingerprint[..ds.fingerprint.len().min(8)],
-            net.convention()
-        );
+        let reference_id = identity::reference_stats(ds, net_id, net.convention());
         let path = self.layout.reference_stats(&reference_id);
         let cached = if path.is_file() {
             eval::inception::read_reference(&path).ok()
@@ -678,14 +667,8 @@ impl Runner {
         ds: &Dataset,
         device: &Device,
     ) -> Result<std::rc::Rc<EvalNet>> {
-        let identity = serde_json::json!({
-            "results_version": spec::RESULTS_VERSION,
-            "data": ds.fingerprint,
-            "classifier_steps": spec.eval.classifier_steps,
-            "classifier_features": spec.eval.classifier_features,
-            "classifier_seed": spec.eval.classifier_seed,
-        });
-        let hash = spec::content_hash(&identity);
+        let config = identity::classifier(&spec.eval, ds);
+        let hash = identity::content_hash(&config);
         let name = format!("feature net ({})", ds.name);
         let device_name = device_label(device);
         let id = self.db.create_run(
@@ -695,7 +678,7 @@ impl Runner {
                 "classifier",
                 &name,
                 spec.eval.classifier_seed,
-                &identity,
+                &config,
                 &device_name,
             ),
         )?;
