@@ -52,6 +52,14 @@ pub fn pid_alive(pid: i64) -> bool {
 }
 
 /// Parse "cpu" / "cuda:N" into a candle device.
+/// Whether `name` reads as a device: `cpu` or `cuda:N` (whether it exists is not checked).
+pub fn is_device_name(name: &str) -> bool {
+    name == "cpu"
+        || name
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
+}
+
 pub fn parse_device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);

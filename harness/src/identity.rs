@@ -45,6 +45,10 @@ impl PlannedRun {
         if s.data.source != DataSource::Synthetic {
             id["data_fingerprint"] = data_fingerprint.into();
         }
+        // where the batch is computed is not what is computed (as `device`)
+        if let Some(train) = id["train"].as_object_mut() {
+            train.remove("devices");
+        }
         id
     }
 

@@ -10,9 +10,11 @@ use candle_nn::{Init, VarBuilder};
 use crate::fused;
 use crate::generator::{ar_tokens_known_after, ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
+use crate::head::TokenRows;
 use crate::mar::SampleState;
 use crate::nn::{Block, Dropout, KvCache, LayerNorm};
 use crate::rng::Rng;
+use crate::shard::Shard;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
 
@@ -154,21 +156,38 @@ impl Ar {
         Ok(self.norm.forward(&h)?)
     }
 
-    pub fn loss(&self, tokens: &Tokens, labels: &[u32], rng: &mut Rng) -> Result<Tensor> {
+    /// The training loss of rows `shard` of a batch (`tokens`, `labels` hold theirs): orders
+    /// are drawn for the whole batch, and the loss is a mean over all its tokens.
+    pub fn loss(
+        &self,
+        tokens: &Tokens,
+        labels: &[u32],
+        rng: &mut Rng,
+        shard: Shard,
+    ) -> Result<Tensor> {
         let dev = tokens.tensor().device().clone();
         let b = labels.len();
-        let class_embedding = self.class.train(labels, self.label_drop, rng, &dev)?;
+        let class_embedding = self
+            .class
+            .train(labels, self.label_drop, rng, &dev, shard)?;
         let (tokens, orders) = if self.random_order() {
-            let orders: Vec<Vec<usize>> = (0..b).map(|_| rng.permutation(self.seq_len)).collect();
+            let orders: Vec<Vec<usize>> = (0..shard.total)
+                .map(|_| rng.permutation(self.seq_len))
+                .collect();
+            let orders = orders[shard.range()].to_vec();
             (permute_tokens(tokens, &orders)?, Some(orders))
         } else {
             (tokens.clone(), None)
         };
-        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng);
+        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng).map(|d| d.for_shard(shard));
         let z = self
             .forward(&tokens, &class_embedding, orders.as_deref(), drop.as_ref())?
             .reshape((b * self.seq_len, self.width))?;
-        self.head.loss(&z, &tokens.flatten_rows()?, None, rng)
+        let rows = TokenRows {
+            shard: shard.times(self.seq_len),
+            weight: shard.total * self.seq_len,
+        };
+        self.head.loss(&z, &tokens.flatten_rows()?, None, rows, rng)
     }
 
     /// Run new positions through the blocks with the cache; returns the normalised outputs.

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::diffusion::{sample_timesteps, GaussianDiffusion, Schedule};
 use crate::fused;
+use crate::head::TokenRows;
 use crate::nn::{linear_normal, linear_xavier, linear_zero, LayerNorm, Linear, Precision};
 use crate::rng::Rng;
 
@@ -313,6 +314,47 @@ impl DiffLoss {
         masked_mean(&terms.loss, mask)
     }
 
+    /// [`DiffLoss::loss`] of `copies` stacked copies of the token rows `rows` (the head's
+    /// `diffusion_batch_mul`): `target`, `z` and `mask` hold copy 0's rows, then copy 1's, and so
+    /// on. Timesteps and noise are drawn for the copies of the whole batch's rows, each copy's
+    /// rows at their offset, and the mean is over the whole batch's weight times `copies`.
+    pub fn loss_rows(
+        &self,
+        target: &Tensor,
+        z: &Tensor,
+        mask: Option<&Tensor>,
+        rows: TokenRows,
+        copies: usize,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        if rows.shard.is_whole() {
+            return self.loss(target, z, mask, rng);
+        }
+        let (s, d) = (rows.shard, target.dim(1)?);
+        let all = sample_timesteps(rng, copies * s.total, self.train_diffusion.num_timesteps());
+        let key = rng.next_u64();
+        let mut t = Vec::with_capacity(copies * s.len);
+        let mut noise = Vec::with_capacity(copies);
+        for c in 0..copies {
+            let first = c * s.total + s.start;
+            t.extend_from_slice(&all[first..first + s.len]);
+            let shape = candle_core::Shape::from((s.len, d));
+            noise.push(fused::gaussian_noise_at(
+                key,
+                first * d,
+                &shape,
+                target.device(),
+            )?);
+        }
+        let noise = Tensor::cat(&noise, 0)?;
+        let terms = self.loss_terms(target, z, &t, &noise)?;
+        let rows = TokenRows {
+            shard: s,
+            weight: rows.weight * copies,
+        };
+        shard_mean(&terms.loss, mask, rows)
+    }
+
     /// Sample one token per row of `z` by running the reverse process. With `cfg_scale != 1`,
     /// `z` holds the conditional rows then the unconditional rows; both halves come back equal
     /// in expectation and the caller keeps the first.
@@ -436,6 +478,20 @@ impl DiffLoss {
 /// (mar-tiny's bench samples 64 tokens per step with guidance: 2 blocks).
 const SAMPLE_BLOCK_TOKENS: usize = 32;
 const MAX_SAMPLE_BLOCKS: usize = 8;
+
+/// This share's part of the whole batch's mean loss: Σ loss·mask over its rows divided by the
+/// whole batch's weight, so that the shares add up to the mean; [`masked_mean`] for the whole.
+pub fn shard_mean(loss: &Tensor, mask: Option<&Tensor>, rows: TokenRows) -> Result<Tensor> {
+    if rows.shard.is_whole() {
+        return masked_mean(loss, mask);
+    }
+    let sum = match mask {
+        Some(m) => (loss * m)?.sum_all()?,
+        None => loss.sum_all()?,
+    };
+    let weight = Tensor::new(rows.weight.max(1) as f32, loss.device())?.to_dtype(sum.dtype())?;
+    sum.broadcast_div(&weight)
+}
 
 /// Σ loss·mask / Σ mask, or the plain mean.
 pub fn masked_mean(loss: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {

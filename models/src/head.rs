@@ -4,11 +4,21 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::diffloss::{masked_mean, DiffLoss, DiffLossConfig};
+use crate::diffloss::{shard_mean, DiffLoss, DiffLossConfig};
 use crate::nn::{linear_xavier, Linear, Precision};
 use crate::rng::Rng;
+use crate::shard::Shard;
 use crate::tokens::Tokens;
 use crate::Result;
+
+/// The token rows a training loss covers: rows `shard` of the batch's token rows (all of them
+/// in one process; a rank's share under data parallelism), and `weight`, how many token rows of
+/// the whole batch the loss is a mean over (its masked rows, or all).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRows {
+    pub shard: Shard,
+    pub weight: usize,
+}
 
 #[derive(Debug, Clone)]
 pub enum Head {
@@ -42,18 +52,21 @@ impl Head {
     }
 
     /// Loss over rows: `z` is (N, Dz), `target` N codes or (N, C) vectors, `mask` (N) of 0/1.
+    /// The mean loss over the token rows `rows` (whose outputs are `z`, targets `target`, and
+    /// mask `mask`, 1 where a token counts).
     pub fn loss(
         &self,
         z: &Tensor,
         target: &Tokens,
         mask: Option<&Tensor>,
+        rows: TokenRows,
         rng: &mut Rng,
     ) -> Result<Tensor> {
         match (self, target) {
             (Head::CrossEntropy(head), Tokens::Discrete(codes)) => {
                 let logp = candle_nn::ops::log_softmax(&head.forward(z)?, D::Minus1)?;
                 let nll = logp.gather(&codes.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-                Ok(masked_mean(&nll, mask)?)
+                Ok(shard_mean(&nll, mask, rows)?)
             }
             (
                 Head::Diffusion {
@@ -66,7 +79,7 @@ impl Head {
                 let x = x.repeat((m, 1))?;
                 let z = z.repeat((m, 1))?;
                 let mask = mask.map(|mk| mk.repeat(m)).transpose()?;
-                Ok(diffloss.loss(&x, &z, mask.as_ref(), rng)?)
+                Ok(diffloss.loss_rows(&x, &z, mask.as_ref(), rows, m, rng)?)
             }
             _ => Err(crate::Error::Input(
                 "token kind does not match the head".into(),

@@ -16,11 +16,13 @@ pub mod init;
 pub mod mar;
 pub mod nn;
 pub mod rng;
+pub mod shard;
 pub mod tokens;
 
 pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, SampleOptions};
 pub use nn::Precision;
 pub use rng::Rng;
+pub use shard::Shard;
 pub use tokens::Tokens;
 
 /// The one error type of this crate.

@@ -7,8 +7,10 @@ use candle_nn::{Init, VarBuilder};
 use crate::fused;
 use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
 use crate::head::Head;
+use crate::head::TokenRows;
 use crate::nn::{linear_xavier, Block, Dropout, LayerNorm, Linear};
 use crate::rng::Rng;
+use crate::shard::Shard;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
 
@@ -253,19 +255,37 @@ impl Mar {
         mask
     }
 
-    pub fn loss(&self, tokens: &Tokens, labels: &[u32], rng: &mut Rng) -> Result<Tensor> {
+    /// The training loss of rows `shard` of a batch (`tokens`, `labels` hold theirs): the
+    /// mask is drawn for the whole batch, and the loss is a mean over the whole batch's masked
+    /// tokens, so that shards add up to the whole.
+    pub fn loss(
+        &self,
+        tokens: &Tokens,
+        labels: &[u32],
+        rng: &mut Rng,
+        shard: Shard,
+    ) -> Result<Tensor> {
         let dev = tokens.tensor().device().clone();
         let b = labels.len();
-        let class_embedding = self.class.train(labels, self.label_drop, rng, &dev)?;
-        let mask = self.training_mask(b, rng);
-        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng);
+        let l = self.seq_len;
+        let class_embedding = self
+            .class
+            .train(labels, self.label_drop, rng, &dev, shard)?;
+        let whole_mask = self.training_mask(shard.total, rng);
+        let masked = whole_mask.iter().filter(|&&m| m).count();
+        let mask = shard.take(&whole_mask, l);
+        let drop = Dropout::new(self.dropout.0, self.dropout.1, rng).map(|d| d.for_shard(shard));
         let x = self.forward_encoder(tokens, &mask, &class_embedding, drop.as_ref())?;
         let z = self.forward_decoder(&x, &mask, drop.as_ref())?;
-        let z = z.reshape((b * self.seq_len, self.decoder_width))?;
+        let z = z.reshape((b * l, self.decoder_width))?;
         let mask_t: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-        let mask_t = Tensor::from_vec(mask_t, b * self.seq_len, &dev)?;
+        let mask_t = Tensor::from_vec(mask_t, b * l, &dev)?;
+        let rows = TokenRows {
+            shard: shard.times(l),
+            weight: masked,
+        };
         self.head
-            .loss(&z, &tokens.flatten_rows()?, Some(&mask_t), rng)
+            .loss(&z, &tokens.flatten_rows()?, Some(&mask_t), rows, rng)
     }
 
     /// MAR sampling (the reference `sample_tokens`): K steps of a cosine schedule in a fresh random

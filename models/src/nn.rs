@@ -4,7 +4,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::fused;
-use crate::Rng;
+use crate::{Rng, Shard};
 use candle_nn::{Init, VarBuilder};
 
 /// Arithmetic of the matrix products. The weights are f32 variables either way (master weights,
@@ -207,6 +207,9 @@ pub struct Dropout {
     proj: f32,
     key: u64,
     sites: std::cell::Cell<u64>,
+    /// The rows of the batch this process computes (data parallelism): masks are drawn at
+    /// their offset in the whole batch's.
+    shard: Option<Shard>,
 }
 
 impl Dropout {
@@ -218,19 +221,37 @@ impl Dropout {
             proj: proj as f32,
             key: rng.next_u64(),
             sites: std::cell::Cell::new(0),
+            shard: None,
         })
     }
 
-    fn next_key(&self) -> u64 {
+    /// The same dropout for rows `shard` of the batch: each site's mask is the part of the whole
+    /// batch's mask that falls on these rows (every site's tensor has the batch's rows first).
+    pub fn for_shard(self, shard: Shard) -> Dropout {
+        Dropout {
+            shard: (!shard.is_whole()).then_some(shard),
+            ..self
+        }
+    }
+
+    /// The key of the next site's mask, for its tensor `x`.
+    fn next_key(&self, x: &Tensor) -> u64 {
         let site = self.sites.get();
         self.sites.set(site + 1);
-        fused::derive_key(self.key, site)
+        let key = fused::derive_key(self.key, site);
+        match self.shard {
+            Some(s) if s.len > 0 => {
+                let per_row = x.elem_count() / s.len;
+                fused::shift_key(key, (s.start * per_row) as u64)
+            }
+            _ => key,
+        }
     }
 
     /// Dropout of attention probabilities, if any.
     pub fn attn(drop: Option<&Dropout>, x: &Tensor) -> Result<Tensor> {
         match drop {
-            Some(d) if d.attn > 0.0 => fused::dropout(x, d.attn, d.next_key()),
+            Some(d) if d.attn > 0.0 => fused::dropout(x, d.attn, d.next_key(x)),
             _ => Ok(x.clone()),
         }
     }
@@ -238,7 +259,7 @@ impl Dropout {
     /// Dropout of a projection's output, if any.
     pub fn proj(drop: Option<&Dropout>, x: &Tensor) -> Result<Tensor> {
         match drop {
-            Some(d) if d.proj > 0.0 => fused::dropout(x, d.proj, d.next_key()),
+            Some(d) if d.proj > 0.0 => fused::dropout(x, d.proj, d.next_key(x)),
             _ => Ok(x.clone()),
         }
     }

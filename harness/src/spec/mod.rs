@@ -436,6 +436,11 @@ pub struct TrainSpec {
     /// hashes of existing runs stay the same
     #[serde(default, skip_serializing_if = "PrecisionSpec::is_default")]
     pub precision: PrecisionSpec,
+    /// data parallelism: one rank per device named here (e.g. ["cuda:0", "cuda:1"]), threads of
+    /// this process, each computing batch / N rows of every step; empty = the run's device
+    /// alone. Not part of the identity: the ranks' results equal one rank's up to rounding
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// `train.precision`: f32 everywhere, or bf16 matrix products with f32 master weights.

@@ -308,6 +308,20 @@ pub(super) fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Res
         "expected an EMA decay in [0, 1) (0 evaluates the raw weights), found {}",
         t.ema
     );
+    for (i, name) in t.devices.iter().enumerate() {
+        check!(
+            crate::device::is_device_name(name),
+            "train.devices",
+            "entry {i}: expected 'cpu' or 'cuda:N', found '{name}'"
+        );
+    }
+    check!(
+        t.devices.is_empty() || t.batch.is_multiple_of(t.devices.len()),
+        "train.devices",
+        "{} data-parallel ranks cannot share train.batch = {}: the count must divide the batch",
+        t.devices.len(),
+        t.batch
+    );
     check!(
         t.batch <= d.train,
         "train.batch",

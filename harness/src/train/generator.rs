@@ -5,12 +5,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use db::Db;
-use models::{Generator, Rng, Tokens};
+use models::fused::gaussian_noise_at;
+use models::{Generator, Rng, Shard, Tokens};
 
 use crate::data::ImageSet;
 use crate::runner::{spinner, Result};
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
+use crate::train::collective::Collective;
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
 
 /// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
@@ -97,8 +99,9 @@ impl<'a> TrainTokens<'a> {
         (0..n).map(|_| rng.uniform() < 0.5).collect()
     }
 
-    /// The tokens of images `idx` (mirrored where `flips` says), as one batch on `device`; with
-    /// posterior sampling, mean + std·ε with ε drawn from `rng`.
+    /// The tokens of images `idx` (mirrored where `flips` says), rows `shard` of the step's
+    /// batch, as one batch on `device`; with posterior sampling, mean + std·ε, ε being these
+    /// rows' part of noise drawn from `rng` for the whole batch.
     fn batch(
         &self,
         idx: &[usize],
@@ -106,6 +109,7 @@ impl<'a> TrainTokens<'a> {
         (seq_len, token_dim): (usize, usize),
         device: &Device,
         rng: &mut Rng,
+        shard: Shard,
     ) -> candle_core::Result<Tokens> {
         let row = seq_len * token_dim;
         if let TokenData::Discrete(_) = self.plain {
@@ -141,7 +145,9 @@ impl<'a> TrainTokens<'a> {
             // a draw from each token's posterior: mean + std·ε
             Some(std) => {
                 let std = Tensor::from_vec(std, &shape, device)?;
-                (mean + (std * rng.normal_tensor(&shape, device)?)?)?
+                let key = rng.next_u64();
+                let eps = gaussian_noise_at(key, shard.start * row, &shape[..].into(), device)?;
+                (mean + (std * eps)?)?
             }
             None => mean,
         }))
@@ -160,6 +166,11 @@ impl<'a> TrainTokens<'a> {
 pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
 
 /// Stage 2: train the generator, resuming from its checkpoint when there is one.
+///
+/// This is one rank of `ranks` (see [`crate::train::collective`]): it computes its share of every
+/// batch, and the ranks sum their losses and gradients before the step. Rank 0 alone writes
+/// metrics and checkpoints and evaluates; one rank alone ([`Solo`](crate::train::collective::Solo))
+/// is the whole training.
 #[allow(clippy::too_many_arguments)]
 pub fn train_generator(
     db: &Db,
@@ -173,10 +184,19 @@ pub fn train_generator(
     device: &Device,
     dir: &Path,
     quiet: bool,
+    ranks: &dyn Collective,
     on_eval: &mut EvalHook,
 ) -> Result<Option<Ema>> {
     let t = &run.spec.train;
     let eval_every = run.spec.eval.every;
+    let lead = ranks.rank() == 0;
+    let Some(shard) = Shard::of(ranks.rank(), ranks.world(), t.batch) else {
+        anyhow::bail!(
+            "train.batch = {} cannot be shared by {} data-parallel ranks: the ranks must divide it",
+            t.batch,
+            ranks.world()
+        );
+    };
     let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
     let mut ema = if t.ema > 0.0 {
         Some(Ema::new(varmap, t.ema)?)
@@ -188,7 +208,7 @@ pub fn train_generator(
     let mut start = 0;
     let mut sums = LogSums::default();
     if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
-        if let Some(note) = &resume.recovered {
+        if let (Some(note), true) = (&resume.recovered, lead) {
             // a damaged latest checkpoint: the run went on from the previous one; say so on it
             db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
         }
@@ -198,11 +218,13 @@ pub fn train_generator(
         }
         // checkpoints of earlier versions (and of log boundaries) carry no partial sums
         sums = serde_json::from_value(resume.extra).unwrap_or_default();
-        db.delete_metrics_after(run_id, resume.step as i64)?;
+        if lead {
+            db.delete_metrics_after(run_id, resume.step as i64)?;
+        }
     }
     let mut order = DataOrder::new(run.seed, train.n);
     let pb = spinner(
-        quiet,
+        quiet || !lead,
         t.steps as u64,
         format!("training {} · {}", run.cell, run.arm.as_str()),
     );
@@ -215,17 +237,30 @@ pub fn train_generator(
         t.checkpoint_every
     };
     for step in start..t.steps {
+        // the whole batch's images, labels and flips; this rank's share of them
         let idx = order.batch(step, t.batch);
-        let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let flips = tokens.flips(run.seed, step, idx.len());
+        let (idx, flips) = (shard.take(&idx, 1), shard.take(&flips, 1));
+        let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let dims = (tok.seq_len(), tok.token_dim());
-        let batch = tokens.batch(&idx, &flips, dims, device, &mut rng)?;
-        let loss = generator.loss(&batch, &labels, &mut rng)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let batch = tokens.batch(&idx, &flips, dims, device, &mut rng, shard)?;
+        let loss = generator.loss_shard(&batch, &labels, &mut rng, shard)?;
+        let mut grads = loss.backward()?;
+        // the ranks' losses add up to the batch's; a stop (SIGINT/SIGTERM) seen by any rank
+        // stops all of them after this step
+        let stop_here = crate::stop::requested();
+        let mut shared = [
+            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            f32::from(u8::from(stop_here.is_some())),
+        ];
+        ranks.all_reduce_sum(&mut shared)?;
+        let value = shared[0];
         if !value.is_finite() {
             return Err(crate::train::TrainError::Diverged { step, loss: value }.into());
         }
-        let mut grads = loss.backward()?;
+        if ranks.world() > 1 {
+            sum_gradients(&mut grads, &vars, ranks)?;
+        }
         let norm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
         let lr = lr_at(step, t);
         opt.step(&grads, lr)?;
@@ -237,9 +272,11 @@ pub fn train_generator(
         count += 1;
         if (step + 1) % t.log_every == 0 || step + 1 == t.steps {
             let s = step as i64 + 1;
-            writer.push("train/loss", s, loss_sum / count as f64)?;
-            writer.push("train/grad_norm", s, norm_sum / count as f64)?;
-            writer.push("train/lr", s, lr)?;
+            if lead {
+                writer.push("train/loss", s, loss_sum / count as f64)?;
+                writer.push("train/grad_norm", s, norm_sum / count as f64)?;
+                writer.push("train/lr", s, lr)?;
+            }
             pb.set_message(format!(
                 "{} · {} · loss {:.4}",
                 run.cell,
@@ -249,8 +286,11 @@ pub fn train_generator(
             (loss_sum, norm_sum, count) = (0.0, 0.0, 0);
         }
         pb.set_position(step as u64 + 1);
-        let stop = crate::stop::requested();
-        if (step + 1) % every == 0 || step + 1 == t.steps || stop.is_some() {
+        let stop = match shared[1] > 0.0 {
+            true => Some(stop_here.or_else(crate::stop::requested).unwrap_or(15)),
+            false => None,
+        };
+        if lead && ((step + 1) % every == 0 || step + 1 == t.steps || stop.is_some()) {
             writer.flush()?;
             // the running log averages go with the checkpoint, so a resumed run logs the same
             let partial = LogSums {
@@ -265,7 +305,7 @@ pub fn train_generator(
             return Err(crate::stop::Stopped(sig).into());
         }
         // the final evaluation happens after training, with the full sample count
-        if eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
+        if lead && eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
             pb.set_message(format!("{} · {} · evaluating", run.cell, run.arm.as_str()));
             on_eval(step + 1, varmap, ema.as_ref())?;
         }
@@ -273,6 +313,32 @@ pub fn train_generator(
     writer.flush()?;
     pb.finish_and_clear();
     Ok(ema)
+}
+
+/// Replaces each variable's gradient with its sum over the ranks (a variable without one counts
+/// as zeros), summed as one buffer.
+fn sum_gradients(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+    ranks: &dyn Collective,
+) -> Result<()> {
+    let mut flat = Vec::new();
+    for v in vars {
+        match grads.get(v.as_tensor()) {
+            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+        }
+    }
+    ranks.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    for v in vars {
+        let n = v.elem_count();
+        let g =
+            Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
+        grads.insert(v.as_tensor(), g);
+        at += n;
+    }
+    Ok(())
 }
 
 /// The running sums of the training log between two log steps, saved with a checkpoint taken
@@ -302,12 +368,38 @@ mod tests {
         };
         let mut rng = Rng::new(1);
         let dev = Device::Cpu;
-        let Tokens::Continuous(b) = t.batch(&[1, 0], &[false, false], (2, 1), &dev, &mut rng)?
+        let whole = Shard::whole(2);
+        let Tokens::Continuous(b) =
+            t.batch(&[1, 0], &[false, false], (2, 1), &dev, &mut rng, whole)?
         else {
             panic!("continuous")
         };
         assert_eq!(b.flatten_all()?.to_vec1::<f32>()?, vec![3.0, 4.0, 1.0, 2.0]);
-        let Tokens::Continuous(b) = t.batch(&[1, 0], &[true, false], (2, 1), &dev, &mut rng)?
+        // two ranks' shares of a batch draw the whole batch's posterior noise
+        let both = t.batch(
+            &[1, 0],
+            &[true, true],
+            (2, 1),
+            &dev,
+            &mut rng.clone(),
+            whole,
+        )?;
+        let halves: Vec<f32> = (0..2)
+            .flat_map(|r| {
+                let shard = Shard::of(r, 2, 2).expect("divides");
+                let part = t
+                    .batch(&[[1, 0][r]], &[true], (2, 1), &dev, &mut rng.clone(), shard)
+                    .expect("batch");
+                part.tensor()
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1::<f32>()
+                    .expect("values")
+            })
+            .collect();
+        assert_eq!(both.tensor().flatten_all()?.to_vec1::<f32>()?, halves);
+        let Tokens::Continuous(b) =
+            t.batch(&[1, 0], &[true, false], (2, 1), &dev, &mut rng, whole)?
         else {
             panic!("continuous")
         };

@@ -11,6 +11,7 @@ use models::Rng;
 
 use crate::spec::{LrScheduleSpec, TrainSpec};
 
+pub mod collective;
 pub mod generator;
 
 #[derive(Debug, thiserror::Error)]

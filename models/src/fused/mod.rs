@@ -45,7 +45,7 @@ pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use linear::{linear_bf16, linear_bf16_plain};
 pub use linear_f32::{linear, linear_plain};
 pub use modulate::{modulate, modulate_plain};
-pub use noise::{derive_key, gaussian_noise};
+pub use noise::{derive_key, gaussian_noise, gaussian_noise_at, shift_key};
 pub use silu::{silu, silu_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.

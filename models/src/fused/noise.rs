@@ -21,6 +21,13 @@ pub fn derive_key(key: u64, index: u64) -> u64 {
     mix64(key.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
+/// The key whose counter `i` is counter `offset + i` of `key`: since every value depends on
+/// key + (counter + 1)·γ alone, a data-parallel rank draws its rows' part of a tensor of the whole
+/// batch by shifting the key (dropout masks count values, [`gaussian_noise_at`] pairs of them).
+pub fn shift_key(key: u64, offset: u64) -> u64 {
+    key.wrapping_add(offset.wrapping_mul(GAMMA))
+}
+
 /// The 24-bit uniform integer of counter `i` (the top bits of SplitMix64 of key + (i+1)·γ), as
 /// dropout masks draw them.
 #[inline(always)]
@@ -56,6 +63,27 @@ pub fn gaussian_noise(key: u64, shape: &Shape, device: &Device) -> Result<Tensor
         }
         _ => Tensor::from_vec(gaussian_noise_cpu(key, n), shape.clone(), device),
     }
+}
+
+/// Values `offset..offset + n` of the noise [`gaussian_noise`] draws from `key` for a larger
+/// tensor, as a tensor of `shape` (n values): the rows of the whole batch's noise that one
+/// data-parallel rank uses.
+pub fn gaussian_noise_at(
+    key: u64,
+    offset: usize,
+    shape: &Shape,
+    device: &Device,
+) -> Result<Tensor> {
+    // values come in pairs (2j, 2j + 1) of counter j: start at the pair holding `offset`
+    let skip = offset % 2;
+    let key = shift_key(key, (offset / 2) as u64);
+    if skip == 0 {
+        return gaussian_noise(key, shape, device);
+    }
+    let n = shape.elem_count();
+    gaussian_noise(key, &Shape::from(n + 1), device)?
+        .narrow(0, 1, n)?
+        .reshape(shape.clone())
 }
 
 /// [`gaussian_noise`]'s values on the CPU.
@@ -98,6 +126,15 @@ mod tests {
         assert!(a.iter().all(|x| x.is_finite()));
         let t = gaussian_noise(7, &Shape::from((3, 5)), &Device::Cpu)?;
         assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, a[..15]);
+        // any slice of a longer draw, at even and odd offsets
+        for offset in [0, 1, 6, 16383, 16384, 30001] {
+            let t = gaussian_noise_at(7, offset, &Shape::from((4, 3)), &Device::Cpu)?;
+            assert_eq!(
+                t.flatten_all()?.to_vec1::<f32>()?,
+                a[offset..offset + 12],
+                "{offset}"
+            );
+        }
         Ok(())
     }
 }
