@@ -108,6 +108,51 @@ impl Db {
         Db::connect_sqlite(path, false)
     }
 
+    /// Opens an existing SQLite database only to read it, for a root this user cannot write (a
+    /// teammate's results, a read-only mount): nothing is written, not even SQLite's -shm file
+    /// (`immutable`, so nothing may write the file meanwhile). Its migrations must all be
+    /// applied ([`Error::Invalid`] otherwise: open it once where it can be written).
+    pub fn open_read_only(path: &Path) -> Result<Db> {
+        if !path.is_file() {
+            return Err(Error::NotFound(format!(
+                "tracking database {} does not exist",
+                path.display()
+            )));
+        }
+        sqlx::any::install_default_drivers();
+        let rt = runtime()?;
+        let url = format!("sqlite://{}?mode=ro&immutable=1", path.display());
+        let pool = rt.block_on(async {
+            let pool = AnyPoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .connect(&url)
+                .await?;
+            let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+                .fetch_one(&pool)
+                .await?;
+            let known = sqlx::migrate!("./migrations").migrations.len() as i64;
+            if applied < known {
+                return Err(Error::Invalid(format!(
+                    "{} was written by an older ablate ({applied} of {known} schema migrations): \
+                     open it once where it can be written, to bring it up to date",
+                    path.display()
+                )));
+            }
+            Ok::<_, Error>(pool)
+        })?;
+        Ok(Db {
+            pool,
+            rt,
+            backend: Backend::Sqlite,
+            location: format!("{} (read-only)", path.display()),
+            root: match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            },
+            url: None,
+        })
+    }
+
     /// Opens the tracking database on the PostgreSQL server at `url`
     /// (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`) and applies pending migrations;
     /// stored artifact paths are relative to `root`, the folder the machines share.
@@ -233,18 +278,24 @@ impl Db {
     }
 
     async fn connect_sqlite_pool(url: &str) -> Result<AnyPool> {
+        // WAL lets readers run beside the one writer; NORMAL syncs at checkpoints, which WAL
+        // keeps consistent after a crash
+        let pragmas = format!(
+            "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = NORMAL;",
+            BUSY_TIMEOUT.as_millis()
+        );
+        // one plain connection first: the pool would retry a failing one until its timeout, and
+        // a file that cannot be written should be said at once
+        let mut probe = AnyConnection::connect(url).await?;
+        probe.execute(AssertSqlSafe(pragmas.clone())).await?;
+        probe.close().await?;
         let pool = AnyPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
+                let pragmas = pragmas.clone();
                 Box::pin(async move {
-                    // WAL lets readers run beside the one writer; NORMAL syncs at checkpoints,
-                    // which WAL keeps consistent after a crash
-                    conn.execute(AssertSqlSafe(format!(
-                        "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; \
-                         PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-                        BUSY_TIMEOUT.as_millis()
-                    )))
-                    .await?;
+                    conn.execute(AssertSqlSafe(pragmas)).await?;
                     Ok(())
                 })
             })

@@ -1119,3 +1119,40 @@ fn a_sqlite_history_copies_into_postgres() {
     );
     assert!(matches!(sqlite.copy_into(&pg), Err(Error::Invalid(_))));
 }
+
+/// A database opened read-only reads everything and refuses every write, and leaves no file
+/// beside it (no -wal, no -shm).
+#[test]
+fn a_read_only_database_reads_and_refuses_writes() {
+    let (dir, path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "a = 1").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    db.insert_metrics(run, &[point("loss", 1, 0.5)])
+        .expect("metrics");
+    drop(db);
+    let before: Vec<_> = std::fs::read_dir(path.parent().expect("folder"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    let ro = Db::open_read_only(&path).expect("open read-only");
+    assert!(ro.location().ends_with("(read-only)"), "{}", ro.location());
+    assert_eq!(ro.list_runs(Some("e")).expect("runs").len(), 1);
+    assert_eq!(ro.metrics(run, None).expect("metrics").len(), 1);
+    assert!(
+        ro.upsert_experiment("f", "f.toml", "").is_err(),
+        "writes are refused"
+    );
+    drop(ro);
+    let after: Vec<_> = std::fs::read_dir(path.parent().expect("folder"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(before, after, "nothing written beside the database");
+    assert!(matches!(
+        Db::open_read_only(&dir.path().join("absent.sqlite")),
+        Err(Error::NotFound(_))
+    ));
+}

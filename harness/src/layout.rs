@@ -35,6 +35,19 @@ impl Layout {
         }
     }
 
+    /// Opens the tracking database for commands that only read it: where the SQLite file (or its
+    /// folder) cannot be written, read-only instead ([`Db::open_read_only`]).
+    pub fn open_db_to_read(&self) -> db::Result<Db> {
+        match self.open_existing_db() {
+            Err(db::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::PermissionDenied && self.db_url.is_none() =>
+            {
+                Db::open_read_only(&self.db())
+            }
+            other => other,
+        }
+    }
+
     /// The tracking database for messages: the SQLite file, or the URL without its password.
     pub fn db_location(&self) -> String {
         match &self.db_url {

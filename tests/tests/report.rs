@@ -128,3 +128,96 @@ fn a_changed_configuration_is_a_new_version_and_reports_never_mix_them() {
         stderr(&out)
     );
 }
+
+/// A root this user cannot write (a teammate's results): `list` and `report --out` read its
+/// database read-only, `report` without `--out` says where to write instead, and `run` says the
+/// database cannot be written. Needs another user: runs as root (CI), switching to `nobody`.
+#[test]
+fn a_root_this_user_cannot_write_is_read_read_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root_user = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let runuser = Command::new("runuser").arg("--help").output().is_ok();
+    if !(root_user && runuser) {
+        eprintln!("skipped: needs root and runuser to act as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // the binary where `nobody` can run it, and a root it can read but not write
+    let bin = dir.path().join("ablate");
+    std::fs::copy(ablate_bin(), &bin).expect("copy the binary");
+    let root = dir.path().join("root");
+    let spec = workspace_root().join("experiments/tiny.toml");
+    let made = Command::new(&bin)
+        .args(["--root", root.to_str().expect("utf-8"), "run"])
+        .arg(&spec)
+        .arg("-q")
+        .output()
+        .expect("run");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).expect("out folder");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    for entry in walk(&root) {
+        let mode = if entry.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let as_nobody = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&bin)
+            .args(["--root", root.to_str().expect("utf-8")])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("runuser")
+    };
+    let listed = as_nobody(&["list", "tiny"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(
+        stderr(&listed).contains("opened read-only"),
+        "{}",
+        stderr(&listed)
+    );
+    let report = out.join("report");
+    let written = as_nobody(&["report", "tiny", "--out", report.to_str().expect("utf-8")]);
+    assert!(written.status.success(), "{}", stderr(&written));
+    assert!(report.join("report.md").is_file());
+    let refused = as_nobody(&["report", "tiny"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--out DIR"),
+        "{}",
+        stderr(&refused)
+    );
+    let run = as_nobody(&["run", spec.to_str().expect("utf-8")]);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("cannot be written"),
+        "{}",
+        stderr(&run)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .expect("root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-wal") || n.ends_with("-shm"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "nothing written beside the database: {leftovers:?}"
+    );
+}
+
+/// Every folder and file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir).expect("folder").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -542,6 +542,21 @@ fn open_db(layout: &Layout) -> anyhow::Result<Db> {
         .with_context(|| format!("opening the tracking database {}", layout.db_location()))
 }
 
+/// [`open_db`] for commands that only read the database (report, list, show, compare, check,
+/// plan): read-only where this user cannot write it, with a note on stderr.
+fn open_db_to_read(layout: &Layout) -> anyhow::Result<Db> {
+    let db = layout
+        .open_db_to_read()
+        .with_context(|| format!("opening the tracking database {}", layout.db_location()))?;
+    if db.location().ends_with("(read-only)") {
+        eprintln!(
+            "note: {} cannot be written here; it is opened read-only",
+            layout.db_location()
+        );
+    }
+    Ok(db)
+}
+
 /// The tracking database at `location`: a postgres:// URL (its artifacts relative to the
 /// root), or a SQLite file (created when `create`, else it must exist).
 fn open_location(location: &str, layout: &Layout, create: bool) -> anyhow::Result<Db> {

@@ -9,10 +9,23 @@ pub(super) fn report(layout: &Layout, args: ReportArgs) -> anyhow::Result<i32> {
         format,
         version,
     } = args;
-    let db = open_db(layout)?;
+    let db = open_db_to_read(layout)?;
     let out = out.unwrap_or_else(|| layout.report_dir(&experiment));
     let formats: Vec<reports::Format> = format.into_iter().map(Into::into).collect();
-    let r = reports::write_report_version(&db, &experiment, version, &out, &formats)?;
+    let r = reports::write_report_version(&db, &experiment, version, &out, &formats).with_context(
+        || {
+            let hint = match db.location().ends_with("(read-only)") {
+                true => {
+                    " (this root cannot be written here: --out DIR writes the report elsewhere)"
+                }
+                false => "",
+            };
+            format!(
+                "writing the report of '{experiment}' into {}{hint}",
+                out.display()
+            )
+        },
+    )?;
     if formats.contains(&reports::Format::Markdown) {
         println!("{}", r.markdown);
     }
@@ -83,7 +96,7 @@ pub(super) fn check(layout: &Layout, args: CheckArgs) -> anyhow::Result<i32> {
         baseline,
         junit,
     } = args;
-    let db = open_db(layout)?;
+    let db = open_db_to_read(layout)?;
     let tolerances = drift_tolerances(&db, &experiment)?;
     let report = reports::check(&db, &experiment, &baseline, &tolerances)?;
     print!("{}", report.render_table());
@@ -101,7 +114,7 @@ pub(super) fn check(layout: &Layout, args: CheckArgs) -> anyhow::Result<i32> {
 /// `ablate list`.
 pub(super) fn list(layout: &Layout, args: ListArgs) -> anyhow::Result<i32> {
     let ListArgs { experiment } = args;
-    let db = open_db(layout)?;
+    let db = open_db_to_read(layout)?;
     // show runs whose process died as interrupted, not running
     db.reap_dead_runs(
         &crate::device::Environment::detect().host,
@@ -154,7 +167,7 @@ pub(super) fn list(layout: &Layout, args: ListArgs) -> anyhow::Result<i32> {
 /// `ablate compare`.
 pub(super) fn compare(layout: &Layout, args: CompareArgs) -> anyhow::Result<i32> {
     let CompareArgs { run_a, run_b } = args;
-    let db = open_db(layout)?;
+    let db = open_db_to_read(layout)?;
     let get = |id: i64| -> anyhow::Result<db::RunRow> {
         db.run(id)?
             .ok_or_else(|| anyhow::anyhow!("no run with id {id} (see `ablate list EXPERIMENT`)"))
@@ -218,7 +231,7 @@ pub(super) fn compare(layout: &Layout, args: CompareArgs) -> anyhow::Result<i32>
 /// `ablate show`.
 pub(super) fn show(layout: &Layout, args: ShowArgs) -> anyhow::Result<i32> {
     let ShowArgs { run } = args;
-    let db = open_db(layout)?;
+    let db = open_db_to_read(layout)?;
     let r = db
         .run(run)?
         .ok_or_else(|| anyhow::anyhow!("no run with id {run} (see `ablate list EXPERIMENT`)"))?;

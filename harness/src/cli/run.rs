@@ -165,7 +165,7 @@ pub(super) fn plan(layout: &Layout, args: PlanArgs) -> anyhow::Result<i32> {
     let PlanArgs { spec, set } = args;
     let loaded = spec::load(&spec, &set)?;
     let db = if layout.has_db() {
-        Some(open_db(layout)?)
+        Some(open_db_to_read(layout)?)
     } else {
         None
     };
