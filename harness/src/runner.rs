@@ -25,16 +25,13 @@ use crate::spec::{
     self, Arm, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec, Spec,
     TokenizerKind,
 };
-use crate::tokenize::autoencoder::CheckpointPlan;
-use crate::tokenize::{TokenData, Tokenizer};
+use crate::tokenize::stage::TokenizerJob;
+use crate::tokenize::{self, TokenData, Tokenizer};
 use crate::train::collective::{CollectiveError, LocalGroup, Solo};
 use crate::train::generator::{train_generator, TrainTokens};
-use crate::train::{Checkpoint, Ema};
+use crate::train::Ema;
 
 pub type Result<T> = anyhow::Result<T>;
-
-/// Steps between an autoencoder tokenizer's checkpoints (a multiple of its logging interval).
-const TOKENIZER_CHECKPOINT_EVERY: usize = 100;
 
 /// An error and its causes on one line, each cause said once: a cause whose text the message
 /// already holds (library errors often print their source inside their own text) is skipped.
@@ -51,15 +48,6 @@ pub fn describe(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
-}
-
-/// A tokenizer fit: its run, its seed and where its file goes.
-struct TokenizerJob<'a> {
-    id: i64,
-    seed: u64,
-    path: &'a Path,
-    /// where an autoencoder fit keeps its checkpoints
-    checkpoints: &'a Path,
 }
 
 /// What happened to each planned run.
@@ -363,140 +351,18 @@ impl Runner {
             let job = TokenizerJob {
                 id,
                 seed,
+                spec: tspec,
+                name: run.tokenizer_name(),
                 path: &path,
                 checkpoints: &self.layout.tokenizer_checkpoints(&hash),
+                quiet: self.quiet,
             };
-            self.fit_tokenizer(&job, run, ds, fnet, device)?
+            self.start(id, &device_label(device))?;
+            tokenize::stage::fit(&self.db, &job, ds, fnet, device, &|m| self.say(m))?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
         Ok(t)
-    }
-
-    /// Fit, save and record a tokenizer run: training curves (autoencoders), reconstruction of
-    /// the held-out split (MSE, PSNR, rFID with the feature net), codebook use; returns the
-    /// tokenizer and the training split's tokens.
-    fn fit_tokenizer(
-        &self,
-        job: &TokenizerJob,
-        run: &PlannedRun,
-        ds: &Dataset,
-        fnet: &EvalNet,
-        device: &Device,
-    ) -> Result<(Tokenizer, TokenData)> {
-        let TokenizerJob {
-            id,
-            seed,
-            path,
-            checkpoints,
-        } = *job;
-        let tspec = run.tokenizer();
-        self.start(id, &device_label(device))?;
-        let t0 = Instant::now();
-        let steps = if tspec.kind.is_autoencoder() {
-            tspec.steps as u64
-        } else {
-            1
-        };
-        // a fit killed earlier continues from its checkpoint; curves logged after it are dropped
-        let resumed_at = Checkpoint::saved_step(checkpoints);
-        self.db
-            .delete_metrics_after(id, resumed_at.map_or(-1, |s| s as i64))?;
-        if let Some(step) = resumed_at {
-            self.say(format!(
-                "    tokenizer {}: resuming from its checkpoint at step {step}",
-                run.tokenizer_name()
-            ));
-        }
-        let pb = spinner(
-            self.quiet,
-            steps,
-            format!("fitting tokenizer {}", run.tokenizer_name()),
-        );
-        pb.set_position(resumed_at.unwrap_or(0) as u64);
-        let plan = CheckpointPlan {
-            dir: checkpoints,
-            every: TOKENIZER_CHECKPOINT_EVERY,
-        };
-        // curves go to the database as they are logged, before the checkpoint that covers them
-        let mut db_error = None;
-        let result = Tokenizer::fit(
-            tspec,
-            &ds.train,
-            seed,
-            device,
-            Some(plan),
-            &mut |step, values| {
-                pb.set_position(step as u64);
-                let points: Vec<MetricPoint> = values
-                    .iter()
-                    .map(|&(key, value)| MetricPoint {
-                        key: key.into(),
-                        step: step as i64,
-                        value,
-                        wall_time: now(),
-                    })
-                    .collect();
-                if let Err(e) = self.db.insert_metrics(id, &points) {
-                    db_error.get_or_insert(e);
-                }
-            },
-        );
-        pb.finish_and_clear();
-        if let Some(e) = db_error {
-            return Err(e.into());
-        }
-        let tok = match result {
-            Ok(t) => t,
-            Err(e) => {
-                self.db.fail_run(id, &e.to_string())?;
-                return Err(e.into());
-            }
-        };
-        tok.save(path)?;
-        // the saved tokenizer supersedes its checkpoints (if it had any)
-        let _ = std::fs::remove_dir_all(checkpoints);
-        let (recon, mse, psnr) = tok.reconstruct(&ds.test)?;
-        let mut values = vec![("recon/mse", mse)];
-        if psnr.is_finite() {
-            values.push(("recon/psnr", psnr));
-        }
-        // rFID: reconstructions of the held-out split against its own statistics
-        let f = fnet.net.features(&recon)?;
-        let rec_stats = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
-        // (clamped: identical statistics can give −1e-7 from rounding)
-        let rfid = metrics::frechet_distance(&rec_stats, &fnet.reference)?.max(0.0);
-        values.push(("recon/rfid", rfid));
-        let data = tok.encode(&ds.train)?;
-        if let Some((used, perplexity)) = tok.usage(&data) {
-            values.push(("codebook/used", used as f64));
-            values.push(("codebook/perplexity", perplexity));
-        }
-        let step = if tspec.kind.is_autoencoder() {
-            tspec.steps as i64
-        } else {
-            0
-        };
-        let points: Vec<MetricPoint> = values
-            .iter()
-            .map(|&(key, value)| MetricPoint {
-                key: key.into(),
-                step,
-                value,
-                wall_time: now(),
-            })
-            .collect();
-        self.db.insert_metrics(id, &points)?;
-        if path.exists() {
-            record_artifact(&self.db, id, "tokenizer", path)?;
-        }
-        self.db.finish_run(id)?;
-        self.say(format!(
-            "    tokenizer {} fitted in {:.1} s (test reconstruction MSE {mse:.5}, rFID {rfid:.2})",
-            run.tokenizer_name(),
-            t0.elapsed().as_secs_f64()
-        ));
-        Ok((tok, data))
     }
 
     /// Take lock `name` (see [`crate::lock`]). When another process holds it: wait for it
@@ -1035,7 +901,7 @@ pub fn now() -> f64 {
 /// root ([`Db::resolve`] reads it back), so a root can be moved and a report rebuilt from any
 /// folder; before, paths were relative to where `ablate run` started, which meant nothing to a
 /// report rebuilt elsewhere (it embedded no sample grid, or another project's).
-fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
+pub(crate) fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
     let canonical = |p: &Path| {
         std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("recording {}: {e}", p.display()))
     };

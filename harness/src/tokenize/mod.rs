@@ -5,6 +5,7 @@
 //! difference between the arms is quantization.
 pub mod autoencoder;
 pub mod kmeans;
+pub mod stage;
 
 use std::collections::HashMap;
 use std::path::Path;
