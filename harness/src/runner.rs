@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use db::{Db, MetricPoint, NewEval, NewRun};
+use db::{Db, MetricPoint, NewRun};
 use indicatif::{ProgressBar, ProgressStyle};
 use models::diffusion::Schedule;
 use models::init::seeded_var_builder;
@@ -16,7 +16,7 @@ use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig};
 
 use crate::data::{self, Dataset};
 use crate::device::{device_label, parse_device, pid_alive, Environment};
-use crate::eval::{self, metrics, EvalNet, FeatureNet, Net};
+use crate::eval::{self, EvalNet, FeatureNet, Net};
 use crate::identity;
 use crate::layout::Layout;
 use crate::lock;
@@ -481,50 +481,16 @@ impl Runner {
             net: Box::new(net),
             convention,
         };
-        let f = std::rc::Rc::new(self.with_reference(net, "inception".into(), &net_id, ds)?);
+        let f = std::rc::Rc::new(eval::stage::with_reference(
+            &self.layout,
+            net,
+            "inception".into(),
+            &net_id,
+            ds,
+            &|m| self.say(m),
+        )?);
         self.feature_nets.insert(key, f.clone());
         Ok(f)
-    }
-
-    /// Attach the reference statistics of the test split, read from the cache when present.
-    fn with_reference(
-        &self,
-        net: Net,
-        name: String,
-        net_id: &str,
-        ds: &Dataset,
-    ) -> Result<EvalNet> {
-        let reference_id = identity::reference_stats(ds, net_id, net.convention());
-        let path = self.layout.reference_stats(&reference_id);
-        let cached = if path.is_file() {
-            eval::inception::read_reference(&path).ok()
-        } else {
-            None
-        };
-        let (reference, reference_features) = match cached {
-            Some(c) => c,
-            None => {
-                let f = net.features(&ds.test)?;
-                let g = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
-                eval::inception::write_reference(&path, &g, &f.feats)?;
-                (g, f.feats)
-            }
-        };
-        if let Net::Inception { .. } = net {
-            if reference.n <= models::inception::FEATURE_DIM {
-                self.say(format!(
-                    "    warning: the reference split has only {} images (≤ 2048 feature dimensions): FID is strongly biased",
-                    reference.n
-                ));
-            }
-        }
-        Ok(EvalNet {
-            net,
-            name,
-            reference_id,
-            reference,
-            reference_features,
-        })
     }
 
     fn classifier_net(
@@ -563,42 +529,9 @@ impl Runner {
             net.load(&path)?;
         } else {
             self.start(id, "cpu")?;
-            let pb = spinner(
-                self.quiet,
-                spec.eval.classifier_steps as u64,
-                "training the feature net".into(),
-            );
-            // a fit that failed earlier logged a curve of its own
-            self.db.delete_metrics_after(id, -1)?;
-            let mut losses = Vec::new();
-            let result = net.train(ds, &spec.eval, &mut |step, loss| {
-                pb.set_position(step as u64 + 1);
-                losses.push(MetricPoint {
-                    key: "train/loss".into(),
-                    step: step as i64 + 1,
-                    value: loss as f64,
-                    wall_time: now(),
-                });
-            });
-            pb.finish_and_clear();
-            self.db.insert_metrics(id, &losses)?;
-            if let Err(e) = result {
-                self.db.fail_run(id, &e.to_string())?;
-                return Err(e.into());
-            }
-            net.save(&path)?;
-            let acc = net.accuracy(&ds.test)?;
-            self.db.insert_metrics(
-                id,
-                &[MetricPoint {
-                    key: "test/accuracy".into(),
-                    step: spec.eval.classifier_steps as i64,
-                    value: acc,
-                    wall_time: now(),
-                }],
+            let acc = eval::stage::train_feature_net(
+                &self.db, id, &mut net, ds, &spec.eval, &path, self.quiet,
             )?;
-            record_artifact(&self.db, id, "checkpoint", &path)?;
-            self.db.finish_run(id)?;
             self.say(format!(
                 "    feature net trained: test accuracy {:.1}%",
                 acc * 100.0
@@ -606,11 +539,13 @@ impl Runner {
         }
         let name = format!("classifier:{}", ds.name);
         let net_id = format!("classifier-{hash}");
-        let f = std::rc::Rc::new(self.with_reference(
+        let f = std::rc::Rc::new(eval::stage::with_reference(
+            &self.layout,
             Net::Classifier(Box::new(net)),
             name,
             &net_id,
             ds,
+            &|m| self.say(m),
         )?);
         self.feature_nets.insert(hash, f.clone());
         Ok(f)
@@ -652,7 +587,7 @@ impl Runner {
         // weights live under the training identity, shared by runs that only sample differently
         let dir = self.layout.run_dir(&run.train_hash(&ds.fingerprint));
         let out_dir = self.layout.run_dir(hash);
-        let settings = eval_settings(run, &ds, &fnet);
+        let settings = eval::stage::eval_settings(run, &ds, &fnet);
         let db = &self.db;
         let mut on_eval = |step: usize, varmap: &VarMap, ema: Option<&Ema>| -> Result<()> {
             // the model as it would be evaluated now: EMA weights when there are some
@@ -666,7 +601,7 @@ impl Runner {
             let count = run.spec.eval.every_count.unwrap_or(run.spec.sample.count);
             let samples = sample_images(&model, tokenizer, run, ds.classes, count, true)?;
             let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
-            record_scores(db, run_id, step as i64, &scores, &settings, &fnet)
+            eval::stage::record_scores(db, run_id, step as i64, &scores, &settings, &fnet)
         };
         let ranks = &run.spec.train.devices;
         let ema = if ranks.len() <= 1 {
@@ -813,12 +748,12 @@ impl Runner {
         }
         let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
         let step = run.spec.train.steps as i64;
-        record_scores(
+        eval::stage::record_scores(
             &self.db,
             run_id,
             step,
             &scores,
-            &eval_settings(run, &ds, &fnet),
+            &eval::stage::eval_settings(run, &ds, &fnet),
             &fnet,
         )?;
         let eval_s = t_eval.elapsed().as_secs_f64();
@@ -841,53 +776,6 @@ impl Runner {
         ));
         Ok((scores.fid, scores.is_mean))
     }
-}
-
-/// What an eval row records besides its value: the sampling settings, the reference statistics
-/// and the input convention.
-fn eval_settings(run: &PlannedRun, ds: &Dataset, fnet: &EvalNet) -> serde_json::Value {
-    serde_json::json!({
-        "cfg": run.spec.sample.cfg,
-        "cfg_schedule": run.spec.sample.cfg_schedule,
-        "temperature": run.spec.sample.temperature,
-        "mar_steps": run.spec.sample.mar_steps,
-        "sampling_steps": run.spec.head.sampling_steps,
-        "reference": format!("{}:test", ds.name),
-        "reference_stats": fnet.reference_id,
-        "reference_count": fnet.reference.n,
-        "convention": fnet.net.convention(),
-    })
-}
-
-/// One eval row per metric of `scores` at `step`.
-fn record_scores(
-    db: &Db,
-    run_id: i64,
-    step: i64,
-    scores: &eval::Scores,
-    settings: &serde_json::Value,
-    fnet: &EvalNet,
-) -> Result<()> {
-    for (metric, value) in [
-        ("fid", scores.fid),
-        ("is", scores.is_mean),
-        ("is_std", scores.is_std),
-        ("kid", scores.kid),
-        ("kid_std", scores.kid_std),
-        ("precision", scores.precision),
-        ("recall", scores.recall),
-    ] {
-        db.insert_eval(&NewEval {
-            run_id,
-            step,
-            metric,
-            value,
-            sample_count: scores.samples as i64,
-            feature_net: &fnet.name,
-            settings,
-        })?;
-    }
-    Ok(())
 }
 
 pub fn now() -> f64 {

@@ -4,6 +4,7 @@
 pub mod extractor;
 pub mod inception;
 pub mod metrics;
+pub mod stage;
 
 use std::path::Path;
 
