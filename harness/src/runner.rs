@@ -27,8 +27,8 @@ use crate::spec::{
 };
 use crate::tokenize::stage::TokenizerJob;
 use crate::tokenize::{self, TokenData, Tokenizer};
-use crate::train::collective::{CollectiveError, LocalGroup, Solo};
-use crate::train::generator::{train_generator, TrainTokens};
+use crate::train::collective::Solo;
+use crate::train::generator::{train_data_parallel, train_generator, TrainJob, TrainTokens};
 use crate::train::Ema;
 
 pub type Result<T> = anyhow::Result<T>;
@@ -603,107 +603,26 @@ impl Runner {
             let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
             eval::stage::record_scores(db, run_id, step as i64, &scores, &settings, &fnet)
         };
-        let ranks = &run.spec.train.devices;
-        let ema = if ranks.len() <= 1 {
-            train_generator(
-                &self.db,
-                run_id,
-                &generator,
-                &varmap,
-                &train_tokens,
-                &ds.train,
-                run,
-                tokenizer,
-                &device,
-                &dir,
-                self.quiet,
-                &Solo,
-                &mut on_eval,
-            )?
-        } else {
-            // data parallelism: rank 0 trains here, on `device`; the others on threads, each on
-            // its device with its own copy of the model, built from the same seed
-            self.db.set_run_param(
-                run_id,
-                "data_parallel",
-                &serde_json::json!({ "world_size": ranks.len(), "devices": ranks }),
-            )?;
-            let rank_devices = ranks[1..]
-                .iter()
-                .map(|name| parse_device(name))
-                .collect::<Result<Vec<_>>>()?;
-            let group = LocalGroup::new(ranks.len());
-            std::thread::scope(|s| {
-                let others: Vec<_> = rank_devices
-                    .iter()
-                    .enumerate()
-                    .map(|(i, dev)| {
-                        let (group, cfg, train_tokens) = (&group, &cfg, &train_tokens);
-                        let (dir, db, images) = (&dir, &self.db, &ds.train);
-                        s.spawn(move || -> Result<()> {
-                            let rank = group.rank(i + 1);
-                            let varmap = VarMap::new();
-                            let vb = seeded_var_builder(&varmap, run.seed, DType::F32, dev);
-                            let generator = Generator::new(cfg, vb)?;
-                            train_generator(
-                                db,
-                                run_id,
-                                &generator,
-                                &varmap,
-                                train_tokens,
-                                images,
-                                run,
-                                tokenizer,
-                                dev,
-                                dir,
-                                true,
-                                &rank,
-                                &mut |_, _, _| Ok(()),
-                            )?;
-                            rank.finish();
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                let rank = group.rank(0);
-                let lead = train_generator(
-                    &self.db,
+        let job = TrainJob {
+            db: &self.db,
+            run_id,
+            tokens: &train_tokens,
+            train: &ds.train,
+            run,
+            tok: tokenizer,
+            dir: &dir,
+            quiet: self.quiet,
+        };
+        let ema = match run.spec.train.devices.len() {
+            0 | 1 => train_generator(&job, &generator, &varmap, &device, &Solo, &mut on_eval)?,
+            world => {
+                self.db.set_run_param(
                     run_id,
-                    &generator,
-                    &varmap,
-                    &train_tokens,
-                    &ds.train,
-                    run,
-                    tokenizer,
-                    &device,
-                    &dir,
-                    self.quiet,
-                    &rank,
-                    &mut on_eval,
-                );
-                if lead.is_ok() {
-                    rank.finish();
-                } else {
-                    drop(rank); // the other ranks stop at their next sum
-                }
-                // rank 0's error first; else the first other rank's
-                let mut failure = None;
-                for (i, h) in others.into_iter().enumerate() {
-                    let outcome = h
-                        .join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {} panicked", i + 1)));
-                    if let Err(e) = outcome {
-                        failure.get_or_insert(e);
-                    }
-                }
-                // a rank that failed on its own comes first; the others' collectives then failed
-                let collective = |e: &anyhow::Error| e.downcast_ref::<CollectiveError>().is_some();
-                match (lead, failure) {
-                    (Err(e), Some(f)) if collective(&e) => Err(f),
-                    (Err(e), _) | (Ok(_), Some(e)) => Err(e),
-                    (Ok(ema), None) => Ok(ema),
-                }
-            })?
+                    "data_parallel",
+                    &serde_json::json!({ "world_size": world, "devices": run.spec.train.devices }),
+                )?;
+                train_data_parallel(&job, &cfg, (&generator, &varmap, &device), &mut on_eval)?
+            }
         };
         let weights = dir.join("model.safetensors");
         varmap.save(&weights)?;

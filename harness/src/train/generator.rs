@@ -6,13 +6,14 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use db::Db;
 use models::fused::gaussian_noise_at;
-use models::{Generator, Rng, Shard, Tokens};
+use models::init::seeded_var_builder;
+use models::{Generator, GeneratorConfig, Rng, Shard, Tokens};
 
 use crate::data::ImageSet;
 use crate::runner::{spinner, Result};
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
-use crate::train::collective::Collective;
+use crate::train::collective::{Collective, CollectiveError, LocalGroup};
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
 
 /// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
@@ -165,28 +166,43 @@ impl<'a> TrainTokens<'a> {
 /// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
 pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
 
+/// What stage 2 trains on and where it records: the same for every data-parallel rank.
+pub struct TrainJob<'a> {
+    pub db: &'a Db,
+    pub run_id: i64,
+    pub tokens: &'a TrainTokens<'a>,
+    pub train: &'a ImageSet,
+    pub run: &'a PlannedRun,
+    pub tok: &'a Tokenizer,
+    /// where checkpoints go (the training identity's folder)
+    pub dir: &'a Path,
+    pub quiet: bool,
+}
+
 /// Stage 2: train the generator, resuming from its checkpoint when there is one.
 ///
 /// This is one rank of `ranks` (see [`crate::train::collective`]): it computes its share of every
 /// batch, and the ranks sum their losses and gradients before the step. Rank 0 alone writes
 /// metrics and checkpoints and evaluates; one rank alone ([`Solo`](crate::train::collective::Solo))
 /// is the whole training.
-#[allow(clippy::too_many_arguments)]
 pub fn train_generator(
-    db: &Db,
-    run_id: i64,
+    job: &TrainJob,
     generator: &Generator,
     varmap: &VarMap,
-    tokens: &TrainTokens,
-    train: &ImageSet,
-    run: &PlannedRun,
-    tok: &Tokenizer,
     device: &Device,
-    dir: &Path,
-    quiet: bool,
     ranks: &dyn Collective,
     on_eval: &mut EvalHook,
 ) -> Result<Option<Ema>> {
+    let TrainJob {
+        db,
+        run_id,
+        tokens,
+        train,
+        run,
+        tok,
+        dir,
+        quiet,
+    } = *job;
     let t = &run.spec.train;
     let eval_every = run.spec.eval.every;
     let lead = ranks.rank() == 0;
@@ -313,6 +329,71 @@ pub fn train_generator(
     writer.flush()?;
     pb.finish_and_clear();
     Ok(ema)
+}
+
+/// Stage 2 over the data-parallel ranks of `train.devices`: rank 0 trains `model` (the
+/// generator, its variables and their device) here, with `on_eval`; each other rank trains its
+/// own copy, built from `cfg` and the run's seed on its device, on a thread. A rank that fails
+/// stops the others at their next sum; its error is returned.
+pub fn train_data_parallel(
+    job: &TrainJob,
+    cfg: &GeneratorConfig,
+    (generator, varmap, device): (&Generator, &VarMap, &Device),
+    on_eval: &mut EvalHook,
+) -> Result<Option<Ema>> {
+    let names = &job.run.spec.train.devices;
+    let devices = names[1..]
+        .iter()
+        .map(|name| crate::device::parse_device(name))
+        .collect::<Result<Vec<_>>>()?;
+    let group = LocalGroup::new(names.len());
+    std::thread::scope(|s| {
+        let others: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(i, dev)| {
+                let group = &group;
+                s.spawn(move || -> Result<()> {
+                    let rank = group.rank(i + 1);
+                    let varmap = VarMap::new();
+                    let vb = seeded_var_builder(&varmap, job.run.seed, DType::F32, dev);
+                    let generator = Generator::new(cfg, vb)?;
+                    let quiet = TrainJob {
+                        quiet: true,
+                        ..*job
+                    };
+                    train_generator(&quiet, &generator, &varmap, dev, &rank, &mut |_, _, _| {
+                        Ok(())
+                    })?;
+                    rank.finish();
+                    Ok(())
+                })
+            })
+            .collect();
+        let rank = group.rank(0);
+        let lead = train_generator(job, generator, varmap, device, &rank, on_eval);
+        if lead.is_ok() {
+            rank.finish();
+        } else {
+            drop(rank); // the other ranks stop at their next sum
+        }
+        let mut failure = None;
+        for (i, h) in others.into_iter().enumerate() {
+            let outcome = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {} panicked", i + 1)));
+            if let Err(e) = outcome {
+                failure.get_or_insert(e);
+            }
+        }
+        // a rank that failed on its own comes first; the others' sums then failed
+        let collective = |e: &anyhow::Error| e.downcast_ref::<CollectiveError>().is_some();
+        match (lead, failure) {
+            (Err(e), Some(f)) if collective(&e) => Err(f),
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(ema), None) => Ok(ema),
+        }
+    })
 }
 
 /// Replaces each variable's gradient with its sum over the ranks (a variable without one counts
