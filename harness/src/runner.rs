@@ -184,10 +184,14 @@ impl Runner {
         wait: bool,
     ) -> Result<Option<RunOutcome>> {
         let started = Instant::now();
-        let device_name = self
-            .device_override
-            .clone()
-            .unwrap_or_else(|| run.spec.device.clone());
+        // train.devices names every data-parallel rank's device, rank 0's first
+        let device_name = match run.spec.train.devices.first() {
+            Some(first) => first.clone(),
+            None => self
+                .device_override
+                .clone()
+                .unwrap_or_else(|| run.spec.device.clone()),
+        };
         // the data's content is part of a run's identity: read it before looking the run up, so
         // that changed files under the same path are a new run and unreadable ones an error
         let data_fingerprint = self.dataset(&run.spec)?.fingerprint.clone();
