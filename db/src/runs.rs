@@ -64,6 +64,18 @@ impl Db {
     /// (at the next position in that experiment, counting from 0) unless it already is.
     /// [`Error::Invalid`] for an unknown `kind`, [`Error::NotFound`] for an unknown experiment.
     pub fn create_run(&self, experiment_id: i64, run: &NewRun) -> Result<i64> {
+        self.create_run_in(experiment_id, None, run)
+    }
+
+    /// [`Db::create_run`], linking the run to version `version` of the experiment (the latest
+    /// when `None`): a process that planned version 1 keeps linking its runs to version 1 while
+    /// another process, started on a changed spec, has made version 2.
+    pub fn create_run_in(
+        &self,
+        experiment_id: i64,
+        version: Option<i64>,
+        run: &NewRun,
+    ) -> Result<i64> {
         if !RUN_KINDS.contains(&run.kind) {
             return Err(Error::Invalid(format!(
                 "run kind: expected one of {}; found '{}'",
@@ -111,19 +123,20 @@ impl Db {
                     .await?
                 }
             };
-            // linked to the experiment's latest version (Db::experiment_version made it current)
+            // linked to the version asked for, else the latest (Db::experiment_version made it)
             sqlx::query(
                 "INSERT INTO experiment_runs (experiment_id, version, run_id, position)
                  SELECT $1, v.version, $2,
                         (SELECT COALESCE(MAX(position) + 1, 0) FROM experiment_runs
                          WHERE experiment_id = $1 AND version = v.version)
-                 FROM (SELECT COALESCE(MAX(version), 1) AS version FROM experiment_versions
+                 FROM (SELECT COALESCE($3, MAX(version), 1) AS version FROM experiment_versions
                        WHERE experiment_id = $1) v
                  WHERE true
                  ON CONFLICT DO NOTHING",
             )
             .bind(experiment_id)
             .bind(run_id)
+            .bind(version)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

@@ -1156,3 +1156,29 @@ fn a_read_only_database_reads_and_refuses_writes() {
         Err(Error::NotFound(_))
     ));
 }
+
+/// A process that planned version 1 links its runs to version 1 even after another process made
+/// version 2 (two configurations under one name, run at once).
+#[test]
+fn runs_link_to_the_version_their_process_planned() {
+    let (_dir, _path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "a = 1").expect("exp");
+    assert_eq!(db.experiment_version(e, "c1", "a = 1").expect("v1"), 1);
+    assert_eq!(db.experiment_version(e, "c2", "a = 2").expect("v2"), 2);
+    let params = json!({});
+    let late = db
+        .create_run_in(e, Some(1), &new_run("late-v1", None, 0, &params))
+        .expect("run");
+    let latest = db
+        .create_run(e, &new_run("v2", None, 0, &params))
+        .expect("run");
+    let ids = |v| -> Vec<i64> {
+        db.list_version_runs("e", Some(v))
+            .expect("runs")
+            .iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert_eq!(ids(1), vec![late]);
+    assert_eq!(ids(2), vec![latest]);
+}

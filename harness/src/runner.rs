@@ -50,6 +50,14 @@ pub fn describe(e: &anyhow::Error) -> String {
     out
 }
 
+/// The experiment version this process planned: its runs link to it, whatever version another
+/// process sharing the name makes meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct ExperimentVersion {
+    id: i64,
+    version: i64,
+}
+
 /// What happened to each planned run.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -143,6 +151,7 @@ impl Runner {
         let version = self
             .db
             .experiment_version(exp, &config_hash, &loaded.source)?;
+        let exp = ExperimentVersion { id: exp, version };
         if version > 1 {
             self.say(format!(
                 "experiment '{}': version {version} (its configuration differs from version {}; \
@@ -178,7 +187,7 @@ impl Runner {
     /// then finds the run finished, or runs it.
     fn attempt(
         &mut self,
-        exp: i64,
+        exp: ExperimentVersion,
         (i, total): (usize, usize),
         run: &PlannedRun,
         wait: bool,
@@ -198,8 +207,9 @@ impl Runner {
         let hash = run.hash(&data_fingerprint);
         let params = serde_json::to_value(&run.spec)?;
         let name = format!("{} · {} · seed {}", run.cell, run.arm.as_str(), run.seed);
-        let run_id = self.db.create_run(
-            exp,
+        let run_id = self.db.create_run_in(
+            exp.id,
+            Some(exp.version),
             &NewRun {
                 hash: &hash,
                 kind: "generator",
@@ -318,7 +328,7 @@ impl Runner {
     /// Stage 1a: the tokenizer for this run's arm, fitted once per (data, tokenizer, seed).
     fn tokenizer(
         &mut self,
-        exp: i64,
+        exp: ExperimentVersion,
         run: &PlannedRun,
         ds: &Dataset,
         fnet: &EvalNet,
@@ -331,8 +341,9 @@ impl Runner {
         // recorded (or linked to this experiment) whether or not it is fitted now
         let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
         let device_name = device_label(device);
-        let id = self.db.create_run(
-            exp,
+        let id = self.db.create_run_in(
+            exp.id,
+            Some(exp.version),
             &self.stage_run(&hash, "tokenizer", &name, seed, &config, &device_name),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
@@ -446,7 +457,7 @@ impl Runner {
     /// statistics of the held-out split.
     fn feature_net(
         &mut self,
-        exp: i64,
+        exp: ExperimentVersion,
         spec: &Spec,
         ds: &Dataset,
         device: &Device,
@@ -499,7 +510,7 @@ impl Runner {
 
     fn classifier_net(
         &mut self,
-        exp: i64,
+        exp: ExperimentVersion,
         spec: &Spec,
         ds: &Dataset,
         device: &Device,
@@ -508,8 +519,9 @@ impl Runner {
         let hash = identity::content_hash(&config);
         let name = format!("feature net ({})", ds.name);
         let device_name = device_label(device);
-        let id = self.db.create_run(
-            exp,
+        let id = self.db.create_run_in(
+            exp.id,
+            Some(exp.version),
             &self.stage_run(
                 &hash,
                 "classifier",
@@ -558,7 +570,7 @@ impl Runner {
     /// Stages 1–3 of one generator run; returns (FID, IS).
     fn execute(
         &mut self,
-        exp: i64,
+        exp: ExperimentVersion,
         run_id: i64,
         hash: &str,
         run: &PlannedRun,
