@@ -222,7 +222,8 @@ pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<Loaded
             None => at(offset, e.message().to_string()),
         }
     };
-    let base: Spec = toml::from_str(source).map_err(syntax)?;
+    // typed once as written, so that a wrong type is located in the file
+    toml::from_str::<Spec>(source).map_err(syntax)?;
     let mut table: toml::Table = toml::from_str(source).map_err(syntax)?;
     // 2. command-line overrides
     for o in overrides {
@@ -329,7 +330,8 @@ pub fn load_str(name: &str, source: &str, overrides: &[String]) -> Result<Loaded
     Ok(LoadedSpec {
         path: PathBuf::from(name),
         source: source.to_string(),
-        base,
+        // as the overrides left it (`--set name=…` names the experiment), grid included
+        base: resolved,
         cells: out,
     })
 }

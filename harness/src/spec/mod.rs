@@ -757,6 +757,21 @@ diffusion = { tokenizer = "px" }
 "train.steps" = [10, 20]
 "#;
 
+    /// Overrides reach the base spec too: `--set name=…` names the experiment (it was read
+    /// from the file alone, so the override was silently ignored).
+    #[test]
+    fn overrides_reach_the_base_spec() {
+        let l = load_str(
+            "t.toml",
+            MINI,
+            &["name=\"other\"".into(), "seeds=[5]".into()],
+        )
+        .expect("loads");
+        assert_eq!(l.base.name, "other");
+        assert_eq!(l.base.seeds, vec![5]);
+        assert!(l.cells.iter().all(|c| c.spec.name == "other"));
+    }
+
     #[test]
     fn grid_expands_to_cells_arms_and_seeds() {
         let l = load_str("mini.toml", MINI, &[]).expect("valid");
