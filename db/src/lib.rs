@@ -79,6 +79,8 @@ pub struct Db {
     root: PathBuf,
     /// The Postgres URL (with its password), for the advisory locks' own connections.
     url: Option<String>,
+    /// Opened with [`Db::open_read_only`]: every write fails.
+    read_only: bool,
 }
 
 impl Db {
@@ -145,11 +147,9 @@ impl Db {
             rt,
             backend: Backend::Sqlite,
             location: format!("{} (read-only)", path.display()),
-            root: match path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            },
+            root: folder_of(path),
             url: None,
+            read_only: true,
         })
     }
 
@@ -195,12 +195,18 @@ impl Db {
             location: redact(url),
             root: root.to_path_buf(),
             url: Some(url.to_owned()),
+            read_only: false,
         })
     }
 
     /// Where this handle is connected: the SQLite file, or the Postgres URL without its password.
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// Whether this handle was opened with [`Db::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Which server holds this database.
@@ -263,17 +269,14 @@ impl Db {
                 Ok(pool) => break pool,
             }
         };
-        let root = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         Ok(Db {
             pool,
             rt,
             backend: Backend::Sqlite,
             location: path.display().to_string(),
-            root,
+            root: folder_of(path),
             url: None,
+            read_only: false,
         })
     }
 
@@ -456,6 +459,14 @@ impl Drop for Db {
         if tokio::runtime::Handle::try_current().is_err() {
             self.rt.block_on(self.pool.close());
         }
+    }
+}
+
+/// The folder holding the file at `path` (`.` for a bare file name): a SQLite database's root.
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 

@@ -548,7 +548,7 @@ fn open_db_to_read(layout: &Layout) -> anyhow::Result<Db> {
     let db = layout
         .open_db_to_read()
         .with_context(|| format!("opening the tracking database {}", layout.db_location()))?;
-    if db.location().ends_with("(read-only)") {
+    if db.is_read_only() {
         eprintln!(
             "note: {} cannot be written here; it is opened read-only",
             layout.db_location()

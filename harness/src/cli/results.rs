@@ -14,7 +14,7 @@ pub(super) fn report(layout: &Layout, args: ReportArgs) -> anyhow::Result<i32> {
     let formats: Vec<reports::Format> = format.into_iter().map(Into::into).collect();
     let r = reports::write_report_version(&db, &experiment, version, &out, &formats).with_context(
         || {
-            let hint = match db.location().ends_with("(read-only)") {
+            let hint = match db.is_read_only() {
                 true => {
                     " (this root cannot be written here: --out DIR writes the report elsewhere)"
                 }
