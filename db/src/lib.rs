@@ -335,6 +335,29 @@ impl Db {
         }
     }
 
+    /// SQLite's `PRAGMA integrity_check` over the whole file: empty when it answers "ok",
+    /// otherwise each problem it lists. [`Error::Invalid`] on Postgres, which checks its own
+    /// storage.
+    pub fn integrity_check(&self) -> Result<Vec<String>> {
+        if self.backend != Backend::Sqlite {
+            return Err(Error::Invalid(
+                "integrity_check is SQLite's; a Postgres server checks its own storage".into(),
+            ));
+        }
+        let lines: Vec<String> = self.block_on(async {
+            sqlx::query_scalar("PRAGMA integrity_check")
+                .fetch_all(self.pool())
+                .await
+        })?;
+        // one row per problem, or (as sqlx returns it here) one row of newline-separated lines
+        Ok(lines
+            .iter()
+            .flat_map(|l| l.lines())
+            .filter(|l| *l != "ok" && !l.starts_with("*** in database"))
+            .map(str::to_string)
+            .collect())
+    }
+
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -1182,3 +1182,33 @@ fn runs_link_to_the_version_their_process_planned() {
     assert_eq!(ids(1), vec![late]);
     assert_eq!(ids(2), vec![latest]);
 }
+
+/// `integrity_check` is empty for a sound file and names the damage in one whose last pages
+/// were overwritten.
+#[test]
+fn integrity_check_finds_damaged_pages() {
+    let (_dir, path, db) = temp_db();
+    let e = db.upsert_experiment("e", "e.toml", "a = 1").expect("exp");
+    let params = json!({});
+    let run = db
+        .create_run(e, &new_run("h", None, 0, &params))
+        .expect("run");
+    let points: Vec<_> = (0..4000).map(|i| point("loss", i, 0.5)).collect();
+    db.insert_metrics(run, &points).expect("metrics");
+    assert_eq!(db.integrity_check().expect("check"), Vec::<String>::new());
+    drop(db);
+
+    // overwrite the second half of the last pages (the metric rows written last)
+    let mut bytes = std::fs::read(&path).expect("read");
+    assert!(bytes.len() > 8 * 4096, "{} bytes", bytes.len());
+    for page in (bytes.len() - 3 * 4096..bytes.len()).step_by(4096) {
+        bytes[page + 2048..page + 4096].fill(0xA5);
+    }
+    std::fs::write(&path, bytes).expect("write");
+    let db = Db::open_existing(&path).expect("open");
+    let problems = db.integrity_check().expect("check");
+    assert!(
+        problems.iter().any(|p| p.starts_with("Tree ")),
+        "{problems:?}"
+    );
+}

@@ -581,3 +581,109 @@ fn killed_at_twenty_points_resumes_to_the_same_weights() {
         );
     }
 }
+
+/// The last line a killed process printed: where the kill landed.
+fn last_line(out: &std::process::Output) -> String {
+    let text = format!("{}{}", ablate_tests::stdout(out), stderr(out));
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(nothing printed yet)")
+        .trim()
+        .to_string()
+}
+
+/// SIGKILL at 20 moments spread over a whole `ablate run` of both generators (feature net,
+/// tokenizer fits, training, sampling, evaluation, the report), rerunning the same command
+/// after each: the end is the uninterrupted run's. Every run finishes with the clean
+/// run's weights and each loss point logged once, the evaluations are the clean run's, the
+/// database passes SQLite's integrity check and the report is written.
+#[test]
+fn killed_at_twenty_moments_across_the_stages_ends_like_an_uninterrupted_run() {
+    const KILLS: usize = 20;
+    const STEPS: i64 = 600;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = dir.path().join("clean");
+    let killed = dir.path().join("killed");
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--set",
+        "train.steps=600",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        "sample.count=10",
+    ];
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // kill after 60–1380 ms, the delays in a shuffled order; each rerun resumes where the last
+    // one stopped, so the kills move through the stages. Once a rerun has finished by itself
+    // (all runs done: it only plans and writes the report), the delays fall within its length.
+    let mut landed: Vec<(u64, String)> = Vec::new();
+    let mut whole_rerun_ms: Option<u64> = None;
+    let mut attempts = 0u64;
+    while landed.len() < KILLS {
+        attempts += 1;
+        assert!(attempts < 200, "only {} kills landed", landed.len());
+        let mut delay = 60 + 120 * ((attempts * 5) % 12);
+        if let Some(whole) = whole_rerun_ms {
+            delay = 5 + delay % whole.max(1);
+        }
+        let mut child = ablate_tests::spawn_ablate(&killed, &args);
+        let started = std::time::Instant::now();
+        let mut alive = true;
+        while alive && started.elapsed() < Duration::from_millis(delay) {
+            alive = child.try_wait().expect("try_wait").is_none();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if alive {
+            child.kill().expect("SIGKILL");
+        }
+        let out = child.wait_with_output().expect("wait");
+        if alive {
+            landed.push((delay, last_line(&out)));
+        } else {
+            assert!(out.status.success(), "{}", stderr(&out));
+            if stderr(&out).contains("4 finished (4 earlier)") {
+                whole_rerun_ms = Some(started.elapsed().as_millis() as u64);
+            }
+        }
+    }
+    let out = ablate(&killed, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (i, (delay, at)) in landed.iter().enumerate() {
+        eprintln!("kill {:2} after {delay:3} ms, last line: {at}", i + 1);
+    }
+
+    let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
+    let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
+    assert_eq!(
+        db.integrity_check().expect("integrity"),
+        Vec::<String>::new()
+    );
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    assert!(runs.iter().all(|r| r.status == "finished"), "{runs:?}");
+    let generators = generator_runs(&db);
+    assert_eq!(generators.len(), 4);
+    for r in &generators {
+        let worst = assert_resumed_like_clean(&db, &clean_db, r, STEPS);
+        let clean_run = clean_db.run_by_hash(&r.hash).expect("query").expect("run");
+        let evals = |db: &Db, id| -> Vec<(i64, String, String, String, f64)> {
+            db.evals_for_run(id)
+                .expect("evals")
+                .into_iter()
+                .map(|e| (e.step, e.metric, e.feature_net, e.settings, e.value))
+                .collect()
+        };
+        assert_eq!(
+            evals(&db, r.id),
+            evals(&clean_db, clean_run.id),
+            "{}",
+            r.name
+        );
+        eprintln!("{}: max |Δw| = {worst:e}, evals equal", r.name);
+    }
+    assert!(killed.join("reports/tiny/report.md").exists());
+}
