@@ -44,7 +44,7 @@ impl Db {
             .fetch_all(self.pool())
             .await
         })?;
-        Ok(rows.into_iter().map(EvalRecord::from).collect())
+        rows.into_iter().map(EvalRecord::try_from).collect()
     }
 
     /// The evaluations of every run of `experiment`, ordered by the run's position, seed,
@@ -79,7 +79,7 @@ impl Db {
                 .await?,
             )
         })?;
-        Ok(rows.into_iter().map(EvalRecord::from).collect())
+        rows.into_iter().map(EvalRecord::try_from).collect()
     }
 
     /// Records an artifact of run `run_id`; one with the same kind and path is replaced

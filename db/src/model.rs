@@ -6,7 +6,8 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 
 /// Lifecycle of a run. Stored as lower-case text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunStatus {
     Queued,
     Running,
@@ -58,16 +59,59 @@ impl FromStr for RunStatus {
     }
 }
 
-/// The kinds of run the `runs.kind` column accepts.
-pub const RUN_KINDS: [&str; 3] = ["tokenizer", "classifier", "generator"];
+/// What a run trains. Stored as lower-case text in `runs.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// An autoencoder or k-means tokenizer fit (stage 1).
+    Tokenizer,
+    /// The feature net FID and IS are computed with, when it is trained here.
+    Classifier,
+    /// An AR or MAR generator (stage 2), with its samples and evaluations.
+    Generator,
+}
+
+impl RunKind {
+    /// Every kind.
+    pub const ALL: [RunKind; 3] = [RunKind::Tokenizer, RunKind::Classifier, RunKind::Generator];
+
+    /// The text stored in `runs.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Tokenizer => "tokenizer",
+            RunKind::Classifier => "classifier",
+            RunKind::Generator => "generator",
+        }
+    }
+}
+
+impl fmt::Display for RunKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        RunKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "run kind: expected one of tokenizer, classifier, generator; found '{s}'"
+                ))
+            })
+    }
+}
 
 /// A run to register (see [`crate::Db::create_run`]).
 #[derive(Debug, Clone)]
 pub struct NewRun<'a> {
     /// Content hash of the resolved configuration; the run's identity.
     pub hash: &'a str,
-    /// One of [`RUN_KINDS`].
-    pub kind: &'a str,
+    pub kind: RunKind,
     pub name: &'a str,
     pub cell: &'a str,
     pub arm: Option<&'a str>,
@@ -86,13 +130,13 @@ pub struct NewRun<'a> {
 pub struct RunRow {
     pub id: i64,
     pub hash: String,
-    pub kind: String,
+    pub kind: RunKind,
     pub name: String,
     pub cell: String,
     pub arm: Option<String>,
     pub seed: i64,
     pub params: serde_json::Value,
-    pub status: String,
+    pub status: RunStatus,
     pub stage: Option<String>,
     pub created_at: String,
     pub started_at: Option<String>,
@@ -104,13 +148,6 @@ pub struct RunRow {
     pub version: String,
     pub pid: Option<i64>,
     pub error: Option<String>,
-}
-
-impl RunRow {
-    /// `status` parsed; an error only if the row holds text the schema's CHECK would reject.
-    pub fn run_status(&self) -> Result<RunStatus> {
-        self.status.parse()
-    }
 }
 
 /// One experiment with its run counts.
@@ -171,7 +208,7 @@ pub struct NewEval<'a> {
 pub struct EvalRecord {
     pub run_id: i64,
     pub run_name: String,
-    pub kind: String,
+    pub kind: RunKind,
     pub cell: String,
     pub arm: Option<String>,
     pub seed: i64,
@@ -232,12 +269,12 @@ impl TryFrom<RunRaw> for RunRow {
             params: serde_json::from_str(&r.params)?,
             id: r.id,
             hash: r.hash,
-            kind: r.kind,
+            kind: r.kind.parse()?,
             name: r.name,
             cell: r.cell,
             arm: r.arm,
             seed: r.seed,
-            status: r.status,
+            status: r.status.parse()?,
             stage: r.stage,
             created_at: r.created_at,
             started_at: r.started_at,
@@ -299,12 +336,14 @@ pub(crate) struct EvalRecordRaw {
     position: i64,
 }
 
-impl From<EvalRecordRaw> for EvalRecord {
-    fn from(r: EvalRecordRaw) -> EvalRecord {
-        EvalRecord {
+impl TryFrom<EvalRecordRaw> for EvalRecord {
+    type Error = Error;
+
+    fn try_from(r: EvalRecordRaw) -> Result<EvalRecord> {
+        Ok(EvalRecord {
             run_id: r.run_id,
             run_name: r.run_name,
-            kind: r.kind,
+            kind: r.kind.parse()?,
             cell: r.cell,
             arm: r.arm,
             seed: r.seed,
@@ -315,7 +354,7 @@ impl From<EvalRecordRaw> for EvalRecord {
             feature_net: r.feature_net,
             settings: r.settings,
             position: r.position,
-        }
+        })
     }
 }
 

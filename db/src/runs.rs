@@ -1,6 +1,6 @@
 //! Runs: registration, lifecycle and listing.
 
-use crate::model::{canonical_json, RunRaw, RUN_KINDS};
+use crate::model::{canonical_json, RunRaw};
 use crate::{Db, Error, NewRun, Result, RunRow};
 
 /// The `runs` columns in [`RunRaw`] order, for a table aliased `r`.
@@ -76,13 +76,6 @@ impl Db {
         version: Option<i64>,
         run: &NewRun,
     ) -> Result<i64> {
-        if !RUN_KINDS.contains(&run.kind) {
-            return Err(Error::Invalid(format!(
-                "run kind: expected one of {}; found '{}'",
-                RUN_KINDS.join(", "),
-                run.kind
-            )));
-        }
         let params = canonical_json(run.params);
         self.block_on(async {
             let mut tx = self.write_tx().await?;
@@ -108,7 +101,7 @@ impl Db {
                          RETURNING id",
                     )
                     .bind(run.hash)
-                    .bind(run.kind)
+                    .bind(run.kind.as_str())
                     .bind(run.name)
                     .bind(run.cell)
                     .bind(run.arm)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Barrier};
 
 use serde_json::json;
 
-use crate::{Db, Error, MetricPoint, NewEval, NewRun, RunStatus};
+use crate::{Db, Error, MetricPoint, NewEval, NewRun, RunKind, RunStatus};
 
 fn temp_db() -> (tempfile::TempDir, PathBuf, Db) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -67,7 +67,7 @@ fn new_run<'a>(
 ) -> NewRun<'a> {
     NewRun {
         hash,
-        kind: "generator",
+        kind: RunKind::Generator,
         name: hash,
         cell: "ar-raster",
         arm,
@@ -186,7 +186,7 @@ fn create_run_is_idempotent_and_links_second_experiment(db: &Db) {
     let e2 = db.upsert_experiment("two", "two.toml", "").expect("e2");
     let params = json!({"z": 1, "a": {"y": [1, 2], "b": true}});
     let mut tok = new_run("tok-hash", None, 0, &params);
-    tok.kind = "tokenizer";
+    tok.kind = RunKind::Tokenizer;
     let t1 = db.create_run(e1, &tok).expect("create");
     let g1 = db
         .create_run(e1, &new_run("gen-1", Some("diffusion"), 7, &params))
@@ -208,8 +208,7 @@ fn create_run_is_idempotent_and_links_second_experiment(db: &Db) {
         (row.name.as_str(), row.host.as_str(), row.kind.as_str()),
         ("tok-hash", "hostA", "tokenizer")
     );
-    assert_eq!(row.status, "queued");
-    assert_eq!(row.run_status().expect("status"), RunStatus::Queued);
+    assert_eq!(row.status, RunStatus::Queued);
     assert_eq!(row.params, params);
     assert_eq!(row.git_commit.as_deref(), Some("abc123"));
     assert!(!row.git_dirty);
@@ -265,9 +264,14 @@ fn create_run_is_idempotent_and_links_second_experiment(db: &Db) {
         db.list_runs(Some("missing")),
         Err(Error::NotFound(_))
     ));
-    let mut bad = new_run("bad", None, 0, &params);
-    bad.kind = "decoder";
-    assert!(matches!(db.create_run(e1, &bad), Err(Error::Invalid(_))));
+    assert!(matches!(
+        "decoder".parse::<RunKind>(),
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(
+        "tokenizer".parse::<RunKind>().ok(),
+        Some(RunKind::Tokenizer)
+    );
     assert!(matches!(
         db.create_run(424242, &new_run("x", None, 0, &params)),
         Err(Error::NotFound(_))
@@ -325,7 +329,10 @@ fn run_lifecycle(db: &Db) {
     assert!(r.ended_at.is_some());
     // A finished run is never turned into an interrupted one.
     db.mark_interrupted(id).expect("mark");
-    assert_eq!(db.run(id).expect("run").expect("exists").status, "finished");
+    assert_eq!(
+        db.run(id).expect("run").expect("exists").status,
+        RunStatus::Finished
+    );
     assert_eq!(db.list_experiments().expect("list")[0].finished, 1);
 
     assert!(matches!(db.set_stage(777, "x"), Err(Error::NotFound(_))));
@@ -339,7 +346,7 @@ fn run_lifecycle(db: &Db) {
     db.mark_interrupted(q).expect("mark");
     assert_eq!(
         db.run(q).expect("run").expect("exists").status,
-        "interrupted"
+        RunStatus::Interrupted
     );
 
     for s in ["queued", "running", "finished", "failed", "interrupted"] {
@@ -387,11 +394,11 @@ fn reap_dead_runs_marks_only_dead_on_this_host(db: &Db) {
     let reaped = db.reap_dead_runs("hostA", &|pid| pid == 100).expect("reap");
     assert_eq!(reaped, 2);
     let status = |id| db.run(id).expect("run").expect("exists").status;
-    assert_eq!(status(alive), "running");
-    assert_eq!(status(dead), "interrupted");
-    assert_eq!(status(no_pid), "interrupted");
-    assert_eq!(status(other_host), "running");
-    assert_eq!(status(queued), "queued");
+    assert_eq!(status(alive), RunStatus::Running);
+    assert_eq!(status(dead), RunStatus::Interrupted);
+    assert_eq!(status(no_pid), RunStatus::Interrupted);
+    assert_eq!(status(other_host), RunStatus::Running);
+    assert_eq!(status(queued), RunStatus::Queued);
     assert!(db
         .run(dead)
         .expect("run")

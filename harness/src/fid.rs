@@ -93,7 +93,7 @@ fn classifier_checkpoint(layout: &Layout, run: &str) -> Result<PathBuf> {
             let row = db
                 .run(id)?
                 .ok_or_else(|| UsageError(format!("--feature-net: no run {id}")))?;
-            if row.kind != "classifier" {
+            if row.kind != db::RunKind::Classifier {
                 return Err(UsageError(format!(
                     "--feature-net: run {id} is a {} run, not a feature-net (classifier) run",
                     row.kind

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use db::{Db, MetricPoint, NewRun};
+use db::{Db, MetricPoint, NewRun, RunKind, RunStatus};
 use indicatif::{ProgressBar, ProgressStyle};
 use models::diffusion::Schedule;
 use models::init::seeded_var_builder;
@@ -65,7 +65,7 @@ pub struct RunOutcome {
     pub cell: String,
     pub arm: Arm,
     pub seed: u64,
-    pub status: String,
+    pub status: RunStatus,
     pub cached: bool,
     pub fid: Option<f64>,
     pub is: Option<f64>,
@@ -212,7 +212,7 @@ impl Runner {
             Some(exp.version),
             &NewRun {
                 hash: &hash,
-                kind: "generator",
+                kind: RunKind::Generator,
                 name: &name,
                 cell: &run.cell,
                 arm: Some(run.arm.as_str()),
@@ -230,7 +230,7 @@ impl Runner {
             cell: run.cell.clone(),
             arm: run.arm,
             seed: run.seed,
-            status: String::new(),
+            status: RunStatus::Queued,
             cached: false,
             fid: None,
             is: None,
@@ -251,7 +251,7 @@ impl Runner {
         // a process sharing this spec tried it while this one was running, and it failed: report
         // that rather than fail it a second time (a later `ablate run` retries it)
         if let Some(row) = self.db.run(run_id)? {
-            let failed_meanwhile = row.status == "failed"
+            let failed_meanwhile = row.status == RunStatus::Failed
                 && !self.since.is_empty()
                 && row
                     .ended_at
@@ -263,7 +263,7 @@ impl Runner {
                     "[{}/{total}] {name}: failed in another process: {error}",
                     i + 1
                 ));
-                outcome.status = "failed".into();
+                outcome.status = RunStatus::Failed;
                 outcome.error = Some(error);
                 return Ok(Some(outcome));
             }
@@ -275,7 +275,7 @@ impl Runner {
                 values.map(|e| e.value).next_back()
             };
             (outcome.fid, outcome.is) = (last("fid"), last("is"));
-            outcome.status = "finished".into();
+            outcome.status = RunStatus::Finished;
             outcome.cached = true;
             self.say(format!(
                 "[{}/{total}] {name}: finished earlier (run {run_id}), skipped",
@@ -288,7 +288,7 @@ impl Runner {
         match self.execute(exp, run_id, &hash, run, &device_name) {
             Ok((fid, is)) => {
                 self.db.finish_run(run_id)?;
-                outcome.status = "finished".into();
+                outcome.status = RunStatus::Finished;
                 outcome.fid = Some(fid);
                 outcome.is = Some(is);
                 self.say(format!(
@@ -307,7 +307,7 @@ impl Runner {
                 let msg = describe(&e);
                 self.db.fail_run(run_id, &msg)?;
                 self.say(format!("    failed: {msg}"));
-                outcome.status = "failed".into();
+                outcome.status = RunStatus::Failed;
                 outcome.error = Some(msg);
             }
         }
@@ -344,7 +344,14 @@ impl Runner {
         let id = self.db.create_run_in(
             exp.id,
             Some(exp.version),
-            &self.stage_run(&hash, "tokenizer", &name, seed, &config, &device_name),
+            &self.stage_run(
+                &hash,
+                RunKind::Tokenizer,
+                &name,
+                seed,
+                &config,
+                &device_name,
+            ),
         )?;
         if let Some(t) = self.tokenizers.get(&hash) {
             return Ok(t.clone());
@@ -423,7 +430,7 @@ impl Runner {
         Ok(self
             .db
             .run(run_id)?
-            .map(|r| r.status == "finished")
+            .map(|r| r.status == RunStatus::Finished)
             .unwrap_or(false))
     }
 
@@ -431,7 +438,7 @@ impl Runner {
     fn stage_run<'a>(
         &'a self,
         hash: &'a str,
-        kind: &'a str,
+        kind: RunKind,
         name: &'a str,
         seed: u64,
         params: &'a serde_json::Value,
@@ -524,7 +531,7 @@ impl Runner {
             Some(exp.version),
             &self.stage_run(
                 &hash,
-                "classifier",
+                RunKind::Classifier,
                 &name,
                 spec.eval.classifier_seed,
                 &config,

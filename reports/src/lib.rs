@@ -30,14 +30,14 @@ mod tokenizers;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use db::{RunKind, RunStatus};
+
 pub use drift::{CheckReport, CheckRow, Entry, Status, Tolerance};
 
 /// Arm name of the VQ-token + softmax-head side of a pair.
 pub const ARM_CROSS_ENTROPY: &str = "cross-entropy";
 /// Arm name of the continuous-token + Diffusion Loss side of a pair.
 pub const ARM_DIFFUSION: &str = "diffusion";
-/// Run kind of generator runs (the only runs that enter the table and the plots).
-pub const KIND_GENERATOR: &str = "generator";
 /// Metric key of the training loss drawn in `loss_curves`.
 pub const LOSS_KEY: &str = "train/loss";
 /// Artifact kind of a run's sample grid.
@@ -272,7 +272,7 @@ pub fn write_report_version(
 /// The tokenizer table of an experiment, from its tokenizer runs' last reconstruction metrics.
 fn tokenizer_table(db: &db::Db, l: &Loaded) -> Result<Option<tokenizers::TokenizerTable>> {
     let mut recon = Vec::new();
-    for r in l.runs.iter().filter(|r| r.kind == "tokenizer") {
+    for r in l.runs.iter().filter(|r| r.kind == RunKind::Tokenizer) {
         let mut last: BTreeMap<String, (i64, f64)> = BTreeMap::new();
         for m in db.metrics(r.id, None)? {
             let newer = last.get(&m.key).is_none_or(|(step, _)| m.step >= *step);
@@ -287,10 +287,10 @@ fn tokenizer_table(db: &db::Db, l: &Loaded) -> Result<Option<tokenizers::Tokeniz
 
 /// Remarks on partial experiments.
 fn notes(l: &Loaded) -> Vec<String> {
-    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut by_status: BTreeMap<RunStatus, usize> = BTreeMap::new();
     for info in &l.infos {
-        if info.status != "finished" {
-            *by_status.entry(info.status.as_str()).or_default() += 1;
+        if info.status != RunStatus::Finished {
+            *by_status.entry(info.status).or_default() += 1;
         }
     }
     let mut notes = Vec::new();

@@ -3,10 +3,8 @@
 //! whatever else the grid varies), whether it samples with classifier-free guidance, and its
 //! sampling settings (the axes a sweep plot can have).
 
-use db::RunRow;
+use db::{RunKind, RunRow, RunStatus};
 use serde_json::Value;
-
-use crate::KIND_GENERATOR;
 
 /// Grid keys whose values are sampling settings; a sweep over one of them is plotted against it.
 pub(crate) const SWEEP_AXES: [SweepAxis; 4] = [
@@ -84,7 +82,7 @@ pub(crate) struct RunInfo {
     pub run_id: i64,
     pub arm: Option<String>,
     pub seed: i64,
-    pub status: String,
+    pub status: RunStatus,
     pub row: RowInfo,
     /// CFG scale (1 = no guidance).
     pub cfg: f64,
@@ -127,7 +125,7 @@ impl RunInfo {
 /// The generator runs of an experiment, in the experiment's run order.
 pub(crate) fn describe(runs: &[RunRow]) -> Vec<RunInfo> {
     runs.iter()
-        .filter(|r| r.kind == KIND_GENERATOR)
+        .filter(|r| r.kind == RunKind::Generator)
         .map(|r| {
             let p = &r.params;
             let num = |path: &[&str], default: f64| {
@@ -137,7 +135,7 @@ pub(crate) fn describe(runs: &[RunRow]) -> Vec<RunInfo> {
                 run_id: r.id,
                 arm: r.arm.clone(),
                 seed: r.seed,
-                status: r.status.clone(),
+                status: r.status,
                 row: row_info(&r.cell, p, r.arm.as_deref()),
                 cfg: num(&["sample", "cfg"], 1.0),
                 sweep: [

@@ -4,7 +4,9 @@
 
 use polars::prelude::*;
 
-use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION, KIND_GENERATOR};
+use db::RunKind;
+
+use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 
 /// The metrics of the main table, with the favourable direction of each.
 pub(crate) const FID: &str = "fid";
@@ -119,7 +121,7 @@ fn last_evals(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<LazyFrame> {
         .lazy()
         .filter(
             col("kind")
-                .eq(lit(KIND_GENERATOR))
+                .eq(lit(RunKind::Generator.as_str()))
                 .and(col("arm").is_not_null())
                 .and(table_metric),
         )
@@ -354,7 +356,7 @@ pub(crate) fn fid_over_training(evals: &DataFrame, runs: &DataFrame) -> PolarsRe
         .lazy()
         .filter(
             col("kind")
-                .eq(lit(KIND_GENERATOR))
+                .eq(lit(RunKind::Generator.as_str()))
                 .and(col("arm").is_not_null())
                 .and(col("metric").eq(lit(FID))),
         )

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use db::{Db, MetricPoint, NewEval, NewRun};
+use db::{Db, MetricPoint, NewEval, NewRun, RunKind};
 use serde_json::{json, Value};
 
 use super::*;
@@ -33,12 +33,12 @@ struct Fill<'a> {
 
 impl Fill<'_> {
     fn run(&self, cell: &str, arm: Option<&str>, seed: i64, tag: &str, params: &Value) -> i64 {
-        self.run_kind(KIND_GENERATOR, cell, arm, seed, tag, params)
+        self.run_kind(RunKind::Generator, cell, arm, seed, tag, params)
     }
 
     fn run_kind(
         &self,
-        kind: &str,
+        kind: RunKind,
         cell: &str,
         arm: Option<&str>,
         seed: i64,
@@ -182,7 +182,7 @@ fn fill(db: &Db) {
     db.start_run(running, 1, "test-host", "cpu", None, false)
         .unwrap();
 
-    let tok = f.run_kind("tokenizer", "vq", CE, 0, "", &json!({}));
+    let tok = f.run_kind(RunKind::Tokenizer, "vq", CE, 0, "", &json!({}));
     add_eval(db, tok, 10, "fid", 1000.0);
     add_loss(db, tok, |_| 100.0);
 }
@@ -743,7 +743,7 @@ fn set_values(db: &Db, cell: &str, arm: &str, metric: &str, values: &[f64]) {
     let runs = db.list_runs(Some(EXP)).unwrap();
     let mut runs: Vec<_> = runs
         .into_iter()
-        .filter(|r| r.cell == cell && r.arm.as_deref() == Some(arm) && r.kind == KIND_GENERATOR)
+        .filter(|r| r.cell == cell && r.arm.as_deref() == Some(arm) && r.kind == RunKind::Generator)
         .collect();
     runs.sort_by_key(|r| r.seed);
     assert_eq!(runs.len(), values.len());

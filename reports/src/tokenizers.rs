@@ -4,12 +4,11 @@
 //! tokenizer's seeds (reconstruction) and over the generator runs (generation), aggregated in
 //! polars.
 
-use db::{EvalRecord, RunRow};
+use db::{EvalRecord, RunKind, RunRow};
 use polars::prelude::*;
 use serde_json::Value;
 
 use crate::table::{MISSING, NONE};
-use crate::KIND_GENERATOR;
 
 /// Reconstruction metrics of a tokenizer run, and their column titles.
 const RECON: [(&str, &str); 4] = [
@@ -65,8 +64,14 @@ pub(crate) fn tokenizer_table(
     recon: &[(i64, String, f64)],
     evals: &[EvalRecord],
 ) -> PolarsResult<Option<TokenizerTable>> {
-    let generators: Vec<&RunRow> = runs.iter().filter(|r| r.kind == KIND_GENERATOR).collect();
-    let tokenizer_runs: Vec<&RunRow> = runs.iter().filter(|r| r.kind == "tokenizer").collect();
+    let generators: Vec<&RunRow> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
+    let tokenizer_runs: Vec<&RunRow> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Tokenizer)
+        .collect();
     let mut order: Vec<(String, String)> = Vec::new(); // (name, kind) in first-seen order
     let mut points = Vec::new();
     for t in &tokenizer_runs {
@@ -251,19 +256,20 @@ pub(crate) fn html(t: &TokenizerTable) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use db::RunStatus;
     use serde_json::json;
 
-    fn run(id: i64, kind: &str, name: &str, arm: Option<&str>, params: Value) -> RunRow {
+    fn run(id: i64, kind: RunKind, name: &str, arm: Option<&str>, params: Value) -> RunRow {
         RunRow {
             id,
             hash: format!("h{id}"),
-            kind: kind.into(),
+            kind,
             name: name.into(),
             cell: String::new(),
             arm: arm.map(str::to_string),
             seed: 0,
             params,
-            status: "finished".into(),
+            status: RunStatus::Finished,
             stage: None,
             created_at: String::new(),
             started_at: None,
@@ -282,7 +288,7 @@ mod tests {
         EvalRecord {
             run_id,
             run_name: String::new(),
-            kind: KIND_GENERATOR.into(),
+            kind: RunKind::Generator,
             cell: String::new(),
             arm: None,
             seed: 0,
@@ -311,23 +317,47 @@ mod tests {
         let runs = vec![
             run(
                 1,
-                "tokenizer",
+                RunKind::Tokenizer,
                 "tokenizer vq · seed 0",
                 None,
                 json!({"tokenizer": vq, "seed": 0}),
             ),
             run(
                 2,
-                "tokenizer",
+                RunKind::Tokenizer,
                 "tokenizer kl · seed 0",
                 None,
                 json!({"tokenizer": kl, "seed": 0}),
             ),
-            run(3, "generator", "g", Some("cross-entropy"), gen("mar", 1.0)),
-            run(4, "generator", "g", Some("cross-entropy"), gen("mar", 1.0)),
-            run(5, "generator", "g", Some("diffusion"), gen("mar", 1.0)),
+            run(
+                3,
+                RunKind::Generator,
+                "g",
+                Some("cross-entropy"),
+                gen("mar", 1.0),
+            ),
+            run(
+                4,
+                RunKind::Generator,
+                "g",
+                Some("cross-entropy"),
+                gen("mar", 1.0),
+            ),
+            run(
+                5,
+                RunKind::Generator,
+                "g",
+                Some("diffusion"),
+                gen("mar", 1.0),
+            ),
             // guided: not in the table
-            run(6, "generator", "g", Some("diffusion"), gen("mar", 3.0)),
+            run(
+                6,
+                RunKind::Generator,
+                "g",
+                Some("diffusion"),
+                gen("mar", 3.0),
+            ),
         ];
         let recon = vec![
             (1, "recon/rfid".to_string(), 12.0),
@@ -387,7 +417,13 @@ mod tests {
 
     #[test]
     fn no_tokenizer_metrics_no_table() {
-        let runs = vec![run(1, "generator", "g", Some("diffusion"), json!({}))];
+        let runs = vec![run(
+            1,
+            RunKind::Generator,
+            "g",
+            Some("diffusion"),
+            json!({}),
+        )];
         assert!(tokenizer_table(&runs, &[], &[]).unwrap().is_none());
     }
 }

@@ -2,6 +2,7 @@
 //! sharing each batch train the same weights (within 1e-5 after 20 steps) and log the same
 //! metrics as one rank on the whole batch, up to float rounding (their gradients are summed in
 //! another order).
+use db::RunKind;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -39,7 +40,7 @@ fn train(root: &Path, devices: Option<&str>) -> Trained {
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database");
     let mut trained = Trained::new();
     for run in db.list_runs(Some("tiny")).expect("runs") {
-        if run.kind != "generator" {
+        if run.kind != RunKind::Generator {
             continue;
         }
         let model = db

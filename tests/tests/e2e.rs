@@ -3,6 +3,7 @@
 //! files of this folder test one command or concern each (import, fid, sharing, tools, …).
 use ablate_tests::{ablate, stderr, stdout};
 use db::Db;
+use db::{RunKind, RunStatus};
 
 #[test]
 fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
@@ -19,7 +20,10 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
 
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
     assert_eq!(generators.len(), 4, "2 cells × 2 arms × 1 seed");
     // size parity: AR (depth + decoder_depth blocks) and MAR (encoder + decoder) per arm
     for arm in ["cross-entropy", "diffusion"] {
@@ -37,7 +41,7 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         );
     }
     for r in &generators {
-        assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+        assert_eq!(r.status, RunStatus::Finished, "{}: {:?}", r.name, r.error);
         assert!(r.arm.is_some());
         assert_eq!(r.params["name"], "tiny");
         // the built model, recorded beside the spec: its size and tokens per image (8 px / 4)
@@ -107,11 +111,19 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
         );
     }
     // stage-1 runs: one tokenizer per arm (shared by both cells), one feature net
-    assert_eq!(runs.iter().filter(|r| r.kind == "tokenizer").count(), 2);
-    assert_eq!(runs.iter().filter(|r| r.kind == "classifier").count(), 1);
+    assert_eq!(
+        runs.iter().filter(|r| r.kind == RunKind::Tokenizer).count(),
+        2
+    );
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.kind == RunKind::Classifier)
+            .count(),
+        1
+    );
     let classifier = runs
         .iter()
-        .find(|r| r.kind == "classifier")
+        .find(|r| r.kind == RunKind::Classifier)
         .expect("classifier run");
     let acc = db
         .metrics(classifier.id, Some("test/accuracy"))
@@ -181,11 +193,11 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
     let all = db.list_runs(Some("tiny")).expect("runs");
     let guided: Vec<_> = all
         .iter()
-        .filter(|r| r.kind == "generator" && r.params["sample"]["cfg"] == 2.0)
+        .filter(|r| r.kind == RunKind::Generator && r.params["sample"]["cfg"] == 2.0)
         .collect();
     assert_eq!(guided.len(), 4);
     for g in &guided {
-        assert_eq!(g.status, "finished");
+        assert_eq!(g.status, RunStatus::Finished);
         let twin = generators
             .iter()
             .find(|r| r.cell == g.cell && r.arm == g.arm)
@@ -449,7 +461,7 @@ fn eval_every_records_fid_over_training_and_plots_it() {
         .list_runs(Some("tiny"))
         .expect("runs")
         .iter()
-        .filter(|r| r.kind == "generator")
+        .filter(|r| r.kind == RunKind::Generator)
     {
         let fids: Vec<(i64, i64)> = db
             .evals_for_run(r.id)
@@ -488,10 +500,13 @@ fn tiny_spec_runs_in_bf16() {
     assert!(out.status.success(), "stderr:\n{}", stderr(&out));
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
     assert_eq!(generators.len(), 4, "2 cells × 2 arms × 1 seed");
     for r in &generators {
-        assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+        assert_eq!(r.status, RunStatus::Finished, "{}: {:?}", r.name, r.error);
         assert_eq!(r.params["train"]["precision"], "bf16", "{}", r.params);
         let evals = db.evals_for_run(r.id).expect("evals");
         let fid = evals.iter().find(|e| e.metric == "fid").expect("fid row");

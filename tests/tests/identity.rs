@@ -1,6 +1,7 @@
 //! A run's identity covers its data's content: the same spec over changed files is a new run,
 //! and data that cannot be read is an error naming the folder, never a run skipped as finished.
 use ablate_tests::{ablate, runs_done_here, stderr};
+use db::{RunKind, RunStatus};
 
 /// `n` 8×8 PNGs per class in `dir/class-K/`, inverted when `invert` is set.
 fn write_classes(dir: &std::path::Path, classes: u32, n: u32, invert: bool) {
@@ -65,14 +66,20 @@ fn changed_data_under_the_same_path_is_run_again() {
         .list_runs(None)
         .expect("runs")
         .into_iter()
-        .filter(|r| r.kind == "generator")
+        .filter(|r| r.kind == RunKind::Generator)
         .collect();
     assert_eq!(generators.len(), 4, "two runs per version of the data");
     let hashes: std::collections::HashSet<_> = generators.iter().map(|r| &r.hash).collect();
     assert_eq!(hashes.len(), 4, "each run has its own identity");
     // changed data is a new version of the experiment: its report shows the new runs alone
     let latest = db.list_runs(Some("tiny")).expect("runs");
-    assert_eq!(latest.iter().filter(|r| r.kind == "generator").count(), 2);
+    assert_eq!(
+        latest
+            .iter()
+            .filter(|r| r.kind == RunKind::Generator)
+            .count(),
+        2
+    );
 
     // unreadable data fails with the folder named, and marks nothing finished
     std::fs::remove_dir_all(&data).expect("remove the data");
@@ -86,7 +93,7 @@ fn changed_data_under_the_same_path_is_run_again() {
         .list_runs(None)
         .expect("runs")
         .into_iter()
-        .filter(|r| r.kind == "generator" && r.status == "finished")
+        .filter(|r| r.kind == RunKind::Generator && r.status == RunStatus::Finished)
         .count();
     assert_eq!(finished, 4, "no run was added or marked finished");
 }

@@ -1,5 +1,6 @@
 //! A run killed mid-training (SIGKILL) resumes from its last checkpoint and ends with the same
 //! weights as an uninterrupted run; no metric point is lost or duplicated.
+use db::{RunKind, RunStatus};
 use std::time::Duration;
 
 use ablate_tests::{
@@ -63,7 +64,7 @@ fn weight_difference(a_db: &Db, a: i64, b_db: &Db, b: i64) -> f32 {
 /// A resumed run `r` is finished, has the weights of the same run in the clean root (max |Δw|
 /// ≤ 1e-6, returned) and its loss logged at every second step up to `steps`, each once.
 fn assert_resumed_like_clean(db: &Db, clean_db: &Db, r: &db::RunRow, steps: i64) -> f32 {
-    assert_eq!(r.status, "finished", "{}", r.name);
+    assert_eq!(r.status, RunStatus::Finished, "{}", r.name);
     let clean_run = clean_db
         .run_by_hash(&r.hash)
         .expect("query")
@@ -84,7 +85,7 @@ fn generator_runs(db: &Db) -> Vec<db::RunRow> {
     db.list_runs(Some("tiny"))
         .expect("runs")
         .into_iter()
-        .filter(|r| r.kind == "generator")
+        .filter(|r| r.kind == RunKind::Generator)
         .collect()
 }
 
@@ -143,7 +144,8 @@ fn killed_run_resumes_to_the_same_weights() {
     let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
     let first = &generator_runs(&db)[0];
     assert_eq!(
-        first.status, "running",
+        first.status,
+        RunStatus::Running,
         "the killed run is left running until reaped"
     );
 
@@ -156,7 +158,7 @@ fn killed_run_resumes_to_the_same_weights() {
         .list_runs(Some("tiny"))
         .expect("runs")
         .into_iter()
-        .filter(|r| r.kind == "generator")
+        .filter(|r| r.kind == RunKind::Generator)
         .collect();
     assert_eq!(runs.len(), 2);
     for r in &runs {
@@ -209,9 +211,9 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
         .list_runs(Some("tiny"))
         .expect("runs")
         .into_iter()
-        .find(|r| r.kind == "tokenizer" && r.name.contains("vq"))
+        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
         .expect("the vq tokenizer run");
-    assert_eq!(tokenizer.status, "finished");
+    assert_eq!(tokenizer.status, RunStatus::Finished);
     let steps = logged_steps(&db, tokenizer.id, "train/loss");
     assert_eq!(steps, (1..=12).map(|i| i * 25).collect::<Vec<i64>>());
     // the same file, bit for bit in its tensors, as the uninterrupted fit
@@ -229,7 +231,7 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
         .run_by_hash(&tokenizer.hash)
         .expect("query")
         .expect("same tokenizer run in the clean root");
-    assert_eq!(clean_tok.status, "finished");
+    assert_eq!(clean_tok.status, RunStatus::Finished);
     eprintln!("tokenizer fit killed after its step-{killed_at} checkpoint; resumed bit-identical");
     // the checkpoints are gone once the tokenizer is saved
     assert!(!file(&killed).with_extension("ckpt").exists());
@@ -267,7 +269,8 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
     let db = Db::open_existing(&stopped.join("ablate.sqlite")).expect("db");
     let first = &generator_runs(&db)[0];
     assert_eq!(
-        first.status, "interrupted",
+        first.status,
+        RunStatus::Interrupted,
         "marked by the stopping process"
     );
 
@@ -278,9 +281,9 @@ fn sigterm_checkpoints_marks_interrupted_and_resumes_to_the_same_weights() {
         .list_runs(Some("tiny"))
         .expect("runs")
         .into_iter()
-        .filter(|r| r.kind == "generator")
+        .filter(|r| r.kind == RunKind::Generator)
     {
-        assert_eq!(r.status, "finished");
+        assert_eq!(r.status, RunStatus::Finished);
         let clean_run = clean_db
             .run_by_hash(&r.hash)
             .expect("query")
@@ -330,12 +333,12 @@ fn sigterm_during_a_tokenizer_fit_resumes_to_the_same_tokenizer() {
         d.list_runs(Some("tiny"))
             .expect("runs")
             .into_iter()
-            .find(|r| r.kind == "tokenizer" && r.name.contains("vq"))
+            .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
             .expect("the vq tokenizer run")
     };
     assert_ne!(
         tokenizer(&db).status,
-        "finished",
+        RunStatus::Finished,
         "stopped in the middle of the fit"
     );
     let out = ablate(&stopped, &args);
@@ -390,19 +393,21 @@ fn sigterm_to_a_jobs_parent_stops_its_workers() {
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
     let running: Vec<_> = generator_runs(&db)
         .into_iter()
-        .filter(|r| r.status == "running")
+        .filter(|r| r.status == RunStatus::Running)
         .map(|r| r.name)
         .collect();
     assert!(running.is_empty(), "left running: {running:?}");
     assert!(
         generator_runs(&db)
             .iter()
-            .any(|r| r.status == "interrupted"),
+            .any(|r| r.status == RunStatus::Interrupted),
         "the stopped runs are marked"
     );
     let out = ablate(&root, &args);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(generator_runs(&db).iter().all(|r| r.status == "finished"));
+    assert!(generator_runs(&db)
+        .iter()
+        .all(|r| r.status == RunStatus::Finished));
 }
 
 /// A cached tokenizer or feature net whose bytes changed after it was written (a bad disk, a
@@ -485,7 +490,7 @@ fn a_worker_writes_the_report_when_its_parent_was_killed() {
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
     let runs = generator_runs(&db);
     assert!(
-        runs.iter().all(|r| r.status == "finished"),
+        runs.iter().all(|r| r.status == RunStatus::Finished),
         "{:?}",
         runs.iter()
             .map(|r| (&r.name, &r.status))
@@ -664,7 +669,10 @@ fn killed_at_twenty_moments_across_the_stages_ends_like_an_uninterrupted_run() {
         Vec::<String>::new()
     );
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    assert!(runs.iter().all(|r| r.status == "finished"), "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r.status == RunStatus::Finished),
+        "{runs:?}"
+    );
     let generators = generator_runs(&db);
     assert_eq!(generators.len(), 4);
     for r in &generators {

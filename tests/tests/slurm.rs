@@ -2,6 +2,7 @@
 //! side, as Slurm would start them), every run is done exactly once, and the report job writes
 //! the report. No Slurm daemon runs here (see the session note); the scripts are plain bash.
 use ablate_tests::{ablate, runs_done_here, stderr, stdout, workspace_root};
+use db::{RunKind, RunStatus};
 
 #[test]
 fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
@@ -62,9 +63,12 @@ fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
     assert!(root.join("reports/tiny/report.md").exists());
     let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
     assert_eq!(generators.len(), 4);
-    assert!(generators.iter().all(|r| r.status == "finished"));
+    assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
     // a bad spec is refused before anything is written
     let bad = ablate(&root, &["slurm", "experiments/tiny.toml", "--tasks", "0"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));

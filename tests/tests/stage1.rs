@@ -2,6 +2,7 @@
 //! shared by several cells is trained once.
 use ablate_tests::{ablate, data_dir, stderr};
 use db::Db;
+use db::{RunKind, RunStatus};
 
 /// A tiny MNIST spec: VQ vs KL autoencoders (downsample 4 → 4×4 latents), MAR, 3 cells.
 fn mnist_spec(dir: &std::path::Path) -> std::path::PathBuf {
@@ -94,14 +95,17 @@ fn mnist_autoencoder_tokenizers_trained_once_for_three_cells() {
 
     let db = Db::open_existing(&dir.path().join("ablate.sqlite")).expect("database");
     let runs = db.list_runs(Some("mnist-tiny")).expect("runs");
-    let tokenizers: Vec<_> = runs.iter().filter(|r| r.kind == "tokenizer").collect();
+    let tokenizers: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Tokenizer)
+        .collect();
     assert_eq!(
         tokenizers.len(),
         2,
         "one run per tokenizer, shared by 3 cells"
     );
     for t in &tokenizers {
-        assert_eq!(t.status, "finished", "{}: {:?}", t.name, t.error);
+        assert_eq!(t.status, RunStatus::Finished, "{}: {:?}", t.name, t.error);
         let last = |key: &str| {
             db.metrics(t.id, Some(key))
                 .expect("metrics")
@@ -124,10 +128,13 @@ fn mnist_autoencoder_tokenizers_trained_once_for_three_cells() {
             assert!(last("codebook/perplexity") >= 1.0);
         }
     }
-    let generators: Vec<_> = runs.iter().filter(|r| r.kind == "generator").collect();
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
     assert_eq!(generators.len(), 6);
     for g in &generators {
-        assert_eq!(g.status, "finished", "{}: {:?}", g.name, g.error);
+        assert_eq!(g.status, RunStatus::Finished, "{}: {:?}", g.name, g.error);
         let fid = db
             .evals_for_run(g.id)
             .expect("evals")
@@ -193,13 +200,13 @@ fn posterior_draws_and_flips_train_new_runs_on_the_same_tokenizer() {
     let runs = db.list_runs(None).expect("runs");
     let diffusion: Vec<_> = runs
         .iter()
-        .filter(|r| r.kind == "generator" && r.name.contains("diffusion"))
+        .filter(|r| r.kind == RunKind::Generator && r.name.contains("diffusion"))
         .collect();
     assert_eq!(diffusion.len(), 3, "plain, posterior draws, flips");
     let curves: Vec<Vec<f64>> = diffusion
         .iter()
         .map(|r| {
-            assert_eq!(r.status, "finished", "{}: {:?}", r.name, r.error);
+            assert_eq!(r.status, RunStatus::Finished, "{}: {:?}", r.name, r.error);
             db.metrics(r.id, Some("train/loss"))
                 .expect("metrics")
                 .iter()

@@ -1,5 +1,6 @@
 //! `ablate run`, `slurm` and `plan`: a spec's runs, here or on a cluster.
 use super::*;
+use db::RunStatus;
 
 /// `ablate run`.
 pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::Result<i32> {
@@ -53,7 +54,10 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     for problem in workers.map(|w| w.wait()).unwrap_or_default() {
         eprintln!("{problem}");
     }
-    let failed: Vec<_> = outcomes.iter().filter(|o| o.status != "finished").collect();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.status != RunStatus::Finished)
+        .collect();
     eprintln!(
         "{} run(s): {} finished ({} earlier), {} failed, in {:.1} s",
         outcomes.len(),
@@ -195,9 +199,8 @@ pub(super) fn plan(layout: &Layout, args: PlanArgs) -> anyhow::Result<i32> {
         let status = match &db {
             Some(db) => db
                 .run_by_hash(&hash)?
-                .map(|row| row.status)
-                .unwrap_or_else(|| "new".into()),
-            None => "new".into(),
+                .map_or("new", |row| row.status.as_str()),
+            None => "new",
         };
         println!(
             "{:<18} {:<40} {:<14} {:>6}  {}",
