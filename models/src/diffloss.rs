@@ -447,8 +447,9 @@ impl DiffLoss {
     }
 
     /// The reverse process from x_T = `x`, with `noise[k]` drawn at the k-th step (from T − 1
-    /// down).
-    fn reverse_process(
+    /// down). Runs one step per element of `noise`, so the first k elements give x after k
+    /// steps. Public so that parity tests can run it with the reference's draws.
+    pub fn reverse_process(
         &self,
         z: &Tensor,
         mut x: Tensor,
