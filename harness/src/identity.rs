@@ -14,7 +14,9 @@ use crate::spec::{Arm, DataSource, EvalSpec, PlannedRun, TokenizerSpec};
 ///    blocks have dropout 0.1 by default (generator.attn_dropout / proj_dropout, as the
 ///    reference), generator.decoder_heads is a key, and causal AR's linear guidance counts the
 ///    tokens known after each step as MAR does (`models::generator::ar_tokens_known_after`).
-pub const RESULTS_VERSION: &str = "3";
+/// 4: `head.clip_denoised = true` clamps x̂_0 to [-1, 1] when sampling; before, the flag was
+///    stored but never applied, so those runs sampled without clipping.
+pub const RESULTS_VERSION: &str = "4";
 
 /// sha256 of the canonical JSON (serde_json sorts object keys) of a value, hex, 16 chars.
 pub fn content_hash(v: &serde_json::Value) -> String {

@@ -244,6 +244,14 @@ impl GaussianDiffusion {
         };
         let pred_xstart = (at.mul(Coef::SqrtRecipAlphasCumprod, x_t)?
             - at.mul(Coef::SqrtRecipm1AlphasCumprod, &eps)?)?;
+        // ADM's clip_denoised: x̂_0 clamped to the data range [-1, 1] before the posterior mean
+        // (sampling only: the training loss's vb term never clips, as the reference's
+        // training_losses passes clip_denoised=False)
+        let pred_xstart = if self.clip_denoised {
+            pred_xstart.clamp(-1f32, 1f32)?
+        } else {
+            pred_xstart
+        };
         let (mean, _) = Self::q_posterior_at(at, &pred_xstart, x_t)?;
         Ok(MeanVariance {
             mean,
@@ -527,6 +535,34 @@ mod tests {
         assert!((b[999] - 0.999).abs() < 1e-12);
         let d = GaussianDiffusion::training(Schedule::Cosine, 1000, true);
         assert!(d.alphas_cumprod[999] < 1e-6);
+    }
+
+    /// With `clip_denoised`, x̂_0 is clamped to [-1, 1] and the posterior mean is taken from the
+    /// clamped x̂_0; without it, the first cosine step's x̂_0 = x_t / √ᾱ is far outside.
+    #[test]
+    fn clip_denoised_clamps_the_x0_prediction() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut d = GaussianDiffusion::respaced(Schedule::Cosine, 1000, 50, true);
+        let x_t = Tensor::new(&[[1f32, -0.5]], &dev)?;
+        // ε̂ = 0 and v = 0 (the middle of the learned variance range)
+        let out = Tensor::zeros((1, 4), candle_core::DType::F32, &dev)?;
+        let t = [49];
+        let free = d.p_mean_variance(&out, &x_t, &t)?;
+        let x0 = free.pred_xstart.to_vec2::<f32>()?[0].clone();
+        assert!(x0[0] > 1e4 && x0[1] < -1e4, "{x0:?}");
+        d.clip_denoised = true;
+        let clipped = d.p_mean_variance(&out, &x_t, &t)?;
+        assert_eq!(
+            clipped.pred_xstart.to_vec2::<f32>()?,
+            vec![vec![1f32, -1.0]]
+        );
+        let (mean, _) = d.q_posterior(&clipped.pred_xstart, &x_t, &t)?;
+        assert_eq!(clipped.mean.to_vec2::<f32>()?, mean.to_vec2::<f32>()?);
+        assert_eq!(
+            clipped.log_variance.to_vec2::<f32>()?,
+            free.log_variance.to_vec2::<f32>()?
+        );
+        Ok(())
     }
 
     #[test]
