@@ -15,6 +15,18 @@ pub enum Error {
     /// A filesystem operation (creating the database directory, the runtime) failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The SQLite file or its folder cannot be written by this user: `why` is the system's
+    /// answer for the file or the folder.
+    #[error(
+        "the tracking database {} cannot be written ({why}); ablate writes the file and, beside \
+         it, SQLite's -wal and -shm files: make the file and its folder writable, or use another \
+         --root",
+        path.display()
+    )]
+    Unwritable {
+        path: std::path::PathBuf,
+        why: String,
+    },
     /// The database server could not be reached or refused the connection.
     #[error("{0}")]
     Connect(String),

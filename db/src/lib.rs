@@ -21,11 +21,15 @@
 //! Conventions: timestamps are RFC 3339 UTC text with milliseconds
 //! (`2025-01-31T12:00:00.123Z`); JSON columns hold text with sorted object keys; a NaN metric or
 //! eval value is stored as NULL and read back as NaN.
+//!
+//! [`files`] writes the files under the root that the database records or that reports write,
+//! durably (temporary, fsync, rename, fsync of the folder), and hashes them in a stream.
 
 mod copy;
 mod error;
 mod evals;
 mod experiments;
+pub mod files;
 mod metrics;
 mod model;
 mod runs;
@@ -88,7 +92,7 @@ impl Db {
     /// and applies pending migrations.
     pub fn open(path: &Path) -> Result<Db> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            crate::files::create_folder(parent).map_err(|e| {
                 Error::Io(std::io::Error::new(
                     e.kind(),
                     format!("creating directory {}: {e}", parent.display()),
@@ -254,15 +258,10 @@ impl Db {
                     // SQLite says only "unable to open database file" (or "readonly database")
                     // when the file or its folder cannot be written; say which and what to do
                     return Err(match unwritable(path) {
-                        Some(why) => Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::PermissionDenied,
-                            format!(
-                                "the tracking database {} cannot be written ({why}); ablate \
-                                 writes the file and, beside it, SQLite's -wal and -shm files: \
-                                 make the file and its folder writable, or use another --root",
-                                path.display()
-                            ),
-                        )),
+                        Some(why) => Error::Unwritable {
+                            path: path.to_path_buf(),
+                            why,
+                        },
                         None => e,
                     });
                 }
@@ -521,7 +520,7 @@ fn unwritable(path: &Path) -> Option<String> {
     use std::fs::OpenOptions;
     if path.exists() {
         if let Err(e) = OpenOptions::new().append(true).open(path) {
-            return Some(format!("{}: {e}", path.display()));
+            return Some(e.to_string());
         }
     }
     let dir = match path.parent() {

@@ -993,7 +993,7 @@ fn an_unwritable_database_is_named_with_what_to_do() {
         panic!("a folder opened as a database")
     };
     let text = err.to_string();
-    assert!(matches!(err, Error::Io(_)), "{text}");
+    assert!(matches!(err, Error::Unwritable { .. }), "{text}");
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("cannot be written"), "{text}");
     assert!(text.contains("writable"), "{text}");

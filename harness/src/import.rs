@@ -744,7 +744,7 @@ pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Re
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent)
+    db::files::create_folder(&parent)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
     let tmp = tempdir_beside(out)?;
     let result = (|| -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
@@ -851,7 +851,7 @@ pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> anyhow::Result<()> {
-    crate::files::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
+    db::files::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 

@@ -39,9 +39,7 @@ impl Layout {
     /// folder) cannot be written, read-only instead ([`Db::open_read_only`]).
     pub fn open_db_to_read(&self) -> db::Result<Db> {
         match self.open_existing_db() {
-            Err(db::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::PermissionDenied && self.db_url.is_none() =>
-            {
+            Err(db::Error::Unwritable { .. }) if self.db_url.is_none() => {
                 Db::open_read_only(&self.db())
             }
             other => other,

@@ -7,7 +7,6 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fid;
-pub mod files;
 pub mod identity;
 pub mod import;
 pub mod layout;

@@ -59,7 +59,7 @@ fn take(layout: &Layout, db: &Db, name: &str, wait: bool) -> anyhow::Result<Opti
 
 fn open(path: &Path) -> std::io::Result<File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        db::files::create_folder(dir)?;
     }
     OpenOptions::new()
         .create(true)

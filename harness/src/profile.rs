@@ -60,7 +60,7 @@ impl HostProfile {
                     (names, count as i64)
                 })
                 .collect();
-            crate::files::write_bytes(&self.path, tables(&stacks).as_bytes())?;
+            db::files::write_bytes(&self.path, tables(&stacks).as_bytes())?;
             Ok(())
         }
         #[cfg(not(feature = "profile"))]

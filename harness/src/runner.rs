@@ -379,8 +379,9 @@ impl Runner {
                 checkpoints: &self.layout.tokenizer_checkpoints(&hash),
                 quiet: self.quiet,
             };
-            self.start(id, &device_label(device))?;
-            tokenize::stage::fit(&self.db, &job, ds, fnet, device, &|m| self.say(m))?
+            self.start(id, &device_name)?;
+            let fitted = tokenize::stage::fit(&self.db, &job, ds, fnet, device, &|m| self.say(m));
+            self.settle_stage(id, fitted)?
         };
         let t = std::rc::Rc::new((tok, data));
         self.tokenizers.insert(hash, t.clone());
@@ -411,6 +412,20 @@ impl Runner {
         }
         self.say(format!("{what}: waiting for the other process running it"));
         lock::lock(&self.layout, &self.db, name)
+    }
+
+    /// The result of a shared stage's work (tokenizer fit, feature net) for its run `id`: a
+    /// failure marks the run failed, or interrupted when a stop was asked for, before it goes
+    /// on to the generator run that needed the stage.
+    fn settle_stage<T>(&self, id: i64, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            if crate::stop::check().is_err() {
+                self.db.mark_interrupted(id)?;
+            } else {
+                self.db.fail_run(id, &describe(e))?;
+            }
+        }
+        result
     }
 
     /// Mark a run as running here: this process, host, device and code version.
@@ -492,7 +507,7 @@ impl Runner {
         if !path.is_file() {
             anyhow::bail!("eval.inception_weights: {}: no such file", path.display());
         }
-        let net_id = format!("inception-{}", &crate::files::sha256_file(&path)?[..16]);
+        let net_id = format!("inception-{}", &db::files::sha256_file(&path)?[..16]);
         let convention = spec.eval.convention.to_model();
         let key = format!("{net_id}:{}:{}", convention.as_str(), ds.fingerprint);
         if let Some(f) = self.feature_nets.get(&key) {
@@ -551,10 +566,11 @@ impl Runner {
         {
             net.load(&path)?;
         } else {
-            self.start(id, "cpu")?;
-            let acc = eval::stage::train_feature_net(
+            self.start(id, &device_name)?;
+            let trained = eval::stage::train_feature_net(
                 &self.db, id, &mut net, ds, &spec.eval, &path, self.quiet,
-            )?;
+            );
+            let acc = self.settle_stage(id, trained)?;
             self.say(format!(
                 "    feature net trained: test accuracy {:.1}%",
                 acc * 100.0
@@ -648,13 +664,16 @@ impl Runner {
             }
         };
         let weights = dir.join("model.safetensors");
-        varmap.save(&weights)?;
+        db::files::write_atomic(&weights, |tmp| varmap.save(tmp))?;
         record_artifact(&self.db, run_id, "model", &weights)?;
         // evaluate the EMA weights when there are some (MAR evaluates EMA), on detached tensors
         let eval_vb = match &ema {
             Some(ema) => {
                 let path = dir.join("model_ema.safetensors");
-                candle_core::safetensors::save(&ema.tensors(), &path)?;
+                let tensors = ema.tensors();
+                db::files::write_atomic(&path, |tmp| {
+                    candle_core::safetensors::save(&tensors, tmp)
+                })?;
                 record_artifact(&self.db, run_id, "model-ema", &path)?;
                 candle_nn::VarBuilder::from_tensors(ema.tensors(), DType::F32, &device)
             }
@@ -737,7 +756,7 @@ pub(crate) fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> 
     };
     let (path, root) = (canonical(path)?, canonical(&db.root())?);
     let stored = path.strip_prefix(&root).unwrap_or(&path);
-    let sha = crate::files::sha256_file(&path)?;
+    let sha = db::files::sha256_file(&path)?;
     let bytes = std::fs::metadata(&path)?.len();
     db.insert_artifact(
         run_id,
@@ -756,7 +775,7 @@ fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Re
     let Some(recorded) = db.artifacts(run_id)?.into_iter().rfind(|a| a.kind == kind) else {
         return Ok(true);
     };
-    let found = crate::files::sha256_file(path)?;
+    let found = db::files::sha256_file(path)?;
     if found == recorded.sha256 {
         return Ok(true);
     }

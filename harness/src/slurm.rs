@@ -80,7 +80,7 @@ pub fn write_scripts(
         anyhow::bail!("--tasks: expected at least 1, found 0");
     }
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    db::files::create_folder(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let (exe, root, spec) = (
         quote(&exe.display().to_string()),
         quote(&root.display().to_string()),
@@ -121,7 +121,7 @@ pub fn write_scripts(
         (&report_path, &report),
         (&submit_path, &submit),
     ] {
-        crate::files::write_bytes(path, text.as_bytes())
+        db::files::write_bytes(path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         make_executable(path)?;
     }

@@ -109,7 +109,7 @@ pub fn spawn(jobs: usize, root: &Path, threads: usize) -> anyhow::Result<Workers
     let reports = !args.iter().any(|a| a == "--no-report");
     let args = worker_args(&args);
     let logs = root.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    db::files::create_folder(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let mut children = Vec::new();
     for k in 1..jobs {
         let log = logs.join(format!("worker-{k}.log"));

@@ -200,19 +200,19 @@ pub(crate) fn long_frame(evals: &DataFrame, runs: &DataFrame) -> PolarsResult<Da
         .collect()
 }
 
-/// Writes `df` as CSV with a header row.
+/// Writes `df` as CSV with a header row (durably: `db::files::write_atomic`).
 pub(crate) fn write_csv(mut df: DataFrame, path: &Path) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(|source| Error::Io {
+    db::files::write_atomic(path, |tmp| -> std::result::Result<(), String> {
+        let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
+        let mut writer = std::io::BufWriter::new(file);
+        CsvWriter::new(&mut writer)
+            .include_header(true)
+            .finish(&mut df)
+            .map_err(|e| e.to_string())?;
+        std::io::Write::flush(&mut writer).map_err(|e| e.to_string())
+    })
+    .map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mut writer = std::io::BufWriter::new(file);
-    CsvWriter::new(&mut writer)
-        .include_header(true)
-        .finish(&mut df)?;
-    std::io::Write::flush(&mut writer).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(())
+    })
 }

@@ -239,7 +239,7 @@ pub fn write_report_version(
     let mut files = Vec::new();
     if want(Format::Markdown) {
         let path = out_dir.join("report.md");
-        std::fs::write(&path, &markdown).map_err(io_err(&path))?;
+        db::files::write_bytes(&path, markdown.as_bytes()).map_err(io_err(&path))?;
         files.push(path);
     }
     if want(Format::Html) {
@@ -253,7 +253,7 @@ pub fn write_report_version(
             &grids,
             csv,
         );
-        std::fs::write(&path, text).map_err(io_err(&path))?;
+        db::files::write_bytes(&path, text.as_bytes()).map_err(io_err(&path))?;
         files.push(path);
     }
     for f in &figures {
@@ -473,9 +473,8 @@ fn copy_grids(db: &db::Db, l: &Loaded, out_dir: &Path) -> Result<Grids> {
             let copied = match &png {
                 Some(bytes) => {
                     let dir = out_dir.join("samples");
-                    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
                     let path = dir.join(format!("run-{}.png", info.run_id));
-                    std::fs::write(&path, bytes).map_err(io_err(&path))?;
+                    db::files::write_bytes(&path, bytes).map_err(io_err(&path))?;
                     Some(path)
                 }
                 None => None,

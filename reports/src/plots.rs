@@ -66,16 +66,20 @@ macro_rules! figure {
         ensure_font();
         let png = $dir.join(format!("{}.png", $name));
         let svg_path = $dir.join(format!("{}.svg", $name));
-        {
-            let root = BitMapBackend::new(&png, $size).into_drawing_area();
-            $draw(&root, $($arg),*).map_err(|e| plot_error(&png, e))?;
-        }
+        db::files::write_atomic(&png, |tmp| {
+            let root = BitMapBackend::new(tmp, $size).into_drawing_area();
+            $draw(&root, $($arg),*).map_err(|e| plot_error(&png, e))
+        })
+        .map_err(|source| Error::Io {
+            path: png.clone(),
+            source,
+        })?;
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, $size).into_drawing_area();
             $draw(&root, $($arg),*).map_err(|e| plot_error(&svg_path, e))?;
         }
-        std::fs::write(&svg_path, &svg).map_err(|source| Error::Io {
+        db::files::write_bytes(&svg_path, svg.as_bytes()).map_err(|source| Error::Io {
             path: svg_path.clone(),
             source,
         })?;

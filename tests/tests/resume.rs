@@ -237,6 +237,74 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     assert!(!file(&killed).with_extension("ckpt").exists());
 }
 
+/// A tokenizer fit killed after a checkpoint whose latest checkpoint is then truncated: the
+/// rerun names the damaged file, goes back to the previous checkpoint (or to step 0), records
+/// that on the tokenizer's run, says "resuming" only for a checkpoint it verified, and ends
+/// with the uninterrupted fit's tokenizer.
+#[test]
+fn a_damaged_tokenizer_checkpoint_is_passed_over_and_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = dir.path().join("clean");
+    let killed = dir.path().join("killed");
+    let args = TOKENIZER_FIT;
+    let out = ablate(&clean, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let checkpoints = || {
+        std::fs::read_dir(killed.join("cache/tokenizers"))
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
+            .map(|e| e.path())
+    };
+    let probe = || checkpoint_step(&checkpoints()?.join("checkpoint.json"));
+    kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(300));
+    let ckpt = checkpoints().expect("the fit's checkpoint folder");
+    let latest = checkpoint_step(&ckpt.join("checkpoint.json")).expect("latest step");
+    let weights = ckpt.join(format!("checkpoint-{latest:08}.safetensors"));
+    let size = std::fs::metadata(&weights).expect("weights").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .and_then(|f| f.set_len(size / 2))
+        .expect("truncate");
+
+    let out = ablate(&killed, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("checkpoint-{latest:08}.safetensors is damaged")),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&format!("resuming from its checkpoint at step {latest}")),
+        "{err}"
+    );
+    let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
+    let tokenizer = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
+        .expect("the vq tokenizer run");
+    assert_eq!(tokenizer.status, RunStatus::Finished);
+    let note = tokenizer.params["checkpoint_recovered"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not recorded: {}", tokenizer.params));
+    assert!(note.contains(&format!("checkpoint-{latest:08}")), "{note}");
+    let file = |root: &std::path::Path| {
+        root.join("cache/tokenizers")
+            .join(format!("{}.safetensors", tokenizer.hash))
+    };
+    let a = candle_core::safetensors::load(file(&clean), &Device::Cpu).expect("clean tokenizer");
+    let b =
+        candle_core::safetensors::load(file(&killed), &Device::Cpu).expect("refitted tokenizer");
+    for (name, ta) in &a {
+        assert_eq!(max_abs_diff(ta, &b[name]), 0.0, "{name}");
+    }
+    eprintln!("step-{latest} checkpoint truncated: {note}");
+}
+
 /// SIGTERM (what Slurm and Kubernetes send) mid-training: the run checkpoints where it is, is
 /// marked interrupted, the process exits 143, and the next `ablate run` resumes it to the same
 /// weights and the same logged averages as a run that was never stopped.

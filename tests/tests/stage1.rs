@@ -247,3 +247,50 @@ fn bad_data_path_fails_the_run_with_the_file_named() {
         "{err}"
     );
 }
+
+/// A tokenizer fit that cannot store its result (a file where the tokenizer cache folder
+/// belongs) fails its own run as well as the generator runs that needed it, and the message
+/// names the file in the way: nothing is left `running`.
+#[test]
+fn a_tokenizer_that_cannot_be_stored_fails_its_run_with_the_file_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("cache")).expect("cache folder");
+    std::fs::write(root.join("cache/tokenizers"), b"in the way").expect("blocking file");
+    let out = ablate(
+        &root,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--no-report",
+            "--set",
+            "grid.\"generator.kind\"=[\"ar\"]",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    let in_the_way = format!(
+        "{} is a file where ablate needs a folder: move it away",
+        root.join("cache/tokenizers").display()
+    );
+    assert!(err.contains(&in_the_way), "{err}");
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let tokenizer = runs
+        .iter()
+        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
+        .expect("the k-means tokenizer's run");
+    assert_eq!(tokenizer.status, RunStatus::Failed);
+    assert!(
+        tokenizer
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(&in_the_way)),
+        "{:?}",
+        tokenizer.error
+    );
+    assert!(
+        runs.iter().all(|r| r.status != RunStatus::Running),
+        "{runs:?}"
+    );
+}

@@ -535,11 +535,19 @@ fn print_import(checkpoint: &std::path::Path, r: &crate::import::ImportReport) {
     }
 }
 
+/// "opening the tracking database LOCATION" around an error that does not name it already.
+pub(crate) fn opening(location: &str) -> impl FnOnce(db::Error) -> anyhow::Error + '_ {
+    move |e| match e {
+        e @ db::Error::Unwritable { .. } => e.into(),
+        e => anyhow::Error::new(e).context(format!("opening the tracking database {location}")),
+    }
+}
+
 /// The tracking database of a root that must already have one (report, list, show, compare).
 fn open_db(layout: &Layout) -> anyhow::Result<Db> {
     layout
         .open_existing_db()
-        .with_context(|| format!("opening the tracking database {}", layout.db_location()))
+        .map_err(opening(&layout.db_location()))
 }
 
 /// [`open_db`] for commands that only read the database (report, list, show, compare, check,
@@ -547,7 +555,7 @@ fn open_db(layout: &Layout) -> anyhow::Result<Db> {
 fn open_db_to_read(layout: &Layout) -> anyhow::Result<Db> {
     let db = layout
         .open_db_to_read()
-        .with_context(|| format!("opening the tracking database {}", layout.db_location()))?;
+        .map_err(opening(&layout.db_location()))?;
     if db.is_read_only() {
         eprintln!(
             "note: {} cannot be written here; it is opened read-only",
@@ -567,7 +575,7 @@ fn open_location(location: &str, layout: &Layout, create: bool) -> anyhow::Resul
     } else {
         Db::open_existing(std::path::Path::new(location))
     };
-    db.with_context(|| format!("opening the tracking database {}", db::redact(location)))
+    db.map_err(opening(&db::redact(location)))
 }
 
 /// The report files, one a line; the per-run sample grids as one line for their folder.

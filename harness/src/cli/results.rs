@@ -102,9 +102,9 @@ pub(super) fn check(layout: &Layout, args: CheckArgs) -> anyhow::Result<i32> {
     print!("{}", report.render_table());
     if let Some(path) = junit {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            db::files::create_folder(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::write(&path, report.junit_xml())
+        db::files::write_bytes(&path, report.junit_xml().as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         println!("junit: {}", path.display());
     }

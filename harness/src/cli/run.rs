@@ -25,7 +25,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
         let threads = crate::workers::threads_per_job(jobs);
-        std::fs::create_dir_all(&layout.root)
+        db::files::create_folder(&layout.root)
             .with_context(|| format!("creating {}", layout.root.display()))?;
         let w = crate::workers::spawn(jobs, &layout.root, threads)?;
         eprintln!(

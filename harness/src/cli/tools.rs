@@ -265,7 +265,7 @@ pub(super) fn sample(quiet: bool, args: SampleArgs) -> anyhow::Result<i32> {
     .into_iter()
     .collect();
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        db::files::create_folder(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     crate::import::save_safetensors_atomic(&tensors, &out)?;
     println!(

@@ -358,7 +358,7 @@ pub fn save_grid(
             }
         }
     }
-    img.save(path)
+    db::files::write_atomic(path, |tmp| img.save(tmp)).map_err(image::ImageError::IoError)
 }
 
 #[cfg(test)]

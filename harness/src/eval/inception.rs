@@ -282,7 +282,8 @@ pub fn read_stats(path: &Path) -> Result<Gaussian, EvalError> {
 
 /// `sigma` must be a covariance, or the Fréchet distance is meaningless (a negative diagonal gave
 /// "FID: -198", an asymmetric matrix 0): symmetric to 1e-6 of its largest entry, with a
-/// non-negative diagonal. (Positive semi-definiteness beyond that is the FID code's concern.)
+/// non-negative diagonal, and positive semi-definite: no eigenvalue below −1e-6 of the largest
+/// (rounding leaves a singular covariance's zero eigenvalues slightly negative).
 fn check_covariance(sigma: &[f64], d: usize) -> Result<(), String> {
     let scale = sigma.iter().fold(0f64, |m, v| m.max(v.abs()));
     for i in 0..d {
@@ -301,6 +302,19 @@ fn check_covariance(sigma: &[f64], d: usize) -> Result<(), String> {
             }
         }
     }
+    let m = faer::Mat::<f64>::from_fn(d, d, |i, j| sigma[i * d + j]);
+    let eigenvalues = m
+        .self_adjoint_eigenvalues(faer::Side::Lower)
+        .map_err(|_| "'sigma': its eigendecomposition did not converge".to_string())?;
+    let largest = eigenvalues.iter().fold(0f64, |a, l| a.max(l.abs()));
+    if let Some(&lowest) = eigenvalues.iter().min_by(|a, b| a.total_cmp(b)) {
+        if lowest < -1e-6 * largest {
+            return Err(format!(
+                "'sigma' is not a covariance: it has a negative eigenvalue ({lowest:e}, the \
+                 largest is {largest:e}), a covariance is positive semi-definite"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -311,11 +325,11 @@ pub fn write_stats(path: &Path, g: &Gaussian) -> Result<(), EvalError> {
         message: m,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        db::files::create_folder(dir).map_err(|e| err(e.to_string()))?;
     }
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
-    crate::files::write_atomic(path, |tmp| {
+    db::files::write_atomic(path, |tmp| {
         Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma)], tmp)
     })
     .map_err(|e| err(e.to_string()))
@@ -329,13 +343,13 @@ pub fn write_reference(path: &Path, g: &Gaussian, features: &[f32]) -> Result<()
         message: m,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        db::files::create_folder(dir).map_err(|e| err(e.to_string()))?;
     }
     let n = features.len() / g.dim.max(1);
     let mu = Tensor::from_slice(&g.mu, g.dim, &Device::Cpu)?;
     let sigma = Tensor::from_slice(&g.sigma, (g.dim, g.dim), &Device::Cpu)?;
     let feats = Tensor::from_slice(features, (n, g.dim), &Device::Cpu)?;
-    crate::files::write_atomic(path, |tmp| {
+    db::files::write_atomic(path, |tmp| {
         Tensor::write_npz(&[("mu", &mu), ("sigma", &sigma), ("features", &feats)], tmp)
     })
     .map_err(|e| err(e.to_string()))
@@ -407,6 +421,10 @@ mod tests {
         write(vec![1.0, 0.5, -0.5, 1.0]);
         let e = read_stats(&p).expect_err("asymmetric").to_string();
         assert!(e.contains("not symmetric") && e.contains("(0, 1)"), "{e}");
+        // symmetric with a positive diagonal, but indefinite: eigenvalues 3 and −1
+        write(vec![1.0, 2.0, 2.0, 1.0]);
+        let e = read_stats(&p).expect_err("indefinite").to_string();
+        assert!(e.contains("negative eigenvalue (-1"), "{e}");
         write(vec![1.0, 0.5, 0.5, 1.0]);
         read_stats(&p).expect("a covariance");
     }

@@ -27,7 +27,7 @@ pub enum EvalError {
     Metric(#[from] metrics::MetricError),
     #[error("feature net weights {path}: {message}")]
     Weights { path: String, message: String },
-    #[error("reference statistics {path}: {message}")]
+    #[error("FID statistics {path}: {message}")]
     Stats { path: String, message: String },
     #[error("{0}")]
     Input(String),
@@ -65,11 +65,9 @@ impl FeatureNet {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), EvalError> {
-        crate::files::write_atomic(path, |tmp| self.varmap.save(tmp)).map_err(|e| {
-            EvalError::Weights {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            }
+        db::files::write_atomic(path, |tmp| self.varmap.save(tmp)).map_err(|e| EvalError::Weights {
+            path: path.display().to_string(),
+            message: e.to_string(),
         })
     }
 

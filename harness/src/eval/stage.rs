@@ -42,10 +42,7 @@ pub fn train_feature_net(
     });
     pb.finish_and_clear();
     db.insert_metrics(id, &losses)?;
-    if let Err(e) = result {
-        db.fail_run(id, &e.to_string())?;
-        return Err(e.into());
-    }
+    result?;
     net.save(path)?;
     let acc = net.accuracy(&ds.test)?;
     db.insert_metrics(

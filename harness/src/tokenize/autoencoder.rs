@@ -53,11 +53,14 @@ fn batch_tensor(set: &ImageSet, idx: &[usize], device: &Device) -> candle_core::
 
 /// Where and how often a tokenizer fit saves its state, so a killed fit resumes instead of
 /// starting over.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct CheckpointPlan<'a> {
     pub dir: &'a Path,
     /// steps between checkpoints; a multiple of the logging interval keeps the logged means exact
     pub every: usize,
+    /// Told, when the fit found checkpoints, the step it continues from (0 when it starts over)
+    /// and, when damaged checkpoints were passed over, what happened.
+    pub on_resume: &'a dyn Fn(usize, Option<&str>),
 }
 
 /// Trains the autoencoder with Adam (no weight decay), linear warm-up, gradient clipping at 1.0
@@ -87,7 +90,12 @@ pub fn train(
     let mut restarted = 0usize;
     let mut start = 0;
     if let Some(plan) = checkpoint {
-        if let Some(resume) = Checkpoint::load(plan.dir, &varmap, &mut opt, None)? {
+        let loaded = Checkpoint::load(plan.dir, &varmap, &mut opt, None)?;
+        if loaded.resume.is_some() || loaded.recovered.is_some() {
+            let step = loaded.resume.as_ref().map_or(0, |r| r.step);
+            (plan.on_resume)(step, loaded.recovered.as_deref());
+        }
+        if let Some(resume) = loaded.resume {
             let bad = |message: String| TrainError::Checkpoint {
                 path: plan.dir.to_path_buf(),
                 message,
@@ -442,6 +450,7 @@ mod tests {
             let plan = CheckpointPlan {
                 dir: ckpt,
                 every: 25,
+                on_resume: &|_, _| {},
             };
             super::train(
                 &spec("vq", steps),

@@ -415,7 +415,7 @@ pub fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<(), Toke
         path: p.display().to_string(),
         message: e.to_string(),
     };
-    crate::files::write_atomic(path, |tmp| candle_core::safetensors::save(t, tmp))
+    db::files::write_atomic(path, |tmp| candle_core::safetensors::save(t, tmp))
         .map_err(|e| file_err(path, &e))
 }
 

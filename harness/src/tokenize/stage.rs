@@ -57,20 +57,30 @@ pub fn fit(
     } else {
         1
     };
-    // a fit killed earlier continues from its checkpoint; curves logged after it are dropped
+    // a fit killed earlier continues from its checkpoint; curves logged after it are dropped (a
+    // damaged checkpoint sends the fit further back, and its curves are logged again, equal)
     let resumed_at = Checkpoint::saved_step(checkpoints);
     db.delete_metrics_after(id, resumed_at.map_or(-1, |s| s as i64))?;
-    if let Some(step) = resumed_at {
-        say(format!(
-            "    tokenizer {}: resuming from its checkpoint at step {step}",
-            name
-        ));
-    }
     let pb = spinner(quiet, steps, format!("fitting tokenizer {}", name));
-    pb.set_position(resumed_at.unwrap_or(0) as u64);
+    // said once the fit has read and verified its checkpoint
+    let recording = std::cell::RefCell::new(None);
+    let on_resume = |step: usize, recovered: Option<&str>| {
+        pb.set_position(step as u64);
+        let Some(note) = recovered else {
+            say(format!(
+                "    tokenizer {name}: resuming from its checkpoint at step {step}"
+            ));
+            return;
+        };
+        say(format!("    tokenizer {name}: {note}"));
+        if let Err(e) = db.set_run_param(id, "checkpoint_recovered", &serde_json::json!(note)) {
+            recording.borrow_mut().get_or_insert(e);
+        }
+    };
     let plan = CheckpointPlan {
         dir: checkpoints,
         every: CHECKPOINT_EVERY,
+        on_resume: &on_resume,
     };
     // curves go to the database as they are logged, before the checkpoint that covers them
     let mut db_error = None;
@@ -97,16 +107,10 @@ pub fn fit(
         },
     );
     pb.finish_and_clear();
-    if let Some(e) = db_error {
+    if let Some(e) = db_error.or(recording.into_inner()) {
         return Err(e.into());
     }
-    let tok = match result {
-        Ok(t) => t,
-        Err(e) => {
-            db.fail_run(id, &e.to_string())?;
-            return Err(e.into());
-        }
-    };
+    let tok = result?;
     tok.save(path)?;
     // the saved tokenizer supersedes its checkpoints (if it had any)
     let _ = std::fs::remove_dir_all(checkpoints);

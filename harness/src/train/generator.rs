@@ -223,11 +223,12 @@ pub fn train_generator(
     let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
     let mut start = 0;
     let mut sums = LogSums::default();
-    if let Some(resume) = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())? {
-        if let (Some(note), true) = (&resume.recovered, lead) {
-            // a damaged latest checkpoint: the run went on from the previous one; say so on it
-            db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
-        }
+    let loaded = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())?;
+    if let (Some(note), true) = (&loaded.recovered, lead) {
+        // damaged checkpoints: the run went on from the previous one or from step 0; say so on it
+        db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
+    }
+    if let Some(resume) = loaded.resume {
         start = resume.step;
         if let Some(saved) = resume.rng {
             rng = saved;

@@ -259,7 +259,15 @@ pub struct Resume {
     pub step: usize,
     pub rng: Option<Rng>,
     pub extra: serde_json::Value,
-    /// Set when the latest checkpoint was damaged and this is the previous one: what happened.
+}
+
+/// What [`Checkpoint::load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The checkpoint loaded; None: training starts at step 0.
+    pub resume: Option<Resume>,
+    /// Set when damaged checkpoints were passed over: which, and what was done instead (the
+    /// previous checkpoint, or a start from step 0). Stages record it on their run.
     pub recovered: Option<String>,
 }
 
@@ -305,7 +313,7 @@ impl Checkpoint {
             path: dir.to_path_buf(),
             message: m,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        db::files::create_folder(dir).map_err(|e| err(e.to_string()))?;
         let mut tensors = opt.state();
         if let Some(ema) = ema {
             tensors.extend(ema.state());
@@ -322,12 +330,12 @@ impl Checkpoint {
         let extra = serde_json::to_value(extra).map_err(|e| err(e.to_string()))?;
         let name = Self::weights_name(step);
         let weights = dir.join(&name);
-        crate::files::write_atomic(&weights, |tmp| {
+        db::files::write_atomic(&weights, |tmp| {
             candle_core::safetensors::save(&tensors, tmp)
         })
         .map_err(|e| err(e.to_string()))?;
         // checked on load: a damaged file is found before its numbers are trained on
-        let weights_sha256 = crate::files::sha256_file(&weights).map_err(|e| err(e.to_string()))?;
+        let weights_sha256 = db::files::sha256_file(&weights).map_err(|e| err(e.to_string()))?;
         // u64 as strings: JSON readers that use doubles would round them
         let rng_state: Vec<String> = rng.state().iter().map(|v| v.to_string()).collect();
         let meta = serde_json::json!({
@@ -341,10 +349,9 @@ impl Checkpoint {
         // the checkpoint being replaced stays as the fallback (`checkpoint-prev.json`)
         let previous = std::fs::read(Self::meta_path(dir)).ok();
         if let Some(bytes) = &previous {
-            crate::files::write_bytes(&Self::prev_path(dir), bytes)
-                .map_err(|e| err(e.to_string()))?;
+            db::files::write_bytes(&Self::prev_path(dir), bytes).map_err(|e| err(e.to_string()))?;
         }
-        crate::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
+        db::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
             .map_err(|e| err(e.to_string()))?;
         // the commit point has passed: weight files of neither checkpoint are garbage now
         let kept_previous = previous
@@ -371,16 +378,16 @@ impl Checkpoint {
         Some(meta["step"].as_u64()? as usize)
     }
 
-    /// Load into an already-built model and optimizer; None when there is no checkpoint. When
-    /// the latest checkpoint is damaged (its weights no longer match their sha256, or cannot be
-    /// read), the previous one is used and `Resume::recovered` says so; when both are, they are
-    /// removed and None lets training start over, which reproduces the run from its seed.
+    /// Load into an already-built model and optimizer; `resume` is None when there is no
+    /// checkpoint. When the latest checkpoint is damaged (its weights no longer match their
+    /// sha256, or cannot be read), the previous one is used; when both are, they are removed and
+    /// training starts over, which reproduces the run from its seed. `recovered` says which.
     pub fn load(
         dir: &Path,
         varmap: &VarMap,
         opt: &mut AdamW,
         ema: Option<&mut Ema>,
-    ) -> Result<Option<Resume>, TrainError> {
+    ) -> Result<Loaded, TrainError> {
         let mut damaged = Vec::new();
         for meta_path in [Self::meta_path(dir), Self::prev_path(dir)] {
             if !meta_path.exists() {
@@ -391,15 +398,12 @@ impl Checkpoint {
                     let resume = Self::apply(dir, &meta, &tensors, varmap, opt, ema)?;
                     if meta_path != Self::meta_path(dir) {
                         // the good one becomes the latest, so the damaged one is never kept
-                        crate::files::write_bytes(
-                            &Self::meta_path(dir),
-                            meta.to_string().as_bytes(),
-                        )
-                        .and_then(|()| std::fs::remove_file(&meta_path))
-                        .map_err(|e| TrainError::Checkpoint {
-                            path: dir.to_path_buf(),
-                            message: format!("promoting {}: {e}", meta_path.display()),
-                        })?;
+                        db::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
+                            .and_then(|()| std::fs::remove_file(&meta_path))
+                            .map_err(|e| TrainError::Checkpoint {
+                                path: dir.to_path_buf(),
+                                message: format!("promoting {}: {e}", meta_path.display()),
+                            })?;
                     }
                     let recovered = (!damaged.is_empty()).then(|| {
                         let note = format!(
@@ -410,29 +414,34 @@ impl Checkpoint {
                         tracing::warn!("{note}");
                         note
                     });
-                    return Ok(Some(Resume {
+                    return Ok(Loaded {
+                        resume: Some(resume),
                         recovered,
-                        ..resume
-                    }));
+                    });
                 }
                 Readable::Damaged(why) => damaged.push(why),
             }
         }
-        if !damaged.is_empty() {
-            tracing::warn!(
-                "{}; no good checkpoint left: removed, training starts again from step 0",
-                damaged.join("; ")
-            );
-            for p in [Self::meta_path(dir), Self::prev_path(dir)] {
-                if p.exists() {
-                    std::fs::remove_file(&p).map_err(|e| TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!("removing the damaged {}: {e}", p.display()),
-                    })?;
-                }
+        if damaged.is_empty() {
+            return Ok(Loaded::default());
+        }
+        let note = format!(
+            "{}; no good checkpoint left: removed, training starts again from step 0",
+            damaged.join("; ")
+        );
+        tracing::warn!("{note}");
+        for p in [Self::meta_path(dir), Self::prev_path(dir)] {
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!("removing the damaged {}: {e}", p.display()),
+                })?;
             }
         }
-        Ok(None)
+        Ok(Loaded {
+            resume: None,
+            recovered: Some(note),
+        })
     }
 
     /// The checkpoint `meta_path` names, read and verified (nothing is loaded into the model).
@@ -452,11 +461,10 @@ impl Checkpoint {
             return Ok(Readable::Damaged(missing));
         }
         if let Some(expected) = meta["weights_sha256"].as_str() {
-            let found =
-                crate::files::sha256_file(&weights).map_err(|e| TrainError::Checkpoint {
-                    path: dir.to_path_buf(),
-                    message: e.to_string(),
-                })?;
+            let found = db::files::sha256_file(&weights).map_err(|e| TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
             if found != expected {
                 let why = format!(
                     "checkpoint {} is damaged (its sha256 differs)",
@@ -531,7 +539,6 @@ impl Checkpoint {
             step,
             rng: rng_state.map(Rng::from_state),
             extra: meta["extra"].clone(),
-            recovered: None,
         })
     }
 }
@@ -598,7 +605,9 @@ mod tests {
         let weights = dir.path().join(Checkpoint::weights_name(5));
         for damage in ["flip a byte in the tail", "truncate"] {
             Checkpoint::save(dir.path(), &varmap, &opt, None, 5, &rng, &())?;
-            assert!(Checkpoint::load(dir.path(), &varmap, &mut opt, None)?.is_some());
+            assert!(Checkpoint::load(dir.path(), &varmap, &mut opt, None)?
+                .resume
+                .is_some());
             let mut bytes = std::fs::read(&weights)?;
             if damage == "truncate" {
                 bytes.truncate(1000);
@@ -608,8 +617,13 @@ mod tests {
             }
             std::fs::write(&weights, &bytes)?;
             let (fresh, mut fresh_opt) = build()?;
-            let resumed = Checkpoint::load(dir.path(), &fresh, &mut fresh_opt, None)?;
-            assert!(resumed.is_none(), "{damage}: starts over");
+            let loaded = Checkpoint::load(dir.path(), &fresh, &mut fresh_opt, None)?;
+            assert!(loaded.resume.is_none(), "{damage}: starts over");
+            let note = loaded.recovered.expect("the restart is reported");
+            assert!(
+                note.contains("starts again from step 0"),
+                "{damage}: {note}"
+            );
             assert!(
                 !Checkpoint::meta_path(dir.path()).exists(),
                 "{damage}: removed"
@@ -644,9 +658,10 @@ mod tests {
         std::fs::write(&w10, &bytes)?;
 
         let (model, mut opt) = build(3)?;
-        let resume = Checkpoint::load(dir.path(), &model, &mut opt, None)?.expect("the previous");
+        let loaded = Checkpoint::load(dir.path(), &model, &mut opt, None)?;
+        let resume = loaded.resume.expect("the previous");
         assert_eq!(resume.step, 5);
-        let note = resume.recovered.expect("the recovery is reported");
+        let note = loaded.recovered.expect("the recovery is reported");
         assert!(
             note.contains("checkpoint-00000010") && note.contains("step 5"),
             "{note}"

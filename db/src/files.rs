@@ -18,7 +18,7 @@ pub fn write_atomic<E: Display>(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir)?;
+    create_folder(&dir)?;
     let tmp = temporary(&dir, path);
     let result = write(&tmp)
         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -30,6 +30,27 @@ pub fn write_atomic<E: Display>(
     }
     // the rename itself is durable once the folder's entry is on disk
     std::fs::File::open(&dir)?.sync_all()
+}
+
+/// `create_dir_all`, with an error that names the part of the path in the way when one of the
+/// folders exists as a file (the system's own error is "File exists" or "Not a directory").
+pub fn create_folder(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let in_the_way = dir
+            .ancestors()
+            .find(|a| a.exists() && !a.is_dir())
+            .map(Path::to_path_buf);
+        match in_the_way {
+            Some(file) => std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is a file where ablate needs a folder: move it away",
+                    file.display()
+                ),
+            ),
+            None => e,
+        }
+    })
 }
 
 /// `write_atomic` of bytes.
@@ -46,15 +67,20 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// `.NAME.tmp-PID-N` beside the target.
+/// `.NAME.tmp-PID-N.EXT` beside the target: the target's extension stays last, for writers that
+/// choose the format from it (images, plots).
 fn temporary(dir: &Path, path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    dir.join(format!(".{name}.tmp-{}-{n}{ext}", std::process::id()))
 }
 
 #[cfg(test)]
@@ -88,5 +114,20 @@ mod tests {
         assert!(e.to_string().contains("disk full"), "{e}");
         assert_eq!(std::fs::read(&p).expect("read"), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1);
+    }
+
+    #[test]
+    fn a_file_where_a_folder_belongs_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache");
+        std::fs::write(&cache, b"not a folder").expect("write");
+        let e = write_bytes(&cache.join("tokenizers/x.safetensors"), b"x").expect_err("blocked");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a file where ablate needs a folder: move it away",
+                cache.display()
+            )
+        );
     }
 }
