@@ -163,3 +163,116 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
         stderr(&bad)
     );
 }
+
+/// A run trained on 2 ranks and killed after a checkpoint resumes on 4 ranks (the world size is
+/// not part of its identity, and every world size that divides the batch reads the same global
+/// batch), and ends where one rank ends: the weights within 1e-5, each step's metrics logged
+/// once, with the world size of its last process recorded.
+#[test]
+fn a_run_killed_on_two_ranks_resumes_on_four() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |devices: Option<&'static str>| {
+        let mut a = vec![
+            "run",
+            "experiments/tiny.toml",
+            "--no-report",
+            "--set",
+            "train.steps=100",
+            "--set",
+            "train.checkpoint_every=10",
+            "--set",
+            "train.log_every=2",
+            "--set",
+            "grid.\"generator.kind\"=[\"ar\"]",
+        ];
+        if let Some(d) = devices {
+            a.extend(["--set", d]);
+        }
+        a
+    };
+    let clean = dir.path().join("one");
+    let out = ablate(&clean, &args(None));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let moved = dir.path().join("moved");
+    let probe = || {
+        let run = std::fs::read_dir(moved.join("artifacts"))
+            .ok()?
+            .next()?
+            .ok()?;
+        ablate_tests::checkpoint_step(&run.path().join("checkpoint.json"))
+    };
+    let killed_at = ablate_tests::kill_at_checkpoint(
+        &moved,
+        &args(Some(r#"train.devices=["cpu","cpu"]"#)),
+        probe,
+        std::time::Duration::from_secs(120),
+    );
+    assert!(killed_at < 100, "killed after training had finished");
+    let out = ablate(
+        &moved,
+        &args(Some(r#"train.devices=["cpu","cpu","cpu","cpu"]"#)),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let (one, four) = (
+        Db::open_existing(&clean.join("ablate.sqlite")).expect("db"),
+        Db::open_existing(&moved.join("ablate.sqlite")).expect("db"),
+    );
+    let runs = four.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
+    assert_eq!(generators.len(), 2);
+    for run in generators {
+        let reference = one
+            .run_by_hash(&run.hash)
+            .expect("query")
+            .expect("the same run on one rank");
+        let weights = |db: &Db, id: i64| -> BTreeMap<String, candle_core::Tensor> {
+            let model = db
+                .artifacts(id)
+                .expect("artifacts")
+                .into_iter()
+                .find(|a| a.kind == "model")
+                .expect("a model artifact");
+            candle_core::safetensors::load(db.resolve(&model.path), &candle_core::Device::Cpu)
+                .expect("weights")
+                .into_iter()
+                .collect()
+        };
+        let (a, b) = (weights(&one, reference.id), weights(&four, run.id));
+        let worst = a
+            .iter()
+            .filter(|(name, _)| !name.ends_with("attn.qkv.bias"))
+            .map(|(name, t)| max_abs_diff(t, &b[name]))
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{}: weights differ by {worst}", run.name);
+        let loss = |db: &Db, id: i64| -> Vec<(i64, f64)> {
+            db.metrics(id, Some("train/loss"))
+                .expect("metrics")
+                .into_iter()
+                .map(|m| (m.step, m.value))
+                .collect()
+        };
+        let (la, lb) = (loss(&one, reference.id), loss(&four, run.id));
+        assert_eq!(
+            la.iter().map(|p| p.0).collect::<Vec<_>>(),
+            lb.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{}: each step logged once",
+            run.name
+        );
+        for ((s, x), (_, y)) in la.iter().zip(&lb) {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "step {s}: {y} vs {x}"
+            );
+        }
+        assert_eq!(run.params["data_parallel"]["world_size"], 4);
+        eprintln!(
+            "{}: killed on 2 ranks after step {killed_at}, resumed on 4: max |Δw| {worst:.2e}",
+            run.name
+        );
+    }
+}
