@@ -4,7 +4,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use crate::runner::Result;
+use crate::{Error, Result};
 
 /// Facts about where a run happens, recorded with it.
 #[derive(Debug, Clone)]
@@ -65,17 +65,23 @@ pub fn parse_device(name: &str) -> Result<Device> {
         return Ok(Device::Cpu);
     }
     if let Some(n) = name.strip_prefix("cuda:") {
-        let n: usize = n
-            .parse()
-            .map_err(|_| anyhow::anyhow!("device '{name}': expected cuda:N"))?;
+        let bad = |message: String| Error::Device {
+            name: name.to_string(),
+            message,
+        };
+        let n: usize = n.parse().map_err(|_| bad("expected cuda:N".into()))?;
         let device = Device::new_cuda(n).map_err(|e| {
-            anyhow::anyhow!("device '{name}': {e} (was ablate built with `--features cuda`, and is a GPU present?)")
+            bad(format!(
+                "{e} (was ablate built with `--features cuda`, and is a GPU present?)"
+            ))
         })?;
-        tune_cuda_device(&device)
-            .map_err(|e| anyhow::anyhow!("device '{name}': setting up its memory pool: {e}"))?;
+        tune_cuda_device(&device).map_err(|e| bad(format!("setting up its memory pool: {e}")))?;
         return Ok(device);
     }
-    anyhow::bail!("device '{name}': expected 'cpu' or 'cuda:N'")
+    Err(Error::Device {
+        name: name.to_string(),
+        message: "expected 'cpu' or 'cuda:N'".into(),
+    })
 }
 
 /// Two settings of cudarc's defaults that cost ablate's many short-lived tensors dearly:

@@ -11,9 +11,6 @@ use crate::eval::inception::{load_inception, read_folder, read_stats, write_stat
 use crate::eval::metrics::{self, Gaussian};
 use crate::layout::Layout;
 
-/// The standard weight file's name, looked for under `ROOT/weights/` when `--weights` is not given.
-pub const STANDARD_WEIGHTS: &str = "pt_inception-2015-12-05-6726825d.pth";
-
 /// A command-line mistake (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -28,22 +25,6 @@ pub struct FidOptions {
     pub convention: String,
     pub feature_net: Option<String>,
     pub batch: usize,
-}
-
-/// Where the Inception weights are: `--weights`, else `ROOT/weights/pt_inception-….pth`.
-pub fn inception_weights(layout: &Layout, given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
-    }
-    let default = layout.root.join("weights").join(STANDARD_WEIGHTS);
-    if default.is_file() {
-        return Ok(default);
-    }
-    bail!(
-        "no Inception-v3 weights: pass --weights FILE ({STANDARD_WEIGHTS}, from \
-         github.com/mseitzer/pytorch-fid releases, or a safetensors copy) or put the file at {}",
-        default.display()
-    )
 }
 
 /// Build the feature net the options ask for.
@@ -75,7 +56,7 @@ fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extract
             o.convention
         ))
     })?;
-    let path = inception_weights(layout, o.weights.as_deref())?;
+    let path = layout.inception_weights(o.weights.as_deref())?;
     Ok(Extractor::Inception {
         net: Box::new(load_inception(&path, device)?),
         convention,

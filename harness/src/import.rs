@@ -14,6 +14,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use models::diffusion::Schedule;
 use models::mar::Mar;
+
+use crate::Error;
 use models::{GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision};
 use serde::{Deserialize, Serialize};
 
@@ -714,7 +716,7 @@ pub struct ImportReport {
 /// Convert `checkpoint` into `out`: `model.safetensors`, `model_ema.safetensors` (when present)
 /// and `config.json`. Everything is checked and written to a temporary folder beside `out` first;
 /// on any error nothing appears under `out`.
-pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Result<ImportReport> {
+pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> crate::Result<ImportReport> {
     let ckpt = PthCheckpoint::open(checkpoint)?;
     let shapes = ckpt.shapes("model");
     let config = infer_config(checkpoint, &shapes, &ckpt.args, opts)?;
@@ -744,10 +746,9 @@ pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Re
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    db::files::create_folder(&parent)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
+    db::files::create_folder(&parent).map_err(Error::file(&parent))?;
     let tmp = tempdir_beside(out)?;
-    let result = (|| -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
+    let result = (|| -> crate::Result<(Vec<String>, BTreeMap<String, usize>)> {
         let mut names = Vec::new();
         let mut tensors = BTreeMap::new();
         for key in &keys {
@@ -757,10 +758,9 @@ pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Re
             save_safetensors(&ts, &tmp.join(&file))?;
             names.push(file);
         }
-        std::fs::write(
-            tmp.join("config.json"),
-            serde_json::to_string_pretty(&config)? + "\n",
-        )?;
+        let config_file = tmp.join("config.json");
+        std::fs::write(&config_file, serde_json::to_string_pretty(&config)? + "\n")
+            .map_err(Error::file(&config_file))?;
         names.push("config.json".into());
         Ok((names, tensors))
     })();
@@ -787,7 +787,7 @@ pub fn import(checkpoint: &Path, out: &Path, opts: &ImportOptions) -> anyhow::Re
 }
 
 /// A fresh empty folder next to `target` (same file system, so renames are atomic).
-fn tempdir_beside(target: &Path) -> anyhow::Result<PathBuf> {
+fn tempdir_beside(target: &Path) -> crate::Result<PathBuf> {
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -801,27 +801,32 @@ fn tempdir_beside(target: &Path) -> anyhow::Result<PathBuf> {
         match std::fs::create_dir(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => anyhow::bail!("creating a temporary folder in {}: {e}", parent.display()),
+            Err(e) => return Err(Error::file(&p)(e)),
         }
     }
-    anyhow::bail!("no free temporary folder name in {}", parent.display())
+    Err(Error::Other(format!(
+        "no free temporary folder name in {}",
+        parent.display()
+    )))
 }
 
 /// Move the finished files of `tmp` into `out`: one rename of the folder when `out` does not
 /// exist, else one rename per file (and `stale` files of an earlier import that this one did not
 /// write are removed).
-fn publish(tmp: &Path, out: &Path, names: &[String], stale: &[&str]) -> anyhow::Result<()> {
+fn publish(tmp: &Path, out: &Path, names: &[String], stale: &[&str]) -> crate::Result<()> {
     if !out.exists() {
-        return std::fs::rename(tmp, out)
-            .map_err(|e| anyhow::anyhow!("moving the import into {}: {e}", out.display()));
+        return std::fs::rename(tmp, out).map_err(Error::file(out));
     }
     if !out.is_dir() {
         let _ = std::fs::remove_dir_all(tmp);
-        anyhow::bail!("{} exists and is not a folder", out.display());
+        return Err(Error::Usage(format!(
+            "{} exists and is not a folder",
+            out.display()
+        )));
     }
     for n in names {
-        std::fs::rename(tmp.join(n), out.join(n))
-            .map_err(|e| anyhow::anyhow!("moving {n} into {}: {e}", out.display()))?;
+        let to = out.join(n);
+        std::fs::rename(tmp.join(n), &to).map_err(Error::file(&to))?;
     }
     for s in stale {
         if !names.iter().any(|n| n == s) {
@@ -834,14 +839,14 @@ fn publish(tmp: &Path, out: &Path, names: &[String], stale: &[&str]) -> anyhow::
 
 /// `candle_core::safetensors::save`, made readable by others like any file we write: the
 /// safetensors crate writes through a private (0600) temporary file.
-fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> crate::Result<()> {
     candle_core::safetensors::save(tensors, path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        .map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            .map_err(Error::file(path))?;
     }
     Ok(())
 }
@@ -850,9 +855,8 @@ fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::R
 pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
-) -> anyhow::Result<()> {
-    db::files::write_atomic(path, |tmp| save_safetensors(tensors, tmp))
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+) -> crate::Result<()> {
+    db::files::write_atomic(path, |tmp| save_safetensors(tensors, tmp)).map_err(Error::file(path))
 }
 
 /// Where the weights and the configuration of an imported model are.
@@ -914,7 +918,7 @@ pub fn load_mar(
     config_path: &Path,
     sampling_steps: Option<usize>,
     device: &Device,
-) -> anyhow::Result<Mar> {
+) -> crate::Result<Mar> {
     let gen_cfg = config
         .generator_config(sampling_steps)
         .or_else(|m| fail(config_path, m))?;

@@ -1,8 +1,12 @@
 //! Where everything lives under the root folder: the database, caches, run artifacts, locks and
 //! reports.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use db::Db;
+
+/// The standard Inception weight file's name, looked for under `ROOT/weights/` when no file is
+/// given.
+pub const STANDARD_WEIGHTS: &str = "pt_inception-2015-12-05-6726825d.pth";
 
 /// Where things live: `root/ablate.sqlite`, `root/cache/…`, `root/artifacts/HASH/…`, `root/reports/NAME/…`.
 #[derive(Debug, Clone)]
@@ -13,6 +17,22 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Where the Inception weights are: `given`, else `ROOT/weights/pt_inception-….pth`.
+    pub fn inception_weights(&self, given: Option<&Path>) -> crate::Result<PathBuf> {
+        if let Some(p) = given {
+            return Ok(p.to_path_buf());
+        }
+        let default = self.root.join("weights").join(STANDARD_WEIGHTS);
+        if default.is_file() {
+            return Ok(default);
+        }
+        Err(crate::Error::Usage(format!(
+            "no Inception-v3 weights: pass --weights FILE ({STANDARD_WEIGHTS}, from \
+             github.com/mseitzer/pytorch-fid releases, or a safetensors copy) or put the file at {}",
+            default.display()
+        )))
+    }
+
     /// The SQLite tracking database's file (unused when [`Layout::db_url`] is set).
     pub fn db(&self) -> PathBuf {
         self.root.join("ablate.sqlite")

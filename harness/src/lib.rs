@@ -5,6 +5,7 @@ pub mod cli;
 pub mod compare;
 pub mod data;
 pub mod device;
+pub mod error;
 pub mod eval;
 pub mod fid;
 pub mod identity;
@@ -21,3 +22,5 @@ pub mod stop;
 pub mod tokenize;
 pub mod train;
 pub mod workers;
+
+pub use error::{Error, Result};

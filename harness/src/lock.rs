@@ -24,24 +24,22 @@ pub enum Lock {
 }
 
 /// Take lock `name` if no other process holds it; None when one does.
-pub fn try_lock(layout: &Layout, db: &Db, name: &str) -> anyhow::Result<Option<Lock>> {
+pub fn try_lock(layout: &Layout, db: &Db, name: &str) -> crate::Result<Option<Lock>> {
     take(layout, db, name, false)
 }
 
 /// Take lock `name`, waiting for the process that holds it.
-pub fn lock(layout: &Layout, db: &Db, name: &str) -> anyhow::Result<Lock> {
+pub fn lock(layout: &Layout, db: &Db, name: &str) -> crate::Result<Lock> {
     match take(layout, db, name, true)? {
         Some(held) => Ok(held),
         None => unreachable!("a waiting lock is always taken"),
     }
 }
 
-fn take(layout: &Layout, db: &Db, name: &str, wait: bool) -> anyhow::Result<Option<Lock>> {
-    use anyhow::Context;
+fn take(layout: &Layout, db: &Db, name: &str, wait: bool) -> crate::Result<Option<Lock>> {
     match db.backend() {
         Backend::Postgres => Ok(db
-            .advisory_lock(&format!("ablate:{name}"), wait)
-            .with_context(|| format!("taking the lock {name} on {}", db.location()))?
+            .advisory_lock(&format!("ablate:{name}"), wait)?
             .map(Lock::Server)),
         Backend::Sqlite => {
             let path = layout.lock(name);
@@ -50,9 +48,7 @@ fn take(layout: &Layout, db: &Db, name: &str, wait: bool) -> anyhow::Result<Opti
             } else {
                 try_lock_file(&path)
             };
-            Ok(taken
-                .with_context(|| format!("locking {}", path.display()))?
-                .map(Lock::File))
+            Ok(taken.map_err(crate::Error::file(&path))?.map(Lock::File))
         }
     }
 }

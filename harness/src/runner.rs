@@ -31,24 +31,7 @@ use crate::train::collective::Solo;
 use crate::train::generator::{train_data_parallel, train_generator, TrainJob, TrainTokens};
 use crate::train::Ema;
 
-pub type Result<T> = anyhow::Result<T>;
-
-/// An error and its causes on one line, each cause said once: a cause whose text the message
-/// already holds (library errors often print their source inside their own text) is skipped.
-pub fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
+pub use crate::error::{describe, Error, Result};
 
 /// The experiment version this process planned: its runs link to it, whatever version another
 /// process sharing the name makes meanwhile.
@@ -500,14 +483,20 @@ impl Runner {
     ) -> Result<std::rc::Rc<EvalNet>> {
         let path = match &spec.eval.inception_weights {
             Some(p) => PathBuf::from(p),
-            None => crate::fid::inception_weights(&self.layout, None).map_err(|e| {
-                e.context("eval.feature_net = \"inception\" needs eval.inception_weights")
+            None => self.layout.inception_weights(None).map_err(|e| {
+                Error::Usage(format!(
+                    "eval.feature_net = \"inception\" needs eval.inception_weights: {e}"
+                ))
             })?,
         };
         if !path.is_file() {
-            anyhow::bail!("eval.inception_weights: {}: no such file", path.display());
+            return Err(Error::Usage(format!(
+                "eval.inception_weights: {}: no such file",
+                path.display()
+            )));
         }
-        let net_id = format!("inception-{}", &db::files::sha256_file(&path)?[..16]);
+        let sha = db::files::sha256_file(&path).map_err(Error::file(&path))?;
+        let net_id = format!("inception-{}", &sha[..16]);
         let convention = spec.eval.convention.to_model();
         let key = format!("{net_id}:{}:{}", convention.as_str(), ds.fingerprint);
         if let Some(f) = self.feature_nets.get(&key) {
@@ -664,16 +653,15 @@ impl Runner {
             }
         };
         let weights = dir.join("model.safetensors");
-        db::files::write_atomic(&weights, |tmp| varmap.save(tmp))?;
+        db::files::write_atomic(&weights, |tmp| varmap.save(tmp)).map_err(Error::file(&weights))?;
         record_artifact(&self.db, run_id, "model", &weights)?;
         // evaluate the EMA weights when there are some (MAR evaluates EMA), on detached tensors
         let eval_vb = match &ema {
             Some(ema) => {
                 let path = dir.join("model_ema.safetensors");
                 let tensors = ema.tensors();
-                db::files::write_atomic(&path, |tmp| {
-                    candle_core::safetensors::save(&tensors, tmp)
-                })?;
+                db::files::write_atomic(&path, |tmp| candle_core::safetensors::save(&tensors, tmp))
+                    .map_err(Error::file(&path))?;
                 record_artifact(&self.db, run_id, "model-ema", &path)?;
                 candle_nn::VarBuilder::from_tensors(ema.tensors(), DType::F32, &device)
             }
@@ -751,13 +739,11 @@ pub fn now() -> f64 {
 /// folder; before, paths were relative to where `ablate run` started, which meant nothing to a
 /// report rebuilt elsewhere (it embedded no sample grid, or another project's).
 pub(crate) fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
-    let canonical = |p: &Path| {
-        std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("recording {}: {e}", p.display()))
-    };
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(Error::file(p));
     let (path, root) = (canonical(path)?, canonical(&db.root())?);
     let stored = path.strip_prefix(&root).unwrap_or(&path);
-    let sha = db::files::sha256_file(&path)?;
-    let bytes = std::fs::metadata(&path)?.len();
+    let sha = db::files::sha256_file(&path).map_err(Error::file(&path))?;
+    let bytes = std::fs::metadata(&path).map_err(Error::file(&path))?.len();
     db.insert_artifact(
         run_id,
         kind,
@@ -775,7 +761,7 @@ fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Re
     let Some(recorded) = db.artifacts(run_id)?.into_iter().rfind(|a| a.kind == kind) else {
         return Ok(true);
     };
-    let found = db::files::sha256_file(path)?;
+    let found = db::files::sha256_file(path).map_err(Error::file(path))?;
     if found == recorded.sha256 {
         return Ok(true);
     }
@@ -784,8 +770,7 @@ fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Re
          was written); fitting it again",
         path.display()
     );
-    std::fs::remove_file(path)
-        .map_err(|e| anyhow::anyhow!("removing the damaged {}: {e}", path.display()))?;
+    std::fs::remove_file(path).map_err(Error::file(path))?;
     Ok(false)
 }
 
@@ -841,25 +826,5 @@ pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> Ge
             },
         },
         precision: run.spec.train.precision.to_model(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cause_already_in_the_message_is_said_once() {
-        let io = std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "creating directory /x: File exists",
-        );
-        let e = anyhow::Error::new(db::Error::Io(io)).context("opening the database");
-        assert_eq!(
-            describe(&e),
-            "opening the database: I/O error: creating directory /x: File exists"
-        );
-        let plain = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(describe(&plain), "outer: inner");
     }
 }

@@ -77,7 +77,7 @@ pub fn save_class_grid(path: &Path, set: &ImageSet, classes: usize, cols: usize)
         }
     }
     if let Some(d) = path.parent() {
-        db::files::create_folder(d)?;
+        db::files::create_folder(d).map_err(crate::Error::file(d))?;
     }
     data::save_grid(path, &picked, n, set.channels, set.size, cols, 3)?;
     Ok(())

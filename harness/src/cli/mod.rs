@@ -412,14 +412,27 @@ impl From<ReportFormat> for reports::Format {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Exit code 2 for errors caused by the request rather than by the work.
-fn is_usage(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<spec::SpecError>().is_some()
+/// The exit code of a failed command, from its error's kind: the library's errors say theirs
+/// ([`crate::Error::exit_code`]: 128 + the signal for a stop, 2 for a request at fault, else
+/// 1); the CLI's own and the reports' usage errors are 2; anything else is 1.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    if let Some(e) = e.downcast_ref::<crate::Error>() {
+        return e.exit_code();
+    }
+    if let Some(stopped) = e.downcast_ref::<crate::stop::Stopped>() {
+        return stopped.exit_code();
+    }
+    let usage = e.downcast_ref::<spec::SpecError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
         || e.downcast_ref::<crate::import::CheckpointError>().is_some()
         || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
-            .is_some_and(reports::Error::is_usage)
+            .is_some_and(reports::Error::is_usage);
+    if usage {
+        2
+    } else {
+        1
+    }
 }
 
 /// Parse arguments, run, and return the exit code: 0 ok, 1 failure, 2 usage or spec error.
@@ -466,13 +479,8 @@ pub fn main() -> i32 {
     match crate::workers::on_cpu_pool(move || run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let code = match e.downcast_ref::<crate::stop::Stopped>() {
-                Some(stopped) => stopped.exit_code(),
-                None if is_usage(&e) => 2,
-                None => 1,
-            };
-            eprintln!("error: {}", crate::runner::describe(&e));
-            code
+            eprintln!("error: {}", crate::error::describe(e.as_ref()));
+            exit_code(&e)
         }
     }
 }

@@ -42,12 +42,12 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         Err(e) => {
             // a stop (SIGTERM to this process alone, as a scheduler may send it) reaches
             // the workers too; on any other error they finish their runs
-            if let (Some(w), Some(stopped)) = (workers, e.downcast_ref::<crate::stop::Stopped>()) {
+            if let (Some(w), crate::Error::Stopped(stopped)) = (workers, &e) {
                 for problem in w.stop(stopped.0) {
                     eprintln!("{problem}");
                 }
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     // every run this process skipped it waited for, so the outcomes cover the whole spec

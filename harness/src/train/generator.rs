@@ -10,11 +10,12 @@ use models::init::seeded_var_builder;
 use models::{Generator, GeneratorConfig, Rng, Shard, Tokens};
 
 use crate::data::ImageSet;
-use crate::runner::{spinner, Result};
+use crate::runner::spinner;
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
-use crate::train::collective::{Collective, CollectiveError, LocalGroup};
+use crate::train::collective::{Collective, LocalGroup};
 use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
+use crate::{Error, Result};
 
 /// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
 /// so the order is the same for both arms and a resumed run continues where it stopped.
@@ -207,11 +208,11 @@ pub fn train_generator(
     let eval_every = run.spec.eval.every;
     let lead = ranks.rank() == 0;
     let Some(shard) = Shard::of(ranks.rank(), ranks.world(), t.batch) else {
-        anyhow::bail!(
+        return Err(Error::Usage(format!(
             "train.batch = {} cannot be shared by {} data-parallel ranks: the ranks must divide it",
             t.batch,
             ranks.world()
-        );
+        )));
     };
     let mut opt = AdamW::new(varmap, t.weight_decay, 0.9, 0.95)?;
     let mut ema = if t.ema > 0.0 {
@@ -382,13 +383,13 @@ pub fn train_data_parallel(
         for (i, h) in others.into_iter().enumerate() {
             let outcome = h
                 .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {} panicked", i + 1)));
+                .unwrap_or_else(|_| Err(Error::Other(format!("rank {} panicked", i + 1))));
             if let Err(e) = outcome {
                 failure.get_or_insert(e);
             }
         }
         // a rank that failed on its own comes first; the others' sums then failed
-        let collective = |e: &anyhow::Error| e.downcast_ref::<CollectiveError>().is_some();
+        let collective = |e: &Error| matches!(e, Error::Collective(_));
         match (lead, failure) {
             (Err(e), Some(f)) if collective(&e) => Err(f),
             (Err(e), _) | (Ok(_), Some(e)) => Err(e),
