@@ -93,7 +93,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// - cudarc gives every allocation a pair of CUDA events for synchronising several streams.
 ///   ablate runs each device on one stream, where they are never recorded: switching them off
 ///   before the first allocation saves four driver calls per tensor.
-fn tune_cuda_device(device: &Device) -> Result<()> {
+fn tune_cuda_device(device: &Device) -> std::result::Result<(), String> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -101,12 +101,13 @@ fn tune_cuda_device(device: &Device) -> Result<()> {
         let mut never = u64::MAX;
         // SAFETY: cu_device comes from a live context; the attribute takes a u64 by pointer
         unsafe {
-            let pool = result::device::get_mem_pool(cu_device)?;
+            let pool = result::device::get_mem_pool(cu_device).map_err(|e| e.to_string())?;
             result::mem_pool::set_attribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 (&mut never as *mut u64).cast(),
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             // single-stream use (see above); no slice allocated so far relies on events
             d.disable_event_tracking();
         }

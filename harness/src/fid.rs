@@ -6,10 +6,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use models::inception::Convention;
 
-use crate::eval::extractor::{load_classifier, Extractor, Features};
-use crate::eval::inception::{load_inception, read_folder, read_stats, write_stats};
-use crate::eval::metrics::{self, Gaussian};
-use crate::layout::Layout;
+use harness::eval::extractor::{load_classifier, Extractor, Features};
+use harness::eval::inception::{load_inception, read_folder, read_stats, write_stats};
+use harness::eval::metrics::{self, Gaussian};
+use harness::layout::Layout;
 
 /// A command-line mistake (exit code 2).
 #[derive(Debug, thiserror::Error)]

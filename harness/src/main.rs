@@ -1,7 +1,18 @@
 //! `ablate`: declare an ablation grid in TOML, train the paired variants, evaluate, report.
+//! The commands live here, private to the binary (anyhow for their context); the work they call
+//! is the `harness` library's, with typed errors.
+mod bench;
+mod cli;
+mod compare;
+mod fid;
+mod profile;
+mod selftest;
+mod slurm;
+mod workers;
+
 fn main() {
     keep_freed_memory();
-    std::process::exit(harness::cli::main());
+    std::process::exit(cli::main());
 }
 
 /// candle allocates a fresh output for every op. glibc serves blocks above its mmap threshold

@@ -22,7 +22,7 @@ use models::{
 };
 use serde::Serialize;
 
-use crate::train::{clip_grad_norm, sorted_vars, AdamW};
+use harness::train::{clip_grad_norm, sorted_vars, AdamW};
 
 /// The result of one comparison.
 #[derive(Debug, Clone, Serialize)]

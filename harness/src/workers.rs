@@ -1,5 +1,5 @@
 //! `ablate run --jobs N`: this process and N − 1 worker processes on one spec, sharing its runs
-//! through the locks of [`crate::lock`], each with its share of the CPU threads. Small models use
+//! through the locks of [`harness::lock`], each with its share of the CPU threads. Small models use
 //! many threads poorly; several processes with few threads each use a machine better.
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

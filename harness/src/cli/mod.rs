@@ -13,8 +13,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use db::Db;
 
-use crate::spec;
-use crate::{layout::Layout, runner::Runner};
+use harness::spec;
+use harness::{layout::Layout, runner::Runner};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -413,18 +413,19 @@ impl From<ReportFormat> for reports::Format {
 pub struct UsageError(pub String);
 
 /// The exit code of a failed command, from its error's kind: the library's errors say theirs
-/// ([`crate::Error::exit_code`]: 128 + the signal for a stop, 2 for a request at fault, else
+/// ([`harness::Error::exit_code`]: 128 + the signal for a stop, 2 for a request at fault, else
 /// 1); the CLI's own and the reports' usage errors are 2; anything else is 1.
 fn exit_code(e: &anyhow::Error) -> i32 {
-    if let Some(e) = e.downcast_ref::<crate::Error>() {
+    if let Some(e) = e.downcast_ref::<harness::Error>() {
         return e.exit_code();
     }
-    if let Some(stopped) = e.downcast_ref::<crate::stop::Stopped>() {
+    if let Some(stopped) = e.downcast_ref::<harness::stop::Stopped>() {
         return stopped.exit_code();
     }
     let usage = e.downcast_ref::<spec::SpecError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
-        || e.downcast_ref::<crate::import::CheckpointError>().is_some()
+        || e.downcast_ref::<harness::import::CheckpointError>()
+            .is_some()
         || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
             .is_some_and(reports::Error::is_usage);
@@ -466,7 +467,7 @@ pub fn main() -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = crate::stop::install() {
+    if let Err(e) = harness::stop::install() {
         eprintln!("warning: SIGINT/SIGTERM will end ablate without a checkpoint: {e}");
     }
     if let Command::Run(RunArgs { jobs, .. }) = &cli.command {
@@ -479,14 +480,14 @@ pub fn main() -> i32 {
     match crate::workers::on_cpu_pool(move || run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", crate::error::describe(e.as_ref()));
+            eprintln!("error: {}", harness::error::describe(e.as_ref()));
             exit_code(&e)
         }
     }
 }
 
 /// The summary of `ablate import`.
-fn print_import(checkpoint: &std::path::Path, r: &crate::import::ImportReport) {
+fn print_import(checkpoint: &std::path::Path, r: &harness::import::ImportReport) {
     println!("checkpoint: {}", checkpoint.display());
     println!(
         "  entries: {}{}",

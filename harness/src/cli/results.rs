@@ -117,8 +117,8 @@ pub(super) fn list(layout: &Layout, args: ListArgs) -> anyhow::Result<i32> {
     let db = open_db_to_read(layout)?;
     // show runs whose process died as interrupted, not running
     db.reap_dead_runs(
-        &crate::device::Environment::detect().host,
-        &crate::device::pid_alive,
+        &harness::device::Environment::detect().host,
+        &harness::device::pid_alive,
     )?;
     match experiment {
         None => {

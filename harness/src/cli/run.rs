@@ -17,7 +17,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         spec::check_memory(&loaded, available)?;
     }
     if let Some(d) = &device {
-        crate::device::parse_device(d)?;
+        harness::device::parse_device(d)?;
     }
     if jobs == 0 {
         return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
@@ -42,7 +42,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         Err(e) => {
             // a stop (SIGTERM to this process alone, as a scheduler may send it) reaches
             // the workers too; on any other error they finish their runs
-            if let (Some(w), crate::Error::Stopped(stopped)) = (workers, &e) {
+            if let (Some(w), harness::Error::Stopped(stopped)) = (workers, &e) {
                 for problem in w.stop(stopped.0) {
                     eprintln!("{problem}");
                 }
@@ -79,7 +79,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     // a worker of `--jobs` leaves the report to the process that started it, unless that
     // process is gone (killed): then the worker that finishes writes it
     let parent_gone =
-        crate::workers::report_parent().is_some_and(|pid| !crate::device::pid_alive(pid));
+        crate::workers::report_parent().is_some_and(|pid| !harness::device::pid_alive(pid));
     if parent_gone {
         eprintln!("the process that started this worker is gone: writing the report");
     }
@@ -89,7 +89,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         // finish writes it with every run
         let safe = out.file_name().map(|n| n.to_string_lossy().into_owned());
         let lock = format!("report-{}", safe.unwrap_or_default());
-        let _held = crate::lock::lock(layout, &runner.db, &lock)?;
+        let _held = harness::lock::lock(layout, &runner.db, &lock)?;
         match reports::write_report(&runner.db, &loaded.base.name, &out, &reports::Format::ALL) {
             Ok(r) => {
                 println!("{}", r.markdown);
@@ -190,7 +190,7 @@ pub(super) fn plan(layout: &Layout, args: PlanArgs) -> anyhow::Result<i32> {
         let fingerprint = match fingerprints.get(&key) {
             Some(f) => f.clone(),
             None => {
-                let f = crate::data::identity_fingerprint(&r.spec.data)?;
+                let f = harness::data::identity_fingerprint(&r.spec.data)?;
                 fingerprints.insert(key, f.clone());
                 f
             }

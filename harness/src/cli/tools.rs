@@ -51,7 +51,7 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let dev = crate::device::parse_device(&device)?;
+    let dev = harness::device::parse_device(&device)?;
     if steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
@@ -119,7 +119,7 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<i32> {
 /// `ablate selftest`.
 pub(super) fn selftest(args: SelftestArgs) -> anyhow::Result<i32> {
     let SelftestArgs { device } = args;
-    let dev = crate::device::parse_device(&device)?;
+    let dev = harness::device::parse_device(&device)?;
     let checks = crate::selftest::run(&dev, &device, |group| {
         for c in group {
             if let Ok(line) = serde_json::to_string(c) {
@@ -167,7 +167,7 @@ pub(super) fn import(args: ImportArgs) -> anyhow::Result<i32> {
         ))
         .into());
     }
-    let opts = crate::import::ImportOptions {
+    let opts = harness::import::ImportOptions {
         heads,
         decoder_heads,
         patch_size,
@@ -175,7 +175,7 @@ pub(super) fn import(args: ImportArgs) -> anyhow::Result<i32> {
         diffusion_batch_mul,
         num_sampling_steps,
     };
-    let r = crate::import::import(&checkpoint, &out, &opts)?;
+    let r = harness::import::import(&checkpoint, &out, &opts)?;
     print_import(&checkpoint, &r);
     Ok(0)
 }
@@ -198,9 +198,9 @@ pub(super) fn sample(quiet: bool, args: SampleArgs) -> anyhow::Result<i32> {
         device,
         out,
     } = args;
-    let dev = crate::device::parse_device(&device)?;
-    let (file, cfg_path) = crate::import::resolve_weights(&weights, config.as_deref(), !no_ema)?;
-    let mc = crate::import::read_config(&cfg_path)?;
+    let dev = harness::device::parse_device(&device)?;
+    let (file, cfg_path) = harness::import::resolve_weights(&weights, config.as_deref(), !no_ema)?;
+    let mc = harness::import::read_config(&cfg_path)?;
     if let Some(&c) = classes.iter().find(|&&c| c as usize >= mc.class_num) {
         return Err(UsageError(format!(
             "--classes: class {c} is out of range: the model has {} classes (0..{})",
@@ -223,7 +223,7 @@ pub(super) fn sample(quiet: bool, args: SampleArgs) -> anyhow::Result<i32> {
             UsageError("--temperature must be positive and --cfg non-negative".into()).into(),
         );
     }
-    let mar = crate::import::load_mar(&file, &mc, &cfg_path, diffusion_steps, &dev)?;
+    let mar = harness::import::load_mar(&file, &mc, &cfg_path, diffusion_steps, &dev)?;
     let labels: Vec<u32> = (0..count).map(|i| classes[i % classes.len()]).collect();
     let opts = models::SampleOptions {
         num_iter: mar_steps.min(mc.seq_len),
@@ -267,7 +267,7 @@ pub(super) fn sample(quiet: bool, args: SampleArgs) -> anyhow::Result<i32> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         db::files::create_folder(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    crate::import::save_safetensors_atomic(&tensors, &out)?;
+    harness::import::save_safetensors_atomic(&tensors, &out)?;
     println!(
         "weights: {} ({})",
         file.display(),
