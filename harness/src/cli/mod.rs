@@ -466,6 +466,8 @@ pub fn main() -> i32 {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // colour codes only for a terminal, not in logs and pipes
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = harness::stop::install() {
         eprintln!("warning: SIGINT/SIGTERM will end ablate without a checkpoint: {e}");

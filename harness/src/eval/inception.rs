@@ -310,8 +310,8 @@ fn check_covariance(sigma: &[f64], d: usize) -> Result<(), String> {
     if let Some(&lowest) = eigenvalues.iter().min_by(|a, b| a.total_cmp(b)) {
         if lowest < -1e-6 * largest {
             return Err(format!(
-                "'sigma' is not a covariance: it has a negative eigenvalue ({lowest:e}, the \
-                 largest is {largest:e}), a covariance is positive semi-definite"
+                "'sigma' is not a covariance: it has a negative eigenvalue ({lowest:.4e}, the \
+                 largest is {largest:.4e}), a covariance is positive semi-definite"
             ));
         }
     }
