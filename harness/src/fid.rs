@@ -10,11 +10,7 @@ use harness::eval::extractor::{load_classifier, Extractor, Features};
 use harness::eval::inception::{load_inception, read_folder, read_stats, write_stats};
 use harness::eval::metrics::{self, Gaussian};
 use harness::layout::Layout;
-
-/// A command-line mistake (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+use harness::Error::Usage;
 
 #[derive(Debug, Clone)]
 pub struct FidOptions {
@@ -34,7 +30,7 @@ pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Ext
             if spec == "inception" {
                 return inception(layout, o, device);
             }
-            return Err(UsageError(format!(
+            return Err(Usage(format!(
                 "--feature-net: expected inception or classifier:RUN, found '{spec}'"
             ))
             .into());
@@ -51,7 +47,7 @@ pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Ext
 
 fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extractor> {
     let convention = Convention::parse(&o.convention).ok_or_else(|| {
-        UsageError(format!(
+        Usage(format!(
             "--convention: expected torch-fidelity or pytorch-fid, found '{}'",
             o.convention
         ))
@@ -73,9 +69,9 @@ fn classifier_checkpoint(layout: &Layout, run: &str) -> Result<PathBuf> {
             })?;
             let row = db
                 .run(id)?
-                .ok_or_else(|| UsageError(format!("--feature-net: no run {id}")))?;
+                .ok_or_else(|| Usage(format!("--feature-net: no run {id}")))?;
             if row.kind != db::RunKind::Classifier {
-                return Err(UsageError(format!(
+                return Err(Usage(format!(
                     "--feature-net: run {id} is a {} run, not a feature-net (classifier) run",
                     row.kind
                 ))
@@ -148,7 +144,7 @@ fn side(
 pub fn run(layout: &Layout, o: &FidOptions) -> Result<()> {
     let device = Device::Cpu;
     if o.paths.len() != 2 {
-        return Err(UsageError(if o.save_stats {
+        return Err(Usage(if o.save_stats {
             "usage: ablate fid --save-stats FOLDER OUT.npz".into()
         } else {
             "usage: ablate fid A B (each an image folder or an .npz with mu and sigma)".into()
@@ -160,7 +156,7 @@ pub fn run(layout: &Layout, o: &FidOptions) -> Result<()> {
     if o.save_stats {
         let (folder, out) = (&o.paths[0], &o.paths[1]);
         if is_npz(folder) {
-            return Err(UsageError(format!(
+            return Err(Usage(format!(
                 "--save-stats: {} is already statistics; give an image folder",
                 folder.display()
             ))

@@ -408,13 +408,12 @@ impl From<ReportFormat> for reports::Format {
 }
 
 /// A request that cannot be served as asked (unknown name, missing configuration): exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) use harness::Error::Usage as UsageError;
 
 /// The exit code of a failed command, from its error's kind: the library's errors say theirs
 /// ([`harness::Error::exit_code`]: 128 + the signal for a stop, 2 for a request at fault, else
-/// 1); the CLI's own and the reports' usage errors are 2; anything else is 1.
+/// 1, and the CLI's own mistakes are its `Usage`); the spec's and the reports' usage errors are
+/// 2; anything else is 1.
 fn exit_code(e: &anyhow::Error) -> i32 {
     if let Some(e) = e.downcast_ref::<harness::Error>() {
         return e.exit_code();
@@ -423,10 +422,8 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         return stopped.exit_code();
     }
     let usage = e.downcast_ref::<spec::SpecError>().is_some()
-        || e.downcast_ref::<UsageError>().is_some()
         || e.downcast_ref::<harness::import::CheckpointError>()
             .is_some()
-        || e.downcast_ref::<crate::fid::UsageError>().is_some()
         || e.downcast_ref::<reports::Error>()
             .is_some_and(reports::Error::is_usage);
     if usage {
