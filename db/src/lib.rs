@@ -49,8 +49,8 @@ use sqlx::{AssertSqlSafe, Connection, Executor};
 pub use error::{Error, Result};
 pub use metrics::MetricWriter;
 pub use model::{
-    ArtifactRow, EvalRecord, ExperimentRow, MetricPoint, MetricRecord, NewEval, NewRun, RunKind,
-    RunRow, RunStatus,
+    ArtifactRow, EvalRecord, ExperimentRow, MetricPoint, MetricRecord, NewEval, NewRun,
+    RunDescriptor, RunKind, RunRow, RunStatus,
 };
 
 /// How long a connection waits for another writer's lock before failing.

@@ -150,6 +150,39 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
+/// What a generator run is in the paper's terms, recorded by the harness when it builds the model
+/// (under the run's `params.descriptor`): what reports read, instead of the spec's layout.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunDescriptor {
+    /// "ar" or "mar".
+    pub generator: String,
+    /// "raster" or "random" (MAR always random).
+    pub order: String,
+    /// Tokens per image (the built model's sequence length, whatever the tokenizer).
+    pub seq_len: u64,
+    /// Trainable parameters of the generator, its head included.
+    pub param_count: u64,
+    pub train_steps: u64,
+    /// MAR's sampling steps (AR predicts one token per step).
+    pub mar_steps: u64,
+    /// Classifier-free guidance scale (1: none).
+    pub cfg: f64,
+    pub temperature: f64,
+    /// Diffusion Loss's sampling steps; None for the cross-entropy head.
+    pub sampling_steps: Option<u64>,
+    /// The arm's tokenizer: its name in the spec, and its kind ("patch", "kmeans", "vq", "kl").
+    pub tokenizer: String,
+    pub tokenizer_kind: String,
+}
+
+impl RunRow {
+    /// The run's [`RunDescriptor`], when the harness recorded one (runs built since results
+    /// version 4; earlier rows, and runs not yet built, have none).
+    pub fn descriptor(&self) -> Option<RunDescriptor> {
+        serde_json::from_value(self.params.get("descriptor")?.clone()).ok()
+    }
+}
+
 /// One experiment with its run counts.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct ExperimentRow {

@@ -612,6 +612,9 @@ impl Runner {
             "model",
             &serde_json::json!({ "param_count": param_count, "seq_len": cfg.seq_len }),
         )?;
+        let described = descriptor(run, &cfg, param_count);
+        self.db
+            .set_run_param(run_id, "descriptor", &serde_json::to_value(&described)?)?;
         // weights live under the training identity, shared by runs that only sample differently
         let dir = self.layout.run_dir(&run.train_hash(&ds.fingerprint));
         let out_dir = self.layout.run_dir(hash);
@@ -772,6 +775,35 @@ fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Re
     );
     std::fs::remove_file(path).map_err(Error::file(path))?;
     Ok(false)
+}
+
+/// What the run is in the paper's terms, for reports ([`db::RunDescriptor`]): the generator and
+/// its order, the built model's sequence length and size, and the settings a report shows.
+fn descriptor(run: &PlannedRun, cfg: &GeneratorConfig, param_count: usize) -> db::RunDescriptor {
+    // the spec's own spelling of an enum value ("ar", "raster", "kmeans")
+    fn spelled(value: impl serde::Serialize) -> String {
+        match serde_json::to_value(value) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => "?".into(),
+        }
+    }
+    let s = &run.spec;
+    db::RunDescriptor {
+        generator: spelled(s.generator.kind),
+        order: match s.generator.kind {
+            GeneratorKindSpec::Ar => spelled(s.generator.order),
+            GeneratorKindSpec::Mar => "random".into(),
+        },
+        seq_len: cfg.seq_len as u64,
+        param_count: param_count as u64,
+        train_steps: s.train.steps as u64,
+        mar_steps: s.sample.mar_steps as u64,
+        cfg: s.sample.cfg,
+        temperature: s.sample.temperature,
+        sampling_steps: (run.arm == Arm::Diffusion).then_some(s.head.sampling_steps as u64),
+        tokenizer: run.tokenizer_name().to_string(),
+        tokenizer_kind: spelled(run.tokenizer().kind),
+    }
 }
 
 /// The model configuration of a run, from its spec and its tokenizer.

@@ -1,9 +1,11 @@
-//! What each generator run is in the paper's terms, read from the resolved parameters stored with
-//! the run: the Table 1 row it belongs to (generator, order, attention, predictions per step and
-//! whatever else the grid varies), whether it samples with classifier-free guidance, and its
-//! sampling settings (the axes a sweep plot can have).
+//! What each generator run is in the paper's terms, read from the descriptor the harness recorded
+//! with the run (`db::RunDescriptor`): the Table 1 row it belongs to (generator, order,
+//! attention, predictions per step and whatever else the grid varies), whether it samples with
+//! classifier-free guidance, and its sampling settings (the axes a sweep plot can have). Runs
+//! recorded before descriptors existed (results version 3 and earlier) are read from their stored
+//! parameters instead ([`Paper::from_params`]), the one place that knows the spec's layout.
 
-use db::{RunKind, RunRow, RunStatus};
+use db::{RunDescriptor, RunKind, RunRow, RunStatus};
 use serde_json::Value;
 
 /// Grid keys whose values are sampling settings; a sweep over one of them is plotted against it.
@@ -122,29 +124,91 @@ impl RunInfo {
     }
 }
 
+/// What a report needs to know of a generator run: its descriptor's fields, each `None` (or NaN)
+/// where an old run's parameters do not say.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Paper {
+    /// "ar" or "mar".
+    pub generator: Option<String>,
+    pub order: Option<String>,
+    pub seq_len: Option<u64>,
+    pub mar_steps: Option<u64>,
+    pub cfg: f64,
+    pub temperature: f64,
+    pub sampling_steps: f64,
+    pub param_count: Option<u64>,
+    /// The arm's tokenizer, by its name in the spec.
+    pub tokenizer: Option<String>,
+}
+
+impl Paper {
+    /// A run's: its descriptor, else its stored parameters.
+    pub fn of(run: &RunRow) -> Paper {
+        match run.descriptor() {
+            Some(d) => Paper::from_descriptor(&d),
+            None => Paper::from_params(&run.params, run.arm.as_deref()),
+        }
+    }
+
+    pub fn from_descriptor(d: &RunDescriptor) -> Paper {
+        Paper {
+            generator: Some(d.generator.clone()),
+            order: Some(d.order.clone()),
+            seq_len: Some(d.seq_len),
+            mar_steps: Some(d.mar_steps),
+            cfg: d.cfg,
+            temperature: d.temperature,
+            sampling_steps: d.sampling_steps.map_or(f64::NAN, |n| n as f64),
+            param_count: Some(d.param_count),
+            tokenizer: Some(d.tokenizer.clone()),
+        }
+    }
+
+    /// For runs recorded without a descriptor: the resolved spec stored as the run's parameters
+    /// (and the `model` entry the harness added to it).
+    pub fn from_params(params: &Value, arm: Option<&str>) -> Paper {
+        let num = |path: &[&str], default: f64| {
+            get(params, path).and_then(Value::as_f64).unwrap_or(default)
+        };
+        let text = |path: &[&str]| {
+            get(params, path)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        Paper {
+            generator: text(&["generator", "kind"]),
+            order: text(&["generator", "order"]),
+            seq_len: tokens_per_image(params, arm),
+            mar_steps: get(params, &["sample", "mar_steps"]).and_then(Value::as_u64),
+            cfg: num(&["sample", "cfg"], 1.0),
+            temperature: num(&["sample", "temperature"], f64::NAN),
+            sampling_steps: num(&["head", "sampling_steps"], f64::NAN),
+            param_count: get(params, &["model", "param_count"]).and_then(Value::as_u64),
+            tokenizer: arm.and_then(|a| text(&["arms", a, "tokenizer"])),
+        }
+    }
+}
+
 /// The generator runs of an experiment, in the experiment's run order.
 pub(crate) fn describe(runs: &[RunRow]) -> Vec<RunInfo> {
     runs.iter()
         .filter(|r| r.kind == RunKind::Generator)
         .map(|r| {
-            let p = &r.params;
-            let num = |path: &[&str], default: f64| {
-                get(p, path).and_then(Value::as_f64).unwrap_or(default)
-            };
+            let paper = Paper::of(r);
             RunInfo {
                 run_id: r.id,
                 arm: r.arm.clone(),
                 seed: r.seed,
                 status: r.status,
-                row: row_info(&r.cell, p, r.arm.as_deref()),
-                cfg: num(&["sample", "cfg"], 1.0),
+                row: row_info(&r.cell, &paper),
+                cfg: paper.cfg,
                 sweep: [
-                    num(&["sample", "cfg"], 1.0),
-                    num(&["sample", "temperature"], f64::NAN),
-                    num(&["sample", "mar_steps"], f64::NAN),
-                    num(&["head", "sampling_steps"], f64::NAN),
+                    paper.cfg,
+                    paper.temperature,
+                    paper.mar_steps.map_or(f64::NAN, |n| n as f64),
+                    paper.sampling_steps,
                 ],
-                param_count: get(p, &["model", "param_count"]).and_then(Value::as_u64),
+                param_count: paper.param_count,
             }
         })
         .collect()
@@ -162,8 +226,8 @@ fn has_key(part: &str, key: &str) -> bool {
     part.split_once('=').is_some_and(|(k, _)| k == key)
 }
 
-/// The Table 1 descriptor of a run from its cell label and resolved parameters.
-pub(crate) fn row_info(cell: &str, params: &Value, arm: Option<&str>) -> RowInfo {
+/// The Table 1 descriptor of a run from its cell label and what it is.
+pub(crate) fn row_info(cell: &str, paper: &Paper) -> RowInfo {
     let key_parts: Vec<&str> = label_parts(cell)
         .filter(|p| !has_key(p, "sample.cfg"))
         .collect();
@@ -178,7 +242,7 @@ pub(crate) fn row_info(cell: &str, params: &Value, arm: Option<&str>) -> RowInfo
         .copied()
         .collect::<Vec<_>>()
         .join(" · ");
-    let kind = get(params, &["generator", "kind"]).and_then(Value::as_str);
+    let kind = paper.generator.as_deref();
     let (generator, attention) = match kind {
         Some("ar") => ("AR", "causal"),
         Some("mar") => ("MAR", "bidirectional"),
@@ -187,21 +251,15 @@ pub(crate) fn row_info(cell: &str, params: &Value, arm: Option<&str>) -> RowInfo
     let order = match kind {
         // MAR always generates in a random order.
         Some("mar") => "random".to_string(),
-        _ => get(params, &["generator", "order"])
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string(),
+        _ => paper.order.clone().unwrap_or_else(|| "?".into()),
     };
     let preds = match kind {
         Some("ar") => "1".to_string(),
-        Some("mar") => {
-            let steps = get(params, &["sample", "mar_steps"]).and_then(Value::as_u64);
-            match (steps, tokens_per_image(params, arm)) {
-                (Some(s), Some(t)) if s >= t => "1".to_string(),
-                (Some(s), _) => format!("many ({s} steps)"),
-                _ => "?".to_string(),
-            }
-        }
+        Some("mar") => match (paper.mar_steps, paper.seq_len) {
+            (Some(s), Some(t)) if s >= t => "1".to_string(),
+            (Some(s), _) => format!("many ({s} steps)"),
+            _ => "?".to_string(),
+        },
         _ => "?".to_string(),
     };
     RowInfo {
@@ -267,8 +325,7 @@ mod tests {
     fn table1_descriptors_follow_the_paper() {
         let r = row_info(
             "generator.kind=ar · sample.cfg=3.0",
-            &params("ar", "raster", 4),
-            None,
+            &Paper::from_params(&params("ar", "raster", 4), None),
         );
         assert_eq!(
             (r.generator.as_str(), r.order.as_str(), r.attention.as_str()),
@@ -280,7 +337,10 @@ mod tests {
         );
         assert_eq!(r.setting, "");
         // 16 tokens, 16 steps: one prediction per step; 4 steps: many.
-        let r = row_info("base", &params("mar", "raster", 16), Some("diffusion"));
+        let r = row_info(
+            "base",
+            &Paper::from_params(&params("mar", "raster", 16), Some("diffusion")),
+        );
         assert_eq!(
             (r.order.as_str(), r.attention.as_str(), r.preds.as_str()),
             ("random", "bidirectional", "1")
@@ -288,12 +348,11 @@ mod tests {
         assert_eq!(r.key, "base");
         let r = row_info(
             "generator.kind=mar · train.steps=20",
-            &params("mar", "raster", 4),
-            Some("cross-entropy"),
+            &Paper::from_params(&params("mar", "raster", 4), Some("cross-entropy")),
         );
         assert_eq!(r.preds, "many (4 steps)");
         assert_eq!(r.setting, "train.steps=20");
-        let r = row_info("x", &json!({}), None);
+        let r = row_info("x", &Paper::from_params(&json!({}), None));
         assert_eq!((r.generator.as_str(), r.preds.as_str()), ("?", "?"));
     }
 
@@ -302,11 +361,67 @@ mod tests {
         // an autoencoder tokenizer downsamples 16 px by 8: 4 tokens, though `patch` says 16
         let mut p = params("mar", "raster", 4);
         p["model"] = json!({ "seq_len": 4, "param_count": 1000 });
-        assert_eq!(row_info("base", &p, Some("diffusion")).preds, "1");
+        let preds = |p: &Value| row_info("base", &Paper::from_params(p, Some("diffusion"))).preds;
+        assert_eq!(preds(&p), "1");
         p["model"]["seq_len"] = json!(64);
+        assert_eq!(preds(&p), "many (4 steps)");
+    }
+
+    /// A run with a descriptor is read from it alone (its parameters need not hold the spec),
+    /// and reads as the same row as an old run's parameters that say the same.
+    #[test]
+    fn a_descriptor_is_read_without_the_spec() {
+        let d = RunDescriptor {
+            generator: "mar".into(),
+            order: "random".into(),
+            seq_len: 16,
+            param_count: 1234,
+            train_steps: 20,
+            mar_steps: 4,
+            cfg: 3.0,
+            temperature: 0.9,
+            sampling_steps: Some(50),
+            tokenizer: "kl".into(),
+            tokenizer_kind: "kl".into(),
+        };
+        let run = RunRow {
+            id: 1,
+            hash: "h".into(),
+            kind: RunKind::Generator,
+            name: "g".into(),
+            cell: "generator.kind=mar".into(),
+            arm: Some("diffusion".into()),
+            seed: 0,
+            params: json!({ "descriptor": d }),
+            status: RunStatus::Finished,
+            stage: None,
+            created_at: String::new(),
+            started_at: None,
+            ended_at: None,
+            git_commit: None,
+            git_dirty: false,
+            host: String::new(),
+            device: String::new(),
+            version: String::new(),
+            pid: None,
+            error: None,
+        };
+        let info = &describe(std::slice::from_ref(&run))[0];
         assert_eq!(
-            row_info("base", &p, Some("diffusion")).preds,
-            "many (4 steps)"
+            info.row.short(),
+            "MAR · random · bidirectional · many (4 steps)"
+        );
+        assert_eq!(info.cfg, 3.0);
+        assert_eq!(info.sweep, [3.0, 0.9, 4.0, 50.0]);
+        assert_eq!(info.param_count, Some(1234));
+        let mut old = params("mar", "raster", 4);
+        old["model"] = json!({ "seq_len": 16 });
+        assert_eq!(
+            info.row,
+            row_info(
+                "generator.kind=mar",
+                &Paper::from_params(&old, Some("diffusion"))
+            )
         );
     }
 

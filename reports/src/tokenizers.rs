@@ -6,8 +6,8 @@
 
 use db::{EvalRecord, RunKind, RunRow};
 use polars::prelude::*;
-use serde_json::Value;
 
+use crate::rows::Paper;
 use crate::table::{MISSING, NONE};
 
 /// Reconstruction metrics of a tokenizer run, and their column titles.
@@ -47,14 +47,6 @@ fn tokenizer_name(run: &RunRow, generators: &[&RunRow]) -> String {
         .and_then(|s| s.split(" · ").next())
         .unwrap_or(&run.name)
         .to_string()
-}
-
-/// "AR" / "MAR" from a generator run's parameters.
-fn generator_label(params: &Value) -> String {
-    params["generator"]["kind"]
-        .as_str()
-        .map(str::to_uppercase)
-        .unwrap_or_else(|| "?".into())
 }
 
 /// The table, or `None` when the experiment has no tokenizer runs with reconstruction metrics.
@@ -99,16 +91,20 @@ pub(crate) fn tokenizer_table(
     // generation: the last FID / IS of each unguided generator run, under its arm's tokenizer
     let mut generation_columns: Vec<String> = Vec::new();
     for g in &generators {
-        let Some(arm) = g.arm.as_deref() else {
-            continue;
-        };
-        let Some(name) = g.params["arms"][arm]["tokenizer"].as_str() else {
-            continue;
-        };
-        if g.params["sample"]["cfg"].as_f64().unwrap_or(1.0) != 1.0 {
+        if g.arm.is_none() {
             continue;
         }
-        let label = generator_label(&g.params);
+        let paper = Paper::of(g);
+        let Some(name) = paper.tokenizer.as_deref() else {
+            continue;
+        };
+        if paper.cfg != 1.0 {
+            continue;
+        }
+        let label = paper
+            .generator
+            .as_deref()
+            .map_or_else(|| "?".into(), str::to_uppercase);
         for (metric, title) in [("fid", "FID"), ("is", "IS")] {
             let last = evals
                 .iter()
@@ -257,7 +253,7 @@ pub(crate) fn html(t: &TokenizerTable) -> String {
 mod tests {
     use super::*;
     use db::RunStatus;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn run(id: i64, kind: RunKind, name: &str, arm: Option<&str>, params: Value) -> RunRow {
         RunRow {

@@ -51,6 +51,20 @@ fn tiny_spec_runs_end_to_end_and_reruns_in_no_time() {
             r.params
         );
         assert_eq!(r.params["model"]["seq_len"], 4, "{}", r.params);
+        // what reports read: the descriptor recorded with the built model
+        let d = r.descriptor().expect("a recorded descriptor");
+        assert_eq!(
+            d.generator,
+            r.params["generator"]["kind"].as_str().expect("kind")
+        );
+        assert_eq!((d.seq_len, d.train_steps, d.cfg), (4, 6, 1.0));
+        assert_eq!(
+            Some(d.param_count),
+            r.params["model"]["param_count"].as_u64()
+        );
+        let arm = r.arm.as_deref().expect("arm");
+        assert_eq!(d.tokenizer, if arm == "diffusion" { "patch" } else { "vq" });
+        assert_eq!(d.sampling_steps.is_some(), arm == "diffusion");
         assert!(!r.host.is_empty());
         let evals = db.evals_for_run(r.id).expect("evals");
         let fid = evals.iter().find(|e| e.metric == "fid").expect("fid row");
