@@ -52,6 +52,7 @@ pub use model::{
     ArtifactRow, EvalRecord, ExperimentRow, MetricPoint, MetricRecord, NewEval, NewRun,
     RunDescriptor, RunKind, RunRow, RunStatus,
 };
+pub use model::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 
 /// How long a connection waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

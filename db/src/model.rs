@@ -59,6 +59,12 @@ impl FromStr for RunStatus {
     }
 }
 
+/// The arm of the VQ-token + softmax-head side of a pair, as stored in `runs.arm` and written as
+/// the spec's `[arms]` key: the one definition the harness and the reports share.
+pub const ARM_CROSS_ENTROPY: &str = "cross-entropy";
+/// The arm of the continuous-token + Diffusion Loss side of a pair (see [`ARM_CROSS_ENTROPY`]).
+pub const ARM_DIFFUSION: &str = "diffusion";
+
 /// What a run trains. Stored as lower-case text in `runs.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -34,10 +34,7 @@ use db::{RunKind, RunStatus};
 
 pub use drift::{CheckReport, CheckRow, Entry, Status, Tolerance};
 
-/// Arm name of the VQ-token + softmax-head side of a pair.
-pub const ARM_CROSS_ENTROPY: &str = "cross-entropy";
-/// Arm name of the continuous-token + Diffusion Loss side of a pair.
-pub const ARM_DIFFUSION: &str = "diffusion";
+pub use db::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 /// Metric key of the training loss drawn in `loss_curves`.
 pub const LOSS_KEY: &str = "train/loss";
 /// Artifact kind of a run's sample grid.

@@ -659,10 +659,12 @@ pub enum Arm {
 }
 
 impl Arm {
+    /// The name stored with each run and used as the spec's `[arms]` key (`db::ARM_*`; serde's
+    /// kebab-case spelling above must agree, which a test checks).
     pub fn as_str(self) -> &'static str {
         match self {
-            Arm::CrossEntropy => "cross-entropy",
-            Arm::Diffusion => "diffusion",
+            Arm::CrossEntropy => db::ARM_CROSS_ENTROPY,
+            Arm::Diffusion => db::ARM_DIFFUSION,
         }
     }
 }
@@ -731,6 +733,25 @@ impl LoadedSpec {
 mod tests {
     use super::load::unclosed_array_before;
     use super::*;
+
+    /// The arm names serde reads and writes are the ones stored with runs (`db::ARM_*`).
+    #[test]
+    fn arm_names_are_the_stored_ones() {
+        for arm in [Arm::CrossEntropy, Arm::Diffusion] {
+            assert_eq!(serde_json::to_value(arm).expect("json"), arm.as_str());
+        }
+        let arms: serde_json::Value = serde_json::to_value(ArmsSpec {
+            cross_entropy: ArmSpec {
+                tokenizer: "a".into(),
+            },
+            diffusion: ArmSpec {
+                tokenizer: "b".into(),
+            },
+        })
+        .expect("json");
+        assert_eq!(arms[db::ARM_CROSS_ENTROPY]["tokenizer"], "a");
+        assert_eq!(arms[db::ARM_DIFFUSION]["tokenizer"], "b");
+    }
 
     const MINI: &str = r#"
 name = "t"

@@ -159,8 +159,8 @@ pub(super) fn validate(s: &Spec, err: &dyn Fn(&str, String) -> SpecError) -> Res
         }
     }
     for (arm, a, discrete) in [
-        ("cross-entropy", &s.arms.cross_entropy, true),
-        ("diffusion", &s.arms.diffusion, false),
+        (Arm::CrossEntropy.as_str(), &s.arms.cross_entropy, true),
+        (Arm::Diffusion.as_str(), &s.arms.diffusion, false),
     ] {
         let key = format!("arms.{arm}.tokenizer");
         let t = s.tokenizers.get(&a.tokenizer);
