@@ -666,7 +666,7 @@ impl Runner {
                 db::files::write_atomic(&path, |tmp| candle_core::safetensors::save(&tensors, tmp))
                     .map_err(Error::file(&path))?;
                 record_artifact(&self.db, run_id, "model-ema", &path)?;
-                candle_nn::VarBuilder::from_tensors(ema.tensors(), DType::F32, &device)
+                candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device)
             }
             None => models::init::frozen_var_builder(&varmap, DType::F32, &device)?,
         };

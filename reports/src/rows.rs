@@ -384,28 +384,14 @@ mod tests {
             tokenizer: "kl".into(),
             tokenizer_kind: "kl".into(),
         };
-        let run = RunRow {
-            id: 1,
-            hash: "h".into(),
-            kind: RunKind::Generator,
-            name: "g".into(),
-            cell: "generator.kind=mar".into(),
-            arm: Some("diffusion".into()),
-            seed: 0,
-            params: json!({ "descriptor": d }),
-            status: RunStatus::Finished,
-            stage: None,
-            created_at: String::new(),
-            started_at: None,
-            ended_at: None,
-            git_commit: None,
-            git_dirty: false,
-            host: String::new(),
-            device: String::new(),
-            version: String::new(),
-            pid: None,
-            error: None,
-        };
+        let mut run = crate::tokenizers::tests::run(
+            1,
+            RunKind::Generator,
+            "g",
+            Some("diffusion"),
+            json!({ "descriptor": d }),
+        );
+        run.cell = "generator.kind=mar".into();
         let info = &describe(std::slice::from_ref(&run))[0];
         assert_eq!(
             info.row.short(),

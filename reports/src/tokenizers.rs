@@ -250,12 +250,19 @@ pub(crate) fn html(t: &TokenizerTable) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use db::RunStatus;
     use serde_json::{json, Value};
 
-    fn run(id: i64, kind: RunKind, name: &str, arm: Option<&str>, params: Value) -> RunRow {
+    /// A finished run row with these fields (the rest empty), for tests.
+    pub(crate) fn run(
+        id: i64,
+        kind: RunKind,
+        name: &str,
+        arm: Option<&str>,
+        params: Value,
+    ) -> RunRow {
         RunRow {
             id,
             hash: format!("h{id}"),

@@ -170,6 +170,30 @@ fn killed_run_resumes_to_the_same_weights() {
     }
 }
 
+/// The checkpoint folder (`HASH.ckpt`) of a tokenizer fit under `root`, once there is one.
+fn tokenizer_checkpoints(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(root.join("cache/tokenizers"))
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
+        .map(|e| e.path())
+}
+
+/// The stored tokenizer of run hash `hash` under `root`.
+fn tokenizer_file(root: &std::path::Path, hash: &str) -> std::path::PathBuf {
+    root.join("cache/tokenizers")
+        .join(format!("{hash}.safetensors"))
+}
+
+/// The tiny experiment's `vq` tokenizer run.
+fn vq_tokenizer_run(db: &Db) -> db::RunRow {
+    db.list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
+        .expect("the vq tokenizer run")
+}
+
 /// An autoencoder tokenizer fit killed after a checkpoint continues from it on the next run and
 /// ends with the same tokenizer as a fit that ran through; its curve has each step once.
 #[test]
@@ -181,13 +205,7 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let probe = || {
-        let dir = std::fs::read_dir(killed.join("cache/tokenizers"))
-            .ok()?
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))?;
-        checkpoint_step(&dir.path().join("checkpoint.json"))
-    };
+    let probe = || checkpoint_step(&tokenizer_checkpoints(&killed)?.join("checkpoint.json"));
     let killed_at = kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(300));
 
     let out = ablate(&killed, &args);
@@ -207,20 +225,12 @@ fn killed_tokenizer_fit_resumes_from_its_checkpoint() {
 
     let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
     let clean_db = Db::open_existing(&clean.join("ablate.sqlite")).expect("clean db");
-    let tokenizer = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
-        .expect("the vq tokenizer run");
+    let tokenizer = vq_tokenizer_run(&db);
     assert_eq!(tokenizer.status, RunStatus::Finished);
     let steps = logged_steps(&db, tokenizer.id, "train/loss");
     assert_eq!(steps, (1..=12).map(|i| i * 25).collect::<Vec<i64>>());
     // the same file, bit for bit in its tensors, as the uninterrupted fit
-    let file = |root: &std::path::Path| {
-        root.join("cache/tokenizers")
-            .join(format!("{}.safetensors", tokenizer.hash))
-    };
+    let file = |root: &std::path::Path| tokenizer_file(root, &tokenizer.hash);
     let a = candle_core::safetensors::load(file(&clean), &Device::Cpu).expect("clean tokenizer");
     let b = candle_core::safetensors::load(file(&killed), &Device::Cpu).expect("resumed tokenizer");
     assert_eq!(a.len(), b.len());
@@ -250,16 +260,9 @@ fn a_damaged_tokenizer_checkpoint_is_passed_over_and_recorded() {
     let out = ablate(&clean, &args);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let checkpoints = || {
-        std::fs::read_dir(killed.join("cache/tokenizers"))
-            .ok()?
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
-            .map(|e| e.path())
-    };
-    let probe = || checkpoint_step(&checkpoints()?.join("checkpoint.json"));
+    let probe = || checkpoint_step(&tokenizer_checkpoints(&killed)?.join("checkpoint.json"));
     kill_at_checkpoint(&killed, &args, probe, Duration::from_secs(300));
-    let ckpt = checkpoints().expect("the fit's checkpoint folder");
+    let ckpt = tokenizer_checkpoints(&killed).expect("the fit's checkpoint folder");
     let latest = checkpoint_step(&ckpt.join("checkpoint.json")).expect("latest step");
     let weights = ckpt.join(format!("checkpoint-{latest:08}.safetensors"));
     let size = std::fs::metadata(&weights).expect("weights").len();
@@ -281,21 +284,13 @@ fn a_damaged_tokenizer_checkpoint_is_passed_over_and_recorded() {
         "{err}"
     );
     let db = Db::open_existing(&killed.join("ablate.sqlite")).expect("db");
-    let tokenizer = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == RunKind::Tokenizer && r.name.contains("vq"))
-        .expect("the vq tokenizer run");
+    let tokenizer = vq_tokenizer_run(&db);
     assert_eq!(tokenizer.status, RunStatus::Finished);
     let note = tokenizer.params["checkpoint_recovered"]
         .as_str()
         .unwrap_or_else(|| panic!("not recorded: {}", tokenizer.params));
     assert!(note.contains(&format!("checkpoint-{latest:08}")), "{note}");
-    let file = |root: &std::path::Path| {
-        root.join("cache/tokenizers")
-            .join(format!("{}.safetensors", tokenizer.hash))
-    };
+    let file = |root: &std::path::Path| tokenizer_file(root, &tokenizer.hash);
     let a = candle_core::safetensors::load(file(&clean), &Device::Cpu).expect("clean tokenizer");
     let b =
         candle_core::safetensors::load(file(&killed), &Device::Cpu).expect("refitted tokenizer");
