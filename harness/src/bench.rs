@@ -229,9 +229,7 @@ pub fn run(
         device.synchronize()?;
         let t0 = Instant::now();
         let loss = generator.loss(&tokens, &labels, &mut rng)?;
-        let mut grads = loss.backward()?;
-        clip_grad_norm(&mut grads, &vars, 3.0)?;
-        opt.step(&grads, 1e-4)?;
+        opt.clipped_step(&mut loss.backward()?, 3.0, 1e-4)?;
         device.synchronize()?;
         if step >= 2 {
             times.push(t0.elapsed().as_secs_f64());
@@ -472,9 +470,9 @@ pub fn run_eval(
 mod precision_tests {
     use std::collections::HashMap;
 
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
-    use harness::train::{clip_grad_norm, sorted_vars, AdamW, Ema};
+    use harness::train::{sorted_vars, AdamW, Ema};
     use models::{Generator, Precision, Rng};
 
     /// A bf16 step keeps the master weights, the AdamW moments and the EMA in f32 (CRATES.md: the
@@ -507,9 +505,7 @@ mod precision_tests {
             let loss = g.loss(&tokens, &labels, &mut rng)?;
             assert_eq!(loss.dtype(), DType::F32);
             let mut grads = loss.backward()?;
-            let vars: Vec<Var> = opt.vars().cloned().collect();
-            clip_grad_norm(&mut grads, &vars, 3.0)?;
-            opt.step(&grads, 1e-3)?;
+            opt.clipped_step(&mut grads, 3.0, 1e-3)?;
             ema.update(1)?;
             for (n, v) in sorted_vars(&varmap)? {
                 assert_eq!(v.dtype(), DType::F32, "{name}: weight {n}");
@@ -526,7 +522,7 @@ mod precision_tests {
                 })
                 .count();
             let mut nonzero = 0;
-            for v in &vars {
+            for v in opt.vars() {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     assert_eq!(g.dtype(), DType::F32, "{name}: gradients are f32");
                     if g.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {

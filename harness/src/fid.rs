@@ -6,9 +6,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use models::inception::Convention;
 
-use harness::eval::extractor::{load_classifier, Extractor, Features};
 use harness::eval::inception::{load_inception, read_folder, read_stats, write_stats};
 use harness::eval::metrics::{self, Gaussian};
+use harness::eval::net::load_classifier;
+use harness::eval::{Features, FewSamples, Net};
 use harness::layout::Layout;
 use harness::Error::Usage;
 
@@ -24,7 +25,7 @@ pub struct FidOptions {
 }
 
 /// Build the feature net the options ask for.
-pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extractor> {
+pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Net> {
     if let Some(spec) = &o.feature_net {
         let Some(run) = spec.strip_prefix("classifier:") else {
             if spec == "inception" {
@@ -36,16 +37,12 @@ pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Ext
             .into());
         };
         let path = classifier_checkpoint(layout, run)?;
-        let (model, channels) = load_classifier(&path, device)?;
-        return Ok(Extractor::Classifier {
-            model: Box::new(model),
-            channels,
-        });
+        return Ok(load_classifier(&path, device)?);
     }
     inception(layout, o, device)
 }
 
-fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extractor> {
+fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Net> {
     let convention = Convention::parse(&o.convention).ok_or_else(|| {
         Usage(format!(
             "--convention: expected torch-fidelity or pytorch-fid, found '{}'",
@@ -53,7 +50,7 @@ fn inception(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Extract
         ))
     })?;
     let path = layout.inception_weights(o.weights.as_deref())?;
-    Ok(Extractor::Inception {
+    Ok(Net::Inception {
         net: Box::new(load_inception(&path, device)?),
         convention,
         batch: o.batch.max(1),
@@ -97,27 +94,7 @@ fn is_npz(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Warn (stderr) when a set is too small for a meaningful FID.
-pub fn warn_sample_count(what: &str, n: usize, dim: usize) {
-    if n <= dim {
-        eprintln!(
-            "warning: {what} has only {n} samples, not more than the {dim} feature dimensions: its \
-             covariance is singular and FID is strongly biased upwards (use 10000 or more; the \
-             paper's numbers use 50000)"
-        );
-    } else if n < 10_000 {
-        eprintln!(
-            "warning: {what} has {n} samples; FID is biased upwards below about 10000 (the \
-             paper's numbers use 50000), so compare only values with equal counts"
-        );
-    }
-}
-
-fn side(
-    path: &Path,
-    net: &mut Option<Extractor>,
-    make: &dyn Fn() -> Result<Extractor>,
-) -> Result<Side> {
+fn side(path: &Path, net: &mut Option<Net>, make: &dyn Fn() -> Result<Net>) -> Result<Side> {
     if is_npz(path) {
         return Ok(Side {
             stats: read_stats(path)?,
@@ -131,8 +108,10 @@ fn side(
     let Some(net) = net.as_ref() else {
         bail!("feature net not built")
     };
-    let f = net.extract(&images)?;
-    warn_sample_count(&path.display().to_string(), f.n, f.dim);
+    let f = net.features_u8(&images)?;
+    if let Some(few) = FewSamples::of(f.n, f.dim) {
+        eprintln!("{}", few.warning(&path.display().to_string(), f.n, f.dim));
+    }
     let stats = metrics::gaussian_stats(&f.feats, f.n, f.dim)?;
     Ok(Side {
         stats,
@@ -152,7 +131,7 @@ pub fn run(layout: &Layout, o: &FidOptions) -> Result<()> {
         .into());
     }
     let make = || extractor(layout, o, &device);
-    let mut net: Option<Extractor> = None;
+    let mut net: Option<Net> = None;
     if o.save_stats {
         let (folder, out) = (&o.paths[0], &o.paths[1]);
         if is_npz(folder) {

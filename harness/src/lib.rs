@@ -4,6 +4,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod generator;
 pub mod identity;
 pub mod import;
 pub mod layout;

@@ -10,21 +10,17 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use db::{Db, MetricPoint, NewRun, RunKind, RunStatus};
 use indicatif::{ProgressBar, ProgressStyle};
-use models::diffusion::Schedule;
 use models::init::seeded_var_builder;
-use models::{Generator, GeneratorConfig, GeneratorKind, HeadConfig};
+use models::Generator;
 
 use crate::data::{self, Dataset};
 use crate::device::{device_label, parse_device, pid_alive, Environment};
-use crate::eval::{self, EvalNet, FeatureNet, Net};
+use crate::eval::{self, EvalNet, FewSamples, Net, TrainableClassifier};
 use crate::identity;
 use crate::layout::Layout;
 use crate::lock;
 use crate::sample::{sample_images, save_class_grid};
-use crate::spec::{
-    self, Arm, GeneratorKindSpec, LoadedSpec, OrderSpec, PlannedRun, ScheduleSpec, Spec,
-    TokenizerKind,
-};
+use crate::spec::{self, Arm, LoadedSpec, PlannedRun, Spec, TokenizerKind};
 use crate::tokenize::stage::TokenizerJob;
 use crate::tokenize::{self, TokenData, Tokenizer};
 use crate::train::collective::Solo;
@@ -506,6 +502,7 @@ impl Runner {
         let net = Net::Inception {
             net: Box::new(net),
             convention,
+            batch: 16,
         };
         let f = std::rc::Rc::new(eval::stage::with_reference(
             &self.layout,
@@ -546,7 +543,7 @@ impl Runner {
             return Ok(f.clone());
         }
         let path = self.layout.classifier(&hash);
-        let mut net = FeatureNet::new(ds.train.channels, ds.classes, &spec.eval, device)?;
+        let mut net = TrainableClassifier::new(ds.train.channels, ds.classes, &spec.eval, device)?;
         let _held = self.wait_lock(&hash, "    the feature net")?;
         let finished = self.is_finished(id)?;
         if finished
@@ -569,7 +566,7 @@ impl Runner {
         let net_id = format!("classifier-{hash}");
         let f = std::rc::Rc::new(eval::stage::with_reference(
             &self.layout,
-            Net::Classifier(Box::new(net)),
+            net.frozen()?,
             name,
             &net_id,
             ds,
@@ -600,7 +597,7 @@ impl Runner {
 
         self.db.set_stage(run_id, "train")?;
         let t_train = Instant::now();
-        let cfg = generator_config(run, tokenizer, ds.classes);
+        let cfg = crate::generator::config(run, tokenizer, ds.classes);
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
         let generator = Generator::new(&cfg, vb)?;
@@ -612,7 +609,7 @@ impl Runner {
             "model",
             &serde_json::json!({ "param_count": param_count, "seq_len": cfg.seq_len }),
         )?;
-        let described = descriptor(run, &cfg, param_count);
+        let described = crate::generator::descriptor(run, &cfg, param_count);
         self.db
             .set_run_param(run_id, "descriptor", &serde_json::to_value(&described)?)?;
         // weights live under the training identity, shared by runs that only sample differently
@@ -690,13 +687,10 @@ impl Runner {
         let sample_s = t_sample.elapsed().as_secs_f64();
         self.db.set_stage(run_id, "eval")?;
         let t_eval = Instant::now();
-        if let Net::Inception { .. } = fnet.net {
-            if samples.n <= models::inception::FEATURE_DIM {
-                self.say(format!(
-                    "    warning: only {} samples for 2048-d Inception features: FID is strongly biased (use 10000 or more)",
-                    samples.n
-                ));
-            }
+        let dim = fnet.net.dim();
+        if let Some(FewSamples::Singular) = FewSamples::of(samples.n, dim) {
+            let warning = FewSamples::Singular.warning("the samples", samples.n, dim);
+            self.say(format!("    {warning}"));
         }
         let scores = eval::score(&fnet, &samples, run.spec.eval.is_splits)?;
         let step = run.spec.train.steps as i64;
@@ -775,88 +769,4 @@ fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Re
     );
     std::fs::remove_file(path).map_err(Error::file(path))?;
     Ok(false)
-}
-
-/// What the run is in the paper's terms, for reports ([`db::RunDescriptor`]): the generator and
-/// its order, the built model's sequence length and size, and the settings a report shows.
-fn descriptor(run: &PlannedRun, cfg: &GeneratorConfig, param_count: usize) -> db::RunDescriptor {
-    // the spec's own spelling of an enum value ("ar", "raster", "kmeans")
-    fn spelled(value: impl serde::Serialize) -> String {
-        match serde_json::to_value(value) {
-            Ok(serde_json::Value::String(s)) => s,
-            _ => "?".into(),
-        }
-    }
-    let s = &run.spec;
-    db::RunDescriptor {
-        generator: spelled(s.generator.kind),
-        order: match s.generator.kind {
-            GeneratorKindSpec::Ar => spelled(s.generator.order),
-            GeneratorKindSpec::Mar => "random".into(),
-        },
-        seq_len: cfg.seq_len as u64,
-        param_count: param_count as u64,
-        train_steps: s.train.steps as u64,
-        mar_steps: s.sample.mar_steps as u64,
-        cfg: s.sample.cfg,
-        temperature: s.sample.temperature,
-        sampling_steps: (run.arm == Arm::Diffusion).then_some(s.head.sampling_steps as u64),
-        tokenizer: run.tokenizer_name().to_string(),
-        tokenizer_kind: spelled(run.tokenizer().kind),
-    }
-}
-
-/// The model configuration of a run, from its spec and its tokenizer.
-pub fn generator_config(run: &PlannedRun, tok: &Tokenizer, classes: usize) -> GeneratorConfig {
-    let g = &run.spec.generator;
-    let h = &run.spec.head;
-    GeneratorConfig {
-        kind: match g.kind {
-            GeneratorKindSpec::Ar => GeneratorKind::Ar,
-            GeneratorKindSpec::Mar => GeneratorKind::Mar,
-        },
-        order: match (g.kind, g.order) {
-            (GeneratorKindSpec::Ar, OrderSpec::Raster) => models::Order::Raster,
-            _ => models::Order::Random,
-        },
-        seq_len: tok.seq_len(),
-        token_dim: tok.token_dim(),
-        width: g.width,
-        // size parity (the paper's causal AR baseline, its authors in the official repo's
-        // issue #34): no MAE encoder, one stack as deep as MAR's encoder and decoder together
-        depth: match g.kind {
-            GeneratorKindSpec::Ar => g.depth + g.decoder_depth.unwrap_or(g.depth),
-            GeneratorKindSpec::Mar => g.depth,
-        },
-        decoder_width: g.decoder_width.unwrap_or(g.width),
-        decoder_depth: g.decoder_depth.unwrap_or(g.depth),
-        heads: g.heads,
-        decoder_heads: g.decoder_heads.unwrap_or(g.heads),
-        mlp_ratio: g.mlp_ratio,
-        num_classes: classes,
-        buffer_size: g.buffer,
-        label_drop: g.label_drop,
-        attn_dropout: g.attn_dropout,
-        proj_dropout: g.proj_dropout,
-        head: match run.arm {
-            Arm::CrossEntropy => HeadConfig::CrossEntropy {
-                vocab: tok.vocab().unwrap_or(2),
-            },
-            Arm::Diffusion => HeadConfig::Diffusion {
-                width: h.width,
-                depth: h.depth,
-                batch_mul: h.batch_mul,
-                train_steps: h.train_steps,
-                sampling_steps: h.sampling_steps,
-                schedule: match h.schedule {
-                    ScheduleSpec::Cosine => Schedule::Cosine,
-                    ScheduleSpec::Linear => Schedule::Linear,
-                },
-                learn_sigma: h.learn_sigma,
-                // clipping x₀ to [-1, 1] only makes sense for pixel tokens; latents are unbounded
-                clip_denoised: h.clip_denoised && tok.kind == TokenizerKind::Patch,
-            },
-        },
-        precision: run.spec.train.precision.to_model(),
-    }
 }

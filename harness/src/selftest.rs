@@ -22,7 +22,7 @@ use models::{
 };
 use serde::Serialize;
 
-use harness::train::{clip_grad_norm, sorted_vars, AdamW};
+use harness::train::{sorted_vars, AdamW};
 
 /// The result of one comparison.
 #[derive(Debug, Clone, Serialize)]
@@ -289,13 +289,10 @@ pub fn run_generator(
     let loss = host(&loss)?;
 
     let mut opt = AdamW::new(&varmap, 0.02, 0.9, 0.95)?;
-    let vars: Vec<_> = opt.vars().cloned().collect();
     let mut step_rng = Rng::new(17);
     for _ in 0..3 {
         let loss = generator.loss(&tokens, &labels, &mut step_rng)?;
-        let mut g = loss.backward()?;
-        clip_grad_norm(&mut g, &vars, 3.0)?;
-        opt.step(&g, 1e-4)?;
+        opt.clipped_step(&mut loss.backward()?, 3.0, 1e-4)?;
     }
     let trained = concat_vars(&varmap)?;
 

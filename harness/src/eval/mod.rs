@@ -1,23 +1,24 @@
 //! Evaluation: the feature nets (the Inception-v3 FID network, or a small classifier trained on
 //! the data set's training split for data without a standard one), feature extraction, and the
 //! metrics (FID, IS, KID, precision / recall) in float64.
-pub mod extractor;
 pub mod inception;
 pub mod metrics;
+pub mod net;
 pub mod stage;
+
+pub use net::{Features, Net};
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use models::classifier::Classifier;
-use models::inception::{Convention, InceptionV3};
 use models::init::seeded_var_builder;
 use models::Rng;
 
 use crate::data::{Dataset, ImageSet};
 use crate::spec::EvalSpec;
-use crate::train::{clip_grad_norm, AdamW};
+use crate::train::AdamW;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -33,14 +34,16 @@ pub enum EvalError {
     Input(String),
 }
 
-/// The classifier used as feature net: 2-D features for FID, logits for IS.
-pub struct FeatureNet {
+/// The classifier feature net while it is trained (or loaded from its checkpoint): 2-D features
+/// for FID, logits for IS. [`TrainableClassifier::frozen`] turns it into the [`Net`] evaluations use.
+pub struct TrainableClassifier {
     pub model: Classifier,
     pub varmap: VarMap,
     pub device: Device,
+    channels: usize,
 }
 
-impl FeatureNet {
+impl TrainableClassifier {
     pub fn new(
         channels: usize,
         classes: usize,
@@ -50,10 +53,11 @@ impl FeatureNet {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, spec.classifier_seed, DType::F32, device);
         let model = Classifier::new(channels, classes, spec.classifier_features, vb)?;
-        Ok(FeatureNet {
+        Ok(TrainableClassifier {
             model,
             varmap,
             device: device.clone(),
+            channels,
         })
     }
 
@@ -79,7 +83,6 @@ impl FeatureNet {
         progress: &mut dyn FnMut(usize, f32),
     ) -> Result<(), EvalError> {
         let mut opt = AdamW::new(&self.varmap, 1e-4, 0.9, 0.999)?;
-        let vars: Vec<_> = opt.vars().cloned().collect();
         let mut rng = Rng::new(spec.classifier_seed ^ 0xC1A5_51F1);
         let batch = 128.min(ds.train.n);
         let mut order = rng.permutation(ds.train.n);
@@ -96,38 +99,31 @@ impl FeatureNet {
             let y = Tensor::from_vec(y, batch, &self.device)?;
             let (_, logits) = self.model.forward(&x)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let mut grads = loss.backward()?;
-            clip_grad_norm(&mut grads, &vars, 5.0)?;
             let lr = 2e-3 * (1.0 - step as f64 / spec.classifier_steps as f64).max(0.05);
-            opt.step(&grads, lr)?;
+            opt.clipped_step(&mut loss.backward()?, 5.0, lr)?;
             progress(step, loss.to_scalar::<f32>()?);
         }
         Ok(())
     }
 
-    /// Features and logits for every image of a set, in batches (on frozen weights: no autograd).
-    pub fn extract(&self, set: &ImageSet) -> Result<(Vec<f32>, Vec<f32>), EvalError> {
-        let frozen = Classifier::new(
-            set.channels,
+    /// The weights as they are now, frozen (no autograd), as a feature net.
+    pub fn frozen(&self) -> Result<Net, EvalError> {
+        let model = Classifier::new(
+            self.channels,
             self.model.num_classes,
             self.model.feature_dim,
             models::init::frozen_var_builder(&self.varmap, DType::F32, &self.device)?,
         )?;
-        let mut feats = Vec::with_capacity(set.n * self.model.feature_dim);
-        let mut logits = Vec::new();
-        let all: Vec<usize> = (0..set.n).collect();
-        for chunk in all.chunks(500) {
-            let x = set.batch_tensor(chunk, &self.device)?;
-            let (f, l) = frozen.forward(&x)?;
-            feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
-            logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok((feats, logits))
+        Ok(Net::Classifier {
+            model: Box::new(model),
+            channels: self.channels,
+            device: self.device.clone(),
+        })
     }
 
     /// Top-1 accuracy on a split.
     pub fn accuracy(&self, set: &ImageSet) -> Result<f64, EvalError> {
-        let (_, logits) = self.extract(set)?;
+        let logits = self.frozen()?.features(set)?.logits;
         let classes = logits.len() / set.n.max(1);
         let correct = logits
             .chunks(classes)
@@ -143,59 +139,6 @@ impl FeatureNet {
             })
             .count();
         Ok(correct as f64 / set.n.max(1) as f64)
-    }
-}
-
-/// The feature net an evaluation uses.
-pub enum Net {
-    /// the harness's classifier, on the [0, 1] float images directly
-    Classifier(Box<FeatureNet>),
-    /// the Inception-v3 FID network, on the images quantised to 8 bits as PNGs would be
-    Inception {
-        net: Box<InceptionV3>,
-        convention: Convention,
-    },
-}
-
-impl Net {
-    /// (features n × dim, logits n × classes, dim, classes) of every image of a set.
-    pub fn features(&self, set: &ImageSet) -> Result<extractor::Features, EvalError> {
-        match self {
-            Net::Classifier(f) => {
-                let (feats, logits) = f.extract(set)?;
-                Ok(extractor::Features {
-                    feats,
-                    logits,
-                    n: set.n,
-                    dim: f.model.feature_dim,
-                    classes: f.model.num_classes,
-                })
-            }
-            Net::Inception { net, convention } => {
-                let images = inception::ImagesU8::from_unit_floats(
-                    &set.images,
-                    set.n,
-                    set.channels,
-                    set.size,
-                )?;
-                let f = inception::extract(net, &images, *convention, 16)?;
-                Ok(extractor::Features {
-                    feats: f.pool,
-                    logits: f.logits,
-                    n: f.n,
-                    dim: models::inception::FEATURE_DIM,
-                    classes: models::inception::LOGIT_DIM,
-                })
-            }
-        }
-    }
-
-    /// `torch-fidelity` / `pytorch-fid` for Inception, `unit` for the classifier's [0, 1] inputs.
-    pub fn convention(&self) -> &'static str {
-        match self {
-            Net::Classifier(_) => "unit",
-            Net::Inception { convention, .. } => convention.as_str(),
-        }
     }
 }
 
@@ -221,6 +164,40 @@ pub struct Scores {
     pub precision: f64,
     pub recall: f64,
     pub samples: usize,
+}
+
+/// Why `n` samples of `dim`-d features make an unreliable FID, when they do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FewSamples {
+    /// n ≤ dim: the covariance is singular, and FID strongly biased upwards
+    Singular,
+    /// fewer than 10 000: FID is biased upwards, so only equal counts compare
+    Biased,
+}
+
+impl FewSamples {
+    pub fn of(n: usize, dim: usize) -> Option<FewSamples> {
+        match n {
+            n if n <= dim => Some(FewSamples::Singular),
+            n if n < 10_000 => Some(FewSamples::Biased),
+            _ => None,
+        }
+    }
+
+    /// The warning about `what` (a folder, "the reference split", "the samples").
+    pub fn warning(self, what: &str, n: usize, dim: usize) -> String {
+        match self {
+            FewSamples::Singular => format!(
+                "warning: {what} has only {n} samples, not more than the {dim} feature dimensions: \
+                 its covariance is singular and FID is strongly biased upwards (use 10000 or more; \
+                 the paper's numbers use 50000)"
+            ),
+            FewSamples::Biased => format!(
+                "warning: {what} has {n} samples; FID is biased upwards below about 10000 (the \
+                 paper's numbers use 50000), so compare only values with equal counts"
+            ),
+        }
+    }
 }
 
 /// KID subsets and subset size (torch-fidelity's defaults), and k of precision / recall.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use db::{Db, MetricPoint, NewEval};
 
-use super::{metrics, EvalNet, FeatureNet, Net};
+use super::{metrics, EvalNet, FewSamples, Net, TrainableClassifier};
 use crate::data::Dataset;
 use crate::identity;
 use crate::layout::Layout;
@@ -17,7 +17,7 @@ use crate::spec::{EvalSpec, PlannedRun};
 pub fn train_feature_net(
     db: &Db,
     id: i64,
-    net: &mut FeatureNet,
+    net: &mut TrainableClassifier,
     ds: &Dataset,
     eval: &EvalSpec,
     path: &Path,
@@ -84,13 +84,10 @@ pub fn with_reference(
             (g, f.feats)
         }
     };
-    if let Net::Inception { .. } = net {
-        if reference.n <= models::inception::FEATURE_DIM {
-            say(format!(
-                "    warning: the reference split has only {} images (≤ 2048 feature dimensions): FID is strongly biased",
-                reference.n
-            ));
-        }
+    let dim = net.dim();
+    if let Some(FewSamples::Singular) = FewSamples::of(reference.n, dim) {
+        let warning = FewSamples::Singular.warning("the reference split", reference.n, dim);
+        say(format!("    {warning}"));
     }
     Ok(EvalNet {
         net,

@@ -11,7 +11,7 @@ use models::Rng;
 use super::{Backend, TokenizeError, TrainLog};
 use crate::data::ImageSet;
 use crate::spec::{TokenizerKind, TokenizerSpec};
-use crate::train::{clip_grad_norm, AdamW, Checkpoint, TrainError};
+use crate::train::{AdamW, Checkpoint, TrainError};
 
 /// Name of the latent scale in a saved tokenizer.
 const SCALE: &str = "tokenizer.scale";
@@ -79,7 +79,6 @@ pub fn train(
     let varmap = VarMap::new();
     let model = Autoencoder::new(&cfg, seeded_var_builder(&varmap, seed, DType::F32, device))?;
     let mut opt = AdamW::new(&varmap, 0.0, 0.9, 0.999)?;
-    let vars: Vec<_> = opt.vars().cloned().collect();
     let mut rng = Rng::new(seed ^ 0xAE00_0001);
     let vocab = match cfg.bottleneck {
         Bottleneck::Vq { codebook, .. } => codebook,
@@ -123,10 +122,8 @@ pub fn train(
         if !loss.is_finite() {
             return Err(TokenizeError::Diverged { step, loss });
         }
-        let mut grads = out.loss.backward()?;
-        clip_grad_norm(&mut grads, &vars, 1.0)?;
         let lr = spec.lr * ((step + 1) as f64 / WARMUP as f64).min(1.0);
-        opt.step(&grads, lr)?;
+        opt.clipped_step(&mut out.loss.backward()?, 1.0, lr)?;
         loss_sum += loss as f64;
         recon_sum += out.recon.to_scalar::<f32>()? as f64;
         reg_sum += out.reg.to_scalar::<f32>()? as f64;

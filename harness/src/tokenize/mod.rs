@@ -92,48 +92,36 @@ pub type TrainLog<'a> = dyn FnMut(usize, &[(&'static str, f64)]) + 'a;
 /// Images per forward pass when encoding or decoding with an autoencoder.
 const AE_BATCH: usize = 256;
 
-/// MAR's `patchify`: (N, C, H, W) in [0,1] → (N, L, C·p·p) in [-1, 1], channel-major in a token.
-pub fn patchify(images: &[f32], n: usize, c: usize, size: usize, p: usize) -> Vec<f32> {
-    let hp = size / p;
-    let mut out = Vec::with_capacity(images.len());
-    for i in 0..n {
-        for by in 0..hp {
-            for bx in 0..hp {
-                for ch in 0..c {
-                    for y in 0..p {
-                        for x in 0..p {
-                            let v = images[((i * c + ch) * size + by * p + y) * size + bx * p + x];
-                            out.push(v * 2.0 - 1.0);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+/// MAR's `patchify` ([`models::mar::patchify`]) of flat images in [0, 1]: (N, C, H, W) →
+/// (N, L, C·p·p) in [-1, 1], channel-major in a token.
+pub fn patchify(
+    images: &[f32],
+    n: usize,
+    c: usize,
+    size: usize,
+    p: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let x = Tensor::from_slice(images, (n, c, size, size), &Device::Cpu)?;
+    models::mar::patchify(&x.affine(2.0, -1.0)?, p)?
+        .flatten_all()?
+        .to_vec1()
 }
 
 /// Inverse of [`patchify`], back to [0, 1] (clamped).
-pub fn unpatchify(tokens: &[f32], n: usize, c: usize, size: usize, p: usize) -> Vec<f32> {
-    let hp = size / p;
-    let mut out = vec![0f32; n * c * size * size];
-    let mut k = 0;
-    for i in 0..n {
-        for by in 0..hp {
-            for bx in 0..hp {
-                for ch in 0..c {
-                    for y in 0..p {
-                        for x in 0..p {
-                            out[((i * c + ch) * size + by * p + y) * size + bx * p + x] =
-                                ((tokens[k] + 1.0) / 2.0).clamp(0.0, 1.0);
-                            k += 1;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+pub fn unpatchify(
+    tokens: &[f32],
+    n: usize,
+    c: usize,
+    size: usize,
+    p: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let side = size / p;
+    let x = Tensor::from_slice(tokens, (n, side * side, c * p * p), &Device::Cpu)?;
+    models::mar::unpatchify(&x, p)?
+        .affine(0.5, 0.5)?
+        .clamp(0f32, 1f32)?
+        .flatten_all()?
+        .to_vec1()
 }
 
 impl Tokenizer {
@@ -190,7 +178,7 @@ impl Tokenizer {
                     train.channels,
                     train.size,
                     spec.patch,
-                );
+                )?;
                 let dim = train.channels * spec.patch * spec.patch;
                 let n = patches.len() / dim;
                 let km = kmeans::fit(&patches, n, dim, spec.codebook, spec.iters, seed)?;
@@ -220,9 +208,9 @@ impl Tokenizer {
                 set.channels,
                 set.size,
                 *patch,
-            ))),
+            )?)),
             Backend::Kmeans { patch, km } => {
-                let p = patchify(&set.images, set.n, set.channels, set.size, *patch);
+                let p = patchify(&set.images, set.n, set.channels, set.size, *patch)?;
                 Ok(TokenData::Discrete(
                     km.assign(&p, p.len() / self.token_dim()),
                 ))
@@ -281,7 +269,7 @@ impl Tokenizer {
         let (seq, dim) = (self.seq_len(), self.token_dim());
         match (&self.backend, tokens) {
             (Backend::Patch { patch }, TokenData::Continuous(v)) => {
-                Ok(unpatchify(v, n, self.channels, self.size, *patch))
+                Ok(unpatchify(v, n, self.channels, self.size, *patch)?)
             }
             (Backend::Kmeans { patch, km }, TokenData::Discrete(codes)) => Ok(unpatchify(
                 &km.decode(codes),
@@ -289,7 +277,7 @@ impl Tokenizer {
                 self.channels,
                 self.size,
                 *patch,
-            )),
+            )?),
             (
                 Backend::Autoencoder {
                     model,
@@ -424,16 +412,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patchify_roundtrip() {
+    fn patchify_roundtrip() -> candle_core::Result<()> {
         let (n, c, s, p) = (2, 3, 8, 4);
         let imgs: Vec<f32> = (0..n * c * s * s).map(|i| (i % 97) as f32 / 96.0).collect();
-        let t = patchify(&imgs, n, c, s, p);
+        let t = patchify(&imgs, n, c, s, p)?;
         assert_eq!(t.len(), imgs.len());
         // token 0 of image 0 starts with channel 0's top-left pixel, mapped to [-1, 1]
         assert!((t[0] - (imgs[0] * 2.0 - 1.0)).abs() < 1e-6);
-        let back = unpatchify(&t, n, c, s, p);
+        // token 1 (the patch right of token 0) starts with channel 0's pixel at column p
+        let token = c * p * p;
+        assert!((t[token] - (imgs[p] * 2.0 - 1.0)).abs() < 1e-6);
+        // inside a token, channel 1 follows all p·p pixels of channel 0
+        assert!((t[p * p] - (imgs[s * s] * 2.0 - 1.0)).abs() < 1e-6);
+        let back = unpatchify(&t, n, c, s, p)?;
         for (a, b) in back.iter().zip(&imgs) {
             assert!((a - b).abs() < 1e-6);
         }
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use crate::runner::spinner;
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::collective::{Collective, LocalGroup};
-use crate::train::{clip_grad_norm, lr_at, AdamW, Checkpoint, Ema};
+use crate::train::{lr_at, AdamW, Checkpoint, Ema};
 use crate::{Error, Result};
 
 /// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
@@ -279,9 +279,8 @@ pub fn train_generator(
         if ranks.world() > 1 {
             sum_gradients(&mut grads, &vars, ranks)?;
         }
-        let norm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
         let lr = lr_at(step, t);
-        opt.step(&grads, lr)?;
+        let norm = opt.clipped_step(&mut grads, t.grad_clip, lr)?;
         if let Some(ema) = ema.as_mut() {
             ema.update(step + 1)?;
         }

@@ -119,6 +119,20 @@ impl AdamW {
         Ok(())
     }
 
+    /// The optimizer step of every training loop: clip the gradients to a global L2 norm of
+    /// `max_norm`, then one update with learning rate `lr`; the norm before clipping.
+    pub fn clipped_step(
+        &mut self,
+        grads: &mut GradStore,
+        max_norm: f64,
+        lr: f64,
+    ) -> candle_core::Result<f64> {
+        let vars: Vec<Var> = self.vars().cloned().collect();
+        let norm = clip_grad_norm(grads, &vars, max_norm)?;
+        self.step(grads, lr)?;
+        Ok(norm)
+    }
+
     /// Moments keyed `adam.m.NAME` / `adam.v.NAME`, for the checkpoint.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
