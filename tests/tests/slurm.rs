@@ -1,7 +1,13 @@
 //! `ablate slurm`: the array script runs as two local tasks (SLURM_ARRAY_TASK_ID 0 and 1, side by
 //! side, as Slurm would start them), every run is done exactly once, and the report job writes
-//! the report. No Slurm daemon runs here (see the session note); the scripts are plain bash.
-use ablate_tests::{ablate, runs_done_here, stderr, stdout, workspace_root};
+//! the report. Then the same on a real one-node Slurm (`scripts/slurm-local.sh`, as root):
+//! `--submit` queues the array and the report job, and both end COMPLETED. That test skips
+//! without Slurm (`slurmctld`) outside CI; under CI it fails without it (`.ci/run` installs it).
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ablate_tests::{ablate, ablate_bin, runs_done_here, stderr, stdout, workspace_root};
 use db::{RunKind, RunStatus};
 
 #[test]
@@ -72,4 +78,190 @@ fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
     // a bad spec is refused before anything is written
     let bad = ablate(&root, &["slurm", "experiments/tiny.toml", "--tasks", "0"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}
+
+/// A throwaway one-node Slurm cluster (`scripts/slurm-local.sh start`), stopped when dropped,
+/// whether the test passed or panicked.
+struct LocalSlurm {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl LocalSlurm {
+    fn start() -> LocalSlurm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(workspace_root().join("scripts/slurm-local.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("run scripts/slurm-local.sh");
+        // stopped even when the start failed half-way (munged up, the node never idle)
+        let conf = stdout(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix("export SLURM_CONF="))
+            .map(PathBuf::from);
+        let cluster = LocalSlurm {
+            conf: conf.clone().unwrap_or_default(),
+            dir,
+        };
+        assert!(
+            out.status.success() && conf.is_some(),
+            "starting Slurm failed:\n{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        cluster
+    }
+
+    /// A Slurm client command (`squeue`, `scontrol`, …) for this cluster.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SLURM_CONF", &self.conf);
+        cmd
+    }
+
+    /// A job's state (`scontrol show job`; one word per array task, e.g. "COMPLETED").
+    fn states(&self, job: &str) -> Vec<String> {
+        let out = self
+            .command("scontrol")
+            .args(["show", "job", "--oneliner", job])
+            .output()
+            .expect("scontrol");
+        assert!(out.status.success(), "scontrol: {}", stderr(&out));
+        stdout(&out)
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("JobState="))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for name in ["slurmctld.log", "slurmd.log"] {
+            let path = self.dir.path().join("log").join(name);
+            text += &format!(
+                "== {}\n{}\n",
+                path.display(),
+                std::fs::read_to_string(&path).unwrap_or_default()
+            );
+        }
+        text
+    }
+}
+
+impl Drop for LocalSlurm {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_root().join("scripts/slurm-local.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Whether `program` is on PATH.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_real_slurm_runs_the_array_and_the_report_job() {
+    if !installed("slurmctld") {
+        let msg = "Slurm is not installed (no slurmctld on PATH; apt-get install slurm-wlm)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        eprintln!("skipped: {msg}");
+        return;
+    }
+    let bin = ablate_bin(); // built before the clock starts
+    let cluster = LocalSlurm::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let out = Command::new(bin)
+        .current_dir(workspace_root())
+        .env("SLURM_CONF", &cluster.conf)
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "slurm",
+            "experiments/tiny.toml",
+            "--tasks",
+            "2",
+            "--time",
+            "00:10:00",
+            "--set",
+            "train.steps=60",
+            "--submit",
+        ])
+        .output()
+        .expect("run ablate slurm --submit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // "array job 12, report job 13"
+    let text = stdout(&out);
+    let ids = text
+        .lines()
+        .find_map(|l| l.strip_prefix("array job "))
+        .and_then(|l| l.split_once(", report job "))
+        .unwrap_or_else(|| panic!("no job ids in:\n{text}"));
+    let (array, report) = (ids.0.trim().to_string(), ids.1.trim().to_string());
+
+    // the report job starts once the array has ended, so its end is the end of both
+    let ended = |s: &[String]| {
+        !s.is_empty()
+            && s.iter().all(|s| {
+                !matches!(
+                    s.as_str(),
+                    "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING"
+                )
+            })
+    };
+    let start = Instant::now();
+    while !ended(&cluster.states(&report)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the jobs did not end within 3 minutes: array {:?}, report {:?}\n{}",
+            cluster.states(&array),
+            cluster.states(&report),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("array and report ended in {:.1?}", start.elapsed());
+    let (array_states, report_states) = (cluster.states(&array), cluster.states(&report));
+    let logs = root.join("slurm/tiny/logs");
+    let log = |name: String| {
+        std::fs::read_to_string(logs.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(
+        array_states,
+        ["COMPLETED", "COMPLETED"],
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        report_states,
+        ["COMPLETED"],
+        "{}",
+        log(format!("ablate-tiny-report-{report}.log"))
+    );
+
+    // every run done by exactly one task (each task's log holds its stdout and stderr)
+    let mut done = 0;
+    for task in 0..2 {
+        let text = log(format!("ablate-tiny-{array}_{task}.log"));
+        assert!(text.contains(&format!("task {task} on ")), "{text}");
+        done += runs_done_here(&text, 4);
+    }
+    assert_eq!(done, 4, "each of the 4 runs done by exactly one task");
+    assert!(root.join("reports/tiny/report.md").exists());
+    let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
+    assert_eq!(generators.len(), 4);
+    assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
 }
