@@ -502,6 +502,7 @@ impl Runner {
         let net = Net::Inception {
             net: Box::new(net),
             convention,
+            // images per forward pass
             batch: 16,
         };
         let f = std::rc::Rc::new(eval::stage::with_reference(

@@ -78,12 +78,16 @@ impl Net {
                     ImagesU8::from_unit_floats(&set.images, set.n, set.channels, set.size)?;
                 self.features_u8(&images)
             }
-            Net::Classifier { device, .. } => {
+            Net::Classifier {
+                model,
+                channels,
+                device,
+            } => {
                 let all: Vec<usize> = (0..set.n).collect();
                 let batches = all
                     .chunks(CLASSIFIER_BATCH)
                     .map(|chunk| set.batch_tensor(chunk, device));
-                self.classifier_features(set.n, set.channels, batches)
+                classifier_features(model, *channels, set.n, set.channels, batches)
             }
         }
     }
@@ -105,7 +109,11 @@ impl Net {
                     classes: LOGIT_DIM,
                 })
             }
-            Net::Classifier { device, .. } => {
+            Net::Classifier {
+                model,
+                channels,
+                device,
+            } => {
                 let (h, w) = (images.height, images.width);
                 let len = (images.channels * h * w).max(1);
                 let batches = images.pixels.chunks(CLASSIFIER_BATCH * len).map(|chunk| {
@@ -113,52 +121,46 @@ impl Net {
                         .to_dtype(DType::F32)?
                         .affine(1.0 / 255.0, 0.0)
                 });
-                self.classifier_features(images.n, images.channels, batches)
+                classifier_features(model, *channels, images.n, images.channels, batches)
             }
         }
     }
+}
 
-    /// The classifier over batches of [0, 1] images with `channels` channels; grey and colour
-    /// images are converted to the channels it was trained on.
-    fn classifier_features(
-        &self,
-        n: usize,
-        channels: usize,
-        batches: impl Iterator<Item = candle_core::Result<Tensor>>,
-    ) -> Result<Features, EvalError> {
-        let Net::Classifier {
-            model,
-            channels: wanted,
-            ..
-        } = self
-        else {
-            return Err(EvalError::Input("not a classifier feature net".into()));
+/// The classifier (trained on `wanted`-channel images) over `n` images in batches of [0, 1]
+/// values with `channels` channels; grey and colour images are converted to the channels it
+/// was trained on.
+fn classifier_features(
+    model: &Classifier,
+    wanted: usize,
+    n: usize,
+    channels: usize,
+    batches: impl Iterator<Item = candle_core::Result<Tensor>>,
+) -> Result<Features, EvalError> {
+    let mut feats = Vec::with_capacity(n * model.feature_dim);
+    let mut logits = Vec::with_capacity(n * model.num_classes);
+    for x in batches {
+        let x = match (channels, wanted) {
+            (a, b) if a == b => x?,
+            (3, 1) => x?.mean_keepdim(1)?,
+            (1, 3) => x?.repeat((1, 3, 1, 1))?,
+            (a, b) => {
+                return Err(EvalError::Input(format!(
+                    "the classifier takes {b}-channel images, these have {a}"
+                )))
+            }
         };
-        let mut feats = Vec::with_capacity(n * model.feature_dim);
-        let mut logits = Vec::with_capacity(n * model.num_classes);
-        for x in batches {
-            let x = match (channels, *wanted) {
-                (a, b) if a == b => x?,
-                (3, 1) => x?.mean_keepdim(1)?,
-                (1, 3) => x?.repeat((1, 3, 1, 1))?,
-                (a, b) => {
-                    return Err(EvalError::Input(format!(
-                        "the classifier takes {b}-channel images, these have {a}"
-                    )))
-                }
-            };
-            let (f, l) = model.forward(&x)?;
-            feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
-            logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(Features {
-            feats,
-            logits,
-            n,
-            dim: model.feature_dim,
-            classes: model.num_classes,
-        })
+        let (f, l) = model.forward(&x)?;
+        feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
     }
+    Ok(Features {
+        feats,
+        logits,
+        n,
+        dim: model.feature_dim,
+        classes: model.num_classes,
+    })
 }
 
 /// A classifier checkpoint written by the runner, as a frozen feature net; its sizes are read
