@@ -5,8 +5,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use models::diffusion::Schedule;
-use models::generator::CfgSchedule;
 use models::init::{frozen_var_builder, seeded_var_builder};
+use models::CfgSchedule;
 use models::{
     Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision, Rng, SampleOptions,
 };

@@ -13,7 +13,7 @@ use crate::spec::{Arm, DataSource, EvalSpec, PlannedRun, TokenizerSpec};
 ///    (`fused::gaussian_noise`), so the noise values differ from version 2's; the generator's
 ///    blocks have dropout 0.1 by default (generator.attn_dropout / proj_dropout, as the
 ///    reference), generator.decoder_heads is a key, and causal AR's linear guidance counts the
-///    tokens known after each step as MAR does (`models::generator::ar_tokens_known_after`).
+///    tokens known after each step as MAR does (`models::sampling::ar_tokens_known_after`).
 /// 4: `head.clip_denoised = true` clamps x̂_0 to [-1, 1] when sampling; before, the flag was
 ///    stored but never applied, so those runs sampled without clipping.
 pub const RESULTS_VERSION: &str = "4";

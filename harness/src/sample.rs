@@ -2,13 +2,14 @@
 use std::path::Path;
 
 use candle_core::DType;
-use models::generator::CfgSchedule;
+use models::CfgSchedule;
 use models::{Generator, Rng, SampleOptions, Tokens};
 
 use crate::data::{self, ImageSet};
-use crate::runner::{spinner, Result};
+use crate::record::spinner;
 use crate::spec::{CfgScheduleSpec, PlannedRun};
 use crate::tokenize::{TokenData, Tokenizer};
+use crate::Result;
 
 /// Stage 3: `count` images with balanced labels (i mod classes), decoded by the tokenizer.
 pub fn sample_images(

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use models::autoencoder::{Autoencoder, AutoencoderConfig, Bottleneck};
 use models::diffusion::Schedule;
-use models::generator::CfgSchedule;
 use models::init::{frozen_var_builder, seeded_var_builder};
+use models::CfgSchedule;
 use models::{
     Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision, Rng, SampleOptions,
     Tokens,

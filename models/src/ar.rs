@@ -7,14 +7,15 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::class_embed::ClassEmbed;
+use crate::config::{GeneratorConfig, Order};
 use crate::fused;
-use crate::generator::{ar_tokens_known_after, ClassEmbed, GeneratorConfig, Order, SampleOptions};
 use crate::head::Head;
-use crate::head::TokenRows;
-use crate::mar::SampleState;
 use crate::nn::{Block, Dropout, KvCache, LayerNorm};
 use crate::rng::Rng;
+use crate::sampling::{ar_tokens_known_after, SampleOptions, SampleState};
 use crate::shard::Shard;
+use crate::shard::TokenRows;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
 
@@ -273,7 +274,7 @@ impl Ar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generator::{GeneratorKind, HeadConfig};
+    use crate::config::{GeneratorKind, HeadConfig};
     use candle_core::{DType, Device};
 
     /// The kv-cached decoder must compute the same z as teacher forcing on the same tokens.

@@ -6,9 +6,9 @@ use candle_nn::VarBuilder;
 
 use crate::diffusion::{sample_timesteps, GaussianDiffusion, Schedule};
 use crate::fused;
-use crate::head::TokenRows;
 use crate::nn::{linear_normal, linear_xavier, linear_zero, LayerNorm, Linear, Precision};
 use crate::rng::Rng;
+use crate::shard::TokenRows;
 
 /// Sinusoidal timestep embedding followed by a 2-layer MLP (DiT's `TimestepEmbedder`). Always f32:
 /// neighbouring timesteps differ in the low-frequency components by less than bf16 resolves.

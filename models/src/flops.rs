@@ -1,6 +1,6 @@
 //! Model FLOPs of a training step, counted from the configuration the way MFU is: matrix
 //! products only, 2 FLOPs per multiply-add, backward twice the forward (PaLM, appendix B).
-use crate::generator::{GeneratorConfig, GeneratorKind, HeadConfig};
+use crate::config::{GeneratorConfig, GeneratorKind, HeadConfig};
 
 /// Mean of MAR's training mask ratio, N(1, 0.25²) truncated to [0.7, 1] (see `mar::sample_mask_ratio`).
 const MEAN_MASK_RATIO: f64 = 0.867;
@@ -78,8 +78,8 @@ impl GeneratorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Order;
     use crate::diffusion::Schedule;
-    use crate::generator::Order;
     use crate::Precision;
 
     #[test]

@@ -7,18 +7,9 @@ use candle_nn::VarBuilder;
 use crate::diffloss::{shard_mean, DiffLoss, DiffLossConfig};
 use crate::nn::{linear_xavier, Linear, Precision};
 use crate::rng::Rng;
-use crate::shard::Shard;
+use crate::shard::TokenRows;
 use crate::tokens::Tokens;
 use crate::Result;
-
-/// The token rows a training loss covers: rows `shard` of the batch's token rows (all of them
-/// in one process; a rank's share under data parallelism), and `weight`, how many token rows of
-/// the whole batch the loss is a mean over (its masked rows, or all).
-#[derive(Debug, Clone, Copy)]
-pub struct TokenRows {
-    pub shard: Shard,
-    pub weight: usize,
-}
 
 #[derive(Debug, Clone)]
 pub enum Head {

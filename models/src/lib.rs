@@ -4,7 +4,9 @@
 //! classifier and the Inception-v3 FID network used as feature nets. No I/O, no printing: weights come in through `VarBuilder`.
 pub mod ar;
 pub mod autoencoder;
+pub mod class_embed;
 pub mod classifier;
+pub mod config;
 pub mod diffloss;
 pub mod diffusion;
 pub mod flops;
@@ -16,12 +18,15 @@ pub mod init;
 pub mod mar;
 pub mod nn;
 pub mod rng;
+pub mod sampling;
 pub mod shard;
 pub mod tokens;
 
-pub use generator::{Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, SampleOptions};
+pub use config::{GeneratorConfig, GeneratorKind, HeadConfig, Order};
+pub use generator::Generator;
 pub use nn::Precision;
 pub use rng::Rng;
+pub use sampling::{CfgSchedule, SampleOptions};
 pub use shard::Shard;
 pub use tokens::Tokens;
 

@@ -1,16 +1,18 @@
 //! MAR (Li et al. 2024, §3.3–3.4): masked autoregressive generation in random order with
 //! bidirectional attention. An MAE-style encoder sees the class buffer and the known tokens; a
 //! decoder fills in mask tokens; its output, plus a position embedding, conditions the head.
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::class_embed::ClassEmbed;
+use crate::config::GeneratorConfig;
 use crate::fused;
-use crate::generator::{ClassEmbed, GeneratorConfig, SampleOptions};
 use crate::head::Head;
-use crate::head::TokenRows;
 use crate::nn::{linear_xavier, Block, Dropout, LayerNorm, Linear};
 use crate::rng::Rng;
+use crate::sampling::{SampleOptions, SampleState};
 use crate::shard::Shard;
+use crate::shard::TokenRows;
 use crate::tokens::{TokenEmbed, Tokens};
 use crate::Result;
 
@@ -349,62 +351,10 @@ impl Mar {
     }
 }
 
-/// Host-side token buffer filled in during sampling.
-pub(crate) enum SampleState {
-    Discrete(Vec<u32>),
-    Continuous(Vec<f32>, usize),
-}
-
-impl SampleState {
-    pub(crate) fn new(head: &Head, b: usize, l: usize) -> Self {
-        match head {
-            Head::CrossEntropy(_) => SampleState::Discrete(vec![0; b * l]),
-            Head::Diffusion { diffloss, .. } => {
-                SampleState::Continuous(vec![0.0; b * l * diffloss.token_dim], diffloss.token_dim)
-            }
-        }
-    }
-
-    /// The current tokens, repeated to `rows` rows (the unconditional copy when guiding).
-    pub(crate) fn tokens(&self, rows: usize, l: usize, dev: &Device) -> Result<Tokens> {
-        Ok(match self {
-            SampleState::Discrete(v) => {
-                let reps = rows * l / v.len();
-                Tokens::Discrete(Tensor::from_vec(v.repeat(reps), (rows, l), dev)?)
-            }
-            SampleState::Continuous(v, c) => {
-                let reps = rows * l * c / v.len();
-                Tokens::Continuous(Tensor::from_vec(v.repeat(reps), (rows, l, *c), dev)?)
-            }
-        })
-    }
-
-    /// Write sampled tokens at flat positions `at` (b·L + p).
-    pub(crate) fn write(&mut self, at: &[usize], sampled: &Tokens) -> Result<()> {
-        match (self, sampled) {
-            (SampleState::Discrete(v), Tokens::Discrete(t)) => {
-                for (&i, c) in at.iter().zip(t.to_vec1::<u32>()?) {
-                    v[i] = c;
-                }
-            }
-            (SampleState::Continuous(v, c), Tokens::Continuous(t)) => {
-                for (&i, row) in at.iter().zip(t.to_vec2::<f32>()?) {
-                    v[i * *c..(i + 1) * *c].copy_from_slice(&row);
-                }
-            }
-            _ => {
-                return Err(crate::Error::Input(
-                    "sampled token kind does not match".into(),
-                ))
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn unpatchify_inverts_patchify() -> candle_core::Result<()> {

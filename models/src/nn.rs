@@ -348,23 +348,6 @@ impl Attention {
     }
 }
 
-/// Additive causal mask for `queries` new positions at the end of `keys` positions.
-pub fn causal_mask(queries: usize, keys: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let offset = keys - queries;
-    let data: Vec<f32> = (0..queries)
-        .flat_map(|i| {
-            (0..keys).map(move |j| {
-                if j <= i + offset {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(data, (queries, keys), device)
-}
-
 /// Pre-norm transformer block (timm's `Block`): x + attn(norm1(x)); x + mlp(norm2(x)).
 #[derive(Debug, Clone)]
 pub struct Block {

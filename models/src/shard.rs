@@ -59,6 +59,15 @@ impl Shard {
     }
 }
 
+/// The token rows a training loss covers: rows `shard` of the batch's token rows (all of them
+/// in one process; a rank's share under data parallelism), and `weight`, how many token rows of
+/// the whole batch the loss is a mean over (its masked rows, or all).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRows {
+    pub shard: Shard,
+    pub weight: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

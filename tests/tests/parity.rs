@@ -318,7 +318,7 @@ fn mar_sampling_schedule_matches() {
         let opts = models::SampleOptions {
             num_iter: k,
             cfg: 3.0,
-            cfg_schedule: models::generator::CfgSchedule::Linear,
+            cfg_schedule: models::CfgSchedule::Linear,
             temperature: 1.0,
         };
         let mut masked = l;

@@ -229,8 +229,8 @@ pub(super) fn sample(quiet: bool, args: SampleArgs) -> anyhow::Result<i32> {
         num_iter: mar_steps.min(mc.seq_len),
         cfg,
         cfg_schedule: match cfg_schedule {
-            CfgScheduleArg::Linear => models::generator::CfgSchedule::Linear,
-            CfgScheduleArg::Constant => models::generator::CfgSchedule::Constant,
+            CfgScheduleArg::Linear => models::CfgSchedule::Linear,
+            CfgScheduleArg::Constant => models::CfgSchedule::Constant,
         },
         temperature,
     };

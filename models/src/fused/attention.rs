@@ -21,9 +21,26 @@ pub fn attention_softmax_plain(scores: &Tensor, scale: f64, causal: bool) -> Res
     let mut s = (scores * scale)?;
     if causal {
         let (q, k) = (s.dim(D::Minus2)?, s.dim(D::Minus1)?);
-        s = s.broadcast_add(&crate::nn::causal_mask(q, k, s.device())?)?;
+        s = s.broadcast_add(&causal_mask(q, k, s.device())?)?;
     }
     candle_nn::ops::softmax(&s, D::Minus1)
+}
+
+/// Additive causal mask for `queries` new positions at the end of `keys` positions.
+pub fn causal_mask(queries: usize, keys: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let offset = keys - queries;
+    let data: Vec<f32> = (0..queries)
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (queries, keys), device)
 }
 
 /// Keys visible to query row `r` of a (…, queries, keys) tensor.
