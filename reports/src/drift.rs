@@ -55,7 +55,7 @@ impl Entry {
         let guidance = if self.guidance == WITHOUT_CFG {
             "no CFG".to_string()
         } else {
-            format!("CFG {}", crate::rows::fmt_num(self.cfg))
+            format!("CFG {}", crate::fmt::fmt_num(self.cfg))
         };
         format!("{} / {guidance} / {}", self.label, self.arm)
     }
@@ -490,5 +490,5 @@ impl CheckReport {
 }
 
 fn xml(s: &str) -> String {
-    crate::html::esc(s)
+    crate::fmt::esc(s)
 }

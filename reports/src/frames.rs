@@ -8,7 +8,8 @@ use polars::prelude::*;
 use polars_io::csv::write::CsvWriter;
 use polars_io::SerWriter;
 
-use crate::rows::{fmt_num, RunInfo};
+use crate::fmt::fmt_num;
+use crate::rows::RunInfo;
 use crate::stats::{WITHOUT_CFG, WITH_CFG};
 use crate::{Error, Result};
 

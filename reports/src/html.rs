@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use crate::fmt::{esc, MISSING};
 use crate::plots::Figure;
 use crate::table::{Table1, DESCRIPTOR_COLUMNS, GROUPS, GROUP_COLUMNS, HOW_TO_READ};
 use crate::tokenizers::TokenizerTable;
@@ -180,7 +181,7 @@ fn table_html(h: &mut String, table: &Table1) {
                 " class=\"better\""
             } else if cell == "worse" {
                 " class=\"worse\""
-            } else if cell == crate::table::MISSING {
+            } else if cell == MISSING {
                 " class=\"num missing\""
             } else {
                 " class=\"num\""
@@ -213,22 +214,6 @@ fn strip_xml_declaration(svg: &str) -> &str {
 fn png_width(bytes: &[u8]) -> Option<u32> {
     let w = bytes.get(16..20)?;
     (bytes.starts_with(b"\x89PNG")).then(|| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
-}
-
-/// HTML text escaping.
-pub(crate) fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Standard base64 with padding (RFC 4648), for data URIs.

@@ -19,6 +19,7 @@
 //! - [`pin_baseline`] and [`check`]: see [`drift`].
 
 pub mod drift;
+mod fmt;
 mod frames;
 mod html;
 mod plots;
@@ -443,7 +444,7 @@ fn copy_grids(db: &db::Db, l: &Loaded, out_dir: &Path) -> Result<Grids> {
                 "{} · seed {} · cfg {} · run {}",
                 info.arm.as_deref().unwrap_or("?"),
                 info.seed,
-                rows::fmt_num(info.cfg),
+                fmt::fmt_num(info.cfg),
                 info.run_id
             );
             let path = db.resolve(&artifact.path);

@@ -11,7 +11,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
-use crate::rows::{fmt_num, RowInfo};
+use crate::fmt::fmt_num;
+use crate::rows::RowInfo;
 use crate::stats::{ArmStat, Curve, Sweep, FID};
 use crate::{Error, Result, ARM_CROSS_ENTROPY, ARM_DIFFUSION};
 

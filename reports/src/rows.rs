@@ -8,6 +8,8 @@
 use db::{RunDescriptor, RunKind, RunRow, RunStatus};
 use serde_json::Value;
 
+use crate::fmt::fmt_num;
+
 /// Grid keys whose values are sampling settings; a sweep over one of them is plotted against it.
 pub(crate) const SWEEP_AXES: [SweepAxis; 4] = [
     SweepAxis {
@@ -286,26 +288,6 @@ fn tokens_per_image(params: &Value, arm: Option<&str>) -> Option<u64> {
     (patch > 0).then(|| (size / patch).pow(2))
 }
 
-/// A parameter count for a table: "845", "7.2k", "2.93M".
-pub(crate) fn fmt_count(n: u64) -> String {
-    match n {
-        0..=999 => n.to_string(),
-        1_000..=999_999 => format!("{:.1}k", n as f64 / 1e3),
-        _ => format!("{:.2}M", n as f64 / 1e6),
-    }
-}
-
-/// A number as a spec would write it: "2", "1.5".
-pub(crate) fn fmt_num(v: f64) -> String {
-    if v.is_nan() {
-        "?".to_string()
-    } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,12 +391,5 @@ mod tests {
                 &Paper::from_params(&old, Some("diffusion"))
             )
         );
-    }
-
-    #[test]
-    fn numbers_print_like_spec_values() {
-        assert_eq!(fmt_num(2.0), "2");
-        assert_eq!(fmt_num(1.5), "1.5");
-        assert_eq!(fmt_num(f64::NAN), "?");
     }
 }

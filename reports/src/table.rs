@@ -4,15 +4,11 @@
 
 use std::fmt::Write;
 
-use crate::rows::{fmt_count, fmt_num, RowInfo, RunInfo};
+use crate::fmt::{fmt_count, fmt_num, MISSING, NONE};
+use crate::rows::{RowInfo, RunInfo};
 use crate::stats::{ArmStat, PairStat, Summary, FID, IS, WITHOUT_CFG, WITH_CFG};
 use crate::tokenizers::TokenizerTable;
 use crate::{ARM_CROSS_ENTROPY, ARM_DIFFUSION};
-
-/// What a table entry shows when an arm or a whole row has no result (never 0).
-pub(crate) const MISSING: &str = "missing";
-/// Placeholder for a spread or interval that does not exist (n = 1).
-pub(crate) const NONE: &str = "–";
 
 /// Descriptor columns, before the optional setting column. "parameters" shows each arm's model
 /// size, so a reader sees whether a row compares equal sizes.

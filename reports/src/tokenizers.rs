@@ -7,8 +7,8 @@
 use db::{EvalRecord, RunKind, RunRow};
 use polars::prelude::*;
 
+use crate::fmt::{esc, MISSING, NONE};
 use crate::rows::Paper;
-use crate::table::{MISSING, NONE};
 
 /// Reconstruction metrics of a tokenizer run, and their column titles.
 const RECON: [(&str, &str); 4] = [
@@ -228,7 +228,6 @@ pub(crate) fn markdown(t: &TokenizerTable) -> String {
 
 /// The table as an HTML section (for `report.html`).
 pub(crate) fn html(t: &TokenizerTable) -> String {
-    use crate::html::esc;
     let mut h = String::from(
         "<h2>Tokenizers</h2>\n<p class=\"note\">Each tokenizer's reconstruction of the held-out \
          split (rFID: FID of the reconstructions against the originals) beside the FID and IS of \
