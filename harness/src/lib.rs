@@ -9,6 +9,7 @@ pub mod identity;
 pub mod import;
 pub mod layout;
 pub mod lock;
+pub mod record;
 pub mod runner;
 pub mod sample;
 pub mod spec;

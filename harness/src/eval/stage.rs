@@ -9,8 +9,9 @@ use super::{metrics, EvalNet, FewSamples, Net, TrainableClassifier};
 use crate::data::Dataset;
 use crate::identity;
 use crate::layout::Layout;
-use crate::runner::{now, record_artifact, spinner, Result};
+use crate::record::{now, record_artifact, spinner};
 use crate::spec::{EvalSpec, PlannedRun};
+use crate::Result;
 
 /// Train the classifier feature net of run `id` on `ds`, save it to `path` and record its loss
 /// curve and test accuracy; the accuracy.

@@ -11,9 +11,10 @@ use super::autoencoder::CheckpointPlan;
 use super::{TokenData, Tokenizer};
 use crate::data::Dataset;
 use crate::eval::{metrics, EvalNet};
-use crate::runner::{now, record_artifact, spinner, Result};
+use crate::record::{now, record_artifact, spinner};
 use crate::spec::TokenizerSpec;
 use crate::train::Checkpoint;
+use crate::Result;
 
 /// Steps between an autoencoder fit's checkpoints.
 const CHECKPOINT_EVERY: usize = 100;

@@ -10,7 +10,7 @@ use models::init::seeded_var_builder;
 use models::{Generator, GeneratorConfig, Rng, Shard, Tokens};
 
 use crate::data::ImageSet;
-use crate::runner::spinner;
+use crate::record::spinner;
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::collective::{Collective, LocalGroup};

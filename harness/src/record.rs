@@ -1,0 +1,53 @@
+//! What every stage does besides its work: a progress bar on the terminal, the wall clock of its
+//! metric points, and a record of each file it writes (path, sha256, size) in the database.
+use std::path::Path;
+
+use db::Db;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{Error, Result};
+
+/// A progress bar of `len` steps (hidden when `quiet`).
+pub fn spinner(quiet: bool, len: u64, msg: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:40} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg);
+    pb
+}
+
+/// Seconds since the UNIX epoch, the time of a metric point.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Record a file of the run (path, sha256, size) in the database. The path is relative to the
+/// root ([`Db::resolve`] reads it back), so a root can be moved and a report rebuilt from any
+/// folder; before, paths were relative to where `ablate run` started, which meant nothing to a
+/// report rebuilt elsewhere (it embedded no sample grid, or another project's).
+pub fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(Error::file(p));
+    let (path, root) = (canonical(path)?, canonical(&db.root())?);
+    let stored = path.strip_prefix(&root).unwrap_or(&path);
+    let sha = db::files::sha256_file(&path).map_err(Error::file(&path))?;
+    let bytes = std::fs::metadata(&path).map_err(Error::file(&path))?.len();
+    db.insert_artifact(
+        run_id,
+        kind,
+        &stored.display().to_string(),
+        &sha,
+        bytes as i64,
+    )?;
+    Ok(())
+}
