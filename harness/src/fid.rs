@@ -25,7 +25,7 @@ pub struct FidOptions {
 }
 
 /// Build the feature net the options ask for.
-pub fn extractor(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Net> {
+pub fn feature_net(layout: &Layout, o: &FidOptions, device: &Device) -> Result<Net> {
     if let Some(spec) = &o.feature_net {
         let Some(run) = spec.strip_prefix("classifier:") else {
             if spec == "inception" {
@@ -130,7 +130,7 @@ pub fn run(layout: &Layout, o: &FidOptions) -> Result<()> {
         })
         .into());
     }
-    let make = || extractor(layout, o, &device);
+    let make = || feature_net(layout, o, &device);
     let mut net: Option<Net> = None;
     if o.save_stats {
         let (folder, out) = (&o.paths[0], &o.paths[1]);
