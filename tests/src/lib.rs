@@ -3,9 +3,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The workspace root (this crate lives in `ROOT/tests`).
+/// The workspace root (this crate lives in `ROOT/tests`). Read from the environment `cargo test`
+/// gives the test process first: the path compiled into this library can be another clone's when
+/// clones share a target folder (cargo reuses the library across them), and the binary built there
+/// would be that clone's code.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .expect("tests crate has a parent folder")
         .to_path_buf()
