@@ -1,10 +1,12 @@
 //! What every stage does besides its work: a progress bar on the terminal, the wall clock of its
-//! metric points, and a record of each file it writes (path, sha256, size) in the database.
+//! metric points, a record of each file it writes (path, sha256, size) in the database, and the
+//! database behind the generator's training log.
 use std::path::Path;
 
-use db::Db;
+use db::{Db, MetricWriter};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::train::generator::Recorder;
 use crate::{Error, Result};
 
 /// A progress bar of `len` steps (hidden when `quiet`).
@@ -50,4 +52,44 @@ pub fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<
         bytes as i64,
     )?;
     Ok(())
+}
+
+/// The generator's training log ([`Recorder`]) in the database, on run `run_id`: curves through a
+/// buffered metric writer, and a `checkpoint_recovered` parameter beside the spec.
+pub struct RunRecorder<'a> {
+    db: &'a Db,
+    run_id: i64,
+    writer: MetricWriter<'a>,
+}
+
+impl<'a> RunRecorder<'a> {
+    pub fn new(db: &'a Db, run_id: i64) -> Self {
+        RunRecorder {
+            db,
+            run_id,
+            writer: db.metric_writer(run_id, 100),
+        }
+    }
+}
+
+impl Recorder for RunRecorder<'_> {
+    fn resume_at(&mut self, step: usize) -> Result<()> {
+        self.db.delete_metrics_after(self.run_id, step as i64)?;
+        Ok(())
+    }
+
+    fn checkpoint_recovered(&mut self, note: &str) -> Result<()> {
+        let note = serde_json::json!(note);
+        Ok(self
+            .db
+            .set_run_param(self.run_id, "checkpoint_recovered", &note)?)
+    }
+
+    fn log(&mut self, key: &'static str, step: usize, value: f64) -> Result<()> {
+        Ok(self.writer.push(key, step as i64, value)?)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(self.writer.flush()?)
+    }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::record::{now, record_artifact};
+use crate::record::{now, record_artifact, RunRecorder};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use db::{Db, MetricPoint, NewRun, RunKind, RunStatus};
@@ -24,7 +24,7 @@ use crate::spec::{self, Arm, LoadedSpec, PlannedRun, Spec, TokenizerKind};
 use crate::tokenize::stage::TokenizerJob;
 use crate::tokenize::{self, TokenData, Tokenizer};
 use crate::train::collective::Solo;
-use crate::train::generator::{train_data_parallel, train_generator, TrainJob, TrainTokens};
+use crate::train::generator::{train_data_parallel, train_generator, Lead, TrainJob, TrainTokens};
 use crate::train::Ema;
 
 pub use crate::error::{describe, Error, Result};
@@ -617,8 +617,6 @@ impl Runner {
             eval::stage::record_scores(db, run_id, step as i64, &scores, &settings, &fnet)
         };
         let job = TrainJob {
-            db: &self.db,
-            run_id,
             tokens: &train_tokens,
             train: &ds.train,
             run,
@@ -626,15 +624,20 @@ impl Runner {
             dir: &dir,
             quiet: self.quiet,
         };
+        let mut record = RunRecorder::new(&self.db, run_id);
+        let lead = Lead {
+            record: &mut record,
+            on_eval: &mut on_eval,
+        };
         let ema = match run.spec.train.devices.len() {
-            0 | 1 => train_generator(&job, &generator, &varmap, &device, &Solo, &mut on_eval)?,
+            0 | 1 => train_generator(&job, &generator, &varmap, &device, &Solo, Some(lead))?,
             world => {
                 self.db.set_run_param(
                     run_id,
                     "data_parallel",
                     &serde_json::json!({ "world_size": world, "devices": run.spec.train.devices }),
                 )?;
-                train_data_parallel(&job, &cfg, (&generator, &varmap, &device), &mut on_eval)?
+                train_data_parallel(&job, &cfg, (&generator, &varmap, &device), lead)?
             }
         };
         let weights = dir.join("model.safetensors");

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use db::Db;
 use models::fused::gaussian_noise_at;
 use models::init::seeded_var_builder;
 use models::{Generator, GeneratorConfig, Rng, Shard, Tokens};
@@ -167,10 +166,31 @@ impl<'a> TrainTokens<'a> {
 /// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
 pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
 
-/// What stage 2 trains on and where it records: the same for every data-parallel rank.
+/// Where stage 2 records the run's training curves and what became of its checkpoints. The
+/// runner records into the database ([`crate::record::RunRecorder`]); a test can keep it in
+/// memory.
+pub trait Recorder {
+    /// The run continues from its checkpoint at `step`: what was logged after that step goes
+    /// (it is logged again, equal).
+    fn resume_at(&mut self, step: usize) -> Result<()>;
+    /// Damaged checkpoints were passed over; `note` says what the run went on from.
+    fn checkpoint_recovered(&mut self, note: &str) -> Result<()>;
+    /// One point of a training curve; it may wait for [`Recorder::flush`].
+    fn log(&mut self, key: &'static str, step: usize, value: f64) -> Result<()>;
+    /// Stores every point logged so far: called before each checkpoint, so that a checkpoint
+    /// never gets ahead of the curves.
+    fn flush(&mut self) -> Result<()>;
+}
+
+/// What rank 0 alone does beside training: record, save checkpoints and evaluate along the way.
+/// The other data-parallel ranks train without it.
+pub struct Lead<'a, 'h> {
+    pub record: &'a mut dyn Recorder,
+    pub on_eval: &'a mut EvalHook<'h>,
+}
+
+/// What stage 2 trains on: the same for every data-parallel rank.
 pub struct TrainJob<'a> {
-    pub db: &'a Db,
-    pub run_id: i64,
     pub tokens: &'a TrainTokens<'a>,
     pub train: &'a ImageSet,
     pub run: &'a PlannedRun,
@@ -183,20 +203,18 @@ pub struct TrainJob<'a> {
 /// Stage 2: train the generator, resuming from its checkpoint when there is one.
 ///
 /// This is one rank of `ranks` (see [`crate::train::collective`]): it computes its share of every
-/// batch, and the ranks sum their losses and gradients before the step. Rank 0 alone writes
-/// metrics and checkpoints and evaluates; one rank alone ([`Solo`](crate::train::collective::Solo))
-/// is the whole training.
+/// batch, and the ranks sum their losses and gradients before the step. Rank 0 alone is given
+/// the [`Lead`]: it records, saves checkpoints and evaluates. One rank alone
+/// ([`Solo`](crate::train::collective::Solo)) is the whole training.
 pub fn train_generator(
     job: &TrainJob,
     generator: &Generator,
     varmap: &VarMap,
     device: &Device,
     ranks: &dyn Collective,
-    on_eval: &mut EvalHook,
+    mut lead: Option<Lead>,
 ) -> Result<Option<Ema>> {
     let TrainJob {
-        db,
-        run_id,
         tokens,
         train,
         run,
@@ -206,7 +224,6 @@ pub fn train_generator(
     } = *job;
     let t = &run.spec.train;
     let eval_every = run.spec.eval.every;
-    let lead = ranks.rank() == 0;
     let Some(shard) = Shard::of(ranks.rank(), ranks.world(), t.batch) else {
         return Err(Error::Usage(format!(
             "train.batch = {} cannot be shared by {} data-parallel ranks: the ranks must divide it",
@@ -225,9 +242,9 @@ pub fn train_generator(
     let mut start = 0;
     let mut sums = LogSums::default();
     let loaded = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())?;
-    if let (Some(note), true) = (&loaded.recovered, lead) {
+    if let (Some(note), Some(lead)) = (&loaded.recovered, lead.as_mut()) {
         // damaged checkpoints: the run went on from the previous one or from step 0; say so on it
-        db.set_run_param(run_id, "checkpoint_recovered", &serde_json::json!(note))?;
+        lead.record.checkpoint_recovered(note)?;
     }
     if let Some(resume) = loaded.resume {
         start = resume.step;
@@ -236,18 +253,17 @@ pub fn train_generator(
         }
         // checkpoints of earlier versions (and of log boundaries) carry no partial sums
         sums = serde_json::from_value(resume.extra).unwrap_or_default();
-        if lead {
-            db.delete_metrics_after(run_id, resume.step as i64)?;
+        if let Some(lead) = lead.as_mut() {
+            lead.record.resume_at(resume.step)?;
         }
     }
     let mut order = DataOrder::new(run.seed, train.n);
     let pb = spinner(
-        quiet || !lead,
+        quiet || lead.is_none(),
         t.steps as u64,
         format!("training {} · {}", run.cell, run.arm.as_str()),
     );
     pb.set_position(start as u64);
-    let mut writer = db.metric_writer(run_id, 100);
     let (mut loss_sum, mut norm_sum, mut count) = (sums.loss, sums.grad_norm, sums.count);
     let every = if t.checkpoint_every == 0 {
         t.steps
@@ -288,11 +304,12 @@ pub fn train_generator(
         norm_sum += norm;
         count += 1;
         if (step + 1) % t.log_every == 0 || step + 1 == t.steps {
-            let s = step as i64 + 1;
-            if lead {
-                writer.push("train/loss", s, loss_sum / count as f64)?;
-                writer.push("train/grad_norm", s, norm_sum / count as f64)?;
-                writer.push("train/lr", s, lr)?;
+            if let Some(lead) = lead.as_mut() {
+                let s = step + 1;
+                lead.record.log("train/loss", s, loss_sum / count as f64)?;
+                lead.record
+                    .log("train/grad_norm", s, norm_sum / count as f64)?;
+                lead.record.log("train/lr", s, lr)?;
             }
             pb.set_message(format!(
                 "{} · {} · loss {:.4}",
@@ -307,8 +324,9 @@ pub fn train_generator(
             true => Some(stop_here.or_else(crate::stop::requested).unwrap_or(15)),
             false => None,
         };
-        if lead && ((step + 1) % every == 0 || step + 1 == t.steps || stop.is_some()) {
-            writer.flush()?;
+        let checkpoint = (step + 1) % every == 0 || step + 1 == t.steps || stop.is_some();
+        if let (Some(lead), true) = (lead.as_mut(), checkpoint) {
+            lead.record.flush()?;
             // the running log averages go with the checkpoint, so a resumed run logs the same
             let partial = LogSums {
                 loss: loss_sum,
@@ -322,25 +340,28 @@ pub fn train_generator(
             return Err(crate::stop::Stopped(sig).into());
         }
         // the final evaluation happens after training, with the full sample count
-        if lead && eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps {
+        let evaluate = eval_every > 0 && (step + 1) % eval_every == 0 && step + 1 < t.steps;
+        if let (Some(lead), true) = (lead.as_mut(), evaluate) {
             pb.set_message(format!("{} · {} · evaluating", run.cell, run.arm.as_str()));
-            on_eval(step + 1, varmap, ema.as_ref())?;
+            (lead.on_eval)(step + 1, varmap, ema.as_ref())?;
         }
     }
-    writer.flush()?;
+    if let Some(lead) = lead.as_mut() {
+        lead.record.flush()?;
+    }
     pb.finish_and_clear();
     Ok(ema)
 }
 
 /// Stage 2 over the data-parallel ranks of `train.devices`: rank 0 trains `model` (the
-/// generator, its variables and their device) here, with `on_eval`; each other rank trains its
+/// generator, its variables and their device) here, with the `lead`; each other rank trains its
 /// own copy, built from `cfg` and the run's seed on its device, on a thread. A rank that fails
 /// stops the others at their next sum; its error is returned.
 pub fn train_data_parallel(
     job: &TrainJob,
     cfg: &GeneratorConfig,
     (generator, varmap, device): (&Generator, &VarMap, &Device),
-    on_eval: &mut EvalHook,
+    lead: Lead,
 ) -> Result<Option<Ema>> {
     let names = &job.run.spec.train.devices;
     let devices = names[1..]
@@ -363,16 +384,14 @@ pub fn train_data_parallel(
                         quiet: true,
                         ..*job
                     };
-                    train_generator(&quiet, &generator, &varmap, dev, &rank, &mut |_, _, _| {
-                        Ok(())
-                    })?;
+                    train_generator(&quiet, &generator, &varmap, dev, &rank, None)?;
                     rank.finish();
                     Ok(())
                 })
             })
             .collect();
         let rank = group.rank(0);
-        let lead = train_generator(job, generator, varmap, device, &rank, on_eval);
+        let lead = train_generator(job, generator, varmap, device, &rank, Some(lead));
         if lead.is_ok() {
             rank.finish();
         } else {
@@ -435,6 +454,167 @@ struct LogSums {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::synthetic::{generate, SyntheticConfig};
+    use crate::train::collective::Solo;
+    use crate::train::sorted_vars;
+
+    /// A training log kept in memory, as a database would keep it: points reach `stored` only
+    /// when flushed, and a process that dies loses the rest.
+    #[derive(Default)]
+    struct Memory {
+        logged: Vec<(&'static str, usize, f64)>,
+        stored: usize,
+        resumed: Vec<usize>,
+        notes: Vec<String>,
+    }
+
+    impl Recorder for Memory {
+        fn resume_at(&mut self, step: usize) -> Result<()> {
+            self.logged.retain(|&(_, s, _)| s <= step);
+            self.stored = self.logged.len();
+            self.resumed.push(step);
+            Ok(())
+        }
+        fn checkpoint_recovered(&mut self, note: &str) -> Result<()> {
+            self.notes.push(note.to_owned());
+            Ok(())
+        }
+        fn log(&mut self, key: &'static str, step: usize, value: f64) -> Result<()> {
+            self.logged.push((key, step, value));
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            self.stored = self.logged.len();
+            Ok(())
+        }
+    }
+
+    /// Trains the tiny spec's MAR Diffusion Loss run (6 steps, a checkpoint and an evaluation
+    /// every 3) into `dir` as a fresh process would, recording into `memory`; `fail_eval_at`
+    /// makes the evaluation at that step fail, which stops the training there. Returns the
+    /// outcome and the weights.
+    fn train_tiny(
+        dir: &Path,
+        memory: &mut Memory,
+        fail_eval_at: Option<usize>,
+    ) -> anyhow::Result<(Result<()>, Vec<Vec<f32>>)> {
+        let source = include_str!("../../../experiments/tiny.toml");
+        let set = [
+            "generator.kind=\"mar\"",
+            "grid={}",
+            "train.checkpoint_every=3",
+            "train.log_every=1",
+            "eval.every=3",
+        ];
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        let spec = crate::spec::load_str("tiny.toml", source, &set)?;
+        let run = spec
+            .runs()
+            .into_iter()
+            .find(|r| r.arm == crate::spec::Arm::Diffusion)
+            .expect("a Diffusion Loss run");
+        let d = &run.spec.data;
+        let (train, _) = generate(&SyntheticConfig {
+            classes: 3,
+            image_size: d.image_size,
+            train: 120,
+            test: 1,
+            seed: 0,
+        });
+        let dev = Device::Cpu;
+        let tok = Tokenizer::fit(
+            run.tokenizer(),
+            &train,
+            run.seed,
+            &dev,
+            None,
+            &mut |_, _| {},
+        )?;
+        let data = tok.encode(&train)?;
+        let tokens = TrainTokens::new(&tok, &data, &train, &run)?;
+        let cfg = crate::generator::config(&run, &tok, 3);
+        let varmap = VarMap::new();
+        let generator = Generator::new(
+            &cfg,
+            seeded_var_builder(&varmap, run.seed, DType::F32, &dev),
+        )?;
+        let job = TrainJob {
+            tokens: &tokens,
+            train: &train,
+            run: &run,
+            tok: &tok,
+            dir,
+            quiet: true,
+        };
+        let mut on_eval = |step: usize, _: &VarMap, _: Option<&Ema>| match fail_eval_at {
+            Some(at) if at == step => Err(Error::Other(format!("evaluation at step {step}"))),
+            _ => Ok(()),
+        };
+        let lead = Lead {
+            record: memory,
+            on_eval: &mut on_eval,
+        };
+        let outcome = train_generator(&job, &generator, &varmap, &dev, &Solo, Some(lead));
+        // a process that dies keeps only what it stored
+        memory.logged.truncate(memory.stored);
+        let mut weights = Vec::new();
+        for (_, var) in sorted_vars(&varmap)? {
+            weights.push(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((outcome.map(|_| ()), weights))
+    }
+
+    /// Stage 2 without a database. A training that stops after its checkpoint at step 3 (here
+    /// through a failing evaluation) has stored its curves up to that checkpoint; started again,
+    /// it resumes at step 3 and ends with the curves and weights of an uninterrupted one. A
+    /// damaged latest checkpoint is passed over, and the recorder is told.
+    #[test]
+    fn a_stopped_training_resumes_to_the_curves_and_weights_of_an_uninterrupted_one(
+    ) -> anyhow::Result<()> {
+        let (clean_dir, dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let mut clean = Memory::default();
+        let (outcome, clean_weights) = train_tiny(clean_dir.path(), &mut clean, None)?;
+        outcome?;
+        let steps: Vec<usize> = clean.logged.iter().map(|p| p.1).collect();
+        assert_eq!(
+            steps,
+            [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6]
+        );
+        assert!(clean.resumed.is_empty() && clean.notes.is_empty());
+
+        let mut stopped = Memory::default();
+        let (outcome, _) = train_tiny(dir.path(), &mut stopped, Some(3))?;
+        let failed = outcome.expect_err("the evaluation at step 3 fails");
+        assert!(
+            failed.to_string().contains("evaluation at step 3"),
+            "{failed}"
+        );
+        assert_eq!(
+            stopped.logged,
+            clean.logged[..9],
+            "stored up to the checkpoint"
+        );
+        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None)?;
+        outcome?;
+        assert_eq!(stopped.resumed, [3]);
+        assert_eq!(stopped.logged, clean.logged, "the same curves, bit for bit");
+        assert_eq!(weights, clean_weights, "the same weights, bit for bit");
+
+        // the step-6 checkpoint damaged: the run goes back to step 3 and says so
+        let latest = dir.path().join(Checkpoint::weights_name(6));
+        let mut bytes = std::fs::read(&latest)?;
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x55;
+        std::fs::write(&latest, &bytes)?;
+        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None)?;
+        outcome?;
+        assert_eq!(stopped.resumed, [3, 3]);
+        assert_eq!(stopped.notes.len(), 1, "{:?}", stopped.notes);
+        assert!(stopped.notes[0].contains("step 3"), "{:?}", stopped.notes);
+        assert_eq!(stopped.logged, clean.logged);
+        assert_eq!(weights, clean_weights);
+        Ok(())
+    }
 
     /// Batches take each image's tokens from the plain or the mirrored side as flipped, and with
     /// posterior standard deviations draw mean + std·ε (exactly the mean where std is 0).
