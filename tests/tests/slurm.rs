@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 use ablate_tests::{ablate, ablate_bin, runs_done_here, stderr, stdout, workspace_root};
 use db::{RunKind, RunStatus};
 
+/// The tiny spec's report was written and its 4 generator runs are finished.
+fn assert_tiny_done_and_reported(root: &std::path::Path) {
+    assert!(root.join("reports/tiny/report.md").exists());
+    let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
+    assert_eq!(generators.len(), 4);
+    assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
+}
+
 #[test]
 fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -66,15 +79,7 @@ fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(root.join("reports/tiny/report.md").exists());
-    let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
-    assert_eq!(generators.len(), 4);
-    assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
+    assert_tiny_done_and_reported(&root);
     // a bad spec is refused before anything is written
     let bad = ablate(&root, &["slurm", "experiments/tiny.toml", "--tasks", "0"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
@@ -255,13 +260,5 @@ fn a_real_slurm_runs_the_array_and_the_report_job() {
         done += runs_done_here(&text, 4);
     }
     assert_eq!(done, 4, "each of the 4 runs done by exactly one task");
-    assert!(root.join("reports/tiny/report.md").exists());
-    let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
-    assert_eq!(generators.len(), 4);
-    assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
+    assert_tiny_done_and_reported(&root);
 }
