@@ -6,7 +6,6 @@ use std::path::Path;
 use db::{Db, MetricWriter};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::train::generator::Recorder;
 use crate::{Error, Result};
 
 /// A progress bar of `len` steps (hidden when `quiet`).
@@ -52,6 +51,22 @@ pub fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<
         bytes as i64,
     )?;
     Ok(())
+}
+
+/// Where stage 2 records the run's training curves and what became of its checkpoints. The
+/// runner records into the database ([`RunRecorder`]); `train::generator`'s unit test keeps it
+/// in memory.
+pub trait Recorder {
+    /// The run continues from its checkpoint at `step`: what was logged after that step goes
+    /// (it is logged again, equal).
+    fn resume_at(&mut self, step: usize) -> Result<()>;
+    /// Damaged checkpoints were passed over; `note` says what the run went on from.
+    fn checkpoint_recovered(&mut self, note: &str) -> Result<()>;
+    /// One point of a training curve; it may wait for [`Recorder::flush`].
+    fn log(&mut self, key: &'static str, step: usize, value: f64) -> Result<()>;
+    /// Stores every point logged so far: called before each checkpoint, so that a checkpoint
+    /// never gets ahead of the curves.
+    fn flush(&mut self) -> Result<()>;
 }
 
 /// The generator's training log ([`Recorder`]) in the database, on run `run_id`: curves through a

@@ -9,7 +9,7 @@ use models::init::seeded_var_builder;
 use models::{Generator, GeneratorConfig, Rng, Shard, Tokens};
 
 use crate::data::ImageSet;
-use crate::record::spinner;
+use crate::record::{spinner, Recorder};
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::collective::{Collective, LocalGroup};
@@ -165,22 +165,6 @@ impl<'a> TrainTokens<'a> {
 
 /// Called during training with (step, weights, EMA weights) to evaluate an intermediate model.
 pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 'a;
-
-/// Where stage 2 records the run's training curves and what became of its checkpoints. The
-/// runner records into the database ([`crate::record::RunRecorder`]); a test can keep it in
-/// memory.
-pub trait Recorder {
-    /// The run continues from its checkpoint at `step`: what was logged after that step goes
-    /// (it is logged again, equal).
-    fn resume_at(&mut self, step: usize) -> Result<()>;
-    /// Damaged checkpoints were passed over; `note` says what the run went on from.
-    fn checkpoint_recovered(&mut self, note: &str) -> Result<()>;
-    /// One point of a training curve; it may wait for [`Recorder::flush`].
-    fn log(&mut self, key: &'static str, step: usize, value: f64) -> Result<()>;
-    /// Stores every point logged so far: called before each checkpoint, so that a checkpoint
-    /// never gets ahead of the curves.
-    fn flush(&mut self) -> Result<()>;
-}
 
 /// What rank 0 alone does beside training: record, save checkpoints and evaluate along the way.
 /// The other data-parallel ranks train without it.
