@@ -57,9 +57,9 @@ pub fn record_artifact(db: &Db, run_id: i64, kind: &str, path: &Path) -> Result<
 /// runner records into the database ([`RunRecorder`]); `train::generator`'s unit test keeps it
 /// in memory.
 pub trait Recorder {
-    /// The run continues from its checkpoint at `step`: what was logged after that step goes
+    /// The run continues from its checkpoint at `step`: drop what was logged after that step
     /// (it is logged again, equal).
-    fn resume_at(&mut self, step: usize) -> Result<()>;
+    fn discard_after(&mut self, step: usize) -> Result<()>;
     /// Damaged checkpoints were passed over; `note` says what the run went on from.
     fn checkpoint_recovered(&mut self, note: &str) -> Result<()>;
     /// One point of a training curve; it may wait for [`Recorder::flush`].
@@ -88,7 +88,7 @@ impl<'a> RunRecorder<'a> {
 }
 
 impl Recorder for RunRecorder<'_> {
-    fn resume_at(&mut self, step: usize) -> Result<()> {
+    fn discard_after(&mut self, step: usize) -> Result<()> {
         self.db.delete_metrics_after(self.run_id, step as i64)?;
         Ok(())
     }

@@ -624,9 +624,9 @@ impl Runner {
             dir: &dir,
             quiet: self.quiet,
         };
-        let mut record = RunRecorder::new(&self.db, run_id);
+        let mut recorder = RunRecorder::new(&self.db, run_id);
         let lead = Lead {
-            record: &mut record,
+            recorder: &mut recorder,
             on_eval: &mut on_eval,
         };
         let ema = match run.spec.train.devices.len() {

@@ -35,8 +35,10 @@ pub fn seeded_var_builder(
     VarBuilder::from_backend(backend, dtype, device.clone())
 }
 
-/// A `VarBuilder` over detached copies of the variables in `varmap`: a model built from it records
-/// no autograd graph, which makes sampling and feature extraction several times faster.
+/// A `VarBuilder` over detached views of the variables in `varmap` (sharing their storage): a
+/// model built from it records no autograd graph, which makes sampling and feature extraction
+/// several times faster. Its linear layers copy their weights ([`crate::nn::Linear::new`]), so
+/// build the model again after training steps.
 pub fn frozen_var_builder(
     varmap: &VarMap,
     dtype: DType,

@@ -40,7 +40,8 @@ impl Precision {
 }
 
 /// A linear layer (y = x·Wᵀ + b) whose product runs in its [`Precision`]; the bias is added in f32
-/// ([`fused::bias_add`]). In f32 it computes exactly what candle's `Linear` does.
+/// ([`fused::bias_add`]). In f32 it computes what candle's `Linear` does (a frozen layer up to
+/// rounding, see [`fixed_weight_layout`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -110,8 +111,11 @@ impl Module for Linear {
 /// f32, stored transposed, as (in, out) row by row and viewed as the same (out, in) tensor: the
 /// product then reads Wᵀ row by row instead of gathering its columns. On one thread of the 2-core
 /// machine 64 × 256 × 768 took 354 µs and then 323 µs, 64 × 256 × 256 123 µs and then 104 µs
-/// (sampling's Diffusion Loss MLP runs on about 64 rows per diffusion step); the values are the
-/// same. A trained weight keeps its layout.
+/// (sampling's Diffusion Loss MLP runs on about 64 rows per diffusion step). The values are the
+/// same up to rounding: gemm's kernels for some small shapes sum in another order (1 ulp).
+/// The stored weight is a copy, a snapshot of the weights the model was built from (a model
+/// built from `init::frozen_var_builder` does not follow later training steps in its linear
+/// layers: build it again). A trained weight keeps its layout.
 fn fixed_weight_layout(w: Tensor) -> Tensor {
     if w.track_op() || !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
         return w;

@@ -169,7 +169,7 @@ pub type EvalHook<'a> = dyn FnMut(usize, &VarMap, Option<&Ema>) -> Result<()> + 
 /// What rank 0 alone does beside training: record, save checkpoints and evaluate along the way.
 /// The other data-parallel ranks train without it.
 pub struct Lead<'a, 'h> {
-    pub record: &'a mut dyn Recorder,
+    pub recorder: &'a mut dyn Recorder,
     pub on_eval: &'a mut EvalHook<'h>,
 }
 
@@ -208,6 +208,13 @@ pub fn train_generator(
     } = *job;
     let t = &run.spec.train;
     let eval_every = run.spec.eval.every;
+    if lead.is_some() != (ranks.rank() == 0) {
+        return Err(Error::Other(format!(
+            "data-parallel rank {} was {} the lead: rank 0, and it alone, records and checkpoints",
+            ranks.rank(),
+            if lead.is_some() { "given" } else { "not given" }
+        )));
+    }
     let Some(shard) = Shard::of(ranks.rank(), ranks.world(), t.batch) else {
         return Err(Error::Usage(format!(
             "train.batch = {} cannot be shared by {} data-parallel ranks: the ranks must divide it",
@@ -228,7 +235,7 @@ pub fn train_generator(
     let loaded = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())?;
     if let (Some(note), Some(lead)) = (&loaded.recovered, lead.as_mut()) {
         // damaged checkpoints: the run went on from the previous one or from step 0; say so on it
-        lead.record.checkpoint_recovered(note)?;
+        lead.recorder.checkpoint_recovered(note)?;
     }
     if let Some(resume) = loaded.resume {
         start = resume.step;
@@ -238,7 +245,7 @@ pub fn train_generator(
         // checkpoints of earlier versions (and of log boundaries) carry no partial sums
         sums = serde_json::from_value(resume.extra).unwrap_or_default();
         if let Some(lead) = lead.as_mut() {
-            lead.record.resume_at(resume.step)?;
+            lead.recorder.discard_after(resume.step)?;
         }
     }
     let mut order = DataOrder::new(run.seed, train.n);
@@ -290,10 +297,11 @@ pub fn train_generator(
         if (step + 1) % t.log_every == 0 || step + 1 == t.steps {
             if let Some(lead) = lead.as_mut() {
                 let s = step + 1;
-                lead.record.log("train/loss", s, loss_sum / count as f64)?;
-                lead.record
+                lead.recorder
+                    .log("train/loss", s, loss_sum / count as f64)?;
+                lead.recorder
                     .log("train/grad_norm", s, norm_sum / count as f64)?;
-                lead.record.log("train/lr", s, lr)?;
+                lead.recorder.log("train/lr", s, lr)?;
             }
             pb.set_message(format!(
                 "{} · {} · loss {:.4}",
@@ -310,7 +318,7 @@ pub fn train_generator(
         };
         let checkpoint = (step + 1) % every == 0 || step + 1 == t.steps || stop.is_some();
         if let (Some(lead), true) = (lead.as_mut(), checkpoint) {
-            lead.record.flush()?;
+            lead.recorder.flush()?;
             // the running log averages go with the checkpoint, so a resumed run logs the same
             let partial = LogSums {
                 loss: loss_sum,
@@ -331,7 +339,7 @@ pub fn train_generator(
         }
     }
     if let Some(lead) = lead.as_mut() {
-        lead.record.flush()?;
+        lead.recorder.flush()?;
     }
     pb.finish_and_clear();
     Ok(ema)
@@ -453,7 +461,7 @@ mod tests {
     }
 
     impl Recorder for Memory {
-        fn resume_at(&mut self, step: usize) -> Result<()> {
+        fn discard_after(&mut self, step: usize) -> Result<()> {
             self.logged.retain(|&(_, s, _)| s <= step);
             self.stored = self.logged.len();
             self.resumed.push(step);
@@ -486,6 +494,7 @@ mod tests {
         let set = [
             "generator.kind=\"mar\"",
             "grid={}",
+            "train.steps=6",
             "train.checkpoint_every=3",
             "train.log_every=1",
             "eval.every=3",
@@ -535,7 +544,7 @@ mod tests {
             _ => Ok(()),
         };
         let lead = Lead {
-            record: memory,
+            recorder: memory,
             on_eval: &mut on_eval,
         };
         let outcome = train_generator(&job, &generator, &varmap, &dev, &Solo, Some(lead));
