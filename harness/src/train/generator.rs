@@ -483,12 +483,13 @@ mod tests {
 
     /// Trains the tiny spec's MAR Diffusion Loss run (6 steps, a checkpoint and an evaluation
     /// every 3) into `dir` as a fresh process would, recording into `memory`; `fail_eval_at`
-    /// makes the evaluation at that step fail, which stops the training there. Returns the
-    /// outcome and the weights.
+    /// makes the evaluation at that step fail, which stops the training there; without `lead`
+    /// the (only) rank is not given the [`Lead`]. Returns the outcome and the weights.
     fn train_tiny(
         dir: &Path,
         memory: &mut Memory,
         fail_eval_at: Option<usize>,
+        lead: bool,
     ) -> anyhow::Result<(Result<()>, Vec<Vec<f32>>)> {
         let source = include_str!("../../../experiments/tiny.toml");
         let set = [
@@ -543,11 +544,13 @@ mod tests {
             Some(at) if at == step => Err(Error::Other(format!("evaluation at step {step}"))),
             _ => Ok(()),
         };
+        let lead_given = lead;
         let lead = Lead {
             recorder: memory,
             on_eval: &mut on_eval,
         };
-        let outcome = train_generator(&job, &generator, &varmap, &dev, &Solo, Some(lead));
+        let lead = Some(lead).filter(|_| lead_given);
+        let outcome = train_generator(&job, &generator, &varmap, &dev, &Solo, lead);
         // a process that dies keeps only what it stored
         memory.logged.truncate(memory.stored);
         let mut weights = Vec::new();
@@ -566,7 +569,7 @@ mod tests {
     ) -> anyhow::Result<()> {
         let (clean_dir, dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let mut clean = Memory::default();
-        let (outcome, clean_weights) = train_tiny(clean_dir.path(), &mut clean, None)?;
+        let (outcome, clean_weights) = train_tiny(clean_dir.path(), &mut clean, None, true)?;
         outcome?;
         let steps: Vec<usize> = clean.logged.iter().map(|p| p.1).collect();
         assert_eq!(
@@ -576,7 +579,7 @@ mod tests {
         assert!(clean.resumed.is_empty() && clean.notes.is_empty());
 
         let mut stopped = Memory::default();
-        let (outcome, _) = train_tiny(dir.path(), &mut stopped, Some(3))?;
+        let (outcome, _) = train_tiny(dir.path(), &mut stopped, Some(3), true)?;
         let failed = outcome.expect_err("the evaluation at step 3 fails");
         assert!(
             failed.to_string().contains("evaluation at step 3"),
@@ -587,7 +590,7 @@ mod tests {
             clean.logged[..9],
             "stored up to the checkpoint"
         );
-        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None)?;
+        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None, true)?;
         outcome?;
         assert_eq!(stopped.resumed, [3]);
         assert_eq!(stopped.logged, clean.logged, "the same curves, bit for bit");
@@ -599,13 +602,18 @@ mod tests {
         let last = bytes.len() - 3;
         bytes[last] ^= 0x55;
         std::fs::write(&latest, &bytes)?;
-        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None)?;
+        let (outcome, weights) = train_tiny(dir.path(), &mut stopped, None, true)?;
         outcome?;
         assert_eq!(stopped.resumed, [3, 3]);
         assert_eq!(stopped.notes.len(), 1, "{:?}", stopped.notes);
         assert!(stopped.notes[0].contains("step 3"), "{:?}", stopped.notes);
         assert_eq!(stopped.logged, clean.logged);
         assert_eq!(weights, clean_weights);
+
+        // rank 0 without the lead would train without checkpoints or curves: refused
+        let (outcome, _) = train_tiny(dir.path(), &mut Memory::default(), None, false)?;
+        let refused = outcome.expect_err("rank 0 needs the lead");
+        assert!(refused.to_string().contains("rank 0"), "{refused}");
         Ok(())
     }
 
