@@ -793,6 +793,23 @@ diffusion = { tokenizer = "px" }
         assert!(l.cells.iter().all(|c| c.spec.name == "other"));
     }
 
+    /// Every spec shipped in `experiments/` loads and validates (a key renamed in the code
+    /// would otherwise break them unnoticed until a user runs one).
+    #[test]
+    fn the_shipped_specs_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).expect("experiments/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let spec = load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!spec.runs().is_empty(), "{}: no runs", path.display());
+                loaded += 1;
+            }
+        }
+        assert!(loaded >= 6, "only {loaded} specs under {}", dir.display());
+    }
+
     #[test]
     fn grid_expands_to_cells_arms_and_seeds() {
         let l = load_str("mini.toml", MINI, &[]).expect("valid");
