@@ -25,6 +25,7 @@ use crate::tokenize::stage::TokenizerJob;
 use crate::tokenize::{self, TokenData, Tokenizer};
 use crate::train::collective::Solo;
 use crate::train::generator::{train_data_parallel, train_generator, Lead, TrainJob, TrainTokens};
+use crate::train::ranks::{train_process_ranks, ProcessRanks, RankFiles};
 use crate::train::Ema;
 
 pub use crate::error::{describe, Error, Result};
@@ -63,6 +64,8 @@ pub struct Runner {
     datasets: HashMap<String, std::rc::Rc<Dataset>>,
     tokenizers: HashMap<String, std::rc::Rc<(Tokenizer, TokenData)>>,
     feature_nets: HashMap<String, std::rc::Rc<EvalNet>>,
+    /// `--nproc N`: each generator training runs on N processes, this one rank 0
+    pub process_ranks: Option<ProcessRanks>,
 }
 
 impl Runner {
@@ -78,6 +81,7 @@ impl Runner {
             datasets: HashMap::new(),
             tokenizers: HashMap::new(),
             feature_nets: HashMap::new(),
+            process_ranks: None,
         })
     }
 
@@ -300,7 +304,7 @@ impl Runner {
         let tspec = run.tokenizer();
         let seed = tspec.seed.unwrap_or(run.seed);
         let config = identity::tokenizer(tspec, seed, ds);
-        let hash = identity::content_hash(&config);
+        let hash = tokenizer_hash(run, ds);
         // recorded (or linked to this experiment) whether or not it is fitted now
         let name = format!("tokenizer {} · seed {seed}", run.tokenizer_name());
         let device_name = device_label(device);
@@ -629,15 +633,40 @@ impl Runner {
             recorder: &mut recorder,
             on_eval: &mut on_eval,
         };
-        let ema = match run.spec.train.devices.len() {
-            0 | 1 => train_generator(&job, &generator, &varmap, &device, &Solo, Some(lead))?,
-            world => {
+        let model = (&generator, &varmap, &device);
+        let ema = match (&self.process_ranks, run.spec.train.devices.len()) {
+            (Some(launch), _) if launch.nproc * launch.nnodes > 1 => {
+                // one process per device of each node: train.devices when it names them, else
+                // the run's
+                let devices = match run.spec.train.devices.len() {
+                    0 => vec![device_name.to_string(); launch.nproc],
+                    _ => run.spec.train.devices.clone(),
+                };
+                self.db.set_run_param(
+                    run_id,
+                    "data_parallel",
+                    &serde_json::json!({
+                        "world_size": launch.nproc * launch.nnodes,
+                        "nodes": launch.nnodes,
+                        "devices": devices,
+                        "processes": true
+                    }),
+                )?;
+                let files = RankFiles {
+                    jobs: &self.layout.root.join("ranks"),
+                    logs: &self.layout.root.join("logs"),
+                    tokenizer: &self.layout.tokenizer(&tokenizer_hash(run, &ds)),
+                };
+                train_process_ranks(&job, launch, &devices, &files, model, lead)?
+            }
+            (_, 0 | 1) => train_generator(&job, &generator, &varmap, &device, &Solo, Some(lead))?,
+            (_, world) => {
                 self.db.set_run_param(
                     run_id,
                     "data_parallel",
                     &serde_json::json!({ "world_size": world, "devices": run.spec.train.devices }),
                 )?;
-                train_data_parallel(&job, &cfg, (&generator, &varmap, &device), lead)?
+                train_data_parallel(&job, &cfg, model, lead)?
             }
         };
         let weights = dir.join("model.safetensors");
@@ -715,6 +744,13 @@ impl Runner {
 /// Whether a cached file of run `run_id` still has the sha256 recorded with it (the newest record
 /// of `kind`). A file that does not is reported and removed, so that the caller fits it again;
 /// one without a record (written before records were kept) is trusted.
+/// The identity of a run's tokenizer: fitted once per (data, tokenizer, seed).
+fn tokenizer_hash(run: &PlannedRun, ds: &Dataset) -> String {
+    let tspec = run.tokenizer();
+    let seed = tspec.seed.unwrap_or(run.seed);
+    identity::content_hash(&identity::tokenizer(tspec, seed, ds))
+}
+
 fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Result<bool> {
     let Some(recorded) = db.artifacts(run_id)?.into_iter().rfind(|a| a.kind == kind) else {
         return Ok(true);

@@ -1,7 +1,7 @@
-//! Data parallelism on the CPU (`train.devices`, ranks as threads of one process): 2 and 4 ranks
-//! sharing each batch train the same weights (within 1e-5 after 20 steps) and log the same
-//! metrics as one rank on the whole batch, up to float rounding (their gradients are summed in
-//! another order).
+//! Data parallelism on the CPU, with the ranks as threads of one process (`train.devices`) and
+//! as processes (`ablate run --nproc N`, summing over TCP): 2 and 4 ranks sharing each batch
+//! train the same weights (within 1e-5 after 20 steps) and log the same metrics as one rank on
+//! the whole batch, up to float rounding (their gradients are summed in another order).
 use db::RunKind;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +18,21 @@ type Trained = BTreeMap<
     ),
 >;
 
-fn train(root: &Path, devices: Option<&str>) -> Trained {
+/// How the ranks of one training run.
+#[derive(Clone, Copy)]
+enum Ranks {
+    /// one rank, the whole batch
+    One,
+    /// `train.devices` with this many "cpu" entries: threads of the `ablate run` process
+    Threads(usize),
+    /// `--nproc N`: rank processes
+    Processes(usize),
+    /// `--nnodes M`, one process each: `ablate run` is node 0, and `ablate ranks` serves as
+    /// each other node, on the same root (here all on this machine, over TCP)
+    Nodes(usize),
+}
+
+fn train(root: &Path, ranks: Ranks) -> Trained {
     let mut args = vec![
         "run",
         "experiments/tiny.toml",
@@ -30,12 +44,43 @@ fn train(root: &Path, devices: Option<&str>) -> Trained {
         "head.batch_mul=2",
         "--no-report",
     ];
-    let set;
-    if let Some(d) = devices {
-        set = format!("train.devices={d}");
-        args.extend(["--set", &set]);
+    let count = match ranks {
+        Ranks::One => 1,
+        Ranks::Threads(w) | Ranks::Processes(w) | Ranks::Nodes(w) => w,
+    };
+    let (set, n) = (
+        format!("train.devices={:?}", vec!["cpu"; count]),
+        count.to_string(),
+    );
+    match ranks {
+        Ranks::One => {}
+        Ranks::Threads(_) => args.extend(["--set", &set]),
+        Ranks::Processes(_) => args.extend(["--nproc", &n]),
+        Ranks::Nodes(_) => args.extend(["--nnodes", &n, "--master-addr", "127.0.0.1"]),
     }
+    let nodes: Vec<_> = match ranks {
+        Ranks::Nodes(world) => (1..world)
+            .map(|k| {
+                let k = k.to_string();
+                ablate_tests::spawn_ablate(
+                    root,
+                    &["ranks", "--nproc", "1", "--nnodes", &n, "--node-rank", &k],
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let out = ablate(root, &args);
+    for node in nodes {
+        // each node's `ablate ranks` ends once node 0's runs are done
+        let served = node.wait_with_output().expect("ablate ranks");
+        assert!(served.status.success(), "{}", stderr(&served));
+        assert!(
+            stderr(&served).contains("served 4 training(s)"),
+            "{}",
+            stderr(&served)
+        );
+    }
     assert!(out.status.success(), "{}", stderr(&out));
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database");
     let mut trained = Trained::new();
@@ -60,12 +105,14 @@ fn train(root: &Path, devices: Option<&str>) -> Trained {
             .into_iter()
             .map(|m| (m.key, m.step, m.value))
             .collect();
-        if let Some(d) = devices {
-            let world = d.matches("cpu").count();
+        if let Ranks::Threads(world) | Ranks::Processes(world) | Ranks::Nodes(world) = ranks {
+            let recorded = &run.params["data_parallel"];
             assert_eq!(
-                run.params["data_parallel"]["world_size"], world,
+                recorded["world_size"], world,
                 "the world size is recorded on the run"
             );
+            let processes = matches!(ranks, Ranks::Processes(_) | Ranks::Nodes(_));
+            assert_eq!(recorded["processes"].as_bool().unwrap_or(false), processes);
         }
         trained.insert(run.hash.clone(), (weights, metrics));
     }
@@ -76,9 +123,22 @@ fn train(root: &Path, devices: Option<&str>) -> Trained {
 #[test]
 fn two_and_four_ranks_train_what_one_rank_trains() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let one = train(&dir.path().join("one"), None);
-    for (world, devices) in [(2, r#"["cpu","cpu"]"#), (4, r#"["cpu","cpu","cpu","cpu"]"#)] {
-        let many = train(&dir.path().join(format!("ranks-{world}")), Some(devices));
+    let one = train(&dir.path().join("one"), Ranks::One);
+    let mut by_threads = BTreeMap::new();
+    for ranks in [
+        Ranks::Threads(2),
+        Ranks::Threads(4),
+        Ranks::Processes(2),
+        Ranks::Processes(4),
+        Ranks::Nodes(2),
+    ] {
+        let (world, how) = match ranks {
+            Ranks::Threads(w) => (w, "threads"),
+            Ranks::Processes(w) => (w, "processes"),
+            Ranks::Nodes(w) => (w, "nodes"),
+            Ranks::One => unreachable!("compared with one rank"),
+        };
+        let many = train(&dir.path().join(format!("{how}-{world}")), ranks);
         assert_eq!(
             many.keys().collect::<Vec<_>>(),
             one.keys().collect::<Vec<_>>(),
@@ -114,7 +174,7 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
             }
             assert!(
                 worst <= 1e-5,
-                "{world} ranks, run {hash}: weights differ by {worst}"
+                "{world} {how}, run {hash}: weights differ by {worst}"
             );
             worst_weight = worst_weight.max(worst);
             let rows = |m: &Vec<(String, i64, f64)>| {
@@ -125,7 +185,7 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
             assert_eq!(
                 rows(m),
                 rows(metrics),
-                "{world} ranks, run {hash}: the same metric rows"
+                "{world} {how}, run {hash}: the same metric rows"
             );
             // the training log; time/* are wall-clock durations
             let logged = metrics
@@ -136,14 +196,32 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
                 worst_metric = worst_metric.max((a - b).abs());
                 assert!(
                     (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-                    "{world} ranks, run {hash}: {k} at step {s} is {b}, one rank logged {a}"
+                    "{world} {how}, run {hash}: {k} at step {s} is {b}, one rank logged {a}"
                 );
             }
         }
         eprintln!(
-            "{world} ranks: weights within {worst_weight:.2e} and train/* metrics within \
-             {worst_metric:.2e} of one rank's"
+            "{world} ranks as {how}: weights within {worst_weight:.2e} and train/* metrics \
+             within {worst_metric:.2e} of one rank's"
         );
+        // processes sum in the same order as threads: the same weights, bit for bit
+        match ranks {
+            Ranks::Threads(w) => {
+                by_threads.insert(w, many);
+            }
+            _ => {
+                let threads = &by_threads[&world];
+                for (hash, (weights, _)) in &many {
+                    for (name, t) in weights {
+                        let d = max_abs_diff(t, &threads[hash].0[name]);
+                        assert_eq!(
+                            d, 0.0,
+                            "{world} processes, run {hash}, {name}: {d} from threads"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     // ranks that do not divide the batch are refused before anything runs
@@ -275,4 +353,152 @@ fn a_run_killed_on_two_ranks_resumes_on_four() {
             run.name
         );
     }
+}
+
+/// The pids of the `ablate rank` processes whose job file lies under `root`.
+fn rank_processes(root: &Path) -> Vec<i32> {
+    let jobs = root.join("ranks").to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_rank = args.get(1).is_some_and(|a| a == "rank")
+                && args.get(2).is_some_and(|a| a.starts_with(&jobs));
+            is_rank.then_some(pid)
+        })
+        .collect()
+}
+
+/// Faults of a rank process (`--nproc`): one that cannot start (its device does not exist) and
+/// one killed in the middle of training each fail the run with that rank's own error, promptly
+/// and without leaving a process behind; the killed run then resumes from its checkpoint on 2
+/// processes again and logs each step once.
+#[test]
+fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "run",
+            "experiments/tiny.toml",
+            "--no-report",
+            "--nproc",
+            "2",
+            "--set",
+            "train.checkpoint_every=10",
+            "--set",
+            "train.log_every=2",
+            "--set",
+            "grid.\"generator.kind\"=[\"ar\"]",
+        ];
+        a.extend(extra);
+        a
+    };
+
+    // rank 1 on a device this machine does not have
+    let root = dir.path().join("no-device");
+    let started = std::time::Instant::now();
+    let out = ablate(
+        &root,
+        &args(&["--set", r#"train.devices=["cpu","cuda:7"]"#]),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let run = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == RunKind::Generator)
+        .expect("the generator run");
+    let error = run.error.unwrap_or_default();
+    assert!(
+        error.contains("data-parallel rank 1") && error.contains("cuda:7"),
+        "the run's error names the rank and its cause: {error}"
+    );
+    assert!(rank_processes(&root).is_empty(), "no rank process is left");
+    eprintln!(
+        "a rank that cannot start failed the run in {:.1} s: {error}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // rank 1 killed after the first run's first checkpoint (the other arm's run then trains)
+    let root = dir.path().join("killed");
+    let child = ablate_tests::spawn_ablate(&root, &args(&["--set", "train.steps=1000"]));
+    let waited = std::time::Instant::now();
+    let first_training = || {
+        Some(
+            std::fs::read_dir(root.join("artifacts"))
+                .ok()?
+                .next()?
+                .ok()?
+                .path(),
+        )
+    };
+    let training = loop {
+        let seen = first_training();
+        if let Some(step) = seen
+            .as_ref()
+            .and_then(|d| ablate_tests::checkpoint_step(&d.join("checkpoint.json")))
+        {
+            assert!(step < 1000, "killed after training had finished");
+            break seen.expect("the training's folder");
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "no checkpoint within 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let ranks = rank_processes(&root);
+    assert_eq!(ranks.len(), 1, "one rank process besides rank 0");
+    // SAFETY: kill(2) on a process this test's command started; no memory is touched
+    unsafe { libc::kill(ranks[0], libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let failed = loop {
+        let runs = db.list_runs(Some("tiny")).expect("runs");
+        if let Some(r) = runs.into_iter().find(|r| r.status == db::RunStatus::Failed) {
+            break r;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(60),
+            "rank 0 did not notice the dead rank within a minute"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    eprintln!(
+        "rank 1 killed: the run was marked failed {:.2} s later",
+        killed.elapsed().as_secs_f64()
+    );
+    let out = child.wait_with_output().expect("ablate ends");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("data-parallel rank 1") && error.contains("signal: 9"),
+        "the run's error names the killed rank: {error}"
+    );
+    let stopped_at =
+        ablate_tests::checkpoint_step(&training.join("checkpoint.json")).expect("a checkpoint");
+    assert!(stopped_at < 1000, "killed after training had finished");
+
+    // run again: the failed run resumes from its checkpoint, the finished one is skipped
+    let out = ablate(&root, &args(&["--set", "train.steps=1000"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = db.run(failed.id).expect("query").expect("the run");
+    assert_eq!(run.status, db::RunStatus::Finished);
+    let steps = ablate_tests::logged_steps(&db, run.id, "train/loss");
+    assert_eq!(
+        steps,
+        (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
+        "each step logged once"
+    );
+    assert!(rank_processes(&root).is_empty(), "no rank process is left");
+    eprintln!("rank 1 killed after checkpoint {stopped_at}; the run resumed and finished");
 }

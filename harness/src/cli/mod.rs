@@ -90,6 +90,37 @@ pub enum Command {
     /// decoded: the reference's KL-16 VAE is not part of ablate; the official code decodes
     /// `latents / 0.2325` with it.
     Sample(SampleArgs),
+    /// On node K of a multi-node `ablate run --nnodes M`: start this node's --nproc ranks for each
+    /// training node 0 posts under ROOT/ranks/, until node 0's runs are done
+    Ranks(RanksArgs),
+    /// One data-parallel rank of a training that `ablate run --nproc N` started (rank 0 starts
+    /// this; it is not meant to be run by hand)
+    #[command(hide = true)]
+    Rank(RankArgs),
+}
+
+/// The arguments of `ablate ranks`.
+#[derive(clap::Args, Debug)]
+pub struct RanksArgs {
+    /// Ranks on this node (node 0's `ablate run --nproc`)
+    #[arg(long, value_name = "N")]
+    pub nproc: usize,
+    /// Nodes in all (node 0's `ablate run --nnodes`)
+    #[arg(long, value_name = "M")]
+    pub nnodes: usize,
+    /// This node, 1 to M − 1 (node 0 runs `ablate run`)
+    #[arg(long, value_name = "K")]
+    pub node_rank: usize,
+}
+
+/// The arguments of the hidden `ablate rank`.
+#[derive(clap::Args, Debug)]
+pub struct RankArgs {
+    /// The job file rank 0 wrote under ROOT/ranks/
+    pub job: PathBuf,
+    /// This process's rank, 1 to N − 1
+    #[arg(long)]
+    pub rank: usize,
 }
 
 /// The arguments of `ablate run`.
@@ -109,6 +140,18 @@ pub struct RunArgs {
     /// with cores / N threads unless RAYON_NUM_THREADS is set
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub jobs: usize,
+    /// Data-parallel processes per training: this one (rank 0, which records) and N − 1 rank
+    /// processes, one per device of `train.devices` (or N on the run's device), each computing
+    /// batch / N rows of every step
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nproc: usize,
+    /// Nodes of each training: this is node 0, and `ablate ranks --node-rank K` on each other
+    /// node (same root, same --nproc and --nnodes) starts that node's ranks
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nnodes: usize,
+    /// The name or address under which the other nodes reach this one (default: its host name)
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
 }
 
 /// The arguments of `ablate slurm`.
@@ -469,12 +512,15 @@ pub fn main() -> i32 {
     if let Err(e) = harness::stop::install() {
         eprintln!("warning: SIGINT/SIGTERM will end ablate without a checkpoint: {e}");
     }
-    if let Command::Run(RunArgs { jobs, .. }) = &cli.command {
-        if *jobs > 1 {
-            // before the thread pool exists: rayon and candle's CPU kernels both read it
-            let threads = crate::workers::threads_per_job(*jobs);
-            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        }
+    // processes on this machine, each with its share of the cores
+    let processes = match &cli.command {
+        Command::Run(RunArgs { jobs, nproc, .. }) => jobs * nproc,
+        _ => 1,
+    };
+    if processes > 1 {
+        // before the thread pool exists: rayon and candle's CPU kernels both read it
+        let threads = crate::workers::threads_per_job(processes);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     match crate::workers::on_cpu_pool(move || run(cli)) {
         Ok(code) => code,
@@ -668,5 +714,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sample(args) => tools::sample(cli.quiet, args),
         Command::Compare(args) => results::compare(&layout, args),
         Command::Show(args) => results::show(&layout, args),
+        Command::Rank(args) => run::rank(args),
+        Command::Ranks(args) => run::ranks(&layout, cli.quiet, args),
     }
 }

@@ -10,6 +10,9 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         device,
         no_report,
         jobs,
+        nproc,
+        nnodes,
+        master_addr,
     } = args;
     // the spec is checked completely before anything touches the database
     let loaded = spec::load(&spec, &set)?;
@@ -22,6 +25,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     if jobs == 0 {
         return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
     }
+    check_nproc(nproc, nnodes, &loaded)?;
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
         let threads = crate::workers::threads_per_job(jobs);
@@ -37,7 +41,33 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         None
     };
     let mut runner = Runner::open(layout.clone(), device, quiet)?;
-    let outcomes = match runner.run_experiment(&loaded) {
+    let ranks_dir = layout.root.join("ranks");
+    if nproc * nnodes > 1 {
+        runner.process_ranks = Some(harness::train::ranks::ProcessRanks {
+            nproc,
+            nnodes,
+            master_addr: master_addr.unwrap_or_else(|| runner.env.host.clone()),
+            exe: std::env::current_exe().context("finding the ablate executable for --nproc")?,
+            threads: crate::workers::threads_per_job(jobs * nproc),
+        });
+    }
+    // the other nodes' `ablate ranks` serve until this process's runs are done
+    let end_nodes = || {
+        if nnodes > 1 {
+            let end = harness::train::ranks::end_marker(&ranks_dir);
+            let written = db::files::create_folder(&ranks_dir)
+                .and_then(|()| db::files::write_atomic(&end, |tmp| std::fs::write(tmp, b"")));
+            if let Err(e) = written {
+                eprintln!(
+                    "could not tell the other nodes that the runs are done ({}): {e}",
+                    end.display()
+                );
+            }
+        }
+    };
+    let outcomes = runner.run_experiment(&loaded);
+    end_nodes();
+    let outcomes = match outcomes {
         Ok(o) => o,
         Err(e) => {
             // a stop (SIGTERM to this process alone, as a scheduler may send it) reaches
@@ -100,6 +130,81 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     }
     println!("database: {}", layout.db_location());
     Ok(if failed.is_empty() { 0 } else { 1 })
+}
+
+/// `--nproc N --nnodes M` fits every run: N × M divides its batch, and a `train.devices` list
+/// names N devices (one per process of a node).
+fn check_nproc(nproc: usize, nnodes: usize, loaded: &spec::LoadedSpec) -> anyhow::Result<()> {
+    if nproc == 0 || nnodes == 0 {
+        let flag = if nproc == 0 { "--nproc" } else { "--nnodes" };
+        return Err(UsageError(format!("{flag}: expected at least 1, found 0")).into());
+    }
+    let world = nproc * nnodes;
+    if world == 1 {
+        return Ok(());
+    }
+    for run in loaded.runs() {
+        let t = &run.spec.train;
+        if !t.batch.is_multiple_of(world) {
+            return Err(UsageError(format!(
+                "--nproc {nproc} --nnodes {nnodes}: {}: train.batch = {} cannot be shared by \
+                 {world} processes; use counts whose product divides the batch",
+                loaded.path.display(),
+                t.batch
+            ))
+            .into());
+        }
+        if !t.devices.is_empty() && t.devices.len() != nproc {
+            return Err(UsageError(format!(
+                "--nproc {nproc}: {}: train.devices names {} device(s); name one per process, \
+                 or leave train.devices out to put every process on the run's device",
+                loaded.path.display(),
+                t.devices.len()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The hidden `ablate rank`: one rank process of `ablate run --nproc`.
+pub(super) fn rank(args: RankArgs) -> anyhow::Result<i32> {
+    let job = harness::train::ranks::RankJob::read(&args.job)?;
+    harness::train::ranks::train_rank(&job, args.rank)?;
+    Ok(0)
+}
+
+/// `ablate ranks`: serve node 0's trainings with this node's ranks.
+pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Result<i32> {
+    let RanksArgs {
+        nproc,
+        nnodes,
+        node_rank,
+    } = args;
+    if nproc == 0 {
+        return Err(UsageError("--nproc: expected at least 1, found 0".into()).into());
+    }
+    let launch = harness::train::ranks::ProcessRanks {
+        nproc,
+        nnodes,
+        master_addr: String::new(),
+        exe: std::env::current_exe().context("finding the ablate executable")?,
+        threads: crate::workers::threads_per_job(nproc),
+    };
+    let say = |m: String| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    };
+    let served = harness::train::ranks::serve_node(
+        &layout.root.join("ranks"),
+        &layout.root.join("logs"),
+        &launch,
+        node_rank,
+        &say,
+    )?;
+    eprintln!("node {node_rank}: served {served} training(s); node 0's runs are done");
+    Ok(0)
 }
 
 /// `ablate slurm`.

@@ -679,7 +679,7 @@ pub struct Cell {
 }
 
 /// One run to do: a cell, an arm and a seed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlannedRun {
     pub cell: String,
     pub arm: Arm,

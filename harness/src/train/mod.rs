@@ -13,6 +13,7 @@ use crate::spec::{LrScheduleSpec, TrainSpec};
 
 pub mod collective;
 pub mod generator;
+pub mod ranks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
