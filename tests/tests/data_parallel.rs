@@ -240,6 +240,35 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
         "{}",
         stderr(&bad)
     );
+    // so are rank processes that do not divide it, and a device list of another length
+    for (args, expected) in [
+        (vec!["--nproc", "3"], "train.batch = 8"),
+        (vec!["--nproc", "2", "--nnodes", "3"], "train.batch = 8"),
+        (
+            vec![
+                "--nproc",
+                "2",
+                "--set",
+                r#"train.devices=["cpu","cpu","cpu","cpu"]"#,
+            ],
+            "names 4 device(s)",
+        ),
+    ] {
+        let root = dir.path().join("bad-nproc");
+        let mut all = vec!["run", "experiments/tiny.toml"];
+        all.extend(&args);
+        let bad = ablate(&root, &all);
+        assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+        assert!(
+            stderr(&bad).contains(expected),
+            "{args:?}: {}",
+            stderr(&bad)
+        );
+        assert!(
+            !root.join("ablate.sqlite").exists(),
+            "{args:?}: refused before the database is touched"
+        );
+    }
 }
 
 /// A run trained on 2 ranks and killed after a checkpoint resumes on 4 ranks (the world size is

@@ -28,7 +28,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     check_nproc(nproc, nnodes, &loaded)?;
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
-        let threads = crate::workers::threads_per_job(jobs);
+        let threads = crate::workers::threads_per_job(jobs * nproc);
         db::files::create_folder(&layout.root)
             .with_context(|| format!("creating {}", layout.root.display()))?;
         let w = crate::workers::spawn(jobs, &layout.root, threads)?;
