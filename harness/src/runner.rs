@@ -653,7 +653,6 @@ impl Runner {
                     }),
                 )?;
                 let files = RankFiles {
-                    jobs: &self.layout.root.join("ranks"),
                     logs: &self.layout.root.join("logs"),
                     tokenizer: &self.layout.tokenizer(&tokenizer_hash(run, &ds)),
                 };

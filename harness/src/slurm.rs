@@ -3,6 +3,11 @@
 //! (as `--jobs` does on one machine). A last job, started when the array has ended, writes the
 //! report. The scripts are plain bash, so they also run without Slurm: set SLURM_ARRAY_TASK_ID
 //! and start them side by side.
+//!
+//! With `--nodes M` each array task is a job of M nodes that trains every run data-parallel over
+//! them (`--nproc N` processes per node): one task per node runs `node.sh`, where node 0 runs the
+//! spec (`ablate run --nnodes M`) and the others serve its ranks (`ablate ranks --node-rank K`),
+//! meeting in `ROOT/ranks/job-SLURM_JOB_ID`.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -21,6 +26,10 @@ pub struct SlurmOptions {
     pub set: Vec<String>,
     /// the Postgres tracking database (`--db`), passed to every task and the report job
     pub db: Option<String>,
+    /// nodes of each task's data-parallel training (1: no data parallelism across nodes)
+    pub nodes: usize,
+    /// data-parallel processes per node (`ablate run --nproc`); with GPUs, one per GPU
+    pub nproc: usize,
 }
 
 /// The scripts written for one experiment.
@@ -29,6 +38,8 @@ pub struct SlurmScripts {
     pub array: PathBuf,
     pub report: PathBuf,
     pub submit: PathBuf,
+    /// with `nodes` > 1: what each node's task runs
+    pub node: Option<PathBuf>,
 }
 
 /// A value quoted for bash (single quotes, any inner quote closed and reopened).
@@ -52,6 +63,12 @@ fn header(name: &str, opts: &SlurmOptions, logs: &Path, array: bool) -> String {
     );
     if array {
         h += &format!("#SBATCH --array=0-{}\n", opts.tasks - 1);
+        if opts.nodes > 1 {
+            h += &format!(
+                "#SBATCH --nodes={}\n#SBATCH --ntasks-per-node=1\n",
+                opts.nodes
+            );
+        }
         if let Some(g) = opts.gpus_per_task {
             h += &format!("#SBATCH --gpus-per-task={g}\n");
         }
@@ -79,6 +96,9 @@ pub fn write_scripts(
     if opts.tasks == 0 {
         anyhow::bail!("--tasks: expected at least 1, found 0");
     }
+    if opts.nodes == 0 || opts.nproc == 0 {
+        anyhow::bail!("--nodes and --nproc: expected at least 1");
+    }
     let logs = dir.join("logs");
     db::files::create_folder(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let (exe, root, spec) = (
@@ -94,14 +114,64 @@ pub fn write_scripts(
     for s in &opts.set {
         run += &format!(" --set {}", quote(s));
     }
-    if opts.gpus_per_task.is_some() {
-        run += " --device cuda:0";
+    match (opts.gpus_per_task, opts.nproc) {
+        (None, _) => {}
+        (Some(_), 1) => run += " --device cuda:0",
+        // one rank process per GPU of the node
+        (Some(_), n) => {
+            let devices: Vec<String> = (0..n).map(|i| format!("\"cuda:{i}\"")).collect();
+            run += &format!(
+                " --set {}",
+                quote(&format!("train.devices=[{}]", devices.join(",")))
+            );
+        }
     }
-    let array = header(name, opts, &logs, true)
-        + "# every task runs the whole spec; runs are shared through the root's locks, each done once\n"
-        + "export RAYON_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-${RAYON_NUM_THREADS:-}}\"\n"
-        + "[ -n \"$RAYON_NUM_THREADS\" ] || unset RAYON_NUM_THREADS\n"
-        + &format!("echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n{run}\n");
+    if opts.nproc > 1 {
+        run += &format!(" --nproc {}", opts.nproc);
+    }
+    // a task's CPUs, for its one process; rank processes share out the CPUs the task may use
+    let threads = match opts.nproc {
+        1 => {
+            "export RAYON_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-${RAYON_NUM_THREADS:-}}\"\n\
+              [ -n \"$RAYON_NUM_THREADS\" ] || unset RAYON_NUM_THREADS\n"
+        }
+        _ => "",
+    };
+    let node_path = dir.join("node.sh");
+    let node = (opts.nodes > 1).then(|| {
+        format!(
+            "#!/usr/bin/env bash\n\
+             # one task per node: node 0 runs the spec, data-parallel over the {nodes} nodes; every\n\
+             # other node starts its ranks for each training node 0 posts, until node 0 is done\n\
+             set -euo pipefail\n{threads}\
+             node=\"${{SLURM_PROCID:-0}}\"\n\
+             meet=\"job-${{SLURM_JOB_ID:-local}}\"\n\
+             echo \"node $node of {nodes} on $(hostname)\"\n\
+             if [ \"$node\" = 0 ]; then\n  \
+               exec {run} --nnodes {nodes} --master-addr \"$(hostname)\" --rendezvous \"$meet\"\n\
+             else\n  \
+               exec {exe} {global} ranks --nproc {nproc} --nnodes {nodes} --node-rank \"$node\" \
+             --rendezvous \"$meet\"\n\
+             fi\n",
+            nodes = opts.nodes,
+            nproc = opts.nproc,
+        )
+    });
+    let body = match &node {
+        None => format!(
+            "# every task runs the whole spec; runs are shared through the root's locks, each done once\n\
+             {threads}echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n{run}\n"
+        ),
+        Some(_) => format!(
+            "# every task runs the whole spec over its {} nodes (node.sh); runs are shared between\n\
+             # the tasks through the root's locks, each done once\n\
+             echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n\
+             srun bash {}\n",
+            opts.nodes,
+            quote(&node_path.display().to_string())
+        ),
+    };
+    let array = header(name, opts, &logs, true) + &body;
     let report =
         header(name, opts, &logs, false) + &format!("{exe} {global} report {}\n", quote(name));
     let array_path = dir.join("array.sbatch");
@@ -116,11 +186,15 @@ pub fn write_scripts(
         quote(&report_path.display().to_string()),
     );
     let submit_path = dir.join("submit.sh");
-    for (path, text) in [
+    let mut files = vec![
         (&array_path, &array),
         (&report_path, &report),
         (&submit_path, &submit),
-    ] {
+    ];
+    if let Some(text) = &node {
+        files.push((&node_path, text));
+    }
+    for (path, text) in files {
         db::files::write_bytes(path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         make_executable(path)?;
@@ -129,6 +203,7 @@ pub fn write_scripts(
         array: array_path,
         report: report_path,
         submit: submit_path,
+        node: node.is_some().then_some(node_path),
     })
 }
 
@@ -152,6 +227,8 @@ mod tests {
             time: Some("02:00:00".into()),
             set: vec!["seeds=[0,1]".into(), "name=\"it's\"".into()],
             db: Some("postgres://me@db.cluster/ablate".into()),
+            nodes: 1,
+            nproc: 1,
         };
         let s = write_scripts(
             Path::new("/opt/ablate"),
@@ -188,6 +265,54 @@ mod tests {
                 .expect("bash -n");
             assert!(ok.success(), "{} is not valid bash", p.display());
         }
+        // data-parallel over 2 nodes of 2 GPUs each: one task per node runs node.sh
+        let dp = SlurmOptions {
+            nodes: 2,
+            nproc: 2,
+            gpus_per_task: Some(2),
+            ..opts.clone()
+        };
+        let s = write_scripts(
+            Path::new("/opt/ablate"),
+            Path::new("/shared/root"),
+            Path::new("/shared/t.toml"),
+            "t",
+            &dp,
+            dir.path(),
+        )
+        .expect("scripts");
+        let array = std::fs::read_to_string(&s.array).expect("array");
+        let node_path = s.node.clone().expect("node.sh");
+        let node = std::fs::read_to_string(&node_path).expect("node.sh");
+        for (text, line) in [
+            (&array, "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"),
+            (&array, "#SBATCH --gpus-per-task=2"),
+            (&array, &format!("srun bash '{}'", node_path.display())),
+            (&node, "node=\"${SLURM_PROCID:-0}\""),
+            (&node, "meet=\"job-${SLURM_JOB_ID:-local}\""),
+            (
+                &node,
+                "--set 'train.devices=[\"cuda:0\",\"cuda:1\"]' --nproc 2 --nnodes 2 \
+                 --master-addr \"$(hostname)\" --rendezvous \"$meet\"",
+            ),
+            (
+                &node,
+                "exec '/opt/ablate' --root '/shared/root' --db 'postgres://me@db.cluster/ablate' \
+                 ranks --nproc 2 --nnodes 2 --node-rank \"$node\" --rendezvous \"$meet\"",
+            ),
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert!(!node.contains("--device cuda:0"), "{node}");
+        for p in [&s.array, &node_path] {
+            let ok = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(p)
+                .status()
+                .expect("bash -n");
+            assert!(ok.success(), "{} is not valid bash", p.display());
+        }
+
         let zero = SlurmOptions { tasks: 0, ..opts };
         assert!(write_scripts(
             Path::new("a"),

@@ -262,3 +262,158 @@ fn a_real_slurm_runs_the_array_and_the_report_job() {
     assert_eq!(done, 4, "each of the 4 runs done by exactly one task");
     assert_tiny_done_and_reported(&root);
 }
+
+/// The 4 generator runs of the tiny spec were trained data-parallel over 2 nodes.
+fn assert_trained_over_two_nodes(root: &std::path::Path) {
+    let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let runs = db.list_runs(Some("tiny")).expect("runs");
+    let generators: Vec<_> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Generator)
+        .collect();
+    assert_eq!(generators.len(), 4);
+    for r in generators {
+        assert_eq!(r.status, RunStatus::Finished, "{}", r.name);
+        let dp = &r.params["data_parallel"];
+        assert_eq!(dp["world_size"], 2, "{}: {dp}", r.name);
+        assert_eq!(dp["nodes"], 2, "{}: {dp}", r.name);
+    }
+}
+
+/// `ablate slurm --nodes 2`: the node script, started as Slurm starts one task per node
+/// (SLURM_PROCID 0 and 1, one SLURM_JOB_ID), trains every run over both "nodes": node 0 runs the
+/// spec, node 1 serves the ranks of its 4 trainings and ends when node 0 is done.
+#[test]
+fn the_node_script_trains_every_run_over_two_local_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let out = ablate(
+        &root,
+        &[
+            "slurm",
+            "experiments/tiny.toml",
+            "--tasks",
+            "1",
+            "--nodes",
+            "2",
+            "--set",
+            "train.steps=60",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let node = text
+        .lines()
+        .find_map(|l| l.strip_prefix("each node:"))
+        .map(|p| PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("no node script in:\n{text}"));
+    let nodes: Vec<_> = (0..2)
+        .map(|k| {
+            Command::new("bash")
+                .arg(&node)
+                .env("SLURM_PROCID", k.to_string())
+                .env("SLURM_JOB_ID", "77")
+                .current_dir(workspace_root())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a node")
+        })
+        .collect();
+    let outs: Vec<_> = nodes
+        .into_iter()
+        .map(|n| n.wait_with_output().expect("node"))
+        .collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    assert!(
+        stderr(&outs[1]).contains("served 4 training(s)"),
+        "{}",
+        stderr(&outs[1])
+    );
+    assert!(root.join("ranks/job-77/END").exists());
+    assert_trained_over_two_nodes(&root);
+}
+
+/// The same node script under a real Slurm. This machine is one node, so the test asks sbatch
+/// for the job's 2 tasks on that one node (`--nodes=1 --ntasks-per-node=2` on the command line,
+/// over the script's one task per node): srun still starts node.sh once per task, each with its
+/// SLURM_PROCID.
+#[test]
+fn a_real_slurm_runs_the_node_script_as_two_tasks() {
+    if !installed("slurmctld") {
+        let msg = "Slurm is not installed (no slurmctld on PATH; apt-get install slurm-wlm)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        eprintln!("skipped: {msg}");
+        return;
+    }
+    let bin = ablate_bin();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let out = Command::new(bin)
+        .current_dir(workspace_root())
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "slurm",
+            "experiments/tiny.toml",
+            "--tasks",
+            "1",
+            "--nodes",
+            "2",
+            "--time",
+            "00:10:00",
+            "--set",
+            "train.steps=60",
+        ])
+        .output()
+        .expect("ablate slurm");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let array = root.join("slurm/tiny/array.sbatch");
+    let cluster = LocalSlurm::start();
+    let out = cluster
+        .command("sbatch")
+        .current_dir(workspace_root())
+        .args(["--parsable", "--nodes=1", "--ntasks-per-node=2"])
+        .arg(&array)
+        .output()
+        .expect("sbatch");
+    assert!(out.status.success(), "sbatch: {}", stderr(&out));
+    let job = stdout(&out).trim().to_string();
+    let start = Instant::now();
+    let done = |s: &[String]| {
+        !s.is_empty()
+            && s.iter().all(|s| {
+                !matches!(
+                    s.as_str(),
+                    "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING"
+                )
+            })
+    };
+    while !done(&cluster.states(&job)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the job did not end within 3 minutes: {:?}\n{}",
+            cluster.states(&job),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = root.join(format!("slurm/tiny/logs/ablate-tiny-{job}_0.log"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        cluster.states(&job),
+        ["COMPLETED"],
+        "{text}\n{}",
+        cluster.logs()
+    );
+    eprintln!("the 2-node job ended in {:.1?}:\n{text}", start.elapsed());
+    for k in 0..2 {
+        assert!(text.contains(&format!("node {k} of 2 on ")), "{text}");
+    }
+    assert!(text.contains("served 4 training(s)"), "{text}");
+    assert_trained_over_two_nodes(&root);
+}

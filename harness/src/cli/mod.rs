@@ -111,6 +111,9 @@ pub struct RanksArgs {
     /// This node, 1 to M − 1 (node 0 runs `ablate run`)
     #[arg(long, value_name = "K")]
     pub node_rank: usize,
+    /// node 0's `ablate run --rendezvous`
+    #[arg(long, value_name = "NAME")]
+    pub rendezvous: Option<String>,
 }
 
 /// The arguments of the hidden `ablate rank`.
@@ -152,6 +155,10 @@ pub struct RunArgs {
     /// The name or address under which the other nodes reach this one (default: its host name)
     #[arg(long, value_name = "HOST")]
     pub master_addr: Option<String>,
+    /// Where the nodes of one job meet: ROOT/ranks/NAME (default ROOT/ranks), so that several
+    /// multi-node jobs can share a root (e.g. NAME = the Slurm job id)
+    #[arg(long, value_name = "NAME")]
+    pub rendezvous: Option<String>,
 }
 
 /// The arguments of `ablate slurm`.
@@ -174,6 +181,13 @@ pub struct SlurmArgs {
     /// Also submit: sbatch the array and the dependent report job, print their ids
     #[arg(long)]
     pub submit: bool,
+    /// Nodes per task: each task trains every run data-parallel over its nodes (one Slurm task
+    /// per node runs ROOT/slurm/NAME/node.sh)
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nodes: usize,
+    /// Data-parallel processes per node (`ablate run --nproc`); with --gpus-per-task, one per GPU
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nproc: usize,
 }
 
 /// The arguments of `ablate plan`.

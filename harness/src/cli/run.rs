@@ -13,6 +13,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         nproc,
         nnodes,
         master_addr,
+        rendezvous,
     } = args;
     // the spec is checked completely before anything touches the database
     let loaded = spec::load(&spec, &set)?;
@@ -26,6 +27,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
     }
     check_nproc(nproc, nnodes, &loaded)?;
+    let ranks_dir = rendezvous_dir(layout, rendezvous.as_deref())?;
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
         let threads = crate::workers::threads_per_job(jobs * nproc);
@@ -41,7 +43,6 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         None
     };
     let mut runner = Runner::open(layout.clone(), device, quiet)?;
-    let ranks_dir = layout.root.join("ranks");
     if nproc * nnodes > 1 {
         runner.process_ranks = Some(harness::train::ranks::ProcessRanks {
             nproc,
@@ -49,6 +50,7 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
             master_addr: master_addr.unwrap_or_else(|| runner.env.host.clone()),
             exe: std::env::current_exe().context("finding the ablate executable for --nproc")?,
             threads: crate::workers::threads_per_job(jobs * nproc),
+            rendezvous: ranks_dir.clone(),
         });
     }
     // the other nodes' `ablate ranks` serve until this process's runs are done
@@ -167,6 +169,27 @@ fn check_nproc(nproc: usize, nnodes: usize, loaded: &spec::LoadedSpec) -> anyhow
     Ok(())
 }
 
+/// The folder where the nodes of one data-parallel job meet: ROOT/ranks, or ROOT/ranks/NAME.
+fn rendezvous_dir(layout: &Layout, name: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = layout.root.join("ranks");
+    let Some(name) = name else {
+        return Ok(dir);
+    };
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(UsageError(format!(
+            "--rendezvous '{name}': expected a name of ASCII letters, digits, '-', '_' and '.'"
+        ))
+        .into());
+    }
+    Ok(dir.join(name))
+}
+
 /// The hidden `ablate rank`: one rank process of `ablate run --nproc`.
 pub(super) fn rank(args: RankArgs) -> anyhow::Result<i32> {
     let job = harness::train::ranks::RankJob::read(&args.job)?;
@@ -180,29 +203,27 @@ pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Re
         nproc,
         nnodes,
         node_rank,
+        rendezvous,
     } = args;
     if nproc == 0 {
         return Err(UsageError("--nproc: expected at least 1, found 0".into()).into());
     }
+    let rendezvous = rendezvous_dir(layout, rendezvous.as_deref())?;
     let launch = harness::train::ranks::ProcessRanks {
         nproc,
         nnodes,
         master_addr: String::new(),
         exe: std::env::current_exe().context("finding the ablate executable")?,
         threads: crate::workers::threads_per_job(nproc),
+        rendezvous,
     };
     let say = |m: String| {
         if !quiet {
             eprintln!("{m}");
         }
     };
-    let served = harness::train::ranks::serve_node(
-        &layout.root.join("ranks"),
-        &layout.root.join("logs"),
-        &launch,
-        node_rank,
-        &say,
-    )?;
+    let served =
+        harness::train::ranks::serve_node(&layout.root.join("logs"), &launch, node_rank, &say)?;
     eprintln!("node {node_rank}: served {served} training(s); node 0's runs are done");
     Ok(0)
 }
@@ -217,12 +238,21 @@ pub(super) fn slurm(layout: &Layout, args: SlurmArgs) -> anyhow::Result<i32> {
         time,
         set,
         submit,
+        nodes,
+        nproc,
     } = args;
     // checked completely first, as `run` would check it (memory: on the tasks' nodes)
     let loaded = spec::load(&spec, &set)?;
     if tasks == 0 {
         return Err(UsageError("--tasks: expected at least 1, found 0".into()).into());
     }
+    if let Some(g) = gpus_per_task.filter(|&g| nproc > 1 && g < nproc) {
+        return Err(UsageError(format!(
+            "--nproc {nproc} --gpus-per-task {g}: each of a node's processes needs its own GPU"
+        ))
+        .into());
+    }
+    check_nproc(nproc, nodes, &loaded)?;
     let absolute = |p: &std::path::Path| {
         std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
     };
@@ -241,6 +271,8 @@ pub(super) fn slurm(layout: &Layout, args: SlurmArgs) -> anyhow::Result<i32> {
         time,
         set,
         db: layout.db_url.clone(),
+        nodes,
+        nproc,
     };
     let scripts = crate::slurm::write_scripts(
         &exe,
@@ -253,6 +285,9 @@ pub(super) fn slurm(layout: &Layout, args: SlurmArgs) -> anyhow::Result<i32> {
     println!("array job:  {}", scripts.array.display());
     println!("report job: {}", scripts.report.display());
     println!("submit:     {}", scripts.submit.display());
+    if let Some(node) = &scripts.node {
+        println!("each node:  {}", node.display());
+    }
     if submit {
         let out = std::process::Command::new("bash")
             .arg(&scripts.submit)

@@ -124,12 +124,13 @@ pub struct ProcessRanks {
     pub exe: PathBuf,
     /// CPU threads of each rank (`RAYON_NUM_THREADS`)
     pub threads: usize,
+    /// the folder where rank 0 posts its job files and the other nodes look for them
+    /// (`ROOT/ranks`, or `ROOT/ranks/NAME` with `--rendezvous NAME`)
+    pub rendezvous: PathBuf,
 }
 
-/// Where rank 0 puts what it shares with the ranks of one training.
+/// Where the ranks of one training log, and what they read besides the job.
 pub struct RankFiles<'a> {
-    /// the job file's folder (`ROOT/ranks`)
-    pub jobs: &'a Path,
     /// the ranks' logs (`ROOT/logs`)
     pub logs: &'a Path,
     /// the fitted tokenizer
@@ -178,8 +179,9 @@ pub fn train_process_ranks(
         tokenizer: files.tokenizer.to_path_buf(),
         dir: job.dir.to_path_buf(),
     };
-    let job_path = files.jobs.join(format!("{name}.json"));
-    db::files::create_folder(files.jobs).map_err(Error::file(files.jobs))?;
+    let jobs = &launch.rendezvous;
+    let job_path = jobs.join(format!("{name}.json"));
+    db::files::create_folder(jobs).map_err(Error::file(jobs))?;
     db::files::create_folder(files.logs).map_err(Error::file(files.logs))?;
     let text = serde_json::to_vec_pretty(&rank_job)?;
     db::files::write_atomic(&job_path, |tmp| std::fs::write(tmp, &text))
@@ -234,11 +236,10 @@ pub fn end_marker(jobs: &Path) -> PathBuf {
 }
 
 /// `ablate ranks` on node `node` (1 ≤ node < nnodes): start this node's `nproc` ranks for every
-/// training that rank 0 posts under `jobs` (`ROOT/ranks`), one training after the other, until
+/// training that rank 0 posts in the rendezvous folder, one training after the other, until
 /// rank 0's process says its runs are done ([`end_marker`]) or a stop. Each training's ranks log to
 /// `logs`; a training whose ranks failed is reported and the next one is served.
 pub fn serve_node(
-    jobs: &Path,
     logs: &Path,
     launch: &ProcessRanks,
     node: usize,
@@ -251,6 +252,7 @@ pub fn serve_node(
         )));
     }
     let world = launch.nproc * launch.nnodes;
+    let jobs = &launch.rendezvous;
     let started = std::time::SystemTime::now();
     db::files::create_folder(logs).map_err(Error::file(logs))?;
     let mut served: std::collections::HashSet<(PathBuf, u64)> = Default::default();
