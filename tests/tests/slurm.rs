@@ -334,6 +334,21 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
     );
     assert!(root.join("ranks/job-77/END").exists());
     assert_trained_over_two_nodes(&root);
+
+    // a node that starts after node 0 has finished sees the job's end marker and ends too
+    let late = Command::new("bash")
+        .arg(&node)
+        .env("SLURM_PROCID", "1")
+        .env("SLURM_JOB_ID", "77")
+        .current_dir(workspace_root())
+        .output()
+        .expect("a late node");
+    assert!(late.status.success(), "{}", stderr(&late));
+    assert!(
+        stderr(&late).contains("served 0 training(s)"),
+        "{}",
+        stderr(&late)
+    );
 }
 
 /// The same node script under a real Slurm. This machine is one node, so the test asks sbatch

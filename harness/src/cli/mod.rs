@@ -111,7 +111,9 @@ pub struct RanksArgs {
     /// This node, 1 to M − 1 (node 0 runs `ablate run`)
     #[arg(long, value_name = "K")]
     pub node_rank: usize,
-    /// node 0's `ablate run --rendezvous`
+    /// node 0's `ablate run --rendezvous`. A NAME used for one job only (node.sh uses the Slurm
+    /// job id) also lets a node that starts after node 0 has finished see that it is done;
+    /// without one, start this before or with node 0's `ablate run`
     #[arg(long, value_name = "NAME")]
     pub rendezvous: Option<String>,
 }

@@ -208,6 +208,7 @@ pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Re
     if nproc == 0 {
         return Err(UsageError("--nproc: expected at least 1, found 0".into()).into());
     }
+    let own_folder = rendezvous.is_some();
     let rendezvous = rendezvous_dir(layout, rendezvous.as_deref())?;
     let launch = harness::train::ranks::ProcessRanks {
         nproc,
@@ -222,8 +223,13 @@ pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Re
             eprintln!("{m}");
         }
     };
-    let served =
-        harness::train::ranks::serve_node(&layout.root.join("logs"), &launch, node_rank, &say)?;
+    let served = harness::train::ranks::serve_node(
+        &layout.root.join("logs"),
+        &launch,
+        node_rank,
+        own_folder,
+        &say,
+    )?;
     eprintln!("node {node_rank}: served {served} training(s); node 0's runs are done");
     Ok(0)
 }

@@ -239,10 +239,15 @@ pub fn end_marker(jobs: &Path) -> PathBuf {
 /// training that rank 0 posts in the rendezvous folder, one training after the other, until
 /// rank 0's process says its runs are done ([`end_marker`]) or a stop. Each training's ranks log to
 /// `logs`; a training whose ranks failed is reported and the next one is served.
+///
+/// In a rendezvous folder used once (`own_folder`: named after a Slurm job) any end marker is
+/// this job's, even one written before this process started; in a shared folder only a marker
+/// newer than this process counts, since an older one is an earlier run's.
 pub fn serve_node(
     logs: &Path,
     launch: &ProcessRanks,
     node: usize,
+    own_folder: bool,
     say: &dyn Fn(String),
 ) -> Result<usize> {
     if node == 0 || node >= launch.nnodes {
@@ -259,10 +264,9 @@ pub fn serve_node(
     let mut count = 0;
     loop {
         crate::stop::check()?;
-        // a marker older than this process is an earlier `ablate run`'s
         let ended = std::fs::metadata(end_marker(jobs))
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= started);
+            .is_ok_and(|t| own_folder || t >= started);
         if ended {
             return Ok(count);
         }
