@@ -166,7 +166,7 @@ pub fn write_scripts(
             "# every task runs the whole spec over its {} nodes (node.sh); runs are shared between\n\
              # the tasks through the root's locks, each done once\n\
              echo \"task ${{SLURM_ARRAY_TASK_ID:-0}} on $(hostname)\"\n\
-             srun bash {}\n",
+             srun --kill-on-bad-exit=1 bash {}\n",
             opts.nodes,
             quote(&node_path.display().to_string())
         ),
@@ -287,7 +287,10 @@ mod tests {
         for (text, line) in [
             (&array, "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"),
             (&array, "#SBATCH --gpus-per-task=2"),
-            (&array, &format!("srun bash '{}'", node_path.display())),
+            (
+                &array,
+                &format!("srun --kill-on-bad-exit=1 bash '{}'", node_path.display()),
+            ),
             (&node, "node=\"${SLURM_PROCID:-0}\""),
             (&node, "meet=\"job-${SLURM_JOB_ID:-local}\""),
             (

@@ -409,7 +409,8 @@ fn rank_processes(root: &Path) -> Vec<i32> {
 /// Faults of a rank process (`--nproc`): one that cannot start (its device does not exist) and
 /// one killed in the middle of training each fail the run with that rank's own error, promptly
 /// and without leaving a process behind; the killed run then resumes from its checkpoint on 2
-/// processes again and logs each step once.
+/// processes again and logs each step once. SIGTERM to rank 0 stops every rank and the run
+/// resumes the same way.
 #[test]
 fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -530,4 +531,38 @@ fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
     );
     assert!(rank_processes(&root).is_empty(), "no rank process is left");
     eprintln!("rank 1 killed after checkpoint {stopped_at}; the run resumed and finished");
+
+    // SIGTERM to rank 0 alone (as a scheduler sends it): every rank stops after the same step,
+    // rank 0 checkpoints it, the run is marked interrupted, and it resumes to the end
+    let root = dir.path().join("sigterm");
+    let child = ablate_tests::spawn_ablate(&root, &args(&["--set", "train.steps=1000"]));
+    let waited = std::time::Instant::now();
+    while rank_processes(&root).is_empty() || !root.join("artifacts").exists() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "no training within 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on the process this test started; no memory is touched
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("ablate ends");
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(rank_processes(&root).is_empty(), "no rank process is left");
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let interrupted = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.kind == RunKind::Generator && r.status == db::RunStatus::Interrupted)
+        .expect("the run is marked interrupted");
+    let out = ablate(&root, &args(&["--set", "train.steps=1000"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let steps = ablate_tests::logged_steps(&db, interrupted.id, "train/loss");
+    assert_eq!(
+        steps,
+        (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
+        "each step logged once"
+    );
 }

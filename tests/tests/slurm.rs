@@ -349,6 +349,21 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
         "{}",
         stderr(&late)
     );
+    // node 0 of a second job under the same rendezvous name is refused: its nodes could take
+    // the first job's end for its own
+    let again = Command::new("bash")
+        .arg(&node)
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_JOB_ID", "77")
+        .current_dir(workspace_root())
+        .output()
+        .expect("node 0 again");
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("was used by a job that has ended"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 /// The same node script under a real Slurm. This machine is one node, so the test asks sbatch

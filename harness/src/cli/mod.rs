@@ -731,6 +731,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Compare(args) => results::compare(&layout, args),
         Command::Show(args) => results::show(&layout, args),
         Command::Rank(args) => run::rank(args),
-        Command::Ranks(args) => run::ranks(&layout, cli.quiet, args),
+        Command::Ranks(args) => run::ranks(&layout, args),
     }
 }

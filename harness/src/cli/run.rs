@@ -27,7 +27,30 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         return Err(UsageError("--jobs: expected at least 1, found 0".into()).into());
     }
     check_nproc(nproc, nnodes, &loaded)?;
-    let ranks_dir = rendezvous_dir(layout, rendezvous.as_deref())?;
+    if jobs > 1 && nnodes > 1 {
+        return Err(UsageError(
+            "--jobs with --nnodes: the other nodes serve one training at a time; run several \
+             multi-node jobs instead, each with its own --rendezvous"
+                .into(),
+        )
+        .into());
+    }
+    // on one node only this process's rank processes read its job files: a folder of its own
+    let ranks_dir = match (nnodes, &rendezvous) {
+        (1, None) => layout
+            .root
+            .join("ranks")
+            .join(format!("pid-{}", std::process::id())),
+        _ => rendezvous_dir(layout, rendezvous.as_deref())?,
+    };
+    // the other nodes' `ablate ranks` serve until this is dropped, however this process ends
+    let _nodes = match nnodes {
+        1 => None,
+        _ => Some(harness::train::ranks::NodeZero::open(
+            &ranks_dir,
+            rendezvous.is_some(),
+        )?),
+    };
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
         let threads = crate::workers::threads_per_job(jobs * nproc);
@@ -53,22 +76,11 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
             rendezvous: ranks_dir.clone(),
         });
     }
-    // the other nodes' `ablate ranks` serve until this process's runs are done
-    let end_nodes = || {
-        if nnodes > 1 {
-            let end = harness::train::ranks::end_marker(&ranks_dir);
-            let written = db::files::create_folder(&ranks_dir)
-                .and_then(|()| db::files::write_atomic(&end, |tmp| std::fs::write(tmp, b"")));
-            if let Err(e) = written {
-                eprintln!(
-                    "could not tell the other nodes that the runs are done ({}): {e}",
-                    end.display()
-                );
-            }
-        }
-    };
     let outcomes = runner.run_experiment(&loaded);
-    end_nodes();
+    if nnodes == 1 {
+        // this process's job folder, empty once its trainings are over
+        let _ = std::fs::remove_dir(&ranks_dir);
+    }
     let outcomes = match outcomes {
         Ok(o) => o,
         Err(e) => {
@@ -198,7 +210,7 @@ pub(super) fn rank(args: RankArgs) -> anyhow::Result<i32> {
 }
 
 /// `ablate ranks`: serve node 0's trainings with this node's ranks.
-pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Result<i32> {
+pub(super) fn ranks(layout: &Layout, args: RanksArgs) -> anyhow::Result<i32> {
     let RanksArgs {
         nproc,
         nnodes,
@@ -218,11 +230,8 @@ pub(super) fn ranks(layout: &Layout, quiet: bool, args: RanksArgs) -> anyhow::Re
         threads: crate::workers::threads_per_job(nproc),
         rendezvous,
     };
-    let say = |m: String| {
-        if !quiet {
-            eprintln!("{m}");
-        }
-    };
+    // a line per training, and why one was not served or failed: shown even with --quiet
+    let say = |m: String| eprintln!("{m}");
     let served = harness::train::ranks::serve_node(
         &layout.root.join("logs"),
         &launch,

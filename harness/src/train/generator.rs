@@ -13,7 +13,7 @@ use crate::record::{spinner, Recorder};
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
 use crate::train::collective::{Collective, LocalGroup};
-use crate::train::{lr_at, AdamW, Checkpoint, Ema};
+use crate::train::{lr_at, AdamW, Checkpoint, Ema, Loaded};
 use crate::{Error, Result};
 
 /// Index of the `j`-th example of step `step`: epochs are fresh permutations drawn from the seed,
@@ -232,7 +232,7 @@ pub fn train_generator(
     let mut rng = Rng::new(run.seed ^ 0x5EED_0001);
     let mut start = 0;
     let mut sums = LogSums::default();
-    let loaded = Checkpoint::load(dir, varmap, &mut opt, ema.as_mut())?;
+    let loaded = load_in_rank_order(dir, varmap, &mut opt, ema.as_mut(), ranks)?;
     if let (Some(note), Some(lead)) = (&loaded.recovered, lead.as_mut()) {
         // damaged checkpoints: the run went on from the previous one or from step 0; say so on it
         lead.recorder.checkpoint_recovered(note)?;
@@ -408,6 +408,43 @@ pub fn train_data_parallel(
     })
 }
 
+/// Load the training's checkpoint on every rank: rank 0 first (it alone repairs a damaged one),
+/// then the others, which must resume at rank 0's step. Ranks that see different checkpoint
+/// folders (a root that is not shared between nodes) fail here instead of training apart.
+fn load_in_rank_order(
+    dir: &Path,
+    varmap: &VarMap,
+    opt: &mut AdamW,
+    ema: Option<&mut Ema>,
+    ranks: &dyn Collective,
+) -> Result<Loaded> {
+    if ranks.world() == 1 {
+        return Ok(Checkpoint::load(dir, varmap, opt, ema)?);
+    }
+    let step_of = |l: &Loaded| l.resume.as_ref().map_or(0, |r| r.step);
+    // the step in two exact halves (f32 holds integers below 2^24); the other ranks add zeros
+    let split = |step: usize| [(step >> 20) as f32, (step & 0xF_FFFF) as f32];
+    let join = |v: [f32; 2]| ((v[0] as usize) << 20) | v[1] as usize;
+    if ranks.rank() == 0 {
+        let loaded = Checkpoint::load(dir, varmap, opt, ema)?;
+        ranks.all_reduce_sum(&mut split(step_of(&loaded)))?;
+        return Ok(loaded);
+    }
+    let mut lead = [0f32; 2];
+    ranks.all_reduce_sum(&mut lead)?;
+    let loaded = Checkpoint::load(dir, varmap, opt, ema)?;
+    let (theirs, ours) = (join(lead), step_of(&loaded));
+    if theirs != ours {
+        return Err(Error::Other(format!(
+            "data-parallel rank {} found the checkpoint in {} at step {ours}, rank 0 at step \
+             {theirs}: the ranks must share one root (on several machines, a shared folder)",
+            ranks.rank(),
+            dir.display()
+        )));
+    }
+    Ok(loaded)
+}
+
 /// Replaces each variable's gradient with its sum over the ranks (a variable without one counts
 /// as zeros), summed as one buffer.
 fn sum_gradients(
@@ -558,6 +595,61 @@ mod tests {
             weights.push(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
         }
         Ok((outcome.map(|_| ()), weights))
+    }
+
+    /// Ranks load the checkpoint in order, rank 0 first, and agree on its step: two ranks that see
+    /// the same folder resume together (here at step 16 777 221, beyond f32's exact integers, so
+    /// the step travels in two halves); a rank that sees another folder fails, naming both steps.
+    #[test]
+    fn ranks_resume_at_rank_zeros_step_or_fail() -> anyhow::Result<()> {
+        use crate::train::collective::LocalGroup;
+        let (shared, other) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let model = || -> anyhow::Result<(VarMap, AdamW)> {
+            let varmap = VarMap::new();
+            varmap.get((2, 3), "w", candle_nn::init::ZERO, DType::F32, &Device::Cpu)?;
+            let opt = AdamW::new(&varmap, 0.0, 0.9, 0.95)?;
+            Ok((varmap, opt))
+        };
+        let step = (1 << 24) + 5;
+        let (varmap, opt) = model()?;
+        Checkpoint::save(shared.path(), &varmap, &opt, None, step, &Rng::new(1), &())?;
+        let load = |dirs: [&Path; 2]| -> Vec<Result<usize>> {
+            let group = LocalGroup::new(2);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2)
+                    .map(|r| {
+                        let (group, dir) = (&group, dirs[r]);
+                        s.spawn(move || {
+                            let rank = group.rank(r);
+                            let (varmap, mut opt) =
+                                model().map_err(|e| Error::Other(e.to_string()))?;
+                            let loaded = load_in_rank_order(dir, &varmap, &mut opt, None, &rank);
+                            if loaded.is_ok() {
+                                rank.finish();
+                            }
+                            Ok(loaded?.resume.map_or(0, |r| r.step))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("rank"))
+                    .collect()
+            })
+        };
+        let together = load([shared.path(), shared.path()]);
+        assert_eq!(
+            together.into_iter().collect::<Result<Vec<_>>>()?,
+            [step, step]
+        );
+        let apart = load([shared.path(), other.path()]);
+        assert_eq!(*apart[0].as_ref().expect("rank 0 loads"), step);
+        let err = apart[1]
+            .as_ref()
+            .expect_err("rank 1 sees no checkpoint")
+            .to_string();
+        assert!(err.contains("at step 0, rank 0 at step 16777221"), "{err}");
+        Ok(())
     }
 
     /// Stage 2 without a database. A training that stops after its checkpoint at step 3 (here

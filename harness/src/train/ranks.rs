@@ -63,12 +63,21 @@ impl RankJob {
 
     pub fn read(path: &Path) -> Result<RankJob> {
         let text = std::fs::read_to_string(path).map_err(Error::file(path))?;
-        serde_json::from_str(&text).map_err(|e| {
+        let job: RankJob = serde_json::from_str(&text).map_err(|e| {
             Error::Usage(format!(
                 "{}: not a rank job written by `ablate run --nproc`: {e}",
                 path.display()
             ))
-        })
+        })?;
+        if job.world < 2 || job.devices.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: a rank job needs at least 2 ranks and a device, found {} and {:?}",
+                path.display(),
+                job.world,
+                job.devices
+            )));
+        }
+        Ok(job)
     }
 }
 
@@ -186,6 +195,8 @@ pub fn train_process_ranks(
     let text = serde_json::to_vec_pretty(&rank_job)?;
     db::files::write_atomic(&job_path, |tmp| std::fs::write(tmp, &text))
         .map_err(Error::file(&job_path))?;
+    // gone however this ends, so that no node serves a training that is over
+    let _posted = RemoveOnDrop(job_path.clone());
 
     let mut children = Vec::new();
     for rank in 1..launch.nproc {
@@ -220,7 +231,6 @@ pub fn train_process_ranks(
             failure = Some(p.failure(&status));
         }
     }
-    let _ = std::fs::remove_file(&job_path);
     // a rank that failed on its own comes first; rank 0's sum then failed
     match (lead, failure) {
         (Err(Error::Collective(_)), Some(f)) => Err(f),
@@ -233,6 +243,52 @@ pub fn train_process_ranks(
 /// The file with which `ablate run --nnodes` tells the other nodes that its runs are done.
 pub fn end_marker(jobs: &Path) -> PathBuf {
     jobs.join("END")
+}
+
+/// Node 0's side of a multi-node rendezvous folder: cleared of an earlier run's files when it is
+/// opened, and marked ended ([`end_marker`]) when dropped, however node 0's `ablate run` ends
+/// (an error, a stop, a panic), so that the other nodes' `ablate ranks` end too.
+pub struct NodeZero {
+    dir: PathBuf,
+}
+
+impl NodeZero {
+    /// `named`: the folder was named for this job (`--rendezvous`), and a folder that an earlier
+    /// job ended in is refused, since that job's nodes could take its end for this one's.
+    pub fn open(dir: &Path, named: bool) -> Result<NodeZero> {
+        let end = end_marker(dir);
+        if named && end.exists() {
+            return Err(Error::Usage(format!(
+                "--rendezvous: {} was used by a job that has ended (it holds END); give each job \
+                 its own name (node.sh uses the Slurm job id), or remove the folder",
+                dir.display()
+            )));
+        }
+        db::files::create_folder(dir).map_err(Error::file(dir))?;
+        // an earlier run's end marker and the job files of a node 0 that was killed
+        let stale = std::fs::read_dir(dir).map_err(Error::file(dir))?;
+        for entry in stale.flatten() {
+            let path = entry.path();
+            if path == end || path.extension().is_some_and(|x| x == "json") {
+                std::fs::remove_file(&path).map_err(Error::file(&path))?;
+            }
+        }
+        Ok(NodeZero {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for NodeZero {
+    fn drop(&mut self) {
+        let end = end_marker(&self.dir);
+        if let Err(e) = db::files::write_atomic(&end, |tmp| std::fs::write(tmp, b"")) {
+            eprintln!(
+                "could not tell the other nodes that the runs are done ({}): {e}",
+                end.display()
+            );
+        }
+    }
 }
 
 /// `ablate ranks` on node `node` (1 ≤ node < nnodes): start this node's `nproc` ranks for every
@@ -258,16 +314,21 @@ pub fn serve_node(
     }
     let world = launch.nproc * launch.nnodes;
     let jobs = &launch.rendezvous;
-    let started = std::time::SystemTime::now();
     db::files::create_folder(logs).map_err(Error::file(logs))?;
+    // node 0 removes an earlier end marker when it starts and writes its own when it is done, so
+    // a marker counts once it differs from the one seen now (the file server's times alone are
+    // compared, never this machine's clock); in a job's own folder any marker is the job's
+    let modified = || {
+        std::fs::metadata(end_marker(jobs))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let earlier = if own_folder { None } else { modified() };
     let mut served: std::collections::HashSet<(PathBuf, u64)> = Default::default();
     let mut count = 0;
     loop {
         crate::stop::check()?;
-        let ended = std::fs::metadata(end_marker(jobs))
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| own_folder || t >= started);
-        if ended {
+        if modified().is_some_and(|t| Some(t) != earlier) {
             return Ok(count);
         }
         let mut posted: Vec<PathBuf> = std::fs::read_dir(jobs)
@@ -280,7 +341,18 @@ pub fn serve_node(
             let Ok(job) = RankJob::read(&path) else {
                 continue;
             };
-            if job.world != world || !served.insert((path.clone(), job.token)) {
+            if !served.insert((path.clone(), job.token)) {
+                continue;
+            }
+            if job.world != world || job.devices.len() != launch.nproc {
+                say(format!(
+                    "not serving {}: node 0 runs {} ranks, {} per node, and this node was started \
+                     for {world}, {} per node (give `ablate ranks` node 0's --nproc and --nnodes)",
+                    path.display(),
+                    job.world,
+                    job.devices.len(),
+                    launch.nproc
+                ));
                 continue;
             }
             let name = path
@@ -309,6 +381,15 @@ pub fn serve_node(
             count += 1;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A file removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -440,6 +521,12 @@ impl TcpRanks {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                // a connection that went away before it was taken, or a signal: try again
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(fail(e.to_string()).into()),
             }
         }
@@ -460,6 +547,7 @@ impl TcpRanks {
         let mut stream = TcpStream::connect(address)
             .map_err(|e| fail(format!("cannot reach rank 0 at {address}: {e}")))?;
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream);
         let mut intro = Vec::with_capacity(24);
         for v in [token, rank as u64, world as u64] {
             intro.extend(v.to_le_bytes());
@@ -490,7 +578,35 @@ fn hello(mut stream: TcpStream, world: usize, token: u64) -> Option<(usize, TcpS
     }
     stream.set_read_timeout(None).ok()?;
     let _ = stream.set_nodelay(true);
+    keep_alive(&stream);
     Some((rank, stream))
+}
+
+/// Probe an idle connection, so that a rank on a machine that vanished (no close ever comes)
+/// fails the others' sums within about two minutes instead of leaving them waiting: the first
+/// probe after 60 s of silence, then every 10 s, 6 unanswered ones end it. Best effort.
+fn keep_alive(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ] {
+        let value: libc::c_int = value;
+        // SAFETY: setsockopt(2) on an open socket this stream owns, with a pointer to a c_int
+        // and its size; nothing else is touched
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// Send `values` as a length and little-endian floats.
@@ -539,21 +655,29 @@ impl Collective for TcpRanks {
             rank: self.rank,
             world: self.world,
             reason: match e.kind() {
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                    format!("rank {peer} stopped")
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe => format!("rank {peer} stopped"),
+                std::io::ErrorKind::TimedOut => {
+                    format!("rank {peer} stopped answering (its machine or the network is gone)")
                 }
                 _ => format!("exchange with rank {peer}: {e}"),
             },
         };
         if self.rank == 0 {
-            // rank order, after rank 0's own values: the same additions on every run
+            // from zero, in rank order: the additions of the in-process group, on every run
             let mut part = vec![0f32; values.len()];
+            let mut sum = vec![0f32; values.len()];
+            for (s, v) in sum.iter_mut().zip(values.iter()) {
+                *s += v;
+            }
             for (i, link) in self.links.iter().enumerate() {
                 receive(link, &mut part).map_err(|e| fail(i + 1, e))?;
-                for (s, p) in values.iter_mut().zip(&part) {
+                for (s, p) in sum.iter_mut().zip(&part) {
                     *s += p;
                 }
             }
+            values.copy_from_slice(&sum);
             for (i, link) in self.links.iter().enumerate() {
                 send(link, values).map_err(|e| fail(i + 1, e))?;
             }
