@@ -565,4 +565,46 @@ fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
         (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
         "each step logged once"
     );
+
+    // on 2 nodes, the rank of node 1 killed: its node posts why, and rank 0 fails the run with it
+    let root = dir.path().join("remote");
+    let node1 = ablate_tests::spawn_ablate(
+        &root,
+        &["ranks", "--nproc", "1", "--nnodes", "2", "--node-rank", "1"],
+    );
+    let mut two_nodes = args(&["--set", "train.steps=1000"]);
+    two_nodes.retain(|a| *a != "--nproc" && *a != "2");
+    two_nodes.extend(["--nnodes", "2", "--master-addr", "127.0.0.1"]);
+    let node0 = ablate_tests::spawn_ablate(&root, &two_nodes);
+    let waited = std::time::Instant::now();
+    let ranks = loop {
+        let ranks = rank_processes(&root);
+        if !ranks.is_empty() && root.join("artifacts").exists() {
+            break ranks;
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "no training within 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // SAFETY: kill(2) on a process this test's command started; no memory is touched
+    unsafe { libc::kill(ranks[0], libc::SIGKILL) };
+    let out = node0.wait_with_output().expect("node 0 ends");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let served = node1.wait_with_output().expect("node 1 ends");
+    assert!(served.status.success(), "{}", stderr(&served));
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let failed = db
+        .list_runs(Some("tiny"))
+        .expect("runs")
+        .into_iter()
+        .find(|r| r.status == db::RunStatus::Failed)
+        .expect("the failed run");
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains("node 1: data-parallel rank 1 ended with signal: 9"),
+        "the run's error is the remote rank's: {error}"
+    );
+    eprintln!("node 1's rank killed: {error}");
 }

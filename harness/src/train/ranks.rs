@@ -209,8 +209,14 @@ pub fn train_process_ranks(
             }
         }
     }
-    let accepted = TcpRanks::accept(&listener, world, rank_job.token, CONNECT_PATIENCE, || {
-        children.iter_mut().find_map(RankProcess::ended)
+    let token = rank_job.token;
+    // a rank of another node that failed: its node posted why
+    let remote = || remote_failure(jobs, &name, token, launch.nproc..world);
+    let accepted = TcpRanks::accept(&listener, world, token, CONNECT_PATIENCE, || {
+        children
+            .iter_mut()
+            .find_map(RankProcess::ended)
+            .or_else(remote)
     });
     let ranks = match accepted {
         Ok(r) => r,
@@ -231,6 +237,17 @@ pub fn train_process_ranks(
             failure = Some(p.failure(&status));
         }
     }
+    if failure.is_none() && matches!(lead, Err(Error::Collective(_))) && launch.nnodes > 1 {
+        // a rank of another node stopped: give its node a moment to post why
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while failure.is_none() && Instant::now() < deadline {
+            failure = remote();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for rank in launch.nproc..world {
+        let _ = std::fs::remove_file(failure_report(jobs, &name, token, rank));
+    }
     // a rank that failed on its own comes first; rank 0's sum then failed
     match (lead, failure) {
         (Err(Error::Collective(_)), Some(f)) => Err(f),
@@ -238,6 +255,25 @@ pub fn train_process_ranks(
         (Ok(_), Some(f)) => Err(f),
         (Ok(ema), None) => Ok(ema),
     }
+}
+
+/// Where a node's `ablate ranks` says why rank `rank` of training `name` (job `token`) failed,
+/// for rank 0 to report it.
+fn failure_report(jobs: &Path, name: &str, token: u64, rank: usize) -> PathBuf {
+    jobs.join(format!("{name}-{token:016x}.rank-{rank}.failed"))
+}
+
+/// The first failure another node posted for these ranks of the training, if any.
+fn remote_failure(
+    jobs: &Path,
+    name: &str,
+    token: u64,
+    ranks: std::ops::Range<usize>,
+) -> Option<Error> {
+    ranks
+        .filter_map(|r| std::fs::read_to_string(failure_report(jobs, name, token, r)).ok())
+        .find(|text| !text.is_empty())
+        .map(Error::Other)
 }
 
 /// The file with which `ablate run --nnodes` tells the other nodes that its runs are done.
@@ -269,7 +305,10 @@ impl NodeZero {
         let stale = std::fs::read_dir(dir).map_err(Error::file(dir))?;
         for entry in stale.flatten() {
             let path = entry.path();
-            if path == end || path.extension().is_some_and(|x| x == "json") {
+            let stale = path
+                .extension()
+                .is_some_and(|x| x == "json" || x == "failed");
+            if path == end || stale {
                 std::fs::remove_file(&path).map_err(Error::file(&path))?;
             }
         }
@@ -363,20 +402,38 @@ pub fn serve_node(
                 node * launch.nproc,
                 (node + 1) * launch.nproc - 1
             ));
-            let mut children = Vec::new();
+            // a failed rank is posted as soon as it ends, for rank 0 to report
+            let post = |rank: usize, e: Error| {
+                let text = format!("node {node}: {e}");
+                say(format!("  {text}"));
+                let report = failure_report(jobs, &name, job.token, rank);
+                if let Err(e) = db::files::write_atomic(&report, |tmp| std::fs::write(tmp, &text)) {
+                    say(format!(
+                        "  could not post it to node 0 ({}): {e}",
+                        report.display()
+                    ));
+                }
+            };
+            let mut running = Vec::new();
             for rank in node * launch.nproc..(node + 1) * launch.nproc {
                 let log = logs.join(format!("rank-{name}-{rank}.log"));
                 match spawn_rank(launch, &path, rank, &log) {
-                    Ok(child) => children.push(RankProcess { rank, child, log }),
-                    Err(e) => say(format!("  {e}")),
+                    Ok(child) => running.push(RankProcess { rank, child, log }),
+                    Err(e) => post(rank, e),
                 }
             }
-            for mut p in children {
-                match p.child.wait() {
-                    Ok(s) if s.success() => {}
-                    Ok(s) => say(format!("  {}", p.failure(&s.to_string()))),
-                    Err(e) => say(format!("  {}", p.failure(&e.to_string()))),
+            while !running.is_empty() {
+                let mut still = Vec::new();
+                for mut p in running {
+                    match p.child.try_wait() {
+                        Ok(None) => still.push(p),
+                        Ok(Some(s)) if s.success() => {}
+                        Ok(Some(s)) => post(p.rank, p.failure(&s.to_string())),
+                        Err(e) => post(p.rank, p.failure(&e.to_string())),
+                    }
                 }
+                running = still;
+                std::thread::sleep(Duration::from_millis(50));
             }
             count += 1;
         }
