@@ -137,6 +137,31 @@ if [ "$TAG" = cuda ]; then
 fi
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
+# 2b. data-parallel rank processes on the device (issue 16): two `--nproc` processes sharing
+# DEVICE against one rank, 20 steps of the tiny spec; the sum goes through the host over TCP
+# (NCCL is not built). Prints the largest relative difference of the logged losses.
+DP=(run experiments/tiny.toml --no-report --set train.steps=20 --set train.log_every=1 --set head.batch_mul=2)
+timed "dp-one-$TAG" 45 "$BIN" --root "$OUT/dp-one-$TAG" "${DP[@]}" --device "$DEVICE"
+timed "dp-nproc2-$TAG" 60 "$BIN" --root "$OUT/dp-nproc2-$TAG" "${DP[@]}" --nproc 2 --set "train.devices=[\"$DEVICE\",\"$DEVICE\"]"
+python3 - "$OUT/dp-one-$TAG/ablate.sqlite" "$OUT/dp-nproc2-$TAG/ablate.sqlite" <<'PY' | tee -a "$SUMMARY"
+import sqlite3, sys
+def losses(path):
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        q = ("select r.hash, m.step, m.value from metrics m join runs r on r.id = m.run_id "
+             "where m.key = 'train/loss' and r.kind = 'generator'")
+        return {(h, s): v for h, s, v in db.execute(q)}
+    except sqlite3.Error as e:
+        print(f"data-parallel check: {path}: {e}")
+        return {}
+one, two = losses(sys.argv[1]), losses(sys.argv[2])
+if not one or one.keys() != two.keys():
+    print(f"data-parallel check: FAILED, {len(one)} and {len(two)} loss points, not the same rows")
+else:
+    worst = max(abs(one[k] - two[k]) / max(abs(one[k]), 1.0) for k in one)
+    print(f"data-parallel check: 2 rank processes vs 1 rank, {len(one)} loss points, "
+          f"largest relative difference {worst:.2e} ({'ok' if worst <= 1e-4 else 'FAILED'})")
+PY
 # 3. the quickstart (one seed) on the device, then on this machine's CPU, for a side-by-side time
 if [ "${SKIP_QUICKSTART:-0}" != 1 ]; then
 timed quickstart-cuda 135 "$BIN" --root "$OUT/qs-cuda" run experiments/quickstart.toml --device "$DEVICE" --set 'seeds=[0]'
