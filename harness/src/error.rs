@@ -75,11 +75,14 @@ impl Error {
     }
 
     /// The process's exit code for this error: 128 + the signal for a stop, 2 when the request
-    /// was at fault (spec, usage, a checkpoint to import), 1 for a failure of the work.
+    /// was at fault (spec, usage, a checkpoint to import), 3 when another data-parallel rank
+    /// stopped first (so that rank 0 reports that rank's failure, not this echo of it), 1 for a
+    /// failure of the work.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Stopped(s) => s.exit_code(),
             Error::Spec(_) | Error::Usage(_) | Error::Checkpoint(_) => 2,
+            Error::Collective(_) => 3,
             _ => 1,
         }
     }

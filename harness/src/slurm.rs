@@ -7,7 +7,7 @@
 //! With `--nodes M` each array task is a job of M nodes that trains every run data-parallel over
 //! them (`--nproc N` processes per node): one task per node runs `node.sh`, where node 0 runs the
 //! spec (`ablate run --nnodes M`) and the others serve its ranks (`ablate ranks --node-rank K`),
-//! meeting in `ROOT/ranks/job-SLURM_JOB_ID`.
+//! meeting in `ROOT/ranks/job-SLURM_JOB_ID-SLURM_RESTART_COUNT` (a requeued job meets anew).
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -145,7 +145,7 @@ pub fn write_scripts(
              # other node starts its ranks for each training node 0 posts, until node 0 is done\n\
              set -euo pipefail\n{threads}\
              node=\"${{SLURM_PROCID:-0}}\"\n\
-             meet=\"job-${{SLURM_JOB_ID:-local}}\"\n\
+             meet=\"job-${{SLURM_JOB_ID:-local}}-${{SLURM_RESTART_COUNT:-0}}\"\n\
              echo \"node $node of {nodes} on $(hostname)\"\n\
              if [ \"$node\" = 0 ]; then\n  \
                exec {run} --nnodes {nodes} --master-addr \"$(hostname)\" --rendezvous \"$meet\"\n\
@@ -292,7 +292,10 @@ mod tests {
                 &format!("srun --kill-on-bad-exit=1 bash '{}'", node_path.display()),
             ),
             (&node, "node=\"${SLURM_PROCID:-0}\""),
-            (&node, "meet=\"job-${SLURM_JOB_ID:-local}\""),
+            (
+                &node,
+                "meet=\"job-${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}\"",
+            ),
             (
                 &node,
                 "--set 'train.devices=[\"cuda:0\",\"cuda:1\"]' --nproc 2 --nnodes 2 \

@@ -4,7 +4,9 @@
 //! the whole batch, up to float rounding (their gradients are summed in another order).
 use db::RunKind;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
 
 use ablate_tests::{ablate, max_abs_diff, stderr};
 use db::Db;
@@ -384,8 +386,8 @@ fn a_run_killed_on_two_ranks_resumes_on_four() {
     }
 }
 
-/// The pids of the `ablate rank` processes whose job file lies under `root`.
-fn rank_processes(root: &Path) -> Vec<i32> {
+/// The `ablate rank` processes whose job file lies under `root`: (pid, rank).
+fn rank_processes(root: &Path) -> Vec<(i32, usize)> {
     let jobs = root.join("ranks").to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -399,28 +401,90 @@ fn rank_processes(root: &Path) -> Vec<i32> {
                 .split(|&b| b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
+            // `ablate rank JOB --rank R`
             let is_rank = args.get(1).is_some_and(|a| a == "rank")
                 && args.get(2).is_some_and(|a| a.starts_with(&jobs));
-            is_rank.then_some(pid)
+            let rank = args.get(4)?.parse().ok()?;
+            is_rank.then_some((pid, rank))
         })
         .collect()
 }
 
-/// Faults of a rank process (`--nproc`): one that cannot start (its device does not exist) and
-/// one killed in the middle of training each fail the run with that rank's own error, promptly
-/// and without leaving a process behind; the killed run then resumes from its checkpoint on 2
-/// processes again and logs each step once. SIGTERM to rank 0 stops every rank and the run
-/// resumes the same way.
+/// Wait for `child` to end within `limit` (killing it and failing the test otherwise).
+fn wait_within(mut child: std::process::Child, limit: Duration, what: &str) -> Output {
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// The first training's folder under `root/artifacts`, once its first checkpoint exists (within 5
+/// minutes), and that checkpoint's step.
+fn first_checkpoint(root: &Path) -> (PathBuf, u64) {
+    let waited = std::time::Instant::now();
+    loop {
+        let dir = std::fs::read_dir(root.join("artifacts"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.path());
+        if let Some(dir) = dir {
+            if let Some(step) = ablate_tests::checkpoint_step(&dir.join("checkpoint.json")) {
+                return (dir, step);
+            }
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(300),
+            "no checkpoint within 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The run of the tiny experiment in `root` with `status`, waiting up to `limit` for it.
+fn run_with_status(root: &Path, status: db::RunStatus, limit: Duration) -> db::RunRow {
+    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+    let waited = std::time::Instant::now();
+    loop {
+        let runs = db.list_runs(Some("tiny")).expect("runs");
+        if let Some(r) = runs
+            .into_iter()
+            .find(|r| r.kind == RunKind::Generator && r.status == status)
+        {
+            return r;
+        }
+        assert!(
+            waited.elapsed() < limit,
+            "no {status:?} run within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Faults of rank processes, each on the tiny spec's AR runs (both arms) with a checkpoint every 10
+/// steps, then resumed:
+/// - a rank that cannot start (its device does not exist) fails the run with its own error;
+/// - of 4 rank processes, rank 3 killed after the first checkpoint: the run fails with rank 3's
+///   error (not with the echo of ranks 1 and 2, whose sums failed after it), promptly; it resumes
+///   on 2 processes and logs each step once;
+/// - SIGTERM to rank 0 in the middle of training stops every rank after the same step: the run is
+///   checkpointed past its first checkpoint and marked interrupted, and resumes;
+/// - on 2 nodes, the rank of node 1 killed: its node posts why, and the run fails with that.
+///
+/// No rank process is left behind by any of them.
 #[test]
-fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
+fn rank_processes_that_fail_die_or_stop_end_the_run_with_their_cause_and_it_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let args = |extra: &[&'static str]| {
+    let spec = |ranks: &[&'static str], extra: &[&'static str]| {
         let mut a = vec![
             "run",
             "experiments/tiny.toml",
             "--no-report",
-            "--nproc",
-            "2",
             "--set",
             "train.checkpoint_every=10",
             "--set",
@@ -428,183 +492,116 @@ fn a_rank_process_that_fails_or_dies_fails_the_run_and_the_run_resumes() {
             "--set",
             "grid.\"generator.kind\"=[\"ar\"]",
         ];
+        a.extend(ranks);
         a.extend(extra);
         a
+    };
+    let long = ["--set", "train.steps=1000"];
+    let each_step_once = |root: &Path, id: i64| {
+        let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
+        let run = db.run(id).expect("query").expect("the run");
+        assert_eq!(run.status, db::RunStatus::Finished);
+        assert_eq!(
+            ablate_tests::logged_steps(&db, id, "train/loss"),
+            (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
+            "each step logged once"
+        );
     };
 
     // rank 1 on a device this machine does not have
     let root = dir.path().join("no-device");
-    let started = std::time::Instant::now();
     let out = ablate(
         &root,
-        &args(&["--set", r#"train.devices=["cpu","cuda:7"]"#]),
+        &spec(
+            &["--nproc", "2"],
+            &["--set", r#"train.devices=["cpu","cuda:7"]"#],
+        ),
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let run = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == RunKind::Generator)
-        .expect("the generator run");
-    let error = run.error.unwrap_or_default();
+    let failed = run_with_status(&root, db::RunStatus::Failed, Duration::ZERO);
+    let error = failed.error.unwrap_or_default();
     assert!(
         error.contains("data-parallel rank 1") && error.contains("cuda:7"),
         "the run's error names the rank and its cause: {error}"
     );
     assert!(rank_processes(&root).is_empty(), "no rank process is left");
-    eprintln!(
-        "a rank that cannot start failed the run in {:.1} s: {error}",
-        started.elapsed().as_secs_f64()
-    );
 
-    // rank 1 killed after the first run's first checkpoint (the other arm's run then trains)
+    // rank 3 of 4 killed after the first checkpoint
     let root = dir.path().join("killed");
-    let child = ablate_tests::spawn_ablate(&root, &args(&["--set", "train.steps=1000"]));
-    let waited = std::time::Instant::now();
-    let first_training = || {
-        Some(
-            std::fs::read_dir(root.join("artifacts"))
-                .ok()?
-                .next()?
-                .ok()?
-                .path(),
-        )
-    };
-    let training = loop {
-        let seen = first_training();
-        if let Some(step) = seen
-            .as_ref()
-            .and_then(|d| ablate_tests::checkpoint_step(&d.join("checkpoint.json")))
-        {
-            assert!(step < 1000, "killed after training had finished");
-            break seen.expect("the training's folder");
-        }
-        assert!(
-            waited.elapsed() < std::time::Duration::from_secs(300),
-            "no checkpoint within 5 minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let child = ablate_tests::spawn_ablate(&root, &spec(&["--nproc", "4"], &long));
+    let (training, _) = first_checkpoint(&root);
     let ranks = rank_processes(&root);
-    assert_eq!(ranks.len(), 1, "one rank process besides rank 0");
+    assert_eq!(ranks.len(), 3, "three rank processes besides rank 0");
+    let (pid, _) = ranks.iter().find(|(_, r)| *r == 3).expect("rank 3");
     // SAFETY: kill(2) on a process this test's command started; no memory is touched
-    unsafe { libc::kill(ranks[0], libc::SIGKILL) };
+    unsafe { libc::kill(*pid, libc::SIGKILL) };
     let killed = std::time::Instant::now();
-    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let failed = loop {
-        let runs = db.list_runs(Some("tiny")).expect("runs");
-        if let Some(r) = runs.into_iter().find(|r| r.status == db::RunStatus::Failed) {
-            break r;
-        }
-        assert!(
-            killed.elapsed() < std::time::Duration::from_secs(60),
-            "rank 0 did not notice the dead rank within a minute"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let failed = run_with_status(&root, db::RunStatus::Failed, Duration::from_secs(60));
     eprintln!(
-        "rank 1 killed: the run was marked failed {:.2} s later",
+        "rank 3 of 4 killed: the run was marked failed {:.2} s later",
         killed.elapsed().as_secs_f64()
     );
-    let out = child.wait_with_output().expect("ablate ends");
+    let out = wait_within(child, Duration::from_secs(300), "ablate run");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let error = failed.error.clone().unwrap_or_default();
     assert!(
-        error.contains("data-parallel rank 1") && error.contains("signal: 9"),
-        "the run's error names the killed rank: {error}"
+        error.contains("data-parallel rank 3 ended with signal: 9"),
+        "the run's error is the killed rank's: {error}"
     );
     let stopped_at =
         ablate_tests::checkpoint_step(&training.join("checkpoint.json")).expect("a checkpoint");
     assert!(stopped_at < 1000, "killed after training had finished");
-
-    // run again: the failed run resumes from its checkpoint, the finished one is skipped
-    let out = ablate(&root, &args(&["--set", "train.steps=1000"]));
+    let out = ablate(&root, &spec(&["--nproc", "2"], &long));
     assert!(out.status.success(), "{}", stderr(&out));
-    let run = db.run(failed.id).expect("query").expect("the run");
-    assert_eq!(run.status, db::RunStatus::Finished);
-    let steps = ablate_tests::logged_steps(&db, run.id, "train/loss");
-    assert_eq!(
-        steps,
-        (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
-        "each step logged once"
-    );
+    each_step_once(&root, failed.id);
     assert!(rank_processes(&root).is_empty(), "no rank process is left");
-    eprintln!("rank 1 killed after checkpoint {stopped_at}; the run resumed and finished");
 
-    // SIGTERM to rank 0 alone (as a scheduler sends it): every rank stops after the same step,
-    // rank 0 checkpoints it, the run is marked interrupted, and it resumes to the end
+    // SIGTERM to rank 0 alone (as a scheduler sends it), after the first checkpoint
     let root = dir.path().join("sigterm");
-    let child = ablate_tests::spawn_ablate(&root, &args(&["--set", "train.steps=1000"]));
-    let waited = std::time::Instant::now();
-    while rank_processes(&root).is_empty() || !root.join("artifacts").exists() {
-        assert!(
-            waited.elapsed() < std::time::Duration::from_secs(300),
-            "no training within 5 minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let child = ablate_tests::spawn_ablate(&root, &spec(&["--nproc", "2"], &long));
+    let (training, first) = first_checkpoint(&root);
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: kill(2) on the process this test started; no memory is touched
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let out = child.wait_with_output().expect("ablate ends");
+    let out = wait_within(child, Duration::from_secs(120), "ablate run");
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
     assert!(rank_processes(&root).is_empty(), "no rank process is left");
-    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let interrupted = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.kind == RunKind::Generator && r.status == db::RunStatus::Interrupted)
-        .expect("the run is marked interrupted");
-    let out = ablate(&root, &args(&["--set", "train.steps=1000"]));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let steps = ablate_tests::logged_steps(&db, interrupted.id, "train/loss");
-    assert_eq!(
-        steps,
-        (1..=500).map(|k| 2 * k).collect::<Vec<i64>>(),
-        "each step logged once"
+    let interrupted = run_with_status(&root, db::RunStatus::Interrupted, Duration::ZERO);
+    let at = ablate_tests::checkpoint_step(&training.join("checkpoint.json")).expect("checkpoint");
+    assert!(
+        at >= first && at < 1000,
+        "checkpointed where it stopped, at step {at} (first checkpoint {first})"
     );
+    let out = ablate(&root, &spec(&["--nproc", "2"], &long));
+    assert!(out.status.success(), "{}", stderr(&out));
+    each_step_once(&root, interrupted.id);
+    eprintln!("SIGTERM after checkpoint {first}: stopped and checkpointed at step {at}, resumed");
 
-    // on 2 nodes, the rank of node 1 killed: its node posts why, and rank 0 fails the run with it
+    // on 2 nodes, the rank of node 1 killed after the first checkpoint
     let root = dir.path().join("remote");
     let node1 = ablate_tests::spawn_ablate(
         &root,
         &["ranks", "--nproc", "1", "--nnodes", "2", "--node-rank", "1"],
     );
-    let mut two_nodes = args(&["--set", "train.steps=1000"]);
-    two_nodes.retain(|a| *a != "--nproc" && *a != "2");
-    two_nodes.extend(["--nnodes", "2", "--master-addr", "127.0.0.1"]);
-    let node0 = ablate_tests::spawn_ablate(&root, &two_nodes);
-    let waited = std::time::Instant::now();
-    let ranks = loop {
-        let ranks = rank_processes(&root);
-        if !ranks.is_empty() && root.join("artifacts").exists() {
-            break ranks;
-        }
-        assert!(
-            waited.elapsed() < std::time::Duration::from_secs(300),
-            "no training within 5 minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let node0 = ablate_tests::spawn_ablate(
+        &root,
+        &spec(&["--nnodes", "2", "--master-addr", "127.0.0.1"], &long),
+    );
+    first_checkpoint(&root);
+    let ranks = rank_processes(&root);
+    assert_eq!(ranks.len(), 1, "node 1's rank");
     // SAFETY: kill(2) on a process this test's command started; no memory is touched
-    unsafe { libc::kill(ranks[0], libc::SIGKILL) };
-    let out = node0.wait_with_output().expect("node 0 ends");
+    unsafe { libc::kill(ranks[0].0, libc::SIGKILL) };
+    let out = wait_within(node0, Duration::from_secs(300), "node 0");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let served = node1.wait_with_output().expect("node 1 ends");
+    let served = wait_within(node1, Duration::from_secs(60), "node 1");
     assert!(served.status.success(), "{}", stderr(&served));
-    let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let failed = db
-        .list_runs(Some("tiny"))
-        .expect("runs")
-        .into_iter()
-        .find(|r| r.status == db::RunStatus::Failed)
-        .expect("the failed run");
+    let failed = run_with_status(&root, db::RunStatus::Failed, Duration::ZERO);
     let error = failed.error.unwrap_or_default();
     assert!(
         error.contains("node 1: data-parallel rank 1 ended with signal: 9"),
         "the run's error is the remote rank's: {error}"
     );
+    assert!(rank_processes(&root).is_empty(), "no rank process is left");
     eprintln!("node 1's rank killed: {error}");
 }

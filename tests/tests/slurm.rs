@@ -332,7 +332,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
         "{}",
         stderr(&outs[1])
     );
-    assert!(root.join("ranks/job-77/END").exists());
+    assert!(root.join("ranks/job-77-0/END").exists());
     assert_trained_over_two_nodes(&root);
 
     // a node that starts after node 0 has finished sees the job's end marker and ends too
@@ -364,6 +364,27 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
         "{}",
         stderr(&again)
     );
+    // the same job requeued (SLURM_RESTART_COUNT=1) meets anew: both nodes end, the runs found
+    // finished
+    let requeued: Vec<_> = (0..2)
+        .map(|k| {
+            Command::new("bash")
+                .arg(&node)
+                .env("SLURM_PROCID", k.to_string())
+                .env("SLURM_JOB_ID", "77")
+                .env("SLURM_RESTART_COUNT", "1")
+                .current_dir(workspace_root())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a node")
+        })
+        .map(|n| n.wait_with_output().expect("node"))
+        .collect();
+    for o in &requeued {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    assert!(root.join("ranks/job-77-1/END").exists());
 }
 
 /// The same node script under a real Slurm. This machine is one node, so the test asks sbatch

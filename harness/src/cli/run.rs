@@ -37,10 +37,11 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
     }
     // on one node only this process's rank processes read its job files: a folder of its own
     let ranks_dir = match (nnodes, &rendezvous) {
-        (1, None) => layout
-            .root
-            .join("ranks")
-            .join(format!("pid-{}", std::process::id())),
+        (1, None) => layout.root.join("ranks").join(format!(
+            "{}-{}",
+            harness::device::Environment::detect().host,
+            std::process::id()
+        )),
         _ => rendezvous_dir(layout, rendezvous.as_deref())?,
     };
     // the other nodes' `ablate ranks` serve until this is dropped, however this process ends

@@ -432,7 +432,8 @@ fn load_in_rank_order(
     }
     let mut lead = [0f32; 2];
     ranks.all_reduce_sum(&mut lead)?;
-    let loaded = Checkpoint::load(dir, varmap, opt, ema)?;
+    // read only: a rank that misreads a good checkpoint must not remove it for every rank
+    let loaded = Checkpoint::load_with(dir, varmap, opt, ema, false)?;
     let (theirs, ours) = (join(lead), step_of(&loaded));
     if theirs != ours {
         return Err(Error::Other(format!(

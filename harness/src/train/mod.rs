@@ -403,6 +403,18 @@ impl Checkpoint {
         opt: &mut AdamW,
         ema: Option<&mut Ema>,
     ) -> Result<Loaded, TrainError> {
+        Self::load_with(dir, varmap, opt, ema, true)
+    }
+
+    /// [`Checkpoint::load`] that changes no file when `repair` is false: for the data-parallel
+    /// ranks that read the checkpoint rank 0 has already loaded (and repaired).
+    pub fn load_with(
+        dir: &Path,
+        varmap: &VarMap,
+        opt: &mut AdamW,
+        ema: Option<&mut Ema>,
+        repair: bool,
+    ) -> Result<Loaded, TrainError> {
         let mut damaged = Vec::new();
         for meta_path in [Self::meta_path(dir), Self::prev_path(dir)] {
             if !meta_path.exists() {
@@ -411,7 +423,7 @@ impl Checkpoint {
             match Self::read(dir, &meta_path, varmap)? {
                 Readable::Good(meta, tensors) => {
                     let resume = Self::apply(dir, &meta, &tensors, varmap, opt, ema)?;
-                    if meta_path != Self::meta_path(dir) {
+                    if repair && meta_path != Self::meta_path(dir) {
                         // the good one becomes the latest, so the damaged one is never kept
                         db::files::write_bytes(&Self::meta_path(dir), meta.to_string().as_bytes())
                             .and_then(|()| std::fs::remove_file(&meta_path))
@@ -446,7 +458,7 @@ impl Checkpoint {
         );
         tracing::warn!("{note}");
         for p in [Self::meta_path(dir), Self::prev_path(dir)] {
-            if p.exists() {
+            if repair && p.exists() {
                 std::fs::remove_file(&p).map_err(|e| TrainError::Checkpoint {
                     path: dir.to_path_buf(),
                     message: format!("removing the damaged {}: {e}", p.display()),

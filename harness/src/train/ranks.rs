@@ -32,6 +32,9 @@ use crate::{Error, Result};
 /// How long rank 0 waits for the other ranks to load their data and connect.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(600);
 
+/// How long a stopped `ablate ranks` waits for node 0 to checkpoint and end.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
 /// What a rank process needs to train its share of one run, written by rank 0 as JSON.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RankJob {
@@ -212,11 +215,15 @@ pub fn train_process_ranks(
     let token = rank_job.token;
     // a rank of another node that failed: its node posted why
     let remote = || remote_failure(jobs, &name, token, launch.nproc..world);
+    // the shared folder is read about once a second while the ranks connect
+    let mut looked = Instant::now();
     let accepted = TcpRanks::accept(&listener, world, token, CONNECT_PATIENCE, || {
-        children
-            .iter_mut()
-            .find_map(RankProcess::ended)
-            .or_else(remote)
+        let local = children.iter_mut().find_map(RankProcess::ended);
+        if local.is_some() || launch.nnodes == 1 || looked.elapsed() < Duration::from_secs(1) {
+            return local;
+        }
+        looked = Instant::now();
+        remote()
     });
     let ranks = match accepted {
         Ok(r) => r,
@@ -228,28 +235,39 @@ pub fn train_process_ranks(
     let lead = train_generator(job, generator, varmap, device, &ranks, Some(lead));
     // closing the connections ends a rank still waiting for a sum (rank 0 failed)
     drop(ranks);
-    let mut failure = None;
+    // a rank that failed on its own (not because another one stopped, exit code 3) is the cause
+    let (mut cause, mut echo) = (None, None);
     for mut p in children {
         let status = p.child.wait();
-        let ok = status.as_ref().is_ok_and(|s| s.success());
-        if !ok && failure.is_none() {
-            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-            failure = Some(p.failure(&status));
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        if status.as_ref().is_ok_and(|s| s.success()) {
+            continue;
+        }
+        let text = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        let slot = if code == Some(3) {
+            &mut echo
+        } else {
+            &mut cause
+        };
+        if slot.is_none() {
+            *slot = Some(p.failure(&text));
         }
     }
-    if failure.is_none() && matches!(lead, Err(Error::Collective(_))) && launch.nnodes > 1 {
+    let someone_stopped =
+        echo.is_some() || matches!(lead, Err(Error::Collective(_))) || cause.is_some();
+    if cause.is_none() && someone_stopped && launch.nnodes > 1 {
         // a rank of another node stopped: give its node a moment to post why
         let deadline = Instant::now() + Duration::from_secs(5);
-        while failure.is_none() && Instant::now() < deadline {
-            failure = remote();
-            std::thread::sleep(Duration::from_millis(50));
+        while cause.is_none() && Instant::now() < deadline {
+            cause = remote();
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     for rank in launch.nproc..world {
         let _ = std::fs::remove_file(failure_report(jobs, &name, token, rank));
     }
-    // a rank that failed on its own comes first; rank 0's sum then failed
-    match (lead, failure) {
+    // the rank that failed on its own comes first; the others' sums then failed
+    match (lead, cause.or(echo)) {
         (Err(Error::Collective(_)), Some(f)) => Err(f),
         (Err(e), _) => Err(e),
         (Ok(_), Some(f)) => Err(f),
@@ -365,9 +383,20 @@ pub fn serve_node(
     let earlier = if own_folder { None } else { modified() };
     let mut served: std::collections::HashSet<(PathBuf, u64)> = Default::default();
     let mut count = 0;
+    let ended = || modified().is_some_and(|t| Some(t) != earlier);
     loop {
-        crate::stop::check()?;
-        if modified().is_some_and(|t| Some(t) != earlier) {
+        if ended() {
+            return Ok(count);
+        }
+        if crate::stop::requested().is_some() {
+            // a stop (scancel, the time limit) reached every process of the job: node 0 is
+            // checkpointing; wait for it to end, so that this node's early exit does not end the
+            // job step under it (srun --kill-on-bad-exit), then end without an error
+            let deadline = Instant::now() + STOP_GRACE;
+            while !ended() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            say(format!("node {node}: stopped"));
             return Ok(count);
         }
         let mut posted: Vec<PathBuf> = std::fs::read_dir(jobs)
@@ -425,9 +454,12 @@ pub fn serve_node(
             while !running.is_empty() {
                 let mut still = Vec::new();
                 for mut p in running {
+                    // a rank stopped by a signal (SIGINT, SIGTERM: 128 + it) or by another
+                    // rank's stop (3) did not fail on its own: nothing to post
                     match p.child.try_wait() {
                         Ok(None) => still.push(p),
                         Ok(Some(s)) if s.success() => {}
+                        Ok(Some(s)) if matches!(s.code(), Some(3 | 130 | 143)) => {}
                         Ok(Some(s)) => post(p.rank, p.failure(&s.to_string())),
                         Err(e) => post(p.rank, p.failure(&e.to_string())),
                     }
@@ -641,16 +673,23 @@ fn hello(mut stream: TcpStream, world: usize, token: u64) -> Option<(usize, TcpS
 
 /// Probe an idle connection, so that a rank on a machine that vanished (no close ever comes)
 /// fails the others' sums within about two minutes instead of leaving them waiting: the first
-/// probe after 60 s of silence, then every 10 s, 6 unanswered ones end it. Best effort.
+/// probe after 60 s of silence, then every 10 s, 6 unanswered ones end it; and data unacknowledged
+/// for 2 minutes (a send blocked on a large buffer) ends it too. Best effort; on Linux (elsewhere
+/// only the system's default keepalive).
 fn keep_alive(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
     let fd = stream.as_raw_fd();
-    for (level, name, value) in [
+    #[cfg(target_os = "linux")]
+    let options = [
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
         (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
         (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
         (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
-    ] {
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 120_000),
+    ];
+    #[cfg(not(target_os = "linux"))]
+    let options = [(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)];
+    for (level, name, value) in options {
         let value: libc::c_int = value;
         // SAFETY: setsockopt(2) on an open socket this stream owns, with a pointer to a c_int
         // and its size; nothing else is touched
