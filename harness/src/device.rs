@@ -26,10 +26,7 @@ impl Environment {
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         };
         Environment {
-            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .or_else(|_| std::env::var("HOSTNAME"))
-                .unwrap_or_else(|_| "unknown".into()),
+            host: host_name(),
             git_commit: git(&["rev-parse", "HEAD"]),
             git_dirty: git(&["status", "--porcelain"])
                 .map(|s| !s.is_empty())
@@ -51,7 +48,6 @@ pub fn pid_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Parse "cpu" / "cuda:N" into a candle device.
 /// Whether `name` reads as a device: `cpu` or `cuda:N` (whether it exists is not checked).
 pub fn is_device_name(name: &str) -> bool {
     name == "cpu"
@@ -60,6 +56,15 @@ pub fn is_device_name(name: &str) -> bool {
             .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
+/// This machine's name (the kernel's, else `HOSTNAME`, else "unknown").
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Parse "cpu" / "cuda:N" into a candle device.
 pub fn parse_device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);

@@ -474,7 +474,8 @@ fn run_with_status(root: &Path, status: db::RunStatus, limit: Duration) -> db::R
 ///   on 2 processes and logs each step once;
 /// - SIGTERM to rank 0 in the middle of training stops every rank after the same step: the run is
 ///   checkpointed past its first checkpoint and marked interrupted, and resumes;
-/// - on 2 nodes, the rank of node 1 killed: its node posts why, and the run fails with that.
+/// - on 2 nodes, the rank of node 1 killed: its node posts why, and the run fails with that;
+/// - node 0 refused at once (bad flags): node 1 ends too.
 ///
 /// No rank process is left behind by any of them.
 #[test]
@@ -604,4 +605,37 @@ fn rank_processes_that_fail_die_or_stop_end_the_run_with_their_cause_and_it_resu
     );
     assert!(rank_processes(&root).is_empty(), "no rank process is left");
     eprintln!("node 1's rank killed: {error}");
+
+    // node 0 refused at once (a batch its ranks cannot share): node 1 ends too, having served
+    // none (a rendezvous of this job's own, so whichever of the two starts first)
+    let root = dir.path().join("refused");
+    let node1 = ablate_tests::spawn_ablate(
+        &root,
+        &[
+            "ranks",
+            "--nproc",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--rendezvous",
+            "refused",
+        ],
+    );
+    let out = ablate(
+        &root,
+        &spec(
+            &["--nnodes", "2", "--master-addr", "127.0.0.1"],
+            &["--rendezvous", "refused", "--set", "train.batch=7"],
+        ),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let served = wait_within(node1, Duration::from_secs(60), "node 1");
+    assert!(served.status.success(), "{}", stderr(&served));
+    assert!(
+        stderr(&served).contains("served 0 training(s)"),
+        "{}",
+        stderr(&served)
+    );
 }

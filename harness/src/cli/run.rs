@@ -15,6 +15,24 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         master_addr,
         rendezvous,
     } = args;
+    // on one node only this process's rank processes read its job files: a folder of its own
+    let ranks_dir = match (nnodes, &rendezvous) {
+        (1, None) => layout.root.join("ranks").join(format!(
+            "{}-{}",
+            harness::device::host_name(),
+            std::process::id()
+        )),
+        _ => rendezvous_dir(layout, rendezvous.as_deref())?,
+    };
+    // the other nodes' `ablate ranks` serve until this is dropped, however this process ends:
+    // first, so that a bad spec or flag below ends them too
+    let _nodes = match nnodes {
+        1 => None,
+        _ => Some(harness::train::ranks::NodeZero::open(
+            &ranks_dir,
+            rendezvous.is_some(),
+        )?),
+    };
     // the spec is checked completely before anything touches the database
     let loaded = spec::load(&spec, &set)?;
     if let Some(available) = spec::available_memory() {
@@ -35,23 +53,6 @@ pub(super) fn run_spec(layout: &Layout, quiet: bool, args: RunArgs) -> anyhow::R
         )
         .into());
     }
-    // on one node only this process's rank processes read its job files: a folder of its own
-    let ranks_dir = match (nnodes, &rendezvous) {
-        (1, None) => layout.root.join("ranks").join(format!(
-            "{}-{}",
-            harness::device::Environment::detect().host,
-            std::process::id()
-        )),
-        _ => rendezvous_dir(layout, rendezvous.as_deref())?,
-    };
-    // the other nodes' `ablate ranks` serve until this is dropped, however this process ends
-    let _nodes = match nnodes {
-        1 => None,
-        _ => Some(harness::train::ranks::NodeZero::open(
-            &ranks_dir,
-            rendezvous.is_some(),
-        )?),
-    };
     let started = std::time::Instant::now();
     let workers = if jobs > 1 {
         let threads = crate::workers::threads_per_job(jobs * nproc);
