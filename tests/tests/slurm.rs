@@ -86,14 +86,21 @@ fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
 }
 
 /// A throwaway one-node Slurm cluster (`scripts/slurm-local.sh start`), stopped when dropped,
-/// whether the test passed or panicked.
+/// whether the test passed or panicked. One at a time: two clusters on one host disturb each
+/// other (their nodes never became idle when two tests started them together).
 struct LocalSlurm {
     dir: tempfile::TempDir,
     conf: PathBuf,
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the test whose cluster is running.
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl LocalSlurm {
     fn start() -> LocalSlurm {
+        // a test that panicked with the cluster running still stopped it (Drop)
+        let alone = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new(workspace_root().join("scripts/slurm-local.sh"))
             .arg("start")
@@ -108,6 +115,7 @@ impl LocalSlurm {
         let cluster = LocalSlurm {
             conf: conf.clone().unwrap_or_default(),
             dir,
+            _alone: alone,
         };
         assert!(
             out.status.success() && conf.is_some(),
