@@ -230,15 +230,26 @@ mod tests {
             nodes: 1,
             nproc: 1,
         };
-        let s = write_scripts(
-            Path::new("/opt/ablate"),
-            Path::new("/shared/root"),
-            Path::new("/shared/t.toml"),
-            "t",
-            &opts,
-            dir.path(),
-        )
-        .expect("scripts");
+        let write = |opts: &SlurmOptions| {
+            write_scripts(
+                Path::new("/opt/ablate"),
+                Path::new("/shared/root"),
+                Path::new("/shared/t.toml"),
+                "t",
+                opts,
+                dir.path(),
+            )
+            .expect("scripts")
+        };
+        let valid_bash = |p: &PathBuf| {
+            let ok = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(p)
+                .status()
+                .expect("bash -n");
+            assert!(ok.success(), "{} is not valid bash", p.display());
+        };
+        let s = write(&opts);
         let array = std::fs::read_to_string(&s.array).expect("array");
         for line in [
             "#SBATCH --array=0-3",
@@ -258,12 +269,7 @@ mod tests {
         let submit = std::fs::read_to_string(&s.submit).expect("submit");
         assert!(submit.contains("--dependency=afterany:"), "{submit}");
         for p in [&s.array, &s.report, &s.submit] {
-            let ok = std::process::Command::new("bash")
-                .arg("-n")
-                .arg(p)
-                .status()
-                .expect("bash -n");
-            assert!(ok.success(), "{} is not valid bash", p.display());
+            valid_bash(p);
         }
         // data-parallel over 2 nodes of 2 GPUs each: one task per node runs node.sh
         let dp = SlurmOptions {
@@ -272,15 +278,7 @@ mod tests {
             gpus_per_task: Some(2),
             ..opts.clone()
         };
-        let s = write_scripts(
-            Path::new("/opt/ablate"),
-            Path::new("/shared/root"),
-            Path::new("/shared/t.toml"),
-            "t",
-            &dp,
-            dir.path(),
-        )
-        .expect("scripts");
+        let s = write(&dp);
         let array = std::fs::read_to_string(&s.array).expect("array");
         let node_path = s.node.clone().expect("node.sh");
         let node = std::fs::read_to_string(&node_path).expect("node.sh");
@@ -311,12 +309,7 @@ mod tests {
         }
         assert!(!node.contains("--device cuda:0"), "{node}");
         for p in [&s.array, &node_path] {
-            let ok = std::process::Command::new("bash")
-                .arg("-n")
-                .arg(p)
-                .status()
-                .expect("bash -n");
-            assert!(ok.success(), "{} is not valid bash", p.display());
+            valid_bash(p);
         }
 
         let zero = SlurmOptions { tasks: 0, ..opts };

@@ -100,6 +100,15 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .expect("difference")
 }
 
+/// The generator runs (no tokenizer or feature-net runs) of `experiment`.
+pub fn generator_runs(db: &db::Db, experiment: &str) -> Vec<db::RunRow> {
+    db.list_runs(Some(experiment))
+        .expect("runs")
+        .into_iter()
+        .filter(|r| r.kind == db::RunKind::Generator)
+        .collect()
+}
+
 /// The steps at which `key` was logged for run `run_id`, in order.
 pub fn logged_steps(db: &db::Db, run_id: i64, key: &str) -> Vec<i64> {
     db.metrics(run_id, Some(key))

@@ -2,13 +2,12 @@
 //! as processes (`ablate run --nproc N`, summing over TCP): 2 and 4 ranks sharing each batch
 //! train the same weights (within 1e-5 after 20 steps) and log the same metrics as one rank on
 //! the whole batch, up to float rounding (their gradients are summed in another order).
-use db::RunKind;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use ablate_tests::{ablate, max_abs_diff, stderr};
+use ablate_tests::{ablate, generator_runs, max_abs_diff, stderr};
 use db::Db;
 
 /// Every generator run's (final weights, metric rows), by run hash.
@@ -19,6 +18,20 @@ type Trained = BTreeMap<
         Vec<(String, i64, f64)>,
     ),
 >;
+
+/// `ablate run` of the tiny spec's AR runs (both arms), checkpointed every 10 steps and logged
+/// every 2: the runs the kill-and-resume tests stop.
+const TINY_AR_CHECKPOINTED: [&str; 9] = [
+    "run",
+    "experiments/tiny.toml",
+    "--no-report",
+    "--set",
+    "train.checkpoint_every=10",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "grid.\"generator.kind\"=[\"ar\"]",
+];
 
 /// How the ranks of one training run.
 #[derive(Clone, Copy)]
@@ -86,10 +99,7 @@ fn train(root: &Path, ranks: Ranks) -> Trained {
     assert!(out.status.success(), "{}", stderr(&out));
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database");
     let mut trained = Trained::new();
-    for run in db.list_runs(Some("tiny")).expect("runs") {
-        if run.kind != RunKind::Generator {
-            continue;
-        }
+    for run in generator_runs(&db, "tiny") {
         let model = db
             .artifacts(run.id)
             .expect("artifacts")
@@ -281,19 +291,8 @@ fn two_and_four_ranks_train_what_one_rank_trains() {
 fn a_run_killed_on_two_ranks_resumes_on_four() {
     let dir = tempfile::tempdir().expect("tempdir");
     let args = |devices: Option<&'static str>| {
-        let mut a = vec![
-            "run",
-            "experiments/tiny.toml",
-            "--no-report",
-            "--set",
-            "train.steps=100",
-            "--set",
-            "train.checkpoint_every=10",
-            "--set",
-            "train.log_every=2",
-            "--set",
-            "grid.\"generator.kind\"=[\"ar\"]",
-        ];
+        let mut a = TINY_AR_CHECKPOINTED.to_vec();
+        a.extend(["--set", "train.steps=100"]);
         if let Some(d) = devices {
             a.extend(["--set", d]);
         }
@@ -328,13 +327,9 @@ fn a_run_killed_on_two_ranks_resumes_on_four() {
         Db::open_existing(&clean.join("ablate.sqlite")).expect("db"),
         Db::open_existing(&moved.join("ablate.sqlite")).expect("db"),
     );
-    let runs = four.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
+    let generators = generator_runs(&four, "tiny");
     assert_eq!(generators.len(), 2);
-    for run in generators {
+    for run in &generators {
         let reference = one
             .run_by_hash(&run.hash)
             .expect("query")
@@ -451,10 +446,9 @@ fn run_with_status(root: &Path, status: db::RunStatus, limit: Duration) -> db::R
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("db");
     let waited = std::time::Instant::now();
     loop {
-        let runs = db.list_runs(Some("tiny")).expect("runs");
-        if let Some(r) = runs
+        if let Some(r) = generator_runs(&db, "tiny")
             .into_iter()
-            .find(|r| r.kind == RunKind::Generator && r.status == status)
+            .find(|r| r.status == status)
         {
             return r;
         }
@@ -482,17 +476,7 @@ fn run_with_status(root: &Path, status: db::RunStatus, limit: Duration) -> db::R
 fn rank_processes_that_fail_die_or_stop_end_the_run_with_their_cause_and_it_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = |ranks: &[&'static str], extra: &[&'static str]| {
-        let mut a = vec![
-            "run",
-            "experiments/tiny.toml",
-            "--no-report",
-            "--set",
-            "train.checkpoint_every=10",
-            "--set",
-            "train.log_every=2",
-            "--set",
-            "grid.\"generator.kind\"=[\"ar\"]",
-        ];
+        let mut a = TINY_AR_CHECKPOINTED.to_vec();
         a.extend(ranks);
         a.extend(extra);
         a

@@ -6,7 +6,7 @@
 use ablate_tests::{ablate, spawn_ablate, stderr, stdout};
 use db::testing::TempPostgres;
 use db::Db;
-use db::{RunKind, RunStatus};
+use db::RunStatus;
 
 #[test]
 fn two_processes_share_one_spec_through_postgres_and_db_copy_moves_the_history() {
@@ -51,10 +51,7 @@ fn two_processes_share_one_spec_through_postgres_and_db_copy_moves_the_history()
 
     let db = Db::open_postgres(&url, &root).expect("open");
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
+    let generators = ablate_tests::generator_runs(&db, "tiny");
     assert_eq!(generators.len(), 4);
     for r in &runs {
         assert_eq!(r.status, RunStatus::Finished, "{}: {:?}", r.name, r.error);

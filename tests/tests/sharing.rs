@@ -1,7 +1,7 @@
 //! Several `ablate run` processes on one spec (by hand, and with `--jobs`): each run done once.
 use ablate_tests::{ablate, stderr, stdout};
 use db::Db;
-use db::{RunKind, RunStatus};
+use db::RunStatus;
 
 /// Two `ablate run` processes on one spec and root share its runs: each run, tokenizer and the
 /// feature net is done by exactly one of them, the other reuses it, and nothing is recorded twice.
@@ -41,10 +41,7 @@ fn two_processes_share_one_spec_without_doing_anything_twice() {
 
     let db = Db::open_existing(&root.join("ablate.sqlite")).expect("database exists");
     let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
+    let generators = ablate_tests::generator_runs(&db, "tiny");
     assert_eq!(generators.len(), 8);
     for r in &runs {
         assert_eq!(r.status, RunStatus::Finished, "{}: {:?}", r.name, r.error);

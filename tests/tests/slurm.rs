@@ -7,18 +7,16 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ablate_tests::{ablate, ablate_bin, runs_done_here, stderr, stdout, workspace_root};
-use db::{RunKind, RunStatus};
+use ablate_tests::{
+    ablate, ablate_bin, generator_runs, runs_done_here, stderr, stdout, workspace_root,
+};
+use db::RunStatus;
 
 /// The tiny spec's report was written and its 4 generator runs are finished.
 fn assert_tiny_done_and_reported(root: &std::path::Path) {
     assert!(root.join("reports/tiny/report.md").exists());
     let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
+    let generators = generator_runs(&db, "tiny");
     assert_eq!(generators.len(), 4);
     assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
 }
@@ -148,6 +146,18 @@ impl LocalSlurm {
             .collect()
     }
 
+    /// Whether every task of `job` has ended (in any state).
+    fn ended(&self, job: &str) -> bool {
+        let states = self.states(job);
+        let running = |s: &String| {
+            matches!(
+                s.as_str(),
+                "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING"
+            )
+        };
+        !states.is_empty() && !states.iter().any(running)
+    }
+
     fn logs(&self) -> String {
         let mut text = String::new();
         for name in ["slurmctld.log", "slurmd.log"] {
@@ -221,17 +231,8 @@ fn a_real_slurm_runs_the_array_and_the_report_job() {
     let (array, report) = (ids.0.trim().to_string(), ids.1.trim().to_string());
 
     // the report job starts once the array has ended, so its end is the end of both
-    let ended = |s: &[String]| {
-        !s.is_empty()
-            && s.iter().all(|s| {
-                !matches!(
-                    s.as_str(),
-                    "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING"
-                )
-            })
-    };
     let start = Instant::now();
-    while !ended(&cluster.states(&report)) {
+    while !cluster.ended(&report) {
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "the jobs did not end within 3 minutes: array {:?}, report {:?}\n{}",
@@ -274,11 +275,7 @@ fn a_real_slurm_runs_the_array_and_the_report_job() {
 /// The 4 generator runs of the tiny spec were trained data-parallel over 2 nodes.
 fn assert_trained_over_two_nodes(root: &std::path::Path) {
     let db = db::Db::open_existing(&root.join("ablate.sqlite")).expect("db");
-    let runs = db.list_runs(Some("tiny")).expect("runs");
-    let generators: Vec<_> = runs
-        .iter()
-        .filter(|r| r.kind == RunKind::Generator)
-        .collect();
+    let generators = generator_runs(&db, "tiny");
     assert_eq!(generators.len(), 4);
     for r in generators {
         assert_eq!(r.status, RunStatus::Finished, "{}", r.name);
@@ -286,6 +283,34 @@ fn assert_trained_over_two_nodes(root: &std::path::Path) {
         assert_eq!(dp["world_size"], 2, "{}: {dp}", r.name);
         assert_eq!(dp["nodes"], 2, "{}: {dp}", r.name);
     }
+}
+
+/// `bash node.sh` as Slurm starts it for task `procid` of job 77 after `restart` requeues.
+fn node_task(node: &std::path::Path, procid: usize, restart: usize) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(node)
+        .env("SLURM_PROCID", procid.to_string())
+        .env("SLURM_JOB_ID", "77")
+        .env("SLURM_RESTART_COUNT", restart.to_string())
+        .current_dir(workspace_root());
+    cmd
+}
+
+/// Both tasks of the node script side by side, as Slurm starts them; their outputs in task order.
+fn both_nodes(node: &std::path::Path, restart: usize) -> Vec<std::process::Output> {
+    let tasks: Vec<_> = (0..2)
+        .map(|k| {
+            node_task(node, k, restart)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a node")
+        })
+        .collect();
+    tasks
+        .into_iter()
+        .map(|t| t.wait_with_output().expect("node"))
+        .collect()
 }
 
 /// `ablate slurm --nodes 2`: the node script, started as Slurm starts one task per node
@@ -315,23 +340,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
         .find_map(|l| l.strip_prefix("each node:"))
         .map(|p| PathBuf::from(p.trim()))
         .unwrap_or_else(|| panic!("no node script in:\n{text}"));
-    let nodes: Vec<_> = (0..2)
-        .map(|k| {
-            Command::new("bash")
-                .arg(&node)
-                .env("SLURM_PROCID", k.to_string())
-                .env("SLURM_JOB_ID", "77")
-                .current_dir(workspace_root())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start a node")
-        })
-        .collect();
-    let outs: Vec<_> = nodes
-        .into_iter()
-        .map(|n| n.wait_with_output().expect("node"))
-        .collect();
+    let outs = both_nodes(&node, 0);
     for o in &outs {
         assert!(o.status.success(), "{}", stderr(o));
     }
@@ -344,13 +353,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
     assert_trained_over_two_nodes(&root);
 
     // a node that starts after node 0 has finished sees the job's end marker and ends too
-    let late = Command::new("bash")
-        .arg(&node)
-        .env("SLURM_PROCID", "1")
-        .env("SLURM_JOB_ID", "77")
-        .current_dir(workspace_root())
-        .output()
-        .expect("a late node");
+    let late = node_task(&node, 1, 0).output().expect("a late node");
     assert!(late.status.success(), "{}", stderr(&late));
     assert!(
         stderr(&late).contains("served 0 training(s)"),
@@ -359,13 +362,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
     );
     // node 0 of a second job under the same rendezvous name is refused: its nodes could take
     // the first job's end for its own
-    let again = Command::new("bash")
-        .arg(&node)
-        .env("SLURM_PROCID", "0")
-        .env("SLURM_JOB_ID", "77")
-        .current_dir(workspace_root())
-        .output()
-        .expect("node 0 again");
+    let again = node_task(&node, 0, 0).output().expect("node 0 again");
     assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
     assert!(
         stderr(&again).contains("was used by a job that has ended"),
@@ -374,21 +371,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
     );
     // the same job requeued (SLURM_RESTART_COUNT=1) meets anew: both nodes end, the runs found
     // finished
-    let requeued: Vec<_> = (0..2)
-        .map(|k| {
-            Command::new("bash")
-                .arg(&node)
-                .env("SLURM_PROCID", k.to_string())
-                .env("SLURM_JOB_ID", "77")
-                .env("SLURM_RESTART_COUNT", "1")
-                .current_dir(workspace_root())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start a node")
-        })
-        .map(|n| n.wait_with_output().expect("node"))
-        .collect();
+    let requeued = both_nodes(&node, 1);
     for o in &requeued {
         assert!(o.status.success(), "{}", stderr(o));
     }
@@ -443,16 +426,7 @@ fn a_real_slurm_runs_the_node_script_as_two_tasks() {
     assert!(out.status.success(), "sbatch: {}", stderr(&out));
     let job = stdout(&out).trim().to_string();
     let start = Instant::now();
-    let done = |s: &[String]| {
-        !s.is_empty()
-            && s.iter().all(|s| {
-                !matches!(
-                    s.as_str(),
-                    "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING"
-                )
-            })
-    };
-    while !done(&cluster.states(&job)) {
+    while !cluster.ended(&job) {
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "the job did not end within 3 minutes: {:?}\n{}",

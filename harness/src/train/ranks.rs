@@ -55,10 +55,6 @@ pub struct RankJob {
 }
 
 impl RankJob {
-    pub fn world(&self) -> usize {
-        self.world
-    }
-
     /// Rank `rank`'s device.
     pub fn device(&self, rank: usize) -> &str {
         &self.devices[rank % self.devices.len().max(1)]
@@ -87,7 +83,7 @@ impl RankJob {
 /// Ranks 1..N of one training (rank `rank` of [`RankJob::world`]): train this rank's share.
 /// Returns when the training ends; rank 0 saves the weights.
 pub fn train_rank(job: &RankJob, rank: usize) -> Result<()> {
-    let world = job.world();
+    let world = job.world;
     if rank == 0 || rank >= world {
         return Err(Error::Usage(format!(
             "--rank {rank}: this job has ranks 1 to {} (rank 0 is the `ablate run` process)",
@@ -253,8 +249,7 @@ pub fn train_process_ranks(
             *slot = Some(p.failure(&text));
         }
     }
-    let someone_stopped =
-        echo.is_some() || matches!(lead, Err(Error::Collective(_))) || cause.is_some();
+    let someone_stopped = echo.is_some() || matches!(lead, Err(Error::Collective(_)));
     if cause.is_none() && someone_stopped && launch.nnodes > 1 {
         // a rank of another node stopped: give its node a moment to post why
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -762,18 +757,17 @@ impl Collective for TcpRanks {
         };
         if self.rank == 0 {
             // from zero, in rank order: the additions of the in-process group, on every run
-            let mut part = vec![0f32; values.len()];
-            let mut sum = vec![0f32; values.len()];
-            for (s, v) in sum.iter_mut().zip(values.iter()) {
-                *s += v;
+            // (0 + v is v, but for −0, which becomes +0: adding 0 in place does the same)
+            for v in values.iter_mut() {
+                *v += 0.0;
             }
+            let mut part = vec![0f32; values.len()];
             for (i, link) in self.links.iter().enumerate() {
                 receive(link, &mut part).map_err(|e| fail(i + 1, e))?;
-                for (s, p) in sum.iter_mut().zip(&part) {
+                for (s, p) in values.iter_mut().zip(&part) {
                     *s += p;
                 }
             }
-            values.copy_from_slice(&sum);
             for (i, link) in self.links.iter().enumerate() {
                 send(link, values).map_err(|e| fail(i + 1, e))?;
             }
