@@ -3,7 +3,9 @@
 # driver, PyTorch with its CUDA 13 libraries under its Python's site-packages).
 #
 # Usage: scripts/device-check.sh BINARY OUT_DIR
-#   BINARY   ablate built here with `--features cuda` (optionally gzip-compressed, *.gz)
+#   BINARY   ablate built here with `--features cuda` or `--features nccl` (optionally
+#            gzip-compressed, *.gz); an NCCL build needs libnccl.so.2, which PyTorch's CUDA 13
+#            wheels bring (nvidia-nccl-cu13, found through LD_LIBRARY_PATH below)
 #   OUT_DIR  everything the check writes: logs, databases, reports, a summary
 # Environment:
 #   DEVICE=cuda:0         the device under test; DEVICE=cpu runs the same steps on the CPU (the
@@ -85,6 +87,8 @@ fi
 timed "selftest-$TAG" "$SELFTEST_LIMIT" "$BIN" selftest --device "$DEVICE"
 grep -c '"pass":true' "$OUT/selftest-$TAG.out" | sed 's/^/checks passed: /' | tee -a "$SUMMARY"
 grep '"pass":false' "$OUT/selftest-$TAG.out" | tee -a "$SUMMARY"
+# a binary built with `--features nccl` (see `--version`) adds NCCL at world size 1 (issue 16)
+grep '"check":"nccl/' "$OUT/selftest-$TAG.out" | tee -a "$SUMMARY"
 tail -1 "$OUT/selftest-$TAG.err" | tee -a "$SUMMARY"
 # 1a. the reference PyTorch MAR beside ours, back to back, two runs each, and the ratios
 # (issue 12's targets: mar-base under bf16 on CUDA, mar-tiny in f32 on the CPU). Needs the
@@ -138,8 +142,9 @@ fi
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
 # 2b. data-parallel rank processes on the device (issue 16): two `--nproc` processes sharing
-# DEVICE against one rank, 20 steps of the tiny spec; the sum goes through the host over TCP
-# (NCCL is not built). Prints the largest relative difference of the logged losses.
+# DEVICE against one rank, 20 steps of the tiny spec; the sum goes through the host over TCP,
+# also in an NCCL build (NCCL refuses two ranks on one GPU: the selftest's nccl/ checks run its
+# path at world size 1). Prints the largest relative difference of the logged losses.
 DP=(run experiments/tiny.toml --no-report --set train.steps=20 --set train.log_every=1 --set head.batch_mul=2)
 timed "dp-one-$TAG" 45 "$BIN" --root "$OUT/dp-one-$TAG" "${DP[@]}" --device "$DEVICE"
 timed "dp-nproc2-$TAG" 60 "$BIN" --root "$OUT/dp-nproc2-$TAG" "${DP[@]}" --nproc 2 --set "train.devices=[\"$DEVICE\",\"$DEVICE\"]"

@@ -649,7 +649,8 @@ impl Runner {
                         "world_size": launch.nproc * launch.nnodes,
                         "nodes": launch.nnodes,
                         "devices": devices,
-                        "processes": true
+                        "processes": true,
+                        "gradients": crate::train::ranks::gradient_collective(&devices),
                     }),
                 )?;
                 let files = RankFiles {

@@ -257,11 +257,11 @@ fn concat_vars(varmap: &VarMap) -> candle_core::Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Build, differentiate, train three steps and sample one variant on `device`.
-pub fn run_generator(
+/// A generator with random weights and a batch of random tokens, the same on every device.
+fn random_generator(
     cfg: &GeneratorConfig,
     device: &Device,
-) -> Result<GeneratorOutcome, anyhow::Error> {
+) -> Result<(VarMap, Generator, Tokens, Vec<u32>), anyhow::Error> {
     let varmap = VarMap::new();
     let generator = Generator::new(cfg, seeded_var_builder(&varmap, 7, DType::F32, device))?;
     // random values everywhere: zero-initialised layers would hide whole branches at init. Drawn
@@ -274,9 +274,18 @@ pub fn run_generator(
             .to_device(device)?;
         v.set(&(r * 0.2)?)?;
     }
-    let init = concat_vars(&varmap)?;
     let labels: Vec<u32> = (0..BATCH).map(|i| (i % cfg.num_classes) as u32).collect();
     let tokens = cfg.random_tokens(BATCH, &mut rng, device)?;
+    Ok((varmap, generator, tokens, labels))
+}
+
+/// Build, differentiate, train three steps and sample one variant on `device`.
+pub fn run_generator(
+    cfg: &GeneratorConfig,
+    device: &Device,
+) -> Result<GeneratorOutcome, anyhow::Error> {
+    let (varmap, generator, tokens, labels) = random_generator(cfg, device)?;
+    let init = concat_vars(&varmap)?;
     let loss = generator.loss(&tokens, &labels, &mut Rng::new(13))?;
     let grad_store = loss.backward()?;
     let grads = sorted_vars(&varmap)?
@@ -522,6 +531,12 @@ pub fn run(
         progress(&checks);
         all.extend(checks);
     }
+    #[cfg(feature = "nccl")]
+    if matches!(device, Device::Cuda(_)) {
+        let checks = nccl_checks(device, device_name)?;
+        progress(&checks);
+        all.extend(checks);
+    }
     let reference = run_feature_nets(&Device::Cpu)?;
     let got = run_feature_nets(device)?;
     let checks: Vec<Check> = reference
@@ -532,6 +547,60 @@ pub fn run(
     progress(&checks);
     all.extend(checks);
     Ok(all)
+}
+
+/// NCCL with one rank on `device` (data-parallel training's GPU collective, issue 16): summing
+/// the gradients of a MAR step, in several buckets, must give them back unchanged (0 error), and
+/// three steps that sum before each AdamW update must train as three steps without NCCL.
+#[cfg(feature = "nccl")]
+fn nccl_checks(device: &Device, device_name: &str) -> Result<Vec<Check>, anyhow::Error> {
+    use harness::train::collective::Solo;
+    use harness::train::nccl::NcclRanks;
+    let ranks = NcclRanks::new(Solo, device)?;
+    let cfg = VARIANTS[0].config(Precision::F32);
+    let train = |nccl: Option<&NcclRanks<Solo>>| -> Result<_, anyhow::Error> {
+        let (varmap, generator, tokens, labels) = random_generator(&cfg, device)?;
+        let mut opt = AdamW::new(&varmap, 0.02, 0.9, 0.95)?;
+        let vars: Vec<candle_core::Var> = opt.vars().cloned().collect();
+        // about four buckets, so that values cross bucket ends
+        let limit = vars.iter().map(|v| v.elem_count()).sum::<usize>() / 4;
+        let flat = |grads: &candle_core::backprop::GradStore| -> candle_core::Result<Vec<f64>> {
+            let mut out = Vec::new();
+            for v in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    out.extend(host(g)?);
+                }
+            }
+            Ok(out)
+        };
+        let mut rng = Rng::new(17);
+        let mut summed = (Vec::new(), Vec::new());
+        for step in 0..3 {
+            let loss = generator.loss(&tokens, &labels, &mut rng)?;
+            let mut grads = loss.backward()?;
+            if let Some(ranks) = nccl {
+                let before = flat(&grads)?;
+                ranks.sum_in_buckets(&mut grads, &vars, limit)?;
+                if step == 0 {
+                    summed = (before, flat(&grads)?);
+                }
+            }
+            opt.clipped_step(&mut grads, 3.0, 1e-4)?;
+        }
+        Ok((summed, concat_vars(&varmap)?))
+    };
+    let ((before, after), with_nccl) = train(Some(&ranks))?;
+    let (_, without) = train(None)?;
+    Ok(vec![
+        compare_values("nccl/grads-summed-alone", device_name, &before, &after, 0.0),
+        compare_values(
+            "nccl/trained",
+            device_name,
+            &without,
+            &with_nccl,
+            F32_TOL.weights,
+        ),
+    ])
 }
 
 #[cfg(test)]

@@ -125,6 +125,9 @@ fn train(root: &Path, ranks: Ranks) -> Trained {
             );
             let processes = matches!(ranks, Ranks::Processes(_) | Ranks::Nodes(_));
             assert_eq!(recorded["processes"].as_bool().unwrap_or(false), processes);
+            if processes {
+                assert_eq!(recorded["gradients"], "tcp", "CPU ranks sum through TCP");
+            }
         }
         trained.insert(run.hash.clone(), (weights, metrics));
     }

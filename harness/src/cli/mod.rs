@@ -16,10 +16,18 @@ use db::Db;
 use harness::spec;
 use harness::{layout::Layout, runner::Runner};
 
+/// `ablate --version`: the version and the backends this binary was built with.
+#[cfg(feature = "nccl")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CPU, CUDA, NCCL)");
+#[cfg(all(feature = "cuda", not(feature = "nccl")))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CPU, CUDA)");
+#[cfg(not(feature = "cuda"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CPU)");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ablate",
-    version,
+    version = VERSION,
     about = "Paired ablations of cross-entropy on VQ tokens vs Diffusion Loss on continuous tokens (MAR, Li et al. 2024)"
 )]
 pub struct Cli {

@@ -3,10 +3,15 @@
 //! ranks sum their gradients and losses, and every rank then takes the same optimizer step, so
 //! their weights stay identical.
 //!
-//! Implementations: [`Solo`] (one rank: nothing to sum) and [`LocalGroup`] (ranks as threads of
-//! this process, summing through host memory in rank order, so the result is deterministic).
-//! An NCCL implementation for one process per GPU is not built yet.
+//! Implementations: [`Solo`] (one rank: nothing to sum), [`LocalGroup`] (ranks as threads of
+//! this process, summing through host memory in rank order, so the result is deterministic),
+//! [`TcpRanks`](crate::train::ranks::TcpRanks) (ranks as processes, the same sums over TCP) and,
+//! built with `--features nccl`, [`NcclRanks`](crate::train::nccl::NcclRanks) (gradients summed
+//! on the GPUs).
 use std::sync::{Condvar, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 
 /// A failed collective: another rank stopped (an error or a panic) before taking part.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,31 @@ pub trait Collective: Sync {
     fn world(&self) -> usize;
     /// Replaces `values` with their sum over the ranks (every rank passes as many values).
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), CollectiveError>;
+
+    /// Replaces each variable's gradient with its sum over the ranks (a variable without one
+    /// counts as zeros). By default through host memory, as one buffer of [`all_reduce_sum`];
+    /// NCCL sums on the GPUs instead.
+    ///
+    /// [`all_reduce_sum`]: Collective::all_reduce_sum
+    fn sum_gradients(&self, grads: &mut GradStore, vars: &[Var]) -> crate::Result<()> {
+        let mut flat = Vec::new();
+        for v in vars {
+            match grads.get(v.as_tensor()) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+            }
+        }
+        self.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for v in vars {
+            let n = v.elem_count();
+            let g = Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?
+                .to_dtype(v.dtype())?;
+            grads.insert(v.as_tensor(), g);
+            at += n;
+        }
+        Ok(())
+    }
 }
 
 /// One rank alone.
@@ -39,6 +69,9 @@ impl Collective for Solo {
         1
     }
     fn all_reduce_sum(&self, _values: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn sum_gradients(&self, _grads: &mut GradStore, _vars: &[Var]) -> crate::Result<()> {
         Ok(())
     }
 }

@@ -283,9 +283,7 @@ pub fn train_generator(
         if !value.is_finite() {
             return Err(crate::train::TrainError::Diverged { step, loss: value }.into());
         }
-        if ranks.world() > 1 {
-            sum_gradients(&mut grads, &vars, ranks)?;
-        }
+        ranks.sum_gradients(&mut grads, &vars)?;
         let lr = lr_at(step, t);
         let norm = opt.clipped_step(&mut grads, t.grad_clip, lr)?;
         if let Some(ema) = ema.as_mut() {
@@ -444,32 +442,6 @@ fn load_in_rank_order(
         )));
     }
     Ok(loaded)
-}
-
-/// Replaces each variable's gradient with its sum over the ranks (a variable without one counts
-/// as zeros), summed as one buffer.
-fn sum_gradients(
-    grads: &mut candle_core::backprop::GradStore,
-    vars: &[candle_core::Var],
-    ranks: &dyn Collective,
-) -> Result<()> {
-    let mut flat = Vec::new();
-    for v in vars {
-        match grads.get(v.as_tensor()) {
-            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
-        }
-    }
-    ranks.all_reduce_sum(&mut flat)?;
-    let mut at = 0;
-    for v in vars {
-        let n = v.elem_count();
-        let g =
-            Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
-        grads.insert(v.as_tensor(), g);
-        at += n;
-    }
-    Ok(())
 }
 
 /// The running sums of the training log between two log steps, saved with a checkpoint taken

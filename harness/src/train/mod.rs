@@ -13,6 +13,8 @@ use crate::spec::{LrScheduleSpec, TrainSpec};
 
 pub mod collective;
 pub mod generator;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ranks;
 
 #[derive(Debug, thiserror::Error)]

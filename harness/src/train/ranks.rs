@@ -106,7 +106,8 @@ pub fn train_rank(job: &RankJob, rank: usize) -> Result<()> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, run.seed, DType::F32, &device);
     let generator = Generator::new(&cfg, vb)?;
-    let ranks = TcpRanks::connect(&job.address, rank, world, job.token)?;
+    let tcp = TcpRanks::connect(&job.address, rank, world, job.token)?;
+    let ranks = rank_collective(tcp, &job.devices, &device)?;
     let train = TrainJob {
         tokens: &tokens,
         train: &ds.train,
@@ -115,8 +116,41 @@ pub fn train_rank(job: &RankJob, rank: usize) -> Result<()> {
         dir: &job.dir,
         quiet: true,
     };
-    train_generator(&train, &generator, &varmap, &device, &ranks, None)?;
+    train_generator(&train, &generator, &varmap, &device, ranks.as_ref(), None)?;
     Ok(())
+}
+
+/// How the rank processes of a training on `devices` (one node's, one per process) sum their
+/// gradients: `"nccl"` on the GPUs (built with `--features nccl`, every device CUDA and none
+/// named twice: NCCL refuses two ranks on one GPU), else `"tcp"` through host memory.
+pub fn gradient_collective(devices: &[String]) -> &'static str {
+    let all_cuda = devices.iter().all(|d| d.starts_with("cuda"));
+    let distinct = devices
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+        == devices.len();
+    if cfg!(feature = "nccl") && all_cuda && distinct {
+        "nccl"
+    } else {
+        "tcp"
+    }
+}
+
+/// One rank's collective over its connection `tcp`: with NCCL ([`gradient_collective`]) the
+/// gradients go over NCCL and the few host values of a step over `tcp`; else all over `tcp`.
+/// Every rank decides alike, from the job's devices.
+fn rank_collective(
+    tcp: TcpRanks,
+    devices: &[String],
+    device: &Device,
+) -> Result<Box<dyn Collective>> {
+    if gradient_collective(devices) == "nccl" {
+        #[cfg(feature = "nccl")]
+        return Ok(Box::new(crate::train::nccl::NcclRanks::new(tcp, device)?));
+    }
+    let _ = device;
+    Ok(Box::new(tcp))
 }
 
 /// How rank 0 starts the other ranks.
@@ -221,14 +255,14 @@ pub fn train_process_ranks(
         looked = Instant::now();
         remote()
     });
-    let ranks = match accepted {
+    let ranks = match accepted.and_then(|tcp| rank_collective(tcp, devices, device)) {
         Ok(r) => r,
         Err(e) => {
             stop_all(&mut children);
             return Err(e);
         }
     };
-    let lead = train_generator(job, generator, varmap, device, &ranks, Some(lead));
+    let lead = train_generator(job, generator, varmap, device, ranks.as_ref(), Some(lead));
     // closing the connections ends a rank still waiting for a sum (rank 0 failed)
     drop(ranks);
     // a rank that failed on its own (not because another one stopped, exit code 3) is the cause
@@ -784,6 +818,25 @@ impl Collective for TcpRanks {
 mod tests {
     use super::*;
     use crate::train::collective::LocalGroup;
+
+    #[test]
+    fn gradients_go_over_nccl_only_between_distinct_gpus_of_an_nccl_build() {
+        let on = |names: &[&str]| {
+            let devices: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            gradient_collective(&devices)
+        };
+        let nccl = if cfg!(feature = "nccl") {
+            "nccl"
+        } else {
+            "tcp"
+        };
+        assert_eq!(on(&["cuda:0", "cuda:1"]), nccl);
+        assert_eq!(on(&["cuda:0"]), nccl);
+        // NCCL refuses two ranks on one GPU; a CPU rank has no NCCL
+        assert_eq!(on(&["cuda:0", "cuda:0"]), "tcp");
+        assert_eq!(on(&["cuda:0", "cpu"]), "tcp");
+        assert_eq!(on(&["cpu", "cpu"]), "tcp");
+    }
 
     /// Three ranks over TCP (threads here, processes in `ablate run --nproc`) get exactly the
     /// sums the in-process group gives, round after round; a stray connection is turned away, and
