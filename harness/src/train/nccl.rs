@@ -7,6 +7,10 @@
 //! gradient goes through host memory. A rank that died is noticed by the control sum that comes
 //! before every gradient sum, not by a hanging NCCL call.
 //!
+//! A rank that dies between that control sum and its NCCL sum would leave the others' NCCL
+//! kernels waiting for ever; so each rank waits for its sums with a deadline, [`PATIENCE`], then
+//! aborts its communicator and fails, as PyTorch's NCCL watchdog does.
+//!
 //! NCCL's ring all-reduce gives every rank the same sum, so the weights stay identical; the
 //! order of its additions differs from the host collectives' rank order, so NCCL training equals
 //! one-rank training within rounding, not bit for bit. One process per GPU: NCCL refuses two
@@ -26,6 +30,10 @@ use crate::{Error, Result};
 /// needs stays small beside the model.
 pub const BUCKET: usize = 1 << 24;
 
+/// How long a rank waits for the NCCL sums of one step: every rank has passed the control sum
+/// just before, so they normally take milliseconds (the first one also connects the ranks).
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// NCCL's id: 128 bytes, sent as that many floats 0..=255 (exact).
 const ID_BYTES: usize = 128;
 
@@ -33,8 +41,8 @@ const ID_BYTES: usize = 128;
 pub struct NcclRanks<C> {
     control: C,
     device: CudaDevice,
-    /// NCCL communicators are not safe to use from two threads at once
-    comm: Mutex<SendComm>,
+    /// NCCL communicators are not safe to use from two threads at once; `None` once aborted
+    comm: Mutex<Option<SendComm>>,
 }
 
 /// An NCCL communicator may move between threads; [`NcclRanks`] uses it from one at a time.
@@ -81,7 +89,7 @@ impl<C: Collective> NcclRanks<C> {
         Ok(NcclRanks {
             control,
             device: device.clone(),
-            comm: Mutex::new(SendComm(comm)),
+            comm: Mutex::new(Some(SendComm(comm))),
         })
     }
 }
@@ -108,14 +116,22 @@ impl<C: Collective> Collective for NcclRanks<C> {
 impl<C: Collective> NcclRanks<C> {
     /// [`Collective::sum_gradients`] with at most `limit` values per NCCL call.
     pub fn sum_in_buckets(&self, grads: &mut GradStore, vars: &[Var], limit: usize) -> Result<()> {
-        let comm = self.comm.lock().map_err(|_| {
+        let fail = |reason: String| {
             Error::Collective(CollectiveError {
                 rank: self.rank(),
                 world: self.world(),
-                reason: "an earlier NCCL sum panicked".into(),
+                reason,
             })
-        })?;
-        self.device.cuda_stream().context().bind_to_thread().w()?;
+        };
+        let mut held = self
+            .comm
+            .lock()
+            .map_err(|_| fail("an earlier NCCL sum panicked".into()))?;
+        let Some(SendComm(comm)) = held.as_ref() else {
+            return Err(fail("NCCL was aborted after an earlier failure".into()));
+        };
+        let stream = self.device.cuda_stream();
+        stream.context().bind_to_thread().w()?;
         for bucket in buckets(vars, limit) {
             let parts = bucket
                 .iter()
@@ -125,7 +141,7 @@ impl<C: Collective> NcclRanks<C> {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let flat = Tensor::cat(&parts, 0)?;
-            let sum = flat.apply_op1_no_bwd(&AllReduceSum { comm: &comm.0 })?;
+            let sum = flat.apply_op1_no_bwd(&AllReduceSum { comm })?;
             let mut at = 0;
             for v in bucket {
                 let n = v.elem_count();
@@ -136,6 +152,21 @@ impl<C: Collective> NcclRanks<C> {
                 grads.insert(v.as_tensor(), g);
                 at += n;
             }
+        }
+        // wait for the sums with a deadline (the step syncs for its gradient norm right after)
+        let done = stream.record_event(None).w()?;
+        let start = std::time::Instant::now();
+        while !done.try_is_complete().w()? {
+            if start.elapsed() > PATIENCE {
+                // dropping the communicator aborts it, and with it the kernels still waiting
+                held.take();
+                return Err(fail(format!(
+                    "the NCCL gradient sum did not finish within {} s: another rank stopped in \
+                     the middle of it (its log says why); NCCL was aborted",
+                    PATIENCE.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         Ok(())
     }
