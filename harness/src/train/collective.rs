@@ -57,6 +57,20 @@ pub trait Collective: Sync {
     }
 }
 
+/// Gives every rank rank 0's `bytes` (the other ranks' bytes are overwritten): each byte travels
+/// as a float 0..=255, which sums exactly with the other ranks' zeros.
+pub fn broadcast_bytes(ranks: &dyn Collective, bytes: &mut [u8]) -> Result<(), CollectiveError> {
+    let mut values: Vec<f32> = match ranks.rank() {
+        0 => bytes.iter().map(|&b| f32::from(b)).collect(),
+        _ => vec![0.0; bytes.len()],
+    };
+    ranks.all_reduce_sum(&mut values)?;
+    for (b, v) in bytes.iter_mut().zip(values) {
+        *b = v as u8;
+    }
+    Ok(())
+}
+
 /// One rank alone.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Solo;
@@ -216,7 +230,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranks_get_the_sum_in_rank_order_and_a_stopped_rank_fails_the_others() {
+    fn ranks_get_the_sum_in_rank_order_and_rank_zeros_bytes_and_a_stopped_rank_fails_the_others() {
         let group = LocalGroup::new(3);
         let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
@@ -243,6 +257,30 @@ mod tests {
         let expected: Vec<f32> = (0..50).flat_map(|k| [3.0 + 3.0 * k as f32, 3.0]).collect();
         for s in &sums {
             assert_eq!(s, &expected);
+        }
+        // rank 0's bytes reach every rank, whatever the others held
+        let group = LocalGroup::new(3);
+        let sent: Vec<u8> = (0..=255).rev().collect();
+        let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|r| {
+                    let (group, sent) = (&group, &sent);
+                    s.spawn(move || {
+                        let rank = group.rank(r);
+                        let mut bytes = if r == 0 { sent.clone() } else { vec![7; 256] };
+                        broadcast_bytes(&rank, &mut bytes).expect("broadcast");
+                        rank.finish();
+                        bytes
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank"))
+                .collect()
+        });
+        for bytes in &got {
+            assert_eq!(bytes, &sent);
         }
         let group = LocalGroup::new(2);
         std::thread::scope(|s| {

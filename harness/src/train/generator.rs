@@ -12,7 +12,7 @@ use crate::data::ImageSet;
 use crate::record::{spinner, Recorder};
 use crate::spec::PlannedRun;
 use crate::tokenize::{TokenData, Tokenizer};
-use crate::train::collective::{Collective, LocalGroup};
+use crate::train::collective::{broadcast_bytes, Collective, LocalGroup};
 use crate::train::{lr_at, AdamW, Checkpoint, Ema, Loaded};
 use crate::{Error, Result};
 
@@ -420,19 +420,16 @@ fn load_in_rank_order(
         return Ok(Checkpoint::load(dir, varmap, opt, ema)?);
     }
     let step_of = |l: &Loaded| l.resume.as_ref().map_or(0, |r| r.step);
-    // the step in two exact halves (f32 holds integers below 2^24); the other ranks add zeros
-    let split = |step: usize| [(step >> 20) as f32, (step & 0xF_FFFF) as f32];
-    let join = |v: [f32; 2]| ((v[0] as usize) << 20) | v[1] as usize;
     if ranks.rank() == 0 {
         let loaded = Checkpoint::load(dir, varmap, opt, ema)?;
-        ranks.all_reduce_sum(&mut split(step_of(&loaded)))?;
+        broadcast_bytes(ranks, &mut (step_of(&loaded) as u64).to_le_bytes())?;
         return Ok(loaded);
     }
-    let mut lead = [0f32; 2];
-    ranks.all_reduce_sum(&mut lead)?;
+    let mut lead = [0u8; 8];
+    broadcast_bytes(ranks, &mut lead)?;
     // read only: a rank that misreads a good checkpoint must not remove it for every rank
     let loaded = Checkpoint::load_with(dir, varmap, opt, ema, false)?;
-    let (theirs, ours) = (join(lead), step_of(&loaded));
+    let (theirs, ours) = (u64::from_le_bytes(lead) as usize, step_of(&loaded));
     if theirs != ours {
         return Err(Error::Other(format!(
             "data-parallel rank {} found the checkpoint in {} at step {ours}, rank 0 at step \

@@ -23,7 +23,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Shape};
 use candle_core::{Tensor, Var};
 
-use crate::train::collective::{Collective, CollectiveError};
+use crate::train::collective::{broadcast_bytes, Collective, CollectiveError};
 use crate::{Error, Result};
 
 /// The most gradient values summed by one NCCL call (64 MiB of f32): the flat copy that a sum
@@ -34,7 +34,7 @@ pub const BUCKET: usize = 1 << 24;
 /// just before, so they normally take milliseconds (the first one also connects the ranks).
 pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// NCCL's id: 128 bytes, sent as that many floats 0..=255 (exact).
+/// The size of NCCL's id, which rank 0 makes and sends to the others.
 const ID_BYTES: usize = 128;
 
 /// The ranks of one training, summing gradients with NCCL on their GPUs.
@@ -72,16 +72,15 @@ impl<C: Collective> NcclRanks<C> {
                  name CUDA devices in train.devices or --device"
             )));
         };
-        let mut id = [0f32; ID_BYTES];
+        let mut id = [0u8; ID_BYTES];
         if rank == 0 {
             let made = Id::new().map_err(|e| fail("creating the NCCL id", format!("{:?}", e.0)))?;
-            for (v, b) in id.iter_mut().zip(made.internal()) {
-                *v = f32::from(b.to_ne_bytes()[0]);
+            for (b, c) in id.iter_mut().zip(made.internal()) {
+                *b = c.to_ne_bytes()[0];
             }
         }
-        // the other ranks add zeros: every rank ends with rank 0's bytes
-        control.all_reduce_sum(&mut id)?;
-        let internal = id.map(|v| std::ffi::c_char::from_ne_bytes([v as u8]));
+        broadcast_bytes(&control, &mut id)?;
+        let internal = id.map(|b| std::ffi::c_char::from_ne_bytes([b]));
         let stream = device.cuda_stream();
         stream.context().bind_to_thread().w()?;
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(internal))
