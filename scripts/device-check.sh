@@ -5,7 +5,9 @@
 # Usage: scripts/device-check.sh BINARY OUT_DIR
 #   BINARY   ablate built here with `--features cuda` or `--features nccl` (optionally
 #            gzip-compressed, *.gz); an NCCL build needs libnccl.so.2, which PyTorch's CUDA 13
-#            wheels bring (nvidia-nccl-cu13, found through LD_LIBRARY_PATH below)
+#            wheels bring (nvidia-nccl-cu13, found through LD_LIBRARY_PATH below). Build with
+#            NCCL to check it too: eval "$(LINK=1 NCCL=1 scripts/cuda-toolchain.sh)" and
+#            cargo build --release -p harness --features nccl
 #   OUT_DIR  everything the check writes: logs, databases, reports, a summary
 # Environment:
 #   DEVICE=cuda:0         the device under test; DEVICE=cpu runs the same steps on the CPU (the
