@@ -4,7 +4,7 @@
 #
 # Usage: scripts/device-check.sh BINARY OUT_DIR
 #   BINARY   ablate built here with `--features cuda` or `--features nccl` (optionally
-#            gzip-compressed, *.gz); an NCCL build needs libnccl.so.2, which PyTorch's CUDA 13
+#            compressed, *.gz or *.xz); an NCCL build needs libnccl.so.2, which PyTorch's CUDA 13
 #            wheels bring (nvidia-nccl-cu13, found through LD_LIBRARY_PATH below). Build with
 #            NCCL to check it too: eval "$(LINK=1 NCCL=1 scripts/cuda-toolchain.sh)" and
 #            cargo build --release -p harness --features nccl
@@ -22,7 +22,7 @@
 #                         OUT_DIR/outputs.tar.gz (the device tool brings back a limited number of
 #                         files: in session 6 a full run's profile and logs were left behind)
 #   FUSED_TESTS           the models crate's unit-test binary built with `--features cuda`
-#                         (`cargo test --release -p models --features cuda --no-run`; *.gz too):
+#                         (`cargo test --release -p models --features cuda --no-run`; *.gz, *.xz too):
 #                         step 0a runs its fused::cuda_tests, every fused kernel against the CPU
 # Budget: measured on an H200 in session 5 (everything but the bf16 quickstart): 0a 12–19 s,
 # selftest 14–17 s, the reference pairs 36 + 9 + 22 + 9 s, benches 24 + 21 s, tiny 1.5 s,
@@ -36,11 +36,16 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
+# FILE as it was before gzip or xz (python's lzma: the image may lack the xz program)
+unpack() { # FILE, DEST
+  case "$1" in
+    *.gz) gzip -dc "$1" > "$2" ;;
+    *.xz) python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2" ;;
+    *) cp "$1" "$2" ;;
+  esac
+}
 BIN=/tmp/ablate-device
-case "$BIN_IN" in
-  *.gz) gzip -dc "$BIN_IN" > "$BIN" ;;
-  *) cp "$BIN_IN" "$BIN" ;;
-esac
+unpack "$BIN_IN" "$BIN"
 chmod +x "$BIN"
 
 # the CUDA libraries (cublas, cublasLt, curand, nvrtc, cudart) of the installed PyTorch, and the driver
@@ -80,7 +85,7 @@ if [ "$TAG" = cpu ]; then BIG=(); SKIP_QUICKSTART=1; BENCH_LIMIT=600 BF16_LIMIT=
 # 0a. the fused ops' CUDA kernels (kernels.cu) against their CPU versions, forward and backward
 if [ -n "${FUSED_TESTS:-}" ]; then
   FT=/tmp/models-tests
-  case "$FUSED_TESTS" in *.gz) gzip -dc "$FUSED_TESTS" > "$FT" ;; *) cp "$FUSED_TESTS" "$FT" ;; esac
+  unpack "$FUSED_TESTS" "$FT"
   chmod +x "$FT"
   timed fused-cuda-tests 60 "$FT" fused::cuda_tests --test-threads 1 --nocapture
   grep -E "^test |test result|panicked|differs" "$OUT/fused-cuda-tests.out" "$OUT/fused-cuda-tests.err" | tee -a "$SUMMARY"
