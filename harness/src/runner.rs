@@ -741,9 +741,6 @@ impl Runner {
     }
 }
 
-/// Whether a cached file of run `run_id` still has the sha256 recorded with it (the newest record
-/// of `kind`). A file that does not is reported and removed, so that the caller fits it again;
-/// one without a record (written before records were kept) is trusted.
 /// The identity of a run's tokenizer: fitted once per (data, tokenizer, seed).
 fn tokenizer_hash(run: &PlannedRun, ds: &Dataset) -> String {
     let tspec = run.tokenizer();
@@ -751,6 +748,9 @@ fn tokenizer_hash(run: &PlannedRun, ds: &Dataset) -> String {
     identity::content_hash(&identity::tokenizer(tspec, seed, ds))
 }
 
+/// Whether a cached file of run `run_id` still has the sha256 recorded with it (the newest record
+/// of `kind`). A file that does not is reported and removed, so that the caller fits it again;
+/// one without a record (written before records were kept) is trusted.
 fn cache_intact(db: &Db, run_id: i64, kind: &str, path: &Path, what: &str) -> Result<bool> {
     let Some(recorded) = db.artifacts(run_id)?.into_iter().rfind(|a| a.kind == kind) else {
         return Ok(true);

@@ -21,6 +21,14 @@ fn assert_tiny_done_and_reported(root: &std::path::Path) {
     assert!(generators.iter().all(|r| r.status == RunStatus::Finished));
 }
 
+/// The script `ablate slurm` printed after `label` (e.g. "array job:") in its output `text`.
+fn written_script(text: &str, label: &str) -> PathBuf {
+    text.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .map(|p| PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("no '{label}' line in:\n{text}"))
+}
+
 #[test]
 fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -40,14 +48,10 @@ fn the_array_script_runs_as_two_local_tasks_then_the_report_job() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    let script = |what: &str| -> std::path::PathBuf {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(what))
-            .unwrap_or_else(|| panic!("{what}: {text}"));
-        line.split_whitespace().last().expect("path").into()
-    };
-    let (array, report) = (script("array job:"), script("report job:"));
+    let (array, report) = (
+        written_script(&text, "array job:"),
+        written_script(&text, "report job:"),
+    );
     let tasks: Vec<_> = (0..2)
         .map(|k| {
             std::process::Command::new("bash")
@@ -334,12 +338,7 @@ fn the_node_script_trains_every_run_over_two_local_nodes() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    let node = text
-        .lines()
-        .find_map(|l| l.strip_prefix("each node:"))
-        .map(|p| PathBuf::from(p.trim()))
-        .unwrap_or_else(|| panic!("no node script in:\n{text}"));
+    let node = written_script(&stdout(&out), "each node:");
     let outs = both_nodes(&node, 0);
     for o in &outs {
         assert!(o.status.success(), "{}", stderr(o));

@@ -568,8 +568,8 @@ mod tests {
     }
 
     /// Ranks load the checkpoint in order, rank 0 first, and agree on its step: two ranks that see
-    /// the same folder resume together (here at step 16 777 221, beyond f32's exact integers, so
-    /// the step travels in two halves); a rank that sees another folder fails, naming both steps.
+    /// the same folder resume together (here at step 16 777 221, beyond f32's exact integers,
+    /// which the collective sums); a rank that sees another folder fails, naming both steps.
     #[test]
     fn ranks_resume_at_rank_zeros_step_or_fail() -> anyhow::Result<()> {
         use crate::train::collective::LocalGroup;

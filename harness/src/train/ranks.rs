@@ -233,9 +233,8 @@ pub fn train_process_ranks(
 
     let mut children = Vec::new();
     for rank in 1..launch.nproc {
-        let log = files.logs.join(format!("rank-{name}-{rank}.log"));
-        match spawn_rank(launch, &job_path, rank, &log) {
-            Ok(child) => children.push(RankProcess { rank, child, log }),
+        match RankProcess::start(launch, &job_path, rank, files.logs, &name) {
+            Ok(p) => children.push(p),
             Err(e) => {
                 stop_all(&mut children);
                 return Err(e);
@@ -474,9 +473,8 @@ pub fn serve_node(
             };
             let mut running = Vec::new();
             for rank in node * launch.nproc..(node + 1) * launch.nproc {
-                let log = logs.join(format!("rank-{name}-{rank}.log"));
-                match spawn_rank(launch, &path, rank, &log) {
-                    Ok(child) => running.push(RankProcess { rank, child, log }),
+                match RankProcess::start(launch, &path, rank, logs, &name) {
+                    Ok(p) => running.push(p),
                     Err(e) => post(rank, e),
                 }
             }
@@ -519,6 +517,37 @@ struct RankProcess {
 }
 
 impl RankProcess {
+    /// Start rank `rank` of the training posted at `job` (named `name`), logging to
+    /// `logs/rank-NAME-RANK.log`.
+    fn start(
+        launch: &ProcessRanks,
+        job: &Path,
+        rank: usize,
+        logs: &Path,
+        name: &str,
+    ) -> Result<RankProcess> {
+        let log = logs.join(format!("rank-{name}-{rank}.log"));
+        let file = std::fs::File::create(&log).map_err(Error::file(&log))?;
+        let err = file.try_clone().map_err(Error::file(&log))?;
+        let child = Command::new(&launch.exe)
+            .arg("rank")
+            .arg(job)
+            .arg("--rank")
+            .arg(rank.to_string())
+            .env("RAYON_NUM_THREADS", launch.threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| {
+                Error::Other(format!(
+                    "starting data-parallel rank {rank} ({}): {e}",
+                    launch.exe.display()
+                ))
+            })?;
+        Ok(RankProcess { rank, child, log })
+    }
+
     /// The error of this rank, ended with `status`: its log's last lines say why.
     fn failure(&self, status: &str) -> Error {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -539,27 +568,6 @@ impl RankProcess {
             Err(e) => Some(self.failure(&e.to_string())),
         }
     }
-}
-
-fn spawn_rank(launch: &ProcessRanks, job: &Path, rank: usize, log: &Path) -> Result<Child> {
-    let file = std::fs::File::create(log).map_err(Error::file(log))?;
-    let err = file.try_clone().map_err(Error::file(log))?;
-    Command::new(&launch.exe)
-        .arg("rank")
-        .arg(job)
-        .arg("--rank")
-        .arg(rank.to_string())
-        .env("RAYON_NUM_THREADS", launch.threads.to_string())
-        .stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| {
-            Error::Other(format!(
-                "starting data-parallel rank {rank} ({}): {e}",
-                launch.exe.display()
-            ))
-        })
 }
 
 fn stop_all(children: &mut [RankProcess]) {
