@@ -10,20 +10,12 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
+pub(super) use super::geometry::{col_sum_cfg, col_sum_chunks, elementwise_cfg, row_cfg};
+use super::geometry::{scatter_rows_cfg, Geometry};
 use super::{rows_of, Rows};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "ablate_fused";
-
-/// Threads per block of the element-wise kernels (grid-stride loops).
-const ELEMENTWISE_THREADS: u32 = 256;
-/// Most threads per block of the row-wise kernels (one block per row; kernels.cu allows 1024).
-const ROW_THREADS: usize = 256;
-/// Column sums: the fewest rows one block sums, and the most blocks (chunks) down the rows.
-const MIN_ROWS_PER_CHUNK: usize = 64;
-const MAX_CHUNKS: usize = 1024;
-/// Threads per block of the column-sum kernels: 32 columns × 8 rows (`COL_SUM_ROWS_PER_STEP`).
-const COL_SUM_BLOCK: (u32, u32, u32) = (32, 8, 1);
 
 /// A kernel of the fused module, with the stream of its device.
 pub(super) struct Kernel {
@@ -45,8 +37,13 @@ impl Kernel {
     }
 }
 
-/// Launch a prepared kernel.
-pub(super) fn launch(mut builder: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+/// Launch a prepared kernel over the blocks and threads of `geometry`.
+pub(super) fn launch(mut builder: LaunchArgs<'_>, geometry: Geometry) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: geometry.grid,
+        block_dim: geometry.block,
+        shared_mem_bytes: 0,
+    };
     // SAFETY: every kernel of kernels.cu reads within the row views it is given and writes within
     // the outputs allocated for it by the callers here; the argument lists match the signatures.
     unsafe { builder.launch(cfg) }.w()?;
@@ -71,26 +68,6 @@ pub(super) fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
 
 pub(super) fn wrap(out: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(out, dev.clone())
-}
-
-/// Grid-stride launch over `n` > 0 values.
-pub(super) fn elementwise_cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(ELEMENTWISE_THREADS as usize).min(1 << 20) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (ELEMENTWISE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// One block per row, as many threads as the row has values (a multiple of 32, at most 256).
-pub(super) fn row_cfg(rows: usize, cols: usize) -> LaunchConfig {
-    let threads = cols.next_power_of_two().clamp(32, ROW_THREADS) as u32;
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// The element-wise kernel `name(rows, cols, in₀, stride₀, in₁, stride₁, …, out)` over inputs of
@@ -128,21 +105,6 @@ pub(super) fn elementwise(
     b.arg(&out);
     launch(b, elementwise_cfg(n))?;
     Ok(wrap(out, dev))
-}
-
-/// How column sums split `rows` rows: (rows per chunk, chunks).
-pub(super) fn col_sum_chunks(rows: usize) -> (usize, usize) {
-    let per = rows.div_ceil(MAX_CHUNKS).max(MIN_ROWS_PER_CHUNK);
-    (per, rows.div_ceil(per))
-}
-
-/// Grid of a `*_partial` column-sum kernel: 32 columns × one chunk of rows per block.
-pub(super) fn col_sum_cfg(cols: usize, chunks: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (cols.div_ceil(32) as u32, chunks as u32, 1),
-        block_dim: COL_SUM_BLOCK,
-        shared_mem_bytes: 0,
-    }
 }
 
 /// Second stage of a column sum: `out[j] = Σ_k partial[k·m + j]` over `chunks` chunks
@@ -292,12 +254,7 @@ pub(super) fn scatter_rows_sum(
     b.arg(&dyv);
     b.arg(&inverse);
     b.arg(&out);
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(32) as u32, rows.min(65535) as u32, 1),
-        block_dim: COL_SUM_BLOCK,
-        shared_mem_bytes: 0,
-    };
-    launch(b, cfg)?;
+    launch(b, scatter_rows_cfg(rows, cols))?;
     Ok(wrap(out, dev))
 }
 

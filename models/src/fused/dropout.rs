@@ -37,7 +37,7 @@ pub fn dropout_plain(x: &Tensor, p: f32, key: u64) -> Result<Tensor> {
 }
 
 /// The 24-bit threshold below which a value is dropped.
-fn threshold(p: f32) -> u32 {
+pub(super) fn threshold(p: f32) -> u32 {
     (p as f64 * (1u32 << 24) as f64).round() as u32
 }
 

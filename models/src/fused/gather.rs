@@ -77,13 +77,13 @@ impl CustomOp1 for GatherRows {
 
 /// For each source row r, the output rows that read it: `order[offsets[r]..offsets[r + 1]]`,
 /// ascending (a counting sort of the index).
-struct Inverse {
-    offsets: Vec<u32>,
-    order: Vec<u32>,
+pub(super) struct Inverse {
+    pub(super) offsets: Vec<u32>,
+    pub(super) order: Vec<u32>,
 }
 
 impl Inverse {
-    fn of(index: &[u32], rows: usize) -> Inverse {
+    pub(super) fn of(index: &[u32], rows: usize) -> Inverse {
         let mut offsets = vec![0u32; rows + 1];
         for &r in index {
             offsets[r as usize + 1] += 1;

@@ -23,9 +23,12 @@ mod bias_add;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dropout;
+#[cfg(test)]
+mod emulated;
 mod gated_residual;
 mod gather;
 mod gelu;
+mod geometry;
 mod layer_norm;
 mod linear;
 mod linear_f32;
