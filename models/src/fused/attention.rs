@@ -139,7 +139,8 @@ impl CustomOp1 for AttentionSoftmax {
         let kernel = cuda::Kernel::load(dev, "fused_softmax_fwd")?;
         let mut b = kernel.builder();
         let (scale, causal) = (self.scale as f32, self.causal as i32);
-        b.arg(&sr.cols).arg(&sv).arg(&sr.stride).arg(&scale);
+        b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
+        b.arg(&scale);
         b.arg(&causal).arg(&queries).arg(&p);
         cuda::launch(b, cuda::row_cfg(sr.rows, sr.cols))?;
         Ok((cuda::wrap(p, dev), sl.shape().clone()))
@@ -207,7 +208,8 @@ impl CustomOp2 for AttentionSoftmaxBackward {
         let kernel = cuda::Kernel::load(dev, "fused_softmax_bwd")?;
         let mut b = kernel.builder();
         let scale = self.scale as f32;
-        b.arg(&pr.cols)
+        b.arg(&pr.rows)
+            .arg(&pr.cols)
             .arg(&pv)
             .arg(&pr.stride)
             .arg(&dpv)

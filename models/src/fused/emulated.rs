@@ -9,6 +9,7 @@ use cuda_emu::Launch;
 
 use super::geometry::{
     col_sum_cfg, col_sum_chunks, elementwise_cfg, row_cfg, scatter_rows_cfg, Geometry,
+    WARP_ROW_COLS,
 };
 use super::test_util::{grads, randn};
 use super::*;
@@ -253,8 +254,13 @@ fn bias_add_and_its_column_sums() -> Result<()> {
 #[test]
 fn layer_norm_with_and_without_affine() -> Result<()> {
     let eps = 1e-6f32;
-    // a row narrower than a block's threads, and one wider (each thread takes several values)
-    for (rows, cols) in [(21, 40), (70, 300)] {
+    // a warp per row (narrower than the warp, wider, the widest), then a block per row
+    for (rows, cols) in [
+        (21, 20),
+        (70, 300),
+        (9, WARP_ROW_COLS),
+        (6, WARP_ROW_COLS + 5),
+    ] {
         let n = rows * cols;
         let x = View::random(rows, cols, 4, 3.0, 1)?;
         let dy = View::random(rows, cols, 2, 1.0, 2)?;
@@ -265,6 +271,7 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
         let (mut y, mut dx) = (output(n), output(n));
         unsafe {
             let fwd = Launch::new("fused_layer_norm_fwd")
+                .arg(rows)
                 .arg(cols)
                 .arg(x.ptr())
                 .arg(x.stride)
@@ -272,6 +279,7 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
                 .arg(y.as_mut_ptr());
             run(fwd, geometry);
             let bwd = Launch::new("fused_layer_norm_bwd")
+                .arg(rows)
                 .arg(cols)
                 .arg(x.ptr())
                 .arg(x.stride)
@@ -292,6 +300,7 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
         let mut partial = output(chunks * 2 * cols);
         unsafe {
             let fwd = Launch::new("fused_layer_norm_affine_fwd")
+                .arg(rows)
                 .arg(cols)
                 .arg(x.ptr())
                 .arg(x.stride)
@@ -301,6 +310,7 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
                 .arg(y.as_mut_ptr());
             run(fwd, geometry);
             let bwd = Launch::new("fused_layer_norm_affine_bwd")
+                .arg(rows)
                 .arg(cols)
                 .arg(x.ptr())
                 .arg(x.stride)
@@ -339,9 +349,9 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
 #[test]
 fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
     let scale = 0.3f32;
-    // (batch, heads, queries, keys): more keys than queries (a kv cache), and a row wider than
-    // a warp
-    for dims in [[2, 3, 5, 7], [1, 2, 40, 100]] {
+    // (batch, heads, queries, keys): more keys than queries (a kv cache), a row wider than a
+    // warp, and one wider than a warp takes (a block per row)
+    for dims in [[2, 3, 5, 7], [1, 2, 40, 100], [1, 1, 3, WARP_ROW_COLS + 70]] {
         let (queries, cols) = (dims[2], dims[3]);
         let rows = dims[0] * dims[1] * queries;
         let s = View::random(rows, cols, 0, 4.0, 1)?;
@@ -352,6 +362,7 @@ fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
             let (mut p, mut ds) = (output(rows * cols), output(rows * cols));
             unsafe {
                 let fwd = Launch::new("fused_softmax_fwd")
+                    .arg(rows)
                     .arg(cols)
                     .arg(s.ptr())
                     .arg(s.stride)
@@ -361,6 +372,7 @@ fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
                     .arg(p.as_mut_ptr());
                 run(fwd, row_cfg(rows, cols));
                 let bwd = Launch::new("fused_softmax_bwd")
+                    .arg(rows)
                     .arg(cols)
                     .arg(p.as_ptr())
                     .arg(cols)

@@ -5,7 +5,10 @@
 
 /// Threads per block of the element-wise kernels (grid-stride loops).
 const ELEMENTWISE_THREADS: u32 = 256;
-/// Most threads per block of the row-wise kernels (one block per row; kernels.cu allows 1024).
+/// The widest row that one warp takes (kernels.cu's `WARP_ROW_COLS`), and the rows of a block then.
+pub(super) const WARP_ROW_COLS: usize = 1024;
+const WARP_ROWS_PER_BLOCK: usize = 8;
+/// Most threads per block of the wider rows' kernels (one block per row; kernels.cu allows 1024).
 const ROW_THREADS: usize = 256;
 /// Column sums: the fewest rows one block sums, and the most blocks (chunks) down the rows.
 const MIN_ROWS_PER_CHUNK: usize = 64;
@@ -31,8 +34,17 @@ pub(super) fn elementwise_cfg(n: usize) -> Geometry {
     }
 }
 
-/// One block per row, as many threads as the row has values (a multiple of 32, at most 256).
+/// The row-wise kernels (layer norm, softmax): rows of at most `WARP_ROW_COLS` values one warp
+/// per row, `WARP_ROWS_PER_BLOCK` rows per block; wider rows one block per row, as many threads
+/// as the row has values (a multiple of 32, at most 256). kernels.cu's `ROW_KERNEL` picks the same
+/// way from the row's width.
 pub(super) fn row_cfg(rows: usize, cols: usize) -> Geometry {
+    if cols <= WARP_ROW_COLS {
+        return Geometry {
+            grid: (rows.div_ceil(WARP_ROWS_PER_BLOCK) as u32, 1, 1),
+            block: (32 * WARP_ROWS_PER_BLOCK as u32, 1, 1),
+        };
+    }
     let threads = cols.next_power_of_two().clamp(32, ROW_THREADS) as u32;
     Geometry {
         grid: (rows as u32, 1, 1),

@@ -15,7 +15,11 @@
 #include <cuda_bf16.h>
 
 #define WARP 32
-// row-wise kernels run one block per row, with at most this many threads (a multiple of 32)
+// Row-wise kernels (layer norm, softmax) take `rows` rows. Rows of at most WARP_ROW_COLS values
+// run one warp per row, the block's warps on consecutive rows: a row's sums are then warp
+// shuffles, with no __syncthreads. Wider rows run one block per row, with at most
+// MAX_ROW_THREADS threads (a multiple of 32). geometry.rs launches them so (`row_cfg`).
+#define WARP_ROW_COLS 1024
 #define MAX_ROW_THREADS 1024
 // column-sum tiles: 32 columns × COL_SUM_ROWS_PER_STEP rows of threads
 #define COL_SUM_ROWS_PER_STEP 8
@@ -60,6 +64,39 @@ __device__ float block_max(float v) {
   v = lane < warps ? part[lane] : -INFINITY;
   return warp_max(v);
 }
+
+// The threads of one row, as the row-wise kernels see them: `index` is the row (possibly ≥ rows,
+// for a warp past the last row: it returns), the row's j-th value is taken by thread `lane`,
+// `lane + size`, …, and `sum`/`max` reduce over the row's threads, returning to every one.
+struct WarpRow {
+  __device__ static size_t index() {
+    return blockIdx.x * (size_t)(blockDim.x / WARP) + threadIdx.x / WARP;
+  }
+  __device__ static unsigned lane() { return threadIdx.x % WARP; }
+  __device__ static unsigned size() { return WARP; }
+  __device__ static float sum(float v) { return warp_sum(v); }
+  __device__ static float max(float v) { return warp_max(v); }
+};
+
+struct BlockRow {
+  __device__ static size_t index() { return blockIdx.x; }
+  __device__ static unsigned lane() { return threadIdx.x; }
+  __device__ static unsigned size() { return blockDim.x; }
+  __device__ static float sum(float v) { return block_sum(v); }
+  __device__ static float max(float v) { return block_max(v); }
+};
+
+// Runs the row function F<WarpRow> or F<BlockRow> by the row's width (the same rule as
+// geometry.rs's row_cfg); a warp past the last row returns at once (no barrier follows in warp
+// mode, and in block mode every block has a row).
+#define ROW_KERNEL(F, rows, cols, ...)            \
+  do {                                            \
+    if ((cols) <= WARP_ROW_COLS) {                \
+      if (WarpRow::index() < (rows)) F<WarpRow>(__VA_ARGS__); \
+    } else {                                      \
+      F<BlockRow>(__VA_ARGS__);                   \
+    }                                             \
+  } while (0)
 
 // Element-wise kernels walk all rows × cols values with a grid-stride loop; (r, j) of element i.
 #define FOR_EACH_ELEMENT(rows, cols)                                                   \
@@ -216,93 +253,114 @@ extern "C" __global__ void col_sum_finalize(size_t chunks, size_t m, const float
 }
 
 // ---------------------------------------------------------------------------------------------
-// layer norm: one block per row
+// layer norm: a warp or a block per row (ROW_KERNEL)
 
-// (μ, r = 1/√(σ² + ε)) of one row, two passes as on the CPU; every thread gets them.
+// (μ, r = 1/√(σ² + ε)) of one row, two passes as on the CPU; every thread of the row gets them.
+template <class R>
 __device__ void row_moments(const float* row, size_t cols, float eps, float* mean, float* rstd) {
   float s = 0.0f;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) s += row[j];
-  const float m = block_sum(s) / (float)cols;
+  for (size_t j = R::lane(); j < cols; j += R::size()) s += row[j];
+  const float m = R::sum(s) / (float)cols;
   float q = 0.0f;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
     const float d = row[j] - m;
     q += d * d;
   }
-  const float var = block_sum(q) / (float)cols;
+  const float var = R::sum(q) / (float)cols;
   *mean = m;
   *rstd = rsqrtf(var + eps);
 }
 
-template <bool AFFINE>
+template <class R, bool AFFINE>
 __device__ void layer_norm_fwd(size_t cols, const float* x, size_t xs, const float* w,
                                const float* b, float eps, float* y) {
-  const size_t r = blockIdx.x;
+  const size_t r = R::index();
   const float* row = x + r * xs;
   float* out = y + r * cols;
   float mean, rstd;
-  row_moments(row, cols, eps, &mean, &rstd);
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  row_moments<R>(row, cols, eps, &mean, &rstd);
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
     const float v = (row[j] - mean) * rstd;
     out[j] = AFFINE ? v * w[j] + b[j] : v;
   }
 }
-
-// y = (x − μ)·r   (grid: one block per row)
-extern "C" __global__ void fused_layer_norm_fwd(size_t cols, const float* x, size_t xs, float eps,
-                                                float* y) {
-  layer_norm_fwd<false>(cols, x, xs, nullptr, nullptr, eps, y);
+template <class R>
+__device__ void layer_norm_plain_fwd(size_t cols, const float* x, size_t xs, float eps, float* y) {
+  layer_norm_fwd<R, false>(cols, x, xs, nullptr, nullptr, eps, y);
+}
+template <class R>
+__device__ void layer_norm_affine_fwd(size_t cols, const float* x, size_t xs, const float* w,
+                                      const float* b, float eps, float* y) {
+  layer_norm_fwd<R, true>(cols, x, xs, w, b, eps, y);
 }
 
-// y = (x − μ)·r·w + b   (grid: one block per row)
-extern "C" __global__ void fused_layer_norm_affine_fwd(size_t cols, const float* x, size_t xs,
-                                                       const float* w, const float* b, float eps,
-                                                       float* y) {
-  layer_norm_fwd<true>(cols, x, xs, w, b, eps, y);
+// y = (x − μ)·r
+extern "C" __global__ void fused_layer_norm_fwd(size_t rows, size_t cols, const float* x,
+                                                size_t xs, float eps, float* y) {
+  ROW_KERNEL(layer_norm_plain_fwd, rows, cols, cols, x, xs, eps, y);
+}
+
+// y = (x − μ)·r·w + b
+extern "C" __global__ void fused_layer_norm_affine_fwd(size_t rows, size_t cols, const float* x,
+                                                       size_t xs, const float* w, const float* b,
+                                                       float eps, float* y) {
+  ROW_KERNEL(layer_norm_affine_fwd, rows, cols, cols, x, xs, w, b, eps, y);
 }
 
 // dx = r·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (x − μ)·r, g = dy·w (or dy); with the affine, also
 // stores (μ, r) per row in `stats` for the dweight kernel.
-template <bool AFFINE>
+template <class R, bool AFFINE>
 __device__ void layer_norm_bwd(size_t cols, const float* x, size_t xs, const float* w,
                                const float* dy, size_t dys, float eps, float* dx, float* stats) {
-  const size_t r = blockIdx.x;
+  const size_t r = R::index();
   const float* row = x + r * xs;
   const float* drow = dy + r * dys;
   float mean, rstd;
-  row_moments(row, cols, eps, &mean, &rstd);
+  row_moments<R>(row, cols, eps, &mean, &rstd);
   float sg = 0.0f, sgx = 0.0f;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
     const float g = AFFINE ? drow[j] * w[j] : drow[j];
     sg += g;
     sgx += g * (row[j] - mean) * rstd;
   }
-  const float mg = block_sum(sg) / (float)cols;
-  const float mgx = block_sum(sgx) / (float)cols;
+  const float mg = R::sum(sg) / (float)cols;
+  const float mgx = R::sum(sgx) / (float)cols;
   float* out = dx + r * cols;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
     const float g = AFFINE ? drow[j] * w[j] : drow[j];
     const float xhat = (row[j] - mean) * rstd;
     out[j] = rstd * (g - mg - xhat * mgx);
   }
-  if (AFFINE && threadIdx.x == 0) {
+  if (AFFINE && R::lane() == 0) {
     stats[2 * r] = mean;
     stats[2 * r + 1] = rstd;
   }
 }
-
-// dx of y = (x − μ)·r, g = dy   (grid: one block per row)
-extern "C" __global__ void fused_layer_norm_bwd(size_t cols, const float* x, size_t xs,
-                                                const float* dy, size_t dys, float eps,
-                                                float* dx) {
-  layer_norm_bwd<false>(cols, x, xs, nullptr, dy, dys, eps, dx, nullptr);
+template <class R>
+__device__ void layer_norm_plain_bwd(size_t cols, const float* x, size_t xs, const float* dy,
+                                     size_t dys, float eps, float* dx) {
+  layer_norm_bwd<R, false>(cols, x, xs, nullptr, dy, dys, eps, dx, nullptr);
+}
+template <class R>
+__device__ void layer_norm_affine_bwd(size_t cols, const float* x, size_t xs, const float* w,
+                                      const float* dy, size_t dys, float eps, float* dx,
+                                      float* stats) {
+  layer_norm_bwd<R, true>(cols, x, xs, w, dy, dys, eps, dx, stats);
 }
 
-// dx of y = (x − μ)·r·w + b, g = dy·w, and (μ, r) per row into `stats`   (one block per row)
-extern "C" __global__ void fused_layer_norm_affine_bwd(size_t cols, const float* x, size_t xs,
-                                                       const float* w, const float* dy,
-                                                       size_t dys, float eps, float* dx,
-                                                       float* stats) {
-  layer_norm_bwd<true>(cols, x, xs, w, dy, dys, eps, dx, stats);
+// dx of y = (x − μ)·r, g = dy
+extern "C" __global__ void fused_layer_norm_bwd(size_t rows, size_t cols, const float* x,
+                                                size_t xs, const float* dy, size_t dys,
+                                                float eps, float* dx) {
+  ROW_KERNEL(layer_norm_plain_bwd, rows, cols, cols, x, xs, dy, dys, eps, dx);
+}
+
+// dx of y = (x − μ)·r·w + b, g = dy·w, and (μ, r) per row into `stats`
+extern "C" __global__ void fused_layer_norm_affine_bwd(size_t rows, size_t cols, const float* x,
+                                                       size_t xs, const float* w,
+                                                       const float* dy, size_t dys, float eps,
+                                                       float* dx, float* stats) {
+  ROW_KERNEL(layer_norm_affine_bwd, rows, cols, cols, x, xs, w, dy, dys, eps, dx, stats);
 }
 
 // partial[chunk, j] = Σ dy·x̂ and partial[chunk, cols + j] = Σ dy over the rows of this chunk
@@ -342,39 +400,51 @@ extern "C" __global__ void fused_layer_norm_dwdb_partial(size_t rows, size_t col
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention softmax: one block per row
+// attention softmax: a warp or a block per row (ROW_KERNEL)
 
-// p = softmax(s·scale) over the first `visible` keys of the row, 0 for the masked ones; with
-// `causal`, query row r sees keys j ≤ r mod queries + keys − queries.
-extern "C" __global__ void fused_softmax_fwd(size_t cols, const float* s, size_t ss, float scale,
-                                             int causal, size_t queries, float* p) {
-  const size_t r = blockIdx.x;
+template <class R>
+__device__ void softmax_fwd(size_t cols, const float* s, size_t ss, float scale, int causal,
+                            size_t queries, float* p) {
+  const size_t r = R::index();
   const float* row = s + r * ss;
   float* out = p + r * cols;
   const size_t visible = causal ? min(r % queries + 1 + cols - queries, cols) : cols;
   float m = -INFINITY;
-  for (size_t j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, row[j] * scale);
-  m = block_max(m);
+  for (size_t j = R::lane(); j < visible; j += R::size()) m = fmaxf(m, row[j] * scale);
+  m = R::max(m);
   float t = 0.0f;
-  for (size_t j = threadIdx.x; j < visible; j += blockDim.x) t += expf(row[j] * scale - m);
-  const float inv = 1.0f / block_sum(t);
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x)
+  for (size_t j = R::lane(); j < visible; j += R::size()) t += expf(row[j] * scale - m);
+  const float inv = 1.0f / R::sum(t);
+  for (size_t j = R::lane(); j < cols; j += R::size())
     out[j] = j < visible ? expf(row[j] * scale - m) * inv : 0.0f;
 }
 
-// ds = scale · p·(dp − Σ_j p·dp)
-extern "C" __global__ void fused_softmax_bwd(size_t cols, const float* p, size_t ps,
-                                             const float* dp, size_t dps, float scale,
-                                             float* ds) {
-  const size_t r = blockIdx.x;
+// p = softmax(s·scale) over the first `visible` keys of the row, 0 for the masked ones; with
+// `causal`, query row r sees keys j ≤ r mod queries + keys − queries.
+extern "C" __global__ void fused_softmax_fwd(size_t rows, size_t cols, const float* s, size_t ss,
+                                             float scale, int causal, size_t queries, float* p) {
+  ROW_KERNEL(softmax_fwd, rows, cols, cols, s, ss, scale, causal, queries, p);
+}
+
+template <class R>
+__device__ void softmax_bwd(size_t cols, const float* p, size_t ps, const float* dp, size_t dps,
+                            float scale, float* ds) {
+  const size_t r = R::index();
   const float* prow = p + r * ps;
   const float* drow = dp + r * dps;
   float t = 0.0f;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x) t += prow[j] * drow[j];
-  const float inner = block_sum(t);
+  for (size_t j = R::lane(); j < cols; j += R::size()) t += prow[j] * drow[j];
+  const float inner = R::sum(t);
   float* out = ds + r * cols;
-  for (size_t j = threadIdx.x; j < cols; j += blockDim.x)
+  for (size_t j = R::lane(); j < cols; j += R::size())
     out[j] = scale * prow[j] * (drow[j] - inner);
+}
+
+// ds = scale · p·(dp − Σ_j p·dp)
+extern "C" __global__ void fused_softmax_bwd(size_t rows, size_t cols, const float* p, size_t ps,
+                                             const float* dp, size_t dps, float scale,
+                                             float* ds) {
+  ROW_KERNEL(softmax_bwd, rows, cols, cols, p, ps, dp, dps, scale, ds);
 }
 
 // ---------------------------------------------------------------------------------------------

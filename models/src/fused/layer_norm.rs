@@ -339,7 +339,8 @@ impl CustomOp2 for LayerNormBackward {
         let kernel = cuda::Kernel::load(dev, "fused_layer_norm_bwd")?;
         let mut b = kernel.builder();
         let eps = self.eps as f32;
-        b.arg(&xr.cols)
+        b.arg(&xr.rows)
+            .arg(&xr.cols)
             .arg(&xv)
             .arg(&xr.stride)
             .arg(&dyv)
@@ -382,9 +383,10 @@ impl CustomOp3 for LayerNormBackward {
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
-    /// dx in one block per row (`fused_layer_norm_affine_bwd`, which also keeps each row's (μ, r));
-    /// the column sums Σ dy·x̂ and Σ dy in two more kernels without atomics (the same sums on
-    /// every run): `fused_layer_norm_dwdb_partial` over chunks of rows, then `col_sum_finalize`.
+    /// dx in a warp or a block per row (`fused_layer_norm_affine_bwd`, which also keeps each
+    /// row's (μ, r)); the column sums Σ dy·x̂ and Σ dy in two more kernels without atomics (the
+    /// same sums on every run): `fused_layer_norm_dwdb_partial` over chunks of rows, then
+    /// `col_sum_finalize`.
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -422,7 +424,8 @@ impl CustomOp3 for LayerNormBackward {
         let stats = cuda::alloc(dev, 2 * rows)?;
         let kernel = cuda::Kernel::load(dev, "fused_layer_norm_affine_bwd")?;
         let mut b = kernel.builder();
-        b.arg(&c)
+        b.arg(&rows)
+            .arg(&c)
             .arg(&xv)
             .arg(&xr.stride)
             .arg(&wv)
@@ -494,7 +497,7 @@ fn cuda_forward(
     };
     let kernel = cuda::Kernel::load(dev, name)?;
     let mut b = kernel.builder();
-    b.arg(&c).arg(&xv).arg(&xr.stride);
+    b.arg(&xr.rows).arg(&c).arg(&xv).arg(&xr.stride);
     if let Some((wv, bv)) = &wb {
         b.arg(wv).arg(bv);
     }
