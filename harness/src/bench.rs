@@ -11,7 +11,7 @@ use models::{
     Generator, GeneratorConfig, GeneratorKind, HeadConfig, Order, Precision, Rng, SampleOptions,
 };
 
-use harness::train::{clip_grad_norm, AdamW};
+use harness::train::{clip_factor, AdamW};
 
 /// A named model size and batch.
 #[derive(Debug, Clone)]
@@ -229,7 +229,7 @@ pub fn run(
         device.synchronize()?;
         let t0 = Instant::now();
         let loss = generator.loss(&tokens, &labels, &mut rng)?;
-        opt.clipped_step(&mut loss.backward()?, 3.0, 1e-4)?;
+        opt.clipped_step(&loss.backward()?, 3.0, 1e-4)?;
         device.synchronize()?;
         if step >= 2 {
             times.push(t0.elapsed().as_secs_f64());
@@ -316,14 +316,14 @@ fn time_phases(
         let queued = t0.elapsed();
         device.synchronize()?;
         let (forward, t1) = (t0.elapsed(), Instant::now());
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
         let backward_queued = t1.elapsed();
         device.synchronize()?;
         let (backward, t2) = (t1.elapsed(), Instant::now());
-        clip_grad_norm(&mut grads, vars, 3.0)?;
+        let (_, scale) = clip_factor(&grads, vars, 3.0)?;
         device.synchronize()?;
         let (clip, t3) = (t2.elapsed(), Instant::now());
-        opt.step(&grads, 1e-4)?;
+        opt.scaled_step(&grads, 1e-4, scale)?;
         let optimizer_queued = t3.elapsed();
         device.synchronize()?;
         let optimizer = t3.elapsed();
@@ -504,8 +504,8 @@ mod precision_tests {
             let tokens = cfg.random_tokens(4, &mut rng, &dev)?;
             let loss = g.loss(&tokens, &labels, &mut rng)?;
             assert_eq!(loss.dtype(), DType::F32);
-            let mut grads = loss.backward()?;
-            opt.clipped_step(&mut grads, 3.0, 1e-3)?;
+            let grads = loss.backward()?;
+            opt.clipped_step(&grads, 3.0, 1e-3)?;
             ema.update(1)?;
             for (n, v) in sorted_vars(&varmap)? {
                 assert_eq!(v.dtype(), DType::F32, "{name}: weight {n}");

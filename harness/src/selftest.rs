@@ -301,7 +301,7 @@ pub fn run_generator(
     let mut step_rng = Rng::new(17);
     for _ in 0..3 {
         let loss = generator.loss(&tokens, &labels, &mut step_rng)?;
-        opt.clipped_step(&mut loss.backward()?, 3.0, 1e-4)?;
+        opt.clipped_step(&loss.backward()?, 3.0, 1e-4)?;
     }
     let trained = concat_vars(&varmap)?;
 
@@ -585,7 +585,7 @@ fn nccl_checks(device: &Device, device_name: &str) -> Result<Vec<Check>, anyhow:
                     summed = (before, flat(&grads)?);
                 }
             }
-            opt.clipped_step(&mut grads, 3.0, 1e-4)?;
+            opt.clipped_step(&grads, 3.0, 1e-4)?;
         }
         Ok((summed, concat_vars(&varmap)?))
     };

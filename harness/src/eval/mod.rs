@@ -100,7 +100,7 @@ impl TrainableClassifier {
             let (_, logits) = self.model.forward(&x)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let lr = 2e-3 * (1.0 - step as f64 / spec.classifier_steps as f64).max(0.05);
-            opt.clipped_step(&mut loss.backward()?, 5.0, lr)?;
+            opt.clipped_step(&loss.backward()?, 5.0, lr)?;
             progress(step, loss.to_scalar::<f32>()?);
         }
         Ok(())

@@ -123,7 +123,7 @@ pub fn train(
             return Err(TokenizeError::Diverged { step, loss });
         }
         let lr = spec.lr * ((step + 1) as f64 / WARMUP as f64).min(1.0);
-        opt.clipped_step(&mut out.loss.backward()?, 1.0, lr)?;
+        opt.clipped_step(&out.loss.backward()?, 1.0, lr)?;
         loss_sum += loss as f64;
         recon_sum += out.recon.to_scalar::<f32>()? as f64;
         reg_sum += out.reg.to_scalar::<f32>()? as f64;

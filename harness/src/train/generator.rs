@@ -285,7 +285,7 @@ pub fn train_generator(
         }
         ranks.sum_gradients(&mut grads, &vars)?;
         let lr = lr_at(step, t);
-        let norm = opt.clipped_step(&mut grads, t.grad_clip, lr)?;
+        let norm = opt.clipped_step(&grads, t.grad_clip, lr)?;
         if let Some(ema) = ema.as_mut() {
             ema.update(step + 1)?;
         }

@@ -103,10 +103,23 @@ impl AdamW {
 
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<()> {
+        self.scaled_step(grads, lr, 1.0)
+    }
+
+    /// One update with learning rate `lr` of the gradients times `grad_scale` (clipping's
+    /// factor, applied inside the update: no pass of its own over the gradients).
+    pub fn scaled_step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> candle_core::Result<()> {
         self.t += 1;
         let (beta1, beta2, eps, t) = (self.beta1, self.beta2, self.eps, self.t);
-        let with_decay = AdamWStep::new(beta1, beta2, eps, lr, self.weight_decay, t);
-        let without_decay = AdamWStep::new(beta1, beta2, eps, lr, 0.0, t);
+        let with_decay =
+            AdamWStep::new(beta1, beta2, eps, lr, self.weight_decay, t).with_grad_scale(grad_scale);
+        let without_decay =
+            AdamWStep::new(beta1, beta2, eps, lr, 0.0, t).with_grad_scale(grad_scale);
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -126,13 +139,13 @@ impl AdamW {
     /// `max_norm`, then one update with learning rate `lr`; the norm before clipping.
     pub fn clipped_step(
         &mut self,
-        grads: &mut GradStore,
+        grads: &GradStore,
         max_norm: f64,
         lr: f64,
     ) -> candle_core::Result<f64> {
         let vars: Vec<Var> = self.vars().cloned().collect();
-        let norm = clip_grad_norm(grads, &vars, max_norm)?;
-        self.step(grads, lr)?;
+        let (norm, scale) = clip_factor(grads, &vars, max_norm)?;
+        self.scaled_step(grads, lr, scale)?;
         Ok(norm)
     }
 
@@ -225,32 +238,25 @@ impl Ema {
     }
 }
 
-/// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
-pub fn clip_grad_norm(
-    grads: &mut GradStore,
+/// Clipping to a global L2 norm of `max_norm` (as torch's `clip_grad_norm_`): the norm of the
+/// gradients of `vars` before clipping, and the factor that brings it to `max_norm` (1 when it
+/// is within, or not finite). The norm takes one pass over all the gradients
+/// ([`fused::sum_of_squares`]) and one read by the host.
+pub fn clip_factor(
+    grads: &GradStore,
     vars: &[Var],
     max_norm: f64,
-) -> candle_core::Result<f64> {
-    // each gradient's sum of squares stays on the device; the host reads their f64 total once
-    let squares = vars
+) -> candle_core::Result<(f64, f64)> {
+    let present: Vec<Tensor> = vars
         .iter()
-        .filter_map(|v| grads.get(v.as_tensor()))
-        .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = match squares.is_empty() {
-        true => 0.0,
-        false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?,
+        .filter_map(|v| grads.get(v.as_tensor()).cloned())
+        .collect();
+    let norm = fused::sum_of_squares(&present)?.sqrt();
+    let scale = match norm > max_norm && norm.is_finite() {
+        true => max_norm / (norm + 1e-6),
+        false => 1.0,
     };
-    let norm = total.sqrt();
-    if norm > max_norm && norm.is_finite() {
-        let scale = max_norm / (norm + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * scale)?);
-            }
-        }
-    }
-    Ok(norm)
+    Ok((norm, scale))
 }
 
 /// Learning rate at `step` (0-based): base_lr × batch / 256, linear warm-up, then constant or cosine.
@@ -732,12 +738,51 @@ mod tests {
         let a = Var::new(&[1f32, 2.0], &dev)?;
         let b = Var::new(&[3f32], &dev)?;
         let loss = ((a.as_tensor().sum_all()? * 10.0)? + (b.as_tensor().sum_all()? * 20.0)?)?;
-        let mut g = loss.backward()?;
+        let g = loss.backward()?;
         let vars = vec![a.clone(), b.clone()];
-        let norm = clip_grad_norm(&mut g, &vars, 3.0)?;
+        let (norm, scale) = clip_factor(&g, &vars, 3.0)?;
         assert!((norm - (100f64 + 100.0 + 400.0).sqrt()).abs() < 1e-4);
-        let after = clip_grad_norm(&mut g, &vars, 1e9)?;
-        assert!((after - 3.0).abs() < 1e-3, "{after}");
+        assert!((norm * scale - 3.0).abs() < 1e-5, "{}", norm * scale);
+        assert_eq!(clip_factor(&g, &vars, 1e9)?.1, 1.0, "within the bound");
+        Ok(())
+    }
+
+    /// The clipped step trains as the update of the gradients scaled first (the loop's former
+    /// separate pass), bit for bit.
+    #[test]
+    fn a_clipped_step_is_a_step_on_scaled_gradients() -> anyhow::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let build = || -> anyhow::Result<(VarMap, AdamW)> {
+            let varmap = VarMap::new();
+            let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
+            models::classifier::Classifier::new(1, 3, 8, vb)?;
+            let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
+            Ok((varmap, opt))
+        };
+        let x = Tensor::ones((4, 1, 8, 8), candle_core::DType::F32, &dev)?;
+        let y = Tensor::new(&[0u32, 1, 2, 0], &dev)?;
+        let grads_of = |varmap: &VarMap| -> anyhow::Result<GradStore> {
+            let vb = candle_nn::VarBuilder::from_varmap(varmap, candle_core::DType::F32, &dev);
+            let model = models::classifier::Classifier::new(1, 3, 8, vb)?;
+            let (_, logits) = model.forward(&x)?;
+            Ok(candle_nn::loss::cross_entropy(&logits, &y)?.backward()?)
+        };
+        let (clipped, mut opt) = build()?;
+        let norm = opt.clipped_step(&grads_of(&clipped)?, 1e-3, 1e-2)?;
+        assert!(norm > 1e-3, "the bound must clip: norm {norm}");
+        let (scaled, mut plain) = build()?;
+        let mut g = grads_of(&scaled)?;
+        let vars: Vec<Var> = plain.vars().cloned().collect();
+        for v in &vars {
+            if let Some(gv) = g.remove(v.as_tensor()) {
+                g.insert(v.as_tensor(), (gv * (1e-3 / (norm + 1e-6)))?);
+            }
+        }
+        plain.step(&g, 1e-2)?;
+        for (a, b) in opt.vars().zip(plain.vars()) {
+            let (a, b) = (a.flatten_all()?, b.flatten_all()?);
+            assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+        }
         Ok(())
     }
 }

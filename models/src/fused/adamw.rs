@@ -1,5 +1,7 @@
 //! One AdamW update of a parameter (Loshchilov & Hutter 2019, Algorithm 2) in one pass:
 //!   m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ·(1 − lr·λ) − lr · (m/c₁) / (√(v/c₂) + ε)
+//! where g is the gradient times the clipping factor (`grad_scale`, 1 without clipping), so that
+//! clipping needs no pass of its own over the gradients.
 //! with the bias corrections c₁ = 1 − β₁ᵗ, c₂ = 1 − β₂ᵗ. The plain composition is ten candle ops
 //! per parameter, each a kernel and an allocation; on a GPU, launching those for a few hundred
 //! parameters took longer than the arithmetic. The moments of a parameter are kept stacked,
@@ -21,6 +23,8 @@ pub struct AdamWStep {
     pub lr: f32,
     /// θ's factor before the step: 1 − lr·λ with weight decay λ, else 1
     pub decay: f32,
+    /// the gradient's factor: clipping's max_norm / norm, else 1
+    pub grad_scale: f32,
 }
 
 impl AdamWStep {
@@ -35,6 +39,15 @@ impl AdamWStep {
             eps: eps as f32,
             lr: lr as f32,
             decay: (1.0 - lr * weight_decay) as f32,
+            grad_scale: 1.0,
+        }
+    }
+
+    /// The same update of the gradient times `scale` (gradient clipping).
+    pub fn with_grad_scale(self, scale: f64) -> Self {
+        AdamWStep {
+            grad_scale: scale as f32,
+            ..self
         }
     }
 }
@@ -66,6 +79,7 @@ pub fn adamw_plain(
     s: &AdamWStep,
 ) -> Result<(Tensor, Tensor)> {
     let f = |x: f32| x as f64;
+    let g = &(g * f(s.grad_scale))?;
     let m = ((moments.get(0)? * f(s.beta1))? + (g * f(1.0 - s.beta1))?)?;
     let v = ((moments.get(1)? * f(s.beta2))? + (g.sqr()? * f(1.0 - s.beta2))?)?;
     let update = ((&m * f(s.inv_bc1))? / ((&v * f(s.inv_bc2))?.sqrt()? + f(s.eps))?)?;
@@ -87,8 +101,9 @@ fn update(
 ) {
     let (c1, c2) = (1.0 - s.beta1, 1.0 - s.beta2);
     for i in 0..theta.len() {
-        let m1 = m[i] * s.beta1 + g[i] * c1;
-        let v1 = v[i] * s.beta2 + (g[i] * g[i]) * c2;
+        let g = g[i] * s.grad_scale;
+        let m1 = m[i] * s.beta1 + g * c1;
+        let v1 = v[i] * s.beta2 + (g * g) * c2;
         let u = (m1 * s.inv_bc1) / ((v1 * s.inv_bc2).sqrt() + s.eps);
         theta_out[i] = theta[i] * s.decay - u * s.lr;
         m_out[i] = m1;
@@ -186,8 +201,8 @@ mod tests {
         let theta = randn(&[37, 29], 1)?;
         let moments = Tensor::stack(&[randn(&[37, 29], 2)?, randn(&[37, 29], 3)?.sqr()?], 0)?;
         let g = randn(&[37, 29], 4)?;
-        for (decay, t) in [(0.0, 1), (0.05, 7)] {
-            let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, decay, t);
+        for (decay, t, clip) in [(0.0, 1, 1.0), (0.05, 7, 1.0), (0.05, 7, 0.3)] {
+            let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, decay, t).with_grad_scale(clip);
             let (tf, mf) = adamw(&theta, &moments, &g, &s)?;
             let (tp, mp) = adamw_plain(&theta, &moments, &g, &s)?;
             assert_eq!(tf.dims(), theta.dims());
@@ -196,6 +211,25 @@ mod tests {
             assert!(max_diff(&mf, &mp)? < 1e-6, "moments differ");
             assert!(max_diff(&tf, &theta)? > 1e-4, "θ did not move");
         }
+        Ok(())
+    }
+
+    /// Clipping folded into the update gives what scaling the gradient first gave, bit for bit
+    /// (the training loop scaled each gradient by a separate op before).
+    #[test]
+    fn a_grad_scale_is_the_scaled_gradient() -> Result<()> {
+        let theta = randn(&[300, 7], 1)?;
+        let moments = Tensor::stack(&[randn(&[300, 7], 2)?, randn(&[300, 7], 3)?.sqr()?], 0)?;
+        let g = randn(&[300, 7], 4)?;
+        let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.05, 3);
+        let scale = 3.0 / 17.3;
+        let (t1, m1) = adamw(&theta, &moments, &g, &s.with_grad_scale(scale))?;
+        let (t2, m2) = adamw(&theta, &moments, &(&g * scale)?, &s)?;
+        assert_eq!(t1.to_vec2::<f32>()?, t2.to_vec2::<f32>()?);
+        assert_eq!(
+            m1.flatten_all()?.to_vec1::<f32>()?,
+            m2.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 }

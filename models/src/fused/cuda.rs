@@ -147,7 +147,14 @@ pub(super) fn adamw(
     b.arg(&m);
     b.arg(&gr);
     for x in [
-        &s.beta1, &s.beta2, &s.inv_bc1, &s.inv_bc2, &s.eps, &s.lr, &s.decay,
+        &s.beta1,
+        &s.beta2,
+        &s.inv_bc1,
+        &s.inv_bc2,
+        &s.eps,
+        &s.lr,
+        &s.decay,
+        &s.grad_scale,
     ] {
         b.arg(x);
     }
@@ -444,4 +451,44 @@ pub(super) fn linear_bf16_grad_weight(
         col_sum_finalize(dev, &partial, chunks, out, &mut g.slice_mut(out * k..))?;
     }
     Ok(wrap(g, dev))
+}
+
+/// [`super::sum_of_squares`]'s kernel: Σ x² over `tensors` (storage, offset, length), each
+/// contiguous f32 from its offset, in pieces of [`super::squares::PIECE`] values; the f64 partial
+/// sums come back to the host and are added in order (one device-to-host copy, as `to_scalar`).
+pub(super) fn sum_of_squares(
+    dev: &CudaDevice,
+    tensors: &[(&CudaStorage, usize, usize)],
+) -> Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    let lens: Vec<usize> = tensors.iter().map(|&(_, _, n)| n).collect();
+    let pieces = super::squares::pieces(&lens);
+    if pieces.is_empty() {
+        return Ok(0.0);
+    }
+    // the device address of each tensor's first value; the guards keep the buffers' events
+    // (if any) until the kernel is queued
+    let views = tensors
+        .iter()
+        .map(|&(s, offset, n)| Ok(s.as_cuda_slice::<f32>()?.slice(offset..offset + n)))
+        .collect::<Result<Vec<_>>>()?;
+    let (starts, guards): (Vec<u64>, Vec<_>) = views.iter().map(|v| v.device_ptr(&stream)).unzip();
+    let table: Vec<u64> = pieces
+        .iter()
+        .flat_map(|&(t, offset, n)| [starts[t] + 4 * offset as u64, n as u64])
+        .collect();
+    let table = dev.clone_htod(&table)?;
+    let n_pieces = pieces.len();
+    // SAFETY: the kernel writes every one of the n_pieces partial sums.
+    let partial = unsafe { dev.alloc::<f64>(n_pieces) }?;
+    let kernel = Kernel::load(dev, "sum_squares_pieces")?;
+    let mut b = kernel.builder();
+    b.arg(&n_pieces);
+    b.arg(&table);
+    b.arg(&partial);
+    launch(b, super::geometry::sum_squares_cfg(n_pieces))?;
+    drop(guards);
+    let partial = dev.clone_dtoh(&partial)?;
+    Ok(partial.iter().sum())
 }

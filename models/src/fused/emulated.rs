@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use cuda_emu::Launch;
 
 use super::geometry::{
-    col_sum_cfg, col_sum_chunks, elementwise_cfg, row_cfg, scatter_rows_cfg, Geometry,
-    WARP_ROW_COLS,
+    col_sum_cfg, col_sum_chunks, elementwise_cfg, row_cfg, scatter_rows_cfg, sum_squares_cfg,
+    Geometry, WARP_ROW_COLS,
 };
 use super::test_util::{grads, randn};
 use super::*;
@@ -398,7 +398,7 @@ fn adamw_update() -> Result<()> {
     let theta = randn(&[n], 1)?;
     let moments = Tensor::stack(&[randn(&[n], 2)?, randn(&[n], 3)?.sqr()?], 0)?;
     let g = randn(&[n], 4)?;
-    let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.02, 3);
+    let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.02, 3).with_grad_scale(0.7);
     let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     let (tv, mv, gv) = (host(&theta)?, host(&moments)?, host(&g)?);
     let mut out = output(3 * n);
@@ -408,7 +408,17 @@ fn adamw_update() -> Result<()> {
             .arg(tv.as_ptr())
             .arg(mv.as_ptr())
             .arg(gv.as_ptr());
-        for v in [s.beta1, s.beta2, s.inv_bc1, s.inv_bc2, s.eps, s.lr, s.decay] {
+        let constants = [
+            s.beta1,
+            s.beta2,
+            s.inv_bc1,
+            s.inv_bc2,
+            s.eps,
+            s.lr,
+            s.decay,
+            s.grad_scale,
+        ];
+        for v in constants {
             l = l.arg(v);
         }
         run(l.arg(out.as_mut_ptr()), elementwise_cfg(n));
@@ -416,6 +426,42 @@ fn adamw_update() -> Result<()> {
     let (want_theta, want_moments) = adamw(&theta, &moments, &g, &s)?;
     assert_close("adamw θ", &out[..n], &want_theta, 1e-6)?;
     assert_close("adamw moments", &out[n..], &want_moments, 1e-6)
+}
+
+#[test]
+fn sum_of_squares_over_pieces_of_many_tensors() -> Result<()> {
+    // a tensor of several pieces, an empty one, small ones: the gradients of a model
+    let lens = [3, 2 * squares::PIECE + 77, 0, 1000, 1];
+    let tensors = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| randn(&[n], k as u64 + 1))
+        .collect::<Result<Vec<_>>>()?;
+    let host = tensors
+        .iter()
+        .map(|t| t.to_vec1::<f32>())
+        .collect::<Result<Vec<_>>>()?;
+    let pieces = squares::pieces(&lens);
+    // the table cuda.rs uploads: each piece's address and length
+    let table: Vec<u64> = pieces
+        .iter()
+        .flat_map(|&(t, offset, n)| [host[t][offset..].as_ptr() as u64, n as u64])
+        .collect();
+    let mut partial = vec![f64::NAN; pieces.len()];
+    unsafe {
+        let l = Launch::new("sum_squares_pieces")
+            .arg(pieces.len())
+            .arg(table.as_ptr())
+            .arg(partial.as_mut_ptr());
+        run(l, sum_squares_cfg(pieces.len()));
+    }
+    let got: f64 = partial.iter().sum();
+    let want = sum_of_squares_plain(&tensors)?;
+    assert!(
+        (got - want).abs() < 1e-6 * want,
+        "Σ x² {got}, the composition's {want}"
+    );
+    Ok(())
 }
 
 #[test]

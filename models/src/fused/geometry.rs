@@ -74,3 +74,12 @@ pub(super) fn scatter_rows_cfg(rows: usize, cols: usize) -> Geometry {
         block: COL_SUM_BLOCK,
     }
 }
+
+/// Grid of `sum_squares_pieces`: a block of 256 threads (a power of two) per piece, up to 4096
+/// blocks taking the pieces in turn.
+pub(super) fn sum_squares_cfg(pieces: usize) -> Geometry {
+    Geometry {
+        grid: (pieces.clamp(1, 4096) as u32, 1, 1),
+        block: (256, 1, 1),
+    }
+}

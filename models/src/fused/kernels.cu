@@ -451,19 +451,49 @@ extern "C" __global__ void fused_softmax_bwd(size_t rows, size_t cols, const flo
 // the optimizer
 
 // One AdamW update (adamw.rs), over n contiguous values: out = [θ'; m'; v'] from θ, the stacked
-// moments [m; v] and the gradient g. The order of operations is adamw_plain's.
+// moments [m; v] and the gradient g times grad_scale (clipping). The order of operations is
+// adamw_plain's.
 extern "C" __global__ void fused_adamw(size_t n, const float* theta, const float* moments,
                                        const float* g, float beta1, float beta2, float inv_bc1,
-                                       float inv_bc2, float eps, float lr, float decay, float* out) {
+                                       float inv_bc2, float eps, float lr, float decay,
+                                       float grad_scale, float* out) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)blockDim.x * gridDim.x) {
-    const float gi = g[i];
+    const float gi = g[i] * grad_scale;
     const float m1 = moments[i] * beta1 + gi * (1.0f - beta1);
     const float v1 = moments[n + i] * beta2 + (gi * gi) * (1.0f - beta2);
     const float u = (m1 * inv_bc1) / (sqrtf(v1 * inv_bc2) + eps);
     out[i] = theta[i] * decay - u * lr;
     out[n + i] = m1;
     out[2 * n + i] = v1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the gradient norm (squares.rs): Σ x² over all the gradients in one launch
+
+// partial[k] = Σ x² (in f64) over piece k of `pieces`: table[2k] is the address of its first f32
+// and table[2k + 1] its length. A block per piece (grid-stride over pieces), blockDim.x a power of
+// two; the host adds the partials in order, so every run gives the same sum.
+extern "C" __global__ void sum_squares_pieces(size_t pieces, const unsigned long long* table,
+                                              double* partial) {
+  __shared__ double acc[MAX_ROW_THREADS];
+  for (size_t k = blockIdx.x; k < pieces; k += gridDim.x) {
+    const float* x = (const float*)table[2 * k];
+    const size_t n = (size_t)table[2 * k + 1];
+    double s = 0.0;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const double v = x[i];
+      s += v * v;
+    }
+    acc[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned h = blockDim.x / 2; h > 0; h /= 2) {
+      if (threadIdx.x < h) acc[threadIdx.x] += acc[threadIdx.x + h];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[k] = acc[0];
+    __syncthreads();  // acc is rewritten for the next piece
   }
 }
 

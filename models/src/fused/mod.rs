@@ -2,9 +2,10 @@
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
 //! `attention_softmax`, `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
-//! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the optimizer's `adamw`) whose forward pass is a single pass over rows and whose backward pass is
-//! one more, instead of the five to ten candle ops (each allocating a full tensor, forward and
-//! backward) of the plain composition. The plain composition stays beside each op as
+//! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the
+//! optimizer's `adamw` and clipping's `sum_of_squares` (CUDA only)) whose forward pass is a
+//! single pass over rows and whose backward pass is one more, instead of the five to ten candle
+//! ops (each allocating a full tensor, forward and backward) of the plain composition. The plain composition stays beside each op as
 //! `*_plain`: it is what the unit tests compare against (forward values, and gradients from
 //! candle's autograd of the composition), and it is what runs where the fused kernel does not:
 //! for non-f32 tensors, and on CUDA when built without the `cuda` feature.
@@ -36,6 +37,7 @@ mod math;
 mod modulate;
 mod noise;
 mod silu;
+mod squares;
 
 pub use adamw::{adamw, adamw_plain, AdamWStep};
 pub use attention::{attention_softmax, attention_softmax_plain};
@@ -50,6 +52,7 @@ pub use linear_f32::{linear, linear_plain};
 pub use modulate::{modulate, modulate_plain};
 pub use noise::{derive_key, gaussian_noise, gaussian_noise_at, shift_key};
 pub use silu::{silu, silu_plain};
+pub use squares::{sum_of_squares, sum_of_squares_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.
 fn fused(t: &Tensor) -> bool {
