@@ -121,15 +121,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_block_sum_over_warps_and_a_barrier() {
-        // softmax's backward: ds = scale·p·(dp − Σ p·dp) needs block_sum over 8 warps
-        let cols = 300usize;
+    fn a_block_sum_over_warps_and_barriers() {
+        // softmax's backward, ds = scale·p·(dp − Σ p·dp), over one row wider than a warp takes:
+        // a block of 256 threads sums over its 8 warps (shuffles, __syncthreads)
+        let cols = 1500usize;
         let p: Vec<f32> = (0..cols).map(|j| 1.0 / (1.0 + j as f32)).collect();
         let dp: Vec<f32> = (0..cols).map(|j| (j % 7) as f32 - 3.0).collect();
         let mut ds = vec![f32::NAN; cols];
         let inner: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
         unsafe {
             Launch::new("fused_softmax_bwd")
+                .arg(1usize)
                 .arg(cols)
                 .arg(p.as_ptr())
                 .arg(cols)

@@ -27,42 +27,54 @@
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The two reductions of the row kernels: an operation and its identity.
+struct Sum {
+  __device__ static float op(float a, float b) { return a + b; }
+  __device__ static float identity() { return 0.0f; }
+};
+struct Max {
+  __device__ static float op(float a, float b) { return fmaxf(a, b); }
+  __device__ static float identity() { return -INFINITY; }
+};
+
+// Op over the warp's 32 values, returned to every lane (butterfly of shuffles).
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
-  for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = WARP / 2; o > 0; o /= 2) v = Op::op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Σ v over the block, returned to every thread (blockDim.x a multiple of 32).
-__device__ float block_sum(float v) {
+// Op over the block, returned to every thread (blockDim.x a multiple of 32): each warp's
+// result, then the warps' results.
+template <class Op>
+__device__ float block_reduce(float v) {
   __shared__ float part[MAX_ROW_THREADS / WARP];
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
   const int warps = blockDim.x / WARP;
-  v = warp_sum(v);
+  v = warp_reduce<Op>(v);
   __syncthreads();  // `part` may still be read by a previous call
   if (lane == 0) part[warp] = v;
   __syncthreads();
-  v = lane < warps ? part[lane] : 0.0f;
-  return warp_sum(v);
+  v = lane < warps ? part[lane] : Op::identity();
+  return warp_reduce<Op>(v);
 }
 
-// max v over the block, returned to every thread (blockDim.x a multiple of 32).
-__device__ float block_max(float v) {
-  __shared__ float part[MAX_ROW_THREADS / WARP];
-  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-  const int warps = blockDim.x / WARP;
-  v = warp_max(v);
+// Column sums run in tiles of 32 columns × COL_SUM_ROWS_PER_STEP rows of threads, each thread
+// summing every COL_SUM_ROWS_PER_STEP-th row of its column: this adds up the tile's rows, in a
+// fixed order, and returns the column's total to the threads of row 0 (0 to the others). Every
+// thread of the block calls it.
+__device__ float tile_column_sum(float v) {
+  __shared__ float acc[COL_SUM_ROWS_PER_STEP][WARP];
+  __syncthreads();  // `acc` may still be read by a previous call
+  acc[threadIdx.y][threadIdx.x] = v;
   __syncthreads();
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  v = lane < warps ? part[lane] : -INFINITY;
-  return warp_max(v);
+  float t = 0.0f;
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) t += acc[k][threadIdx.x];
+  }
+  return t;
 }
 
 // The threads of one row, as the row-wise kernels see them: `index` is the row (possibly ≥ rows,
@@ -74,16 +86,16 @@ struct WarpRow {
   }
   __device__ static unsigned lane() { return threadIdx.x % WARP; }
   __device__ static unsigned size() { return WARP; }
-  __device__ static float sum(float v) { return warp_sum(v); }
-  __device__ static float max(float v) { return warp_max(v); }
+  __device__ static float sum(float v) { return warp_reduce<Sum>(v); }
+  __device__ static float max(float v) { return warp_reduce<Max>(v); }
 };
 
 struct BlockRow {
   __device__ static size_t index() { return blockIdx.x; }
   __device__ static unsigned lane() { return threadIdx.x; }
   __device__ static unsigned size() { return blockDim.x; }
-  __device__ static float sum(float v) { return block_sum(v); }
-  __device__ static float max(float v) { return block_max(v); }
+  __device__ static float sum(float v) { return block_reduce<Sum>(v); }
+  __device__ static float max(float v) { return block_reduce<Max>(v); }
 };
 
 // Runs the row function F<WarpRow> or F<BlockRow> by the row's width (the same rule as
@@ -224,21 +236,14 @@ extern "C" __global__ void fused_bias_add_fwd(size_t rows, size_t cols, const fl
 extern "C" __global__ void fused_bias_add_bwd_partial(size_t rows, size_t cols, const float* dy,
                                                       size_t dys, size_t rows_per_chunk,
                                                       float* partial) {
-  __shared__ float acc[COL_SUM_ROWS_PER_STEP][WARP];
   const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
   const size_t r0 = blockIdx.y * rows_per_chunk;
   const size_t r1 = min(rows, r0 + rows_per_chunk);
   float s = 0.0f;
   if (j < cols)
     for (size_t r = r0 + threadIdx.y; r < r1; r += COL_SUM_ROWS_PER_STEP) s += dy[r * dys + j];
-  acc[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < cols) {
-    float t = 0.0f;
-#pragma unroll
-    for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) t += acc[k][threadIdx.x];
-    partial[blockIdx.y * cols + j] = t;
-  }
+  const float t = tile_column_sum(s);
+  if (threadIdx.y == 0 && j < cols) partial[blockIdx.y * cols + j] = t;
 }
 
 // out[j] = Σ_k partial[k, j] over `chunks` rows of m columns (second stage of every column sum)
@@ -371,8 +376,6 @@ extern "C" __global__ void fused_layer_norm_dwdb_partial(size_t rows, size_t col
                                                          const float* dy, size_t dys,
                                                          const float* stats,
                                                          size_t rows_per_chunk, float* partial) {
-  __shared__ float acc_w[COL_SUM_ROWS_PER_STEP][WARP];
-  __shared__ float acc_b[COL_SUM_ROWS_PER_STEP][WARP];
   const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
   const size_t r0 = blockIdx.y * rows_per_chunk;
   const size_t r1 = min(rows, r0 + rows_per_chunk);
@@ -384,16 +387,9 @@ extern "C" __global__ void fused_layer_norm_dwdb_partial(size_t rows, size_t col
       sw += g * xhat;
       sb += g;
     }
-  acc_w[threadIdx.y][threadIdx.x] = sw;
-  acc_b[threadIdx.y][threadIdx.x] = sb;
-  __syncthreads();
+  const float tw = tile_column_sum(sw);
+  const float tb = tile_column_sum(sb);
   if (threadIdx.y == 0 && j < cols) {
-    float tw = 0.0f, tb = 0.0f;
-#pragma unroll
-    for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) {
-      tw += acc_w[k][threadIdx.x];
-      tb += acc_b[k][threadIdx.x];
-    }
     partial[blockIdx.y * 2 * cols + j] = tw;
     partial[blockIdx.y * 2 * cols + cols + j] = tb;
   }
@@ -550,7 +546,6 @@ extern "C" __global__ void gather_rows(size_t n_out, size_t cols, const float* x
 // gives the same result.
 extern "C" __global__ void scatter_rows_sum(size_t rows, size_t cols, const float* dy,
                                             const unsigned int* inverse, float* dx) {
-  __shared__ float acc[COL_SUM_ROWS_PER_STEP][WARP];
   const unsigned int* order = inverse + rows + 1;
   const size_t j = blockIdx.x * (size_t)WARP + threadIdx.x;
   for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
@@ -561,15 +556,8 @@ extern "C" __global__ void scatter_rows_sum(size_t rows, size_t cols, const floa
       for (unsigned int k = k0 + threadIdx.y; k < k1; k += COL_SUM_ROWS_PER_STEP)
         s += dy[(size_t)order[k] * cols + j];
     }
-    acc[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < cols) {
-      float t = 0.0f;
-#pragma unroll
-      for (int k = 0; k < COL_SUM_ROWS_PER_STEP; ++k) t += acc[k][threadIdx.x];
-      dx[r * cols + j] = t;
-    }
-    __syncthreads();  // acc is rewritten for the next row
+    const float t = tile_column_sum(s);
+    if (threadIdx.y == 0 && j < cols) dx[r * cols + j] = t;
   }
 }
 
