@@ -19,6 +19,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The dtype of the matrix products' operands.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
     /// The spec's spelling: "f32" or "bf16".
     pub fn as_str(self) -> &'static str {
         match self {
@@ -268,11 +276,15 @@ impl Dropout {
         }
     }
 
-    /// Dropout of attention probabilities, if any.
-    pub fn attn(drop: Option<&Dropout>, x: &Tensor) -> Result<Tensor> {
+    /// The dropout of attention probabilities, if any, for the probabilities of scores `x`
+    /// ([`fused::attention_probs`] applies it).
+    pub fn attn_mask(drop: Option<&Dropout>, x: &Tensor) -> Option<fused::AttentionDropout> {
         match drop {
-            Some(d) if d.attn > 0.0 => fused::dropout(x, d.attn, d.next_key(x)),
-            _ => Ok(x.clone()),
+            Some(d) if d.attn > 0.0 => Some(fused::AttentionDropout {
+                p: d.attn,
+                key: d.next_key(x),
+            }),
+            _ => None,
         }
     }
 
@@ -339,8 +351,9 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         // scores come back in f32: scale, mask and softmax are f32 in every precision
         let att = self.precision.matmul(q, &k.t()?)?;
-        let att = fused::attention_softmax(&att, scale, causal)?;
-        let att = Dropout::attn(drop, &att)?;
+        // softmax, dropout and the dtype of the product with v, in one op
+        let dropout = Dropout::attn_mask(drop, &att);
+        let att = fused::attention_probs(&att, scale, causal, dropout, self.precision.dtype())?;
         let y = self
             .precision
             .matmul(&att, v)?

@@ -1,19 +1,91 @@
-//! The softmax of scaled dot-product attention: p = softmax(s·scale + mask) over the keys, with
-//! the mask either absent or causal (query i of the last Lq positions sees keys j ≤ i + Lk − Lq).
-//! Backward: ds = scale · p ⊙ (dp − Σ_j dp·p); masked keys have p = 0 and get no gradient.
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+//! The probabilities of scaled dot-product attention: p = softmax(s·scale + mask) over the keys,
+//! with the mask either absent or causal (query i of the last Lq positions sees keys j ≤ i + Lk −
+//! Lq), then dropout, in the dtype of the product that takes them (f32, or bf16 with bf16
+//! products). Backward: ds = scale · p ⊙ (dp − Σ_j dp·p), dp the gradient of the dropped-out
+//! probabilities times the dropout mask; masked keys have p = 0 and get no gradient.
+//!
+//! As candle ops, softmax, dropout and the cast are three passes over a (batch, heads, queries,
+//! keys) tensor forward and three backward, and keep three such tensors for the backward pass.
+//! On CUDA they are one op: one pass each way, and the backward recomputes p from the scores
+//! (which the product before keeps anyway) instead of keeping it, with the mask redrawn from its
+//! key; without dropout in f32 the backward reads the kept result p instead. On the CPU, where
+//! arithmetic rather than memory is the limit, the fused softmax keeps p for its backward and
+//! dropout is the fused dropout op, as before this op existed.
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use multiversion::multiversion;
 
-use super::{as_rows, f32_data, fused, math, par_rows, rows_of};
+use super::{as_rows, dropout, f32_data, fused, math, par_rows, rows_of};
+
+/// Dropout of the probabilities: value i of the result is kept (and scaled by 1/(1 − p)) when
+/// its 24-bit uniform under `key` is at least p's threshold, as [`super::dropout`] draws it.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionDropout {
+    pub p: f32,
+    pub key: u64,
+}
+
+/// The mask's integers: kept when uniform24(key, i) ≥ threshold, scaled by keep_scale; threshold
+/// 0 and keep_scale 1 keep every value.
+#[derive(Debug, Clone, Copy)]
+struct Mask {
+    key: u64,
+    threshold: u32,
+    keep_scale: f32,
+}
+
+impl Mask {
+    fn of(d: Option<AttentionDropout>) -> Option<Mask> {
+        d.filter(|d| d.p > 0.0).map(|d| Mask {
+            key: d.key,
+            threshold: dropout::threshold(d.p),
+            keep_scale: 1.0 / (1.0 - d.p),
+        })
+    }
+
+    /// The kernels' arguments: (key, threshold, keep_scale), keeping all without a mask.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn args(m: Option<Mask>) -> (u64, u32, f32) {
+        m.map_or((0, 0, 1.0), |m| (m.key, m.threshold, m.keep_scale))
+    }
+}
 
 /// softmax(scores·scale [+ causal mask]) over the last dimension of (…, queries, keys) scores;
 /// fused for f32 (CPU, and CUDA with the `cuda` feature), else [`attention_softmax_plain`].
 pub fn attention_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    if fused(scores) {
-        as_rows(scores)?.apply_op1(AttentionSoftmax { scale, causal })
-    } else {
-        attention_softmax_plain(scores, scale, causal)
+    attention_probs(scores, scale, causal, None, DType::F32)
+}
+
+/// dropout(softmax(scores·scale [+ causal mask])) as `dtype` (F32, or BF16 for a bf16 product):
+/// fused for f32 scores (CPU, and CUDA with the `cuda` feature), else [`attention_probs_plain`].
+pub fn attention_probs(
+    scores: &Tensor,
+    scale: f64,
+    causal: bool,
+    dropout: Option<AttentionDropout>,
+    dtype: DType,
+) -> Result<Tensor> {
+    if let Some(d) = dropout {
+        if d.p.is_nan() || !(0.0..1.0).contains(&d.p) {
+            candle_core::bail!("attention dropout must be in [0, 1), got {}", d.p)
+        }
     }
+    if !fused(scores) {
+        return attention_probs_plain(scores, scale, causal, dropout, dtype);
+    }
+    let on_cuda = scores.device().is_cuda();
+    let op = AttentionProbs {
+        scale,
+        causal,
+        mask: Mask::of(dropout).filter(|_| on_cuda),
+        // CUDA writes bf16 itself; the CPU casts
+        out: if on_cuda { dtype } else { DType::F32 },
+    };
+    let p = as_rows(scores)?.apply_op1(op)?;
+    let p = match dropout {
+        Some(d) if !on_cuda => super::dropout(&p, d.p, d.key)?,
+        _ => p,
+    };
+    p.to_dtype(dtype)
 }
 
 /// The plain composition of candle ops (the reference for the tests).
@@ -24,6 +96,22 @@ pub fn attention_softmax_plain(scores: &Tensor, scale: f64, causal: bool) -> Res
         s = s.broadcast_add(&causal_mask(q, k, s.device())?)?;
     }
     candle_nn::ops::softmax(&s, D::Minus1)
+}
+
+/// [`attention_probs`] as candle ops: softmax, dropout, cast.
+pub fn attention_probs_plain(
+    scores: &Tensor,
+    scale: f64,
+    causal: bool,
+    dropout: Option<AttentionDropout>,
+    dtype: DType,
+) -> Result<Tensor> {
+    let p = attention_softmax_plain(scores, scale, causal)?;
+    let p = match dropout {
+        Some(d) => super::dropout_plain(&p.contiguous()?, d.p, d.key)?,
+        None => p,
+    };
+    p.to_dtype(dtype)
 }
 
 /// Additive causal mask for `queries` new positions at the end of `keys` positions.
@@ -63,7 +151,6 @@ fn forward_row(s: &[f32], scale: f32, visible: usize, p: &mut [f32]) {
     for v in pv.iter_mut() {
         *v *= inv;
     }
-    // masked keys stay 0 (the output starts zeroed)
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -74,38 +161,43 @@ fn backward_row(p: &[f32], dp: &[f32], scale: f32, ds: &mut [f32]) {
     }
 }
 
-struct AttentionSoftmax {
+/// The fused op: (…, queries, keys) f32 scores to probabilities in `out` (F32, or BF16 on CUDA).
+struct AttentionProbs {
     scale: f64,
     causal: bool,
+    mask: Option<Mask>,
+    out: DType,
 }
 
-impl AttentionSoftmax {
-    /// The number of queries (second-to-last dimension) of scores laid out as `sl`, checked
-    /// against the number of keys when the mask is causal.
-    fn queries(&self, sl: &Layout) -> Result<usize> {
-        let dims = sl.dims();
-        let keys = dims.last().copied().unwrap_or(1);
-        let queries = if dims.len() >= 2 {
-            dims[dims.len() - 2]
-        } else {
-            1
-        };
-        if self.causal && queries > keys {
-            candle_core::bail!("causal attention: {queries} queries but only {keys} keys")
-        }
-        Ok(queries)
+/// The number of queries (second-to-last dimension) of scores laid out as `sl`, checked against
+/// the number of keys when the mask is causal.
+fn queries(sl: &Layout, causal: bool) -> Result<usize> {
+    let dims = sl.dims();
+    let keys = dims.last().copied().unwrap_or(1);
+    let queries = if dims.len() >= 2 {
+        dims[dims.len() - 2]
+    } else {
+        1
+    };
+    if causal && queries > keys {
+        candle_core::bail!("causal attention: {queries} queries but only {keys} keys")
     }
+    Ok(queries)
 }
 
-impl CustomOp1 for AttentionSoftmax {
+impl CustomOp1 for AttentionProbs {
     fn name(&self) -> &'static str {
-        "fused-attention-softmax"
+        "fused-attention-probs"
     }
 
+    /// The softmax alone: on the CPU, dropout is its own op ([`attention_probs`]).
     fn cpu_fwd(&self, s: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.mask.is_some() || self.out != DType::F32 {
+            candle_core::bail!("{}: on the CPU, f32 and without dropout", self.name())
+        }
         let ss = f32_data(s, self.name())?;
         let sr = rows_of(sl, self.name())?;
-        let queries = self.queries(sl)?;
+        let queries = queries(sl, self.causal)?;
         let out = par_rows(sr.rows, sr.cols, |first, block| {
             for (i, o) in block.chunks_exact_mut(sr.cols).enumerate() {
                 let r = first + i;
@@ -122,37 +214,77 @@ impl CustomOp1 for AttentionSoftmax {
         s: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let dev = s.device();
-        let (sv, sr) = cuda::rows_view(s, sl, self.name())?;
-        let queries = self.queries(sl)?;
-        let n = sr.rows * sr.cols;
-        if n == 0 {
-            return Ok((
-                cuda::wrap(dev.alloc_zeros::<f32>(0)?, dev),
-                sl.shape().clone(),
-            ));
-        }
-        let p = cuda::alloc(dev, n)?;
-        let kernel = cuda::Kernel::load(dev, "fused_softmax_fwd")?;
-        let mut b = kernel.builder();
-        let (scale, causal) = (self.scale as f32, self.causal as i32);
-        b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
-        b.arg(&scale);
-        b.arg(&causal).arg(&queries).arg(&p);
-        cuda::launch(b, cuda::row_cfg(sr.rows, sr.cols))?;
-        Ok((cuda::wrap(p, dev), sl.shape().clone()))
+        let queries = queries(sl, self.causal)?;
+        let (key, threshold, keep_scale) = Mask::args(self.mask);
+        let out = super::cuda::attention_probs(
+            (s, sl),
+            (self.scale as f32, self.causal, queries),
+            (key, threshold, keep_scale),
+            self.out,
+        )?;
+        Ok((out, sl.shape().clone()))
     }
 
-    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
-        let op = AttentionSoftmaxBackward { scale: self.scale };
-        Ok(Some(as_rows(p)?.apply_op2_no_bwd(&as_rows(dp)?, &op)?))
+    fn bwd(&self, s: &Tensor, p: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        if self.mask.is_none() && self.out == DType::F32 {
+            // the result is p itself: the backward reads it
+            let op = AttentionSoftmaxBackward { scale: self.scale };
+            return Ok(Some(as_rows(p)?.apply_op2_no_bwd(&as_rows(dout)?, &op)?));
+        }
+        let op = AttentionProbsBackward {
+            scale: self.scale,
+            causal: self.causal,
+            mask: self.mask,
+        };
+        Ok(Some(as_rows(s)?.apply_op2_no_bwd(&as_rows(dout)?, &op)?))
     }
 }
 
-/// ds of [`AttentionSoftmax`] from (p, dp).
+/// ds of [`AttentionProbs`] from (s, dout), p recomputed from s and dp = dout times the mask
+/// (CUDA only).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttentionProbsBackward {
+    scale: f64,
+    causal: bool,
+    mask: Option<Mask>,
+}
+
+impl CustomOp2 for AttentionProbsBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention-probs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: CUDA only (the CPU keeps p)", self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        sl: &Layout,
+        dout: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let queries = queries(sl, self.causal)?;
+        let (key, threshold, keep_scale) = Mask::args(self.mask);
+        let ds = super::cuda::attention_probs_backward(
+            (s, sl),
+            (dout, dl),
+            (self.scale as f32, self.causal, queries),
+            (key, threshold, keep_scale),
+        )?;
+        Ok((ds, sl.shape().clone()))
+    }
+}
+
+/// ds of [`AttentionProbs`] without dropout in f32, from its result p and dp.
 struct AttentionSoftmaxBackward {
     scale: f64,
 }
@@ -246,6 +378,77 @@ mod tests {
                 "gradient, causal={causal}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn with_dropout_it_matches_the_composition() -> Result<()> {
+        let s = (randn(&[2, 3, 5, 7], 1)? * 4.0)?;
+        let seed = randn(&[2, 3, 5, 7], 2)?;
+        let d = Some(AttentionDropout { p: 0.3, key: 77 });
+        for causal in [false, true] {
+            let f = |t: &[Tensor]| attention_probs(&t[0], 0.3, causal, d, DType::F32);
+            let (yf, gf) = grads(std::slice::from_ref(&s), f, &seed)?;
+            let p = |t: &[Tensor]| attention_probs_plain(&t[0], 0.3, causal, d, DType::F32);
+            let (yp, gp) = grads(std::slice::from_ref(&s), p, &seed)?;
+            assert!(max_diff(&yf, &yp)? < 1e-6, "forward, causal={causal}");
+            assert!(
+                max_diff(&gf[0], &gp[0])? < 1e-6,
+                "gradient, causal={causal}"
+            );
+            let zeros = yf.flatten_all()?.to_vec1::<f32>()?;
+            assert!(
+                zeros.iter().filter(|&&v| v == 0.0).count() > 10,
+                "nothing dropped"
+            );
+        }
+        Ok(())
+    }
+
+    /// On the CPU it computes, bit for bit, what the training loop computed before it: the fused
+    /// softmax, then the fused dropout (so trained results do not change).
+    #[test]
+    fn it_is_softmax_then_dropout_bit_for_bit() -> Result<()> {
+        let s = (randn(&[3, 2, 40, 45], 1)? * 4.0)?;
+        let seed = randn(&[3, 2, 40, 45], 2)?;
+        let (p, key) = (0.1, 12345);
+        let d = Some(AttentionDropout { p, key });
+        let f = |t: &[Tensor]| attention_probs(&t[0], 0.125, true, d, DType::F32);
+        let (yf, gf) = grads(std::slice::from_ref(&s), f, &seed)?;
+        let before =
+            |t: &[Tensor]| super::super::dropout(&attention_softmax(&t[0], 0.125, true)?, p, key);
+        let (yb, gb) = grads(std::slice::from_ref(&s), before, &seed)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&yf)?, bits(&yb)?, "forward");
+        assert_eq!(bits(&gf[0])?, bits(&gb[0])?, "gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_probabilities_are_the_f32_ones_rounded() -> Result<()> {
+        let s = (randn(&[2, 9, 30], 1)? * 4.0)?;
+        let d = Some(AttentionDropout { p: 0.2, key: 5 });
+        let y = attention_probs(&s, 0.2, false, d, DType::BF16)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let want = attention_probs(&s, 0.2, false, d, DType::F32)?.to_dtype(DType::BF16)?;
+        assert_eq!(
+            y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert!(attention_probs(
+            &s,
+            0.2,
+            false,
+            Some(AttentionDropout { p: 1.0, key: 5 }),
+            DType::F32
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -492,3 +492,103 @@ pub(super) fn sum_of_squares(
     let partial = dev.clone_dtoh(&partial)?;
     Ok(partial.iter().sum())
 }
+
+/// [`super::attention_probs`] forward: `out` (F32 or BF16) probabilities of the f32 scores `s`,
+/// one row per query; (scale, causal, queries) and the mask's (key, threshold, keep_scale).
+pub(super) fn attention_probs(
+    s: (&CudaStorage, &Layout),
+    (scale, causal, queries): (f32, bool, usize),
+    (key, threshold, keep_scale): (u64, u32, f32),
+    out: candle_core::DType,
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::DType;
+    let dev = s.0.device();
+    let (sv, sr) = rows_view(s.0, s.1, "attention_probs")?;
+    let n = sr.rows * sr.cols;
+    let name = match out {
+        DType::F32 => "fused_attention_probs_fwd_f32",
+        DType::BF16 => "fused_attention_probs_fwd_bf16",
+        other => {
+            candle_core::bail!("attention_probs: probabilities in {other:?}, f32 or bf16 only")
+        }
+    };
+    // SAFETY (both): the kernel writes all n values; at least one is allocated
+    let (p32, p16) = match out {
+        DType::F32 => (Some(alloc(dev, n.max(1))?), None),
+        _ => (None, Some(unsafe { dev.alloc::<half::bf16>(n.max(1)) }?)),
+    };
+    if n > 0 {
+        let causal = causal as i32;
+        let kernel = Kernel::load(dev, name)?;
+        let mut b = kernel.builder();
+        b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
+        b.arg(&scale).arg(&causal).arg(&queries);
+        b.arg(&key).arg(&threshold).arg(&keep_scale);
+        if let Some(p) = &p32 {
+            b.arg(p);
+        }
+        if let Some(p) = &p16 {
+            b.arg(p);
+        }
+        launch(b, row_cfg(sr.rows, sr.cols))?;
+    }
+    match (p32, p16) {
+        (Some(p), _) => Ok(wrap(p, dev)),
+        (None, Some(p)) => Ok(CudaStorage::wrap_cuda_slice(p, dev.clone())),
+        (None, None) => candle_core::bail!("attention_probs: no output buffer"),
+    }
+}
+
+/// [`super::attention_probs`] backward: ds (f32) from the scores and the gradient of the
+/// probabilities (F32 or BF16), p recomputed and dp = dout times the mask.
+pub(super) fn attention_probs_backward(
+    s: (&CudaStorage, &Layout),
+    dout: (&CudaStorage, &Layout),
+    (scale, causal, queries): (f32, bool, usize),
+    (key, threshold, keep_scale): (u64, u32, f32),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    let dev = s.0.device();
+    let (sv, sr) = rows_view(s.0, s.1, "attention_probs_backward")?;
+    let dr = rows_of(dout.1, "attention_probs_backward")?;
+    if (sr.rows, sr.cols) != (dr.rows, dr.cols) {
+        candle_core::bail!("attention_probs_backward: scores and gradient of different shapes")
+    }
+    let n = sr.rows * sr.cols;
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let ds = alloc(dev, n)?;
+    let causal = causal as i32;
+    let name = match dout.0.dtype() {
+        candle_core::DType::F32 => "fused_attention_probs_bwd_f32",
+        candle_core::DType::BF16 => "fused_attention_probs_bwd_bf16",
+        other => candle_core::bail!("attention_probs_backward: gradient in {other:?}"),
+    };
+    let kernel = Kernel::load(dev, name)?;
+    let mut b = kernel.builder();
+    b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
+    b.arg(&scale).arg(&causal).arg(&queries);
+    b.arg(&key).arg(&threshold).arg(&keep_scale);
+    // the gradient from its view's offset, in its own dtype
+    let (dv32, dv16) = match dout.0.dtype() {
+        candle_core::DType::F32 => (
+            Some(dout.0.as_cuda_slice::<f32>()?.slice(dr.offset..)),
+            None,
+        ),
+        _ => (
+            None,
+            Some(dout.0.as_cuda_slice::<half::bf16>()?.slice(dr.offset..)),
+        ),
+    };
+    if let Some(d) = &dv32 {
+        b.arg(d);
+    }
+    if let Some(d) = &dv16 {
+        b.arg(d);
+    }
+    b.arg(&dr.stride).arg(&ds);
+    launch(b, row_cfg(sr.rows, sr.cols))?;
+    Ok(wrap(ds, dev))
+}

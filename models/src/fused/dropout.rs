@@ -53,7 +53,14 @@ fn kept(key: u64, i: u64, p: f32) -> bool {
     "x86_64+avx512f+avx512vl+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn apply_mask(key: u64, threshold: u32, scale: f32, first: u64, x: &[f32], out: &mut [f32]) {
+pub(super) fn apply_mask(
+    key: u64,
+    threshold: u32,
+    scale: f32,
+    first: u64,
+    x: &[f32],
+    out: &mut [f32],
+) {
     for (k, (o, &x)) in out.iter_mut().zip(x).enumerate() {
         let kept = noise::uniform24(key, first + k as u64) >= threshold;
         *o = if kept { x * scale } else { 0.0 };

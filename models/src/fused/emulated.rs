@@ -361,7 +361,8 @@ fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
         for causal in [false, true] {
             let (mut p, mut ds) = (output(rows * cols), output(rows * cols));
             unsafe {
-                let fwd = Launch::new("fused_softmax_fwd")
+                // without dropout: key 0, threshold 0 and a keep factor of 1 keep every value
+                let fwd = Launch::new("fused_attention_probs_fwd_f32")
                     .arg(rows)
                     .arg(cols)
                     .arg(s.ptr())
@@ -369,6 +370,9 @@ fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
                     .arg(scale)
                     .arg(causal as i32)
                     .arg(queries)
+                    .arg(0u64)
+                    .arg(0u32)
+                    .arg(1.0f32)
                     .arg(p.as_mut_ptr());
                 run(fwd, row_cfg(rows, cols));
                 let bwd = Launch::new("fused_softmax_bwd")
@@ -387,6 +391,78 @@ fn attention_softmax_with_and_without_the_causal_mask() -> Result<()> {
             let what = format!("softmax {dims:?} causal={causal}");
             assert_close(&what, &p, &want, 1e-6)?;
             assert_close(&format!("{what} backward"), &ds, &g[0], 1e-5)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_probabilities_with_dropout_in_f32_and_bf16() -> Result<()> {
+    let scale = 0.3f32;
+    let d = AttentionDropout { p: 0.2, key: 99 };
+    let (key, threshold, keep_scale) = (d.key, dropout::threshold(d.p), 1.0 / (1.0 - d.p));
+    for dims in [[2, 3, 5, 7], [1, 2, 40, 100], [1, 1, 3, WARP_ROW_COLS + 70]] {
+        let (queries, cols) = (dims[2], dims[3]);
+        let rows = dims[0] * dims[1] * queries;
+        let n = rows * cols;
+        let s = View::random(rows, cols, 2, 4.0, 1)?;
+        // the gradient of the probabilities, bf16-exact so that both kernels read the same values
+        let dout = randn(&[rows, cols], 2)?
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F32)?;
+        let dout32 = dout.flatten_all()?.to_vec1::<f32>()?;
+        let dout16: Vec<u16> = dout32.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let shaped = |t: &Tensor| t.reshape(Shape::from(dims.to_vec()));
+        let (st, dt) = (shaped(&s.tensor)?, shaped(&dout)?);
+        for causal in [false, true] {
+            let what = format!("attention probs {dims:?} causal={causal}");
+            let f =
+                |t: &[Tensor]| attention_probs(&t[0], scale as f64, causal, Some(d), DType::F32);
+            let (want, g) = grads(std::slice::from_ref(&st), f, &dt)?;
+            let (mut p32, mut p16) = (output(n), vec![0xffffu16; n]);
+            let (mut ds32, mut ds16) = (output(n), output(n));
+            let args = |name: &str| {
+                Launch::new(name)
+                    .arg(rows)
+                    .arg(cols)
+                    .arg(s.ptr())
+                    .arg(s.stride)
+                    .arg(scale)
+                    .arg(causal as i32)
+                    .arg(queries)
+                    .arg(key)
+                    .arg(threshold)
+                    .arg(keep_scale)
+            };
+            unsafe {
+                let geometry = row_cfg(rows, cols);
+                run(
+                    args("fused_attention_probs_fwd_f32").arg(p32.as_mut_ptr()),
+                    geometry,
+                );
+                run(
+                    args("fused_attention_probs_fwd_bf16").arg(p16.as_mut_ptr()),
+                    geometry,
+                );
+                let bwd = args("fused_attention_probs_bwd_f32")
+                    .arg(dout32.as_ptr())
+                    .arg(cols)
+                    .arg(ds32.as_mut_ptr());
+                run(bwd, geometry);
+                let bwd = args("fused_attention_probs_bwd_bf16")
+                    .arg(dout16.as_ptr())
+                    .arg(cols)
+                    .arg(ds16.as_mut_ptr());
+                run(bwd, geometry);
+            }
+            assert_close(&what, &p32, &want, 1e-6)?;
+            let p16: Vec<f32> = p16
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect();
+            assert_close(&format!("{what} in bf16"), &p16, &want, 8e-3)?;
+            assert_close(&format!("{what} backward"), &ds32, &g[0], 1e-5)?;
+            assert_close(&format!("{what} backward from bf16"), &ds16, &g[0], 1e-5)?;
         }
     }
     Ok(())

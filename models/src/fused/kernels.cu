@@ -396,54 +396,6 @@ extern "C" __global__ void fused_layer_norm_dwdb_partial(size_t rows, size_t col
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention softmax: a warp or a block per row (ROW_KERNEL)
-
-template <class R>
-__device__ void softmax_fwd(size_t cols, const float* s, size_t ss, float scale, int causal,
-                            size_t queries, float* p) {
-  const size_t r = R::index();
-  const float* row = s + r * ss;
-  float* out = p + r * cols;
-  const size_t visible = causal ? min(r % queries + 1 + cols - queries, cols) : cols;
-  float m = -INFINITY;
-  for (size_t j = R::lane(); j < visible; j += R::size()) m = fmaxf(m, row[j] * scale);
-  m = R::max(m);
-  float t = 0.0f;
-  for (size_t j = R::lane(); j < visible; j += R::size()) t += expf(row[j] * scale - m);
-  const float inv = 1.0f / R::sum(t);
-  for (size_t j = R::lane(); j < cols; j += R::size())
-    out[j] = j < visible ? expf(row[j] * scale - m) * inv : 0.0f;
-}
-
-// p = softmax(s·scale) over the first `visible` keys of the row, 0 for the masked ones; with
-// `causal`, query row r sees keys j ≤ r mod queries + keys − queries.
-extern "C" __global__ void fused_softmax_fwd(size_t rows, size_t cols, const float* s, size_t ss,
-                                             float scale, int causal, size_t queries, float* p) {
-  ROW_KERNEL(softmax_fwd, rows, cols, cols, s, ss, scale, causal, queries, p);
-}
-
-template <class R>
-__device__ void softmax_bwd(size_t cols, const float* p, size_t ps, const float* dp, size_t dps,
-                            float scale, float* ds) {
-  const size_t r = R::index();
-  const float* prow = p + r * ps;
-  const float* drow = dp + r * dps;
-  float t = 0.0f;
-  for (size_t j = R::lane(); j < cols; j += R::size()) t += prow[j] * drow[j];
-  const float inner = R::sum(t);
-  float* out = ds + r * cols;
-  for (size_t j = R::lane(); j < cols; j += R::size())
-    out[j] = scale * prow[j] * (drow[j] - inner);
-}
-
-// ds = scale · p·(dp − Σ_j p·dp)
-extern "C" __global__ void fused_softmax_bwd(size_t rows, size_t cols, const float* p, size_t ps,
-                                             const float* dp, size_t dps, float scale,
-                                             float* ds) {
-  ROW_KERNEL(softmax_bwd, rows, cols, cols, p, ps, dp, dps, scale, ds);
-}
-
-// ---------------------------------------------------------------------------------------------
 // the optimizer
 
 // One AdamW update (adamw.rs), over n contiguous values: out = [θ'; m'; v'] from θ, the stacked
@@ -529,6 +481,179 @@ extern "C" __global__ void fused_dropout(size_t n, unsigned long long key, unsig
     const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
     y[i] = u >= threshold ? x[i] * scale : 0.0f;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention probabilities (attention.rs), a warp or a block per row (ROW_KERNEL): the softmax of
+// the scaled scores over the visible keys, dropout, and the dtype of the next product, in one
+// pass; the backward recomputes p from the scores instead of keeping it.
+
+// The visible keys of query row r: with `causal`, query r sees keys j ≤ r mod queries + keys −
+// queries.
+__device__ __forceinline__ size_t visible_keys(size_t r, size_t cols, int causal, size_t queries) {
+  return causal ? min(r % queries + 1 + cols - queries, cols) : cols;
+}
+
+// (m, 1/Σ) of the row's softmax: p_j = exp(s_j·scale − m)·inv for its visible keys, 0 after.
+template <class R>
+__device__ void softmax_stats(const float* row, size_t visible, float scale, float* m,
+                              float* inv) {
+  float mx = -INFINITY;
+  for (size_t j = R::lane(); j < visible; j += R::size()) mx = fmaxf(mx, row[j] * scale);
+  mx = R::max(mx);
+  float t = 0.0f;
+  for (size_t j = R::lane(); j < visible; j += R::size()) t += expf(row[j] * scale - mx);
+  *m = mx;
+  *inv = 1.0f / R::sum(t);
+}
+
+// Dropout's factor of value i: keep_scale when the top 24 bits of SplitMix64(key + (i+1)·γ) are
+// at least `threshold` (as fused_dropout), else 0; threshold 0 and keep_scale 1 keep everything.
+__device__ __forceinline__ float keep_factor(unsigned long long key, size_t i,
+                                             unsigned int threshold, float keep_scale) {
+  const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
+  return u >= threshold ? keep_scale : 0.0f;
+}
+
+__device__ __forceinline__ void store(float* o, float v) { *o = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* o, float v) { *o = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float load(const float* x) { return *x; }
+__device__ __forceinline__ float load(const __nv_bfloat16* x) { return __bfloat162float(*x); }
+
+// out = dropout(softmax(s·scale + mask)), in T (f32, or bf16 for a bf16 product)
+template <class R, class T>
+__device__ void attention_probs_fwd(size_t cols, const float* s, size_t ss, float scale,
+                                    int causal, size_t queries, unsigned long long key,
+                                    unsigned int threshold, float keep_scale, T* out) {
+  const size_t r = R::index();
+  const float* row = s + r * ss;
+  const size_t visible = visible_keys(r, cols, causal, queries);
+  float m, inv;
+  softmax_stats<R>(row, visible, scale, &m, &inv);
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
+    const float p = j < visible ? expf(row[j] * scale - m) * inv : 0.0f;
+    store(out + r * cols + j, p * keep_factor(key, r * cols + j, threshold, keep_scale));
+  }
+}
+
+// ds = scale · p·(dp − Σ_j p·dp), with p recomputed from s and dp = dout·keep factor
+template <class R, class T>
+__device__ void attention_probs_bwd(size_t cols, const float* s, size_t ss, float scale,
+                                    int causal, size_t queries, unsigned long long key,
+                                    unsigned int threshold, float keep_scale, const T* dout,
+                                    size_t dos, float* ds) {
+  const size_t r = R::index();
+  const float* row = s + r * ss;
+  const T* drow = dout + r * dos;
+  const size_t visible = visible_keys(r, cols, causal, queries);
+  float m, inv;
+  softmax_stats<R>(row, visible, scale, &m, &inv);
+  float t = 0.0f;
+  for (size_t j = R::lane(); j < visible; j += R::size()) {
+    const float p = expf(row[j] * scale - m) * inv;
+    t += p * (load(drow + j) * keep_factor(key, r * cols + j, threshold, keep_scale));
+  }
+  const float inner = R::sum(t);
+  float* out = ds + r * cols;
+  for (size_t j = R::lane(); j < cols; j += R::size()) {
+    if (j < visible) {
+      const float p = expf(row[j] * scale - m) * inv;
+      const float dp = load(drow + j) * keep_factor(key, r * cols + j, threshold, keep_scale);
+      out[j] = scale * p * (dp - inner);
+    } else {
+      out[j] = 0.0f;
+    }
+  }
+}
+
+template <class R>
+__device__ void attention_probs_fwd_f32_row(size_t cols, const float* s, size_t ss, float scale,
+                                            int causal, size_t queries, unsigned long long key,
+                                            unsigned int threshold, float keep_scale, float* out) {
+  attention_probs_fwd<R, float>(cols, s, ss, scale, causal, queries, key, threshold, keep_scale,
+                                out);
+}
+template <class R>
+__device__ void attention_probs_fwd_bf16_row(size_t cols, const float* s, size_t ss, float scale,
+                                             int causal, size_t queries, unsigned long long key,
+                                             unsigned int threshold, float keep_scale,
+                                             __nv_bfloat16* out) {
+  attention_probs_fwd<R, __nv_bfloat16>(cols, s, ss, scale, causal, queries, key, threshold,
+                                        keep_scale, out);
+}
+template <class R>
+__device__ void attention_probs_bwd_f32_row(size_t cols, const float* s, size_t ss, float scale,
+                                            int causal, size_t queries, unsigned long long key,
+                                            unsigned int threshold, float keep_scale,
+                                            const float* dout, size_t dos, float* ds) {
+  attention_probs_bwd<R, float>(cols, s, ss, scale, causal, queries, key, threshold, keep_scale,
+                                dout, dos, ds);
+}
+template <class R>
+__device__ void attention_probs_bwd_bf16_row(size_t cols, const float* s, size_t ss, float scale,
+                                             int causal, size_t queries, unsigned long long key,
+                                             unsigned int threshold, float keep_scale,
+                                             const __nv_bfloat16* dout, size_t dos, float* ds) {
+  attention_probs_bwd<R, __nv_bfloat16>(cols, s, ss, scale, causal, queries, key, threshold,
+                                        keep_scale, dout, dos, ds);
+}
+
+extern "C" __global__ void fused_attention_probs_fwd_f32(size_t rows, size_t cols, const float* s,
+                                                         size_t ss, float scale, int causal,
+                                                         size_t queries, unsigned long long key,
+                                                         unsigned int threshold,
+                                                         float keep_scale, float* out) {
+  ROW_KERNEL(attention_probs_fwd_f32_row, rows, cols, cols, s, ss, scale, causal, queries, key,
+             threshold, keep_scale, out);
+}
+
+extern "C" __global__ void fused_attention_probs_fwd_bf16(size_t rows, size_t cols,
+                                                          const float* s, size_t ss, float scale,
+                                                          int causal, size_t queries,
+                                                          unsigned long long key,
+                                                          unsigned int threshold,
+                                                          float keep_scale, __nv_bfloat16* out) {
+  ROW_KERNEL(attention_probs_fwd_bf16_row, rows, cols, cols, s, ss, scale, causal, queries, key,
+             threshold, keep_scale, out);
+}
+
+extern "C" __global__ void fused_attention_probs_bwd_f32(size_t rows, size_t cols, const float* s,
+                                                         size_t ss, float scale, int causal,
+                                                         size_t queries, unsigned long long key,
+                                                         unsigned int threshold,
+                                                         float keep_scale, const float* dout,
+                                                         size_t dos, float* ds) {
+  ROW_KERNEL(attention_probs_bwd_f32_row, rows, cols, cols, s, ss, scale, causal, queries, key,
+             threshold, keep_scale, dout, dos, ds);
+}
+
+extern "C" __global__ void fused_attention_probs_bwd_bf16(
+    size_t rows, size_t cols, const float* s, size_t ss, float scale, int causal, size_t queries,
+    unsigned long long key, unsigned int threshold, float keep_scale, const __nv_bfloat16* dout,
+    size_t dos, float* ds) {
+  ROW_KERNEL(attention_probs_bwd_bf16_row, rows, cols, cols, s, ss, scale, causal, queries, key,
+             threshold, keep_scale, dout, dos, ds);
+}
+
+template <class R>
+__device__ void softmax_bwd(size_t cols, const float* p, size_t ps, const float* dp, size_t dps,
+                            float scale, float* ds) {
+  const size_t r = R::index();
+  const float* prow = p + r * ps;
+  const float* drow = dp + r * dps;
+  float t = 0.0f;
+  for (size_t j = R::lane(); j < cols; j += R::size()) t += prow[j] * drow[j];
+  const float inner = R::sum(t);
+  float* out = ds + r * cols;
+  for (size_t j = R::lane(); j < cols; j += R::size())
+    out[j] = scale * prow[j] * (drow[j] - inner);
+}
+
+// ds = scale · p·(dp − Σ_j p·dp) from the kept probabilities p (f32, without dropout)
+extern "C" __global__ void fused_softmax_bwd(size_t rows, size_t cols, const float* p, size_t ps,
+                                             const float* dp, size_t dps, float scale,
+                                             float* ds) {
+  ROW_KERNEL(softmax_bwd, rows, cols, cols, p, ps, dp, dps, scale, ds);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! Fused element-wise ops with hand-written backward passes, for the hot paths of training.
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
-//! `attention_softmax`, `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
+//! `attention_probs` (softmax, dropout and the cast of attention's probabilities), `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
 //! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the
 //! optimizer's `adamw` and clipping's `sum_of_squares` (CUDA only)) whose forward pass is a
 //! single pass over rows and whose backward pass is one more, instead of the five to ten candle
@@ -40,7 +40,10 @@ mod silu;
 mod squares;
 
 pub use adamw::{adamw, adamw_plain, AdamWStep};
-pub use attention::{attention_softmax, attention_softmax_plain};
+pub use attention::{
+    attention_probs, attention_probs_plain, attention_softmax, attention_softmax_plain,
+    AttentionDropout,
+};
 pub use bias_add::{bias_add, bias_add_plain};
 pub use dropout::{dropout, dropout_plain};
 pub use gated_residual::{gated_residual, gated_residual_plain};
@@ -617,6 +620,22 @@ mod cuda_tests {
                     |t| attention_softmax(&t[0], 0.3, causal),
                     1e-5,
                 )?;
+                // with dropout, in f32 and in bf16 (as a bf16 product takes them)
+                let d = Some(AttentionDropout { p: 0.1, key: 7 });
+                for (dtype, tol) in [
+                    (candle_core::DType::F32, 1e-5),
+                    (candle_core::DType::BF16, 1e-2),
+                ] {
+                    compare(
+                        &format!("attention probs {dims:?} causal={causal} {dtype:?}"),
+                        std::slice::from_ref(&s),
+                        |t| {
+                            attention_probs(&t[0], 0.3, causal, d, dtype)?
+                                .to_dtype(candle_core::DType::F32)
+                        },
+                        tol,
+                    )?;
+                }
             }
         }
         Ok(())
