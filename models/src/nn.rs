@@ -37,12 +37,22 @@ impl Precision {
 
     /// `a · b` computed in this precision, returned as f32.
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        match self {
-            Precision::F32 => a.matmul(b),
-            Precision::Bf16 => a
-                .to_dtype(DType::BF16)?
-                .matmul(&b.to_dtype(DType::BF16)?)?
-                .to_dtype(DType::F32),
+        self.product(a, b)?.to_dtype(DType::F32)
+    }
+
+    /// a·b in this precision, left in the operands' dtype (bf16 for Bf16).
+    pub fn product(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dtype = self.dtype();
+        a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)
+    }
+
+    /// The dtype attention keeps q, k and v in, on `device`: the products' own on CUDA, where
+    /// the head split casts as it copies ([`fused::split_heads`]); f32 on the CPU, where the
+    /// product casts, as it always did.
+    fn heads_dtype(self, device: &candle_core::Device) -> DType {
+        match device.is_cuda() {
+            true => self.dtype(),
+            false => DType::F32,
         }
     }
 }
@@ -326,13 +336,8 @@ impl Attention {
     /// weight's row blocks ([`Linear::forward_chunks`]) rather than one product cut in three: the
     /// backward of a cut (`narrow`) pads each part's gradient with zeros to the full qkv width.
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, l, c) = x.dims3()?;
-        let hd = c / self.heads;
-        let heads = |t: &Tensor| {
-            t.reshape((b, l, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let dtype = self.precision.heads_dtype(x.device());
+        let heads = |t: &Tensor| fused::split_heads(t, self.heads, dtype);
         let qkv = self.qkv.forward_chunks(x, 3)?;
         Ok((heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?))
     }
@@ -347,18 +352,15 @@ impl Attention {
         causal: bool,
         drop: Option<&Dropout>,
     ) -> Result<Tensor> {
-        let (b, h, l, hd) = q.dims4()?;
+        let hd = q.dim(3)?;
         let scale = 1.0 / (hd as f64).sqrt();
         // scores come back in f32: scale, mask and softmax are f32 in every precision
         let att = self.precision.matmul(q, &k.t()?)?;
         // softmax, dropout and the dtype of the product with v, in one op
         let dropout = Dropout::attn_mask(drop, &att);
         let att = fused::attention_probs(&att, scale, causal, dropout, self.precision.dtype())?;
-        let y = self
-            .precision
-            .matmul(&att, v)?
-            .transpose(1, 2)?
-            .reshape((b, l, h * hd))?;
+        // (batch, heads, positions, head_dim) back to (batch, positions, width) in f32
+        let y = fused::merge_heads(&self.precision.product(&att, v)?)?;
         Dropout::proj(drop, &self.proj.forward(&y)?)
     }
 

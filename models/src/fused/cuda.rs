@@ -592,3 +592,98 @@ pub(super) fn attention_probs_backward(
     launch(b, row_cfg(sr.rows, sr.cols))?;
     Ok(wrap(ds, dev))
 }
+
+/// [`super::split_heads`]: f32 rows (B·L of H·hd values, a row view) → (B, H, L, hd) in `out`
+/// (F32 or BF16); `dims` = (B, L, H, hd).
+pub(super) fn split_heads(
+    x: (&CudaStorage, &Layout),
+    dims: (usize, usize, usize, usize),
+    out: candle_core::DType,
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::DType;
+    let dev = x.0.device();
+    let (xv, xr) = rows_view(x.0, x.1, "split_heads")?;
+    let (b, l, h, hd) = dims;
+    let n = b * l * h * hd;
+    if xr.rows * xr.cols != n {
+        candle_core::bail!(
+            "split_heads: {} values for ({b}, {l}, {h}, {hd})",
+            xr.rows * xr.cols
+        )
+    }
+    let name = match out {
+        DType::F32 => "split_heads_f32",
+        DType::BF16 => "split_heads_bf16",
+        other => candle_core::bail!("split_heads: heads in {other:?}, f32 or bf16 only"),
+    };
+    // SAFETY (both): the kernel writes all n values; at least one is allocated
+    let (y32, y16) = match out {
+        DType::F32 => (Some(alloc(dev, n.max(1))?), None),
+        _ => (None, Some(unsafe { dev.alloc::<half::bf16>(n.max(1)) }?)),
+    };
+    if n > 0 {
+        let kernel = Kernel::load(dev, name)?;
+        let mut args = kernel.builder();
+        args.arg(&b)
+            .arg(&l)
+            .arg(&h)
+            .arg(&hd)
+            .arg(&xv)
+            .arg(&xr.stride);
+        if let Some(y) = &y32 {
+            args.arg(y);
+        }
+        if let Some(y) = &y16 {
+            args.arg(y);
+        }
+        launch(args, elementwise_cfg(n))?;
+    }
+    match (y32, y16) {
+        (Some(y), _) => Ok(wrap(y, dev)),
+        (None, Some(y)) => Ok(CudaStorage::wrap_cuda_slice(y, dev.clone())),
+        (None, None) => candle_core::bail!("split_heads: no output buffer"),
+    }
+}
+
+/// [`super::merge_heads`]: contiguous (B, H, L, hd), F32 or BF16 → f32 (B, L, H·hd); `dims` =
+/// (B, L, H, hd).
+pub(super) fn merge_heads(
+    y: (&CudaStorage, &Layout),
+    dims: (usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::DType;
+    let dev = y.0.device();
+    let (b, l, h, hd) = dims;
+    let n = b * l * h * hd;
+    if n == 0 {
+        return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
+    }
+    let at = y.1.start_offset();
+    let out = alloc(dev, n)?;
+    let (y32, y16) = match y.0.dtype() {
+        DType::F32 => (Some(y.0.as_cuda_slice::<f32>()?.slice(at..at + n)), None),
+        DType::BF16 => (
+            None,
+            Some(y.0.as_cuda_slice::<half::bf16>()?.slice(at..at + n)),
+        ),
+        other => candle_core::bail!("merge_heads: heads in {other:?}, f32 or bf16 only"),
+    };
+    let name = match y32 {
+        Some(_) => "merge_heads_f32",
+        None => "merge_heads_bf16",
+    };
+    let kernel = Kernel::load(dev, name)?;
+    let mut args = kernel.builder();
+    args.arg(&b).arg(&l).arg(&h).arg(&hd);
+    if let Some(v) = &y32 {
+        args.arg(v);
+    }
+    if let Some(v) = &y16 {
+        args.arg(v);
+    }
+    args.arg(&out);
+    launch(args, elementwise_cfg(n))?;
+    Ok(wrap(out, dev))
+}

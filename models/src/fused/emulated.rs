@@ -469,6 +469,64 @@ fn attention_probabilities_with_dropout_in_f32_and_bf16() -> Result<()> {
 }
 
 #[test]
+fn attention_heads_split_and_merge_in_f32_and_bf16() -> Result<()> {
+    let (b, l, h, hd) = (2, 7, 3, 8);
+    let (c, n) = (h * hd, b * l * h * hd);
+    // a projection's output as a column slice of a wider one (qkv chunks are row views)
+    let x = View::random(b * l, c, 5, 1.0, 1)?;
+    let x3 = x.tensor.reshape((b, l, c))?;
+    let want = split_heads_plain(&x3, h, DType::F32)?;
+    let (mut s32, mut s16) = (output(n), vec![0xffffu16; n]);
+    let args = |name: &str| {
+        Launch::new(name)
+            .arg(b)
+            .arg(l)
+            .arg(h)
+            .arg(hd)
+            .arg(x.ptr())
+            .arg(x.stride)
+    };
+    unsafe {
+        run(
+            args("split_heads_f32").arg(s32.as_mut_ptr()),
+            elementwise_cfg(n),
+        );
+        run(
+            args("split_heads_bf16").arg(s16.as_mut_ptr()),
+            elementwise_cfg(n),
+        );
+    }
+    assert_close("split heads", &s32, &want, 0.0)?;
+    let rounded = want.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+    let s16f: Vec<f32> = s16
+        .iter()
+        .map(|&v| f32::from_bits((v as u32) << 16))
+        .collect();
+    assert_close("split heads in bf16", &s16f, &rounded, 0.0)?;
+
+    // and back: from the f32 heads, and from the bf16 ones
+    let (mut m32, mut m16) = (output(n), output(n));
+    unsafe {
+        let merge = |name: &str| Launch::new(name).arg(b).arg(l).arg(h).arg(hd);
+        run(
+            merge("merge_heads_f32")
+                .arg(s32.as_ptr())
+                .arg(m32.as_mut_ptr()),
+            elementwise_cfg(n),
+        );
+        run(
+            merge("merge_heads_bf16")
+                .arg(s16.as_ptr())
+                .arg(m16.as_mut_ptr()),
+            elementwise_cfg(n),
+        );
+    }
+    assert_close("merge heads", &m32, &merge_heads_plain(&want)?, 0.0)?;
+    let from16 = merge_heads_plain(&want.to_dtype(DType::BF16)?)?;
+    assert_close("merge heads from bf16", &m16, &from16, 0.0)
+}
+
+#[test]
 fn adamw_update() -> Result<()> {
     let n = 3 * 700 + 5;
     let theta = randn(&[n], 1)?;

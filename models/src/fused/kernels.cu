@@ -657,6 +657,49 @@ extern "C" __global__ void fused_softmax_bwd(size_t rows, size_t cols, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
+// attention heads (heads.rs): (B, L, H·hd) rows of f32 ↔ (B, H, L, hd) in the products' dtype,
+// the transpose and the cast in one pass
+
+// dst[b, h, l, d] = src[(b·L + l)·ss + h·hd + d]   (element-wise over dst)
+template <class T>
+__device__ void split_heads(size_t batch, size_t len, size_t heads, size_t hd, const float* src,
+                            size_t ss, T* dst) {
+  FOR_EACH_ELEMENT(batch * heads * len, hd) {
+    const size_t d = i % hd, t = i / hd;
+    const size_t l = t % len, h = (t / len) % heads, b = t / (len * heads);
+    store(dst + i, src[(b * len + l) * ss + h * hd + d]);
+  }
+}
+
+// dst[(b·L + l)·H·hd + h·hd + d] = src[b, h, l, d] in f32   (element-wise over src)
+template <class T>
+__device__ void merge_heads(size_t batch, size_t len, size_t heads, size_t hd, const T* src,
+                            float* dst) {
+  FOR_EACH_ELEMENT(batch * heads * len, hd) {
+    const size_t d = i % hd, t = i / hd;
+    const size_t l = t % len, h = (t / len) % heads, b = t / (len * heads);
+    dst[(b * len + l) * heads * hd + h * hd + d] = load(src + i);
+  }
+}
+
+extern "C" __global__ void split_heads_f32(size_t batch, size_t len, size_t heads, size_t hd,
+                                           const float* src, size_t ss, float* dst) {
+  split_heads(batch, len, heads, hd, src, ss, dst);
+}
+extern "C" __global__ void split_heads_bf16(size_t batch, size_t len, size_t heads, size_t hd,
+                                            const float* src, size_t ss, __nv_bfloat16* dst) {
+  split_heads(batch, len, heads, hd, src, ss, dst);
+}
+extern "C" __global__ void merge_heads_f32(size_t batch, size_t len, size_t heads, size_t hd,
+                                           const float* src, float* dst) {
+  merge_heads(batch, len, heads, hd, src, dst);
+}
+extern "C" __global__ void merge_heads_bf16(size_t batch, size_t len, size_t heads, size_t hd,
+                                            const __nv_bfloat16* src, float* dst) {
+  merge_heads(batch, len, heads, hd, src, dst);
+}
+
+// ---------------------------------------------------------------------------------------------
 // row gather y[j] = x[index[j]] and its backward dx[r] = Σ dy[j] over the readers j of row r
 
 // grid-stride over n_out × cols values

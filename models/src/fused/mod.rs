@@ -1,7 +1,8 @@
 //! Fused element-wise ops with hand-written backward passes, for the hot paths of training.
 //!
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
-//! `attention_probs` (softmax, dropout and the cast of attention's probabilities), `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
+//! `attention_probs` (softmax, dropout and the cast of attention's probabilities), `split_heads`
+//! and `merge_heads` (attention's head layout, CUDA only), `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
 //! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the
 //! optimizer's `adamw` and clipping's `sum_of_squares` (CUDA only)) whose forward pass is a
 //! single pass over rows and whose backward pass is one more, instead of the five to ten candle
@@ -30,6 +31,7 @@ mod gated_residual;
 mod gather;
 mod gelu;
 mod geometry;
+mod heads;
 mod layer_norm;
 mod linear;
 mod linear_f32;
@@ -49,6 +51,7 @@ pub use dropout::{dropout, dropout_plain};
 pub use gated_residual::{gated_residual, gated_residual_plain};
 pub use gather::{gather_rows, gather_rows_plain};
 pub use gelu::{gelu_erf, gelu_erf_plain};
+pub use heads::{merge_heads, merge_heads_plain, split_heads, split_heads_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use linear::{linear_bf16, linear_bf16_plain};
 pub use linear_f32::{linear, linear_plain};
@@ -586,6 +589,33 @@ mod cuda_tests {
             |t| gather_rows(&t[0], &index),
             1e-4,
         )
+    }
+
+    #[test]
+    fn attention_heads_split_and_merge() -> Result<()> {
+        let x = randn(&[2, 9, 3 * 64 + 8], 1)?;
+        let y = randn(&[2, 3, 9, 64], 2)?;
+        for (dtype, tol) in [
+            (candle_core::DType::F32, 0.0),
+            (candle_core::DType::BF16, 1e-2),
+        ] {
+            compare(
+                &format!("split heads of a column slice, {dtype:?}"),
+                std::slice::from_ref(&x),
+                |t| {
+                    split_heads(&t[0].narrow(2, 8, 3 * 64)?, 3, dtype)?
+                        .to_dtype(candle_core::DType::F32)
+                },
+                tol + 1e-7,
+            )?;
+            compare(
+                &format!("merge heads, {dtype:?}"),
+                std::slice::from_ref(&y),
+                |t| merge_heads(&t[0].to_dtype(dtype)?),
+                tol + 1e-7,
+            )?;
+        }
+        Ok(())
     }
 
     #[test]
