@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchArgs,
+    LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
@@ -281,21 +281,22 @@ fn to_bf16(dev: &CudaDevice, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlic
 }
 
 /// One cuBLAS GemmEx on the device's stream, column-major as cuBLAS sees it:
-/// C (m×n, ld m) = op(A)·op(B) with A and B bf16, C f32, f32 accumulation.
+/// C (m×n, ld m) = op(A)·op(B) with A and B bf16 (16-bit buffers of bf16 bit patterns: our casts'
+/// u16 or candle's bf16), C f32, f32 accumulation.
 #[allow(clippy::too_many_arguments)]
-fn gemm_bf16_f32(
+fn gemm_bf16_f32<A, B>(
     dev: &CudaDevice,
     (ta, tb): (bool, bool),
     (m, n, k): (usize, usize, usize),
-    a: &CudaSlice<u16>,
+    a: &impl DevicePtr<A>,
     lda: usize,
-    b: &CudaSlice<u16>,
+    b: &impl DevicePtr<B>,
     ldb: usize,
     c: &mut CudaSlice<f32>,
     beta: f32,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys};
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
     let op = |t: bool| {
         if t {
             sys::cublasOperation_t::CUBLAS_OP_T
@@ -377,18 +378,24 @@ pub(super) fn linear_bf16(
     Ok(wrap(y, dev))
 }
 
-/// dx (n×k) = bf16(dy)·bf16(W): column-major dxᵀ (k×n) = W(k×out, col-major)·dyᵀ(out×n).
+/// A bf16 input (dy already cast, contiguous) from its layout's offset on.
+fn bf16_view<'a>((s, l): (&'a CudaStorage, &Layout)) -> Result<CudaView<'a, half::bf16>> {
+    Ok(s.as_cuda_slice::<half::bf16>()?.slice(l.start_offset()..))
+}
+
+/// dx (n×k) = dyb·bf16(W), dyb = bf16(dy) given: column-major dxᵀ (k×n) = W(k×out,
+/// col-major)·dybᵀ(out×n).
 pub(super) fn linear_bf16_grad_input(
-    dy: (&CudaStorage, &Layout),
+    dyb: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     (n, k, out): (usize, usize, usize),
 ) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    let dev = dy.0.device();
+    let dev = dyb.0.device();
     if n * k == 0 || out == 0 {
         return Ok(wrap(dev.alloc_zeros::<f32>(n * k)?, dev));
     }
-    let dyb = to_bf16(dev, &view(dy)?, n * out)?;
+    let dyb = bf16_view(dyb)?;
     let wb = to_bf16(dev, &view(w)?, out * k)?;
     let mut dx = alloc(dev, n * k)?;
     gemm_bf16_f32(
@@ -405,11 +412,13 @@ pub(super) fn linear_bf16_grad_input(
     Ok(wrap(dx, dev))
 }
 
-/// [dW (out×k); db (out)] = [bf16(dy)ᵀ·bf16(x); Σ_rows dy]: column-major dWᵀ (k×out) =
-/// xᵀ(k×n, col-major)·dy(n×out); db by the deterministic column sums of the bias add.
+/// [dW (out×k); db (out)] = [dybᵀ·bf16(x); Σ_rows dy], dyb = bf16(dy) given: column-major dWᵀ
+/// (k×out) = xᵀ(k×n, col-major)·dyb(n×out); db by the deterministic column sums of the bias add
+/// over the f32 dy.
 pub(super) fn linear_bf16_grad_weight(
     dy: (&CudaStorage, &Layout),
     x: (&CudaStorage, &Layout),
+    dyb: (&CudaStorage, &Layout),
     (n, k, out): (usize, usize, usize),
     bias: bool,
 ) -> Result<CudaStorage> {
@@ -422,7 +431,7 @@ pub(super) fn linear_bf16_grad_weight(
     }
     let dyv = view(dy)?;
     if k > 0 && out > 0 {
-        let dyb = to_bf16(dev, &dyv, n * out)?;
+        let dyb = bf16_view(dyb)?;
         let xb = to_bf16(dev, &view(x)?, n * k)?;
         gemm_bf16_f32(
             dev,
@@ -460,7 +469,6 @@ pub(super) fn sum_of_squares(
     dev: &CudaDevice,
     tensors: &[(&CudaStorage, usize, usize)],
 ) -> Result<f64> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let stream = dev.cuda_stream();
     let lens: Vec<usize> = tensors.iter().map(|&(_, _, n)| n).collect();
     let pieces = super::squares::pieces(&lens);

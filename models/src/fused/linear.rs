@@ -5,9 +5,9 @@
 //! As candle ops it is five ops forward (two casts, the product, a cast back, the bias) and about
 //! eight backward, each a kernel launch, an allocation and a pass over memory on a GPU. Fused on
 //! CUDA: one op forward (casts, one cuBLAS GemmEx with bf16 inputs and f32 output, bias) and two
-//! backward (dx = dy·W, and [dW; db] = [dyᵀ·x; Σ_rows dy], both products bf16 with f32 results),
-//! two so that dx's buffer is freed when the pass no longer needs it while dW lives on to the
-//! optimizer. The products' f32 results are not rounded to bf16 as the composition's are. On the
+//! backward (dx = dy·W, and [dW; db] = [dyᵀ·x; Σ_rows dy], both products bf16 with f32 results,
+//! from one bf16 copy of dy), two so that dx's buffer is freed when the pass no longer needs it
+//! while dW lives on to the optimizer. The products' f32 results are not rounded to bf16 as the composition's are. On the
 //! CPU (where training runs in f32) and without the `cuda` feature it is the composition,
 //! [`linear_bf16_plain`].
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -169,7 +169,8 @@ impl CustomOp3 for LinearBf16 {
     }
 }
 
-/// (dx, dW, db when `bias`): dx by [`GradInput`], [dW; db] by [`GradWeight`] in one buffer.
+/// (dx, dW, db when `bias`): dx by [`GradInput`], [dW; db] by [`GradWeight`] in one buffer,
+/// both products from one bf16 copy of dy.
 fn backward(
     x: &Tensor,
     w: &Tensor,
@@ -177,15 +178,16 @@ fn backward(
     bias: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let dy = dy.contiguous()?;
-    let dx = dy.apply_op2_no_bwd(w, &GradInput)?.reshape(x.shape())?;
+    let dyb = dy.to_dtype(DType::BF16)?;
+    let dx = dyb.apply_op2_no_bwd(w, &GradInput)?.reshape(x.shape())?;
     let (out, k) = w.dims2()?;
-    let g = dy.apply_op2_no_bwd(x, &GradWeight { bias })?;
+    let g = dy.apply_op3_no_bwd(x, &dyb, &GradWeight { bias })?;
     let dw = g.narrow(0, 0, out * k)?.reshape((out, k))?;
     let db = bias.then(|| g.narrow(0, out * k, out)).transpose()?;
     Ok((dx, dw, db))
 }
 
-/// dx = bf16(dy)·bf16(W), f32, of x's shape (flattened to (rows, in)).
+/// dx = dyb·bf16(W), f32, of x's shape (flattened to (rows, in)), from dyb = bf16(dy).
 struct GradInput;
 
 impl CustomOp2 for GradInput {
@@ -206,31 +208,34 @@ impl CustomOp2 for GradInput {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        dy: &candle_core::CudaStorage,
+        dyb: &candle_core::CudaStorage,
         dyl: &Layout,
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (out, k) = wl.shape().dims2()?;
         let n = dyl.shape().elem_count() / out.max(1);
-        let dx = super::cuda::linear_bf16_grad_input((dy, dyl), (w, wl), (n, k, out))?;
+        let dx = super::cuda::linear_bf16_grad_input((dyb, dyl), (w, wl), (n, k, out))?;
         Ok((dx, Shape::from((n, k))))
     }
 }
 
-/// [dW; db] = [bf16(dy)ᵀ·bf16(x); Σ_rows dy] as one vector of out·in (+ out) f32 values.
+/// [dW; db] = [dybᵀ·bf16(x); Σ_rows dy] as one vector of out·in (+ out) f32 values, from dy,
+/// x and dyb = bf16(dy).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GradWeight {
     bias: bool,
 }
 
-impl CustomOp2 for GradWeight {
+impl CustomOp3 for GradWeight {
     fn name(&self) -> &'static str {
         "fused-linear-bf16-grad-weight"
     }
 
     fn cpu_fwd(
         &self,
+        _: &CpuStorage,
+        _: &Layout,
         _: &CpuStorage,
         _: &Layout,
         _: &CpuStorage,
@@ -246,11 +251,19 @@ impl CustomOp2 for GradWeight {
         dyl: &Layout,
         x: &candle_core::CudaStorage,
         xl: &Layout,
+        dyb: &candle_core::CudaStorage,
+        dybl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let k = *xl.dims().last().unwrap_or(&0);
         let n = xl.shape().elem_count() / k.max(1);
         let out = dyl.shape().elem_count() / n.max(1);
-        let g = super::cuda::linear_bf16_grad_weight((dy, dyl), (x, xl), (n, k, out), self.bias)?;
+        let g = super::cuda::linear_bf16_grad_weight(
+            (dy, dyl),
+            (x, xl),
+            (dyb, dybl),
+            (n, k, out),
+            self.bias,
+        )?;
         Ok((g, Shape::from(out * k + if self.bias { out } else { 0 })))
     }
 }
