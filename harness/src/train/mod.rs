@@ -592,6 +592,16 @@ fn parse_rng_state(v: &serde_json::Value) -> Option<[u64; 4]> {
 mod tests {
     use super::*;
 
+    /// A small seeded classifier's weights on the CPU and their AdamW.
+    fn classifier_and_adamw() -> anyhow::Result<(VarMap, AdamW)> {
+        let dev = candle_core::Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
+        models::classifier::Classifier::new(1, 3, 8, vb)?;
+        let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
+        Ok((varmap, opt))
+    }
+
     /// candle hands back a variable's gradient still attached to the step's graph; if the AdamW
     /// moments kept it, every step's activations would stay alive (measured before the fix: the
     /// feature-net classifier grew by ~25 MB per step, 20 GB over 800 steps).
@@ -626,16 +636,8 @@ mod tests {
 
     #[test]
     fn damaged_checkpoints_are_discarded_not_loaded() -> anyhow::Result<()> {
-        let dev = candle_core::Device::Cpu;
         let dir = tempfile::tempdir()?;
-        let build = || -> anyhow::Result<(VarMap, AdamW)> {
-            let varmap = VarMap::new();
-            let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
-            models::classifier::Classifier::new(1, 3, 8, vb)?;
-            let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
-            Ok((varmap, opt))
-        };
-        let (varmap, mut opt) = build()?;
+        let (varmap, mut opt) = classifier_and_adamw()?;
         let rng = Rng::new(1);
         let weights = dir.path().join(Checkpoint::weights_name(5));
         for damage in ["flip a byte in the tail", "truncate"] {
@@ -651,7 +653,7 @@ mod tests {
                 bytes[last] ^= 0x55;
             }
             std::fs::write(&weights, &bytes)?;
-            let (fresh, mut fresh_opt) = build()?;
+            let (fresh, mut fresh_opt) = classifier_and_adamw()?;
             let loaded = Checkpoint::load(dir.path(), &fresh, &mut fresh_opt, None)?;
             assert!(loaded.resume.is_none(), "{damage}: starts over");
             let note = loaded.recovered.expect("the restart is reported");
@@ -752,13 +754,6 @@ mod tests {
     #[test]
     fn a_clipped_step_is_a_step_on_scaled_gradients() -> anyhow::Result<()> {
         let dev = candle_core::Device::Cpu;
-        let build = || -> anyhow::Result<(VarMap, AdamW)> {
-            let varmap = VarMap::new();
-            let vb = models::init::seeded_var_builder(&varmap, 0, candle_core::DType::F32, &dev);
-            models::classifier::Classifier::new(1, 3, 8, vb)?;
-            let opt = AdamW::new(&varmap, 1e-4, 0.9, 0.999)?;
-            Ok((varmap, opt))
-        };
         let x = Tensor::ones((4, 1, 8, 8), candle_core::DType::F32, &dev)?;
         let y = Tensor::new(&[0u32, 1, 2, 0], &dev)?;
         let grads_of = |varmap: &VarMap| -> anyhow::Result<GradStore> {
@@ -767,10 +762,10 @@ mod tests {
             let (_, logits) = model.forward(&x)?;
             Ok(candle_nn::loss::cross_entropy(&logits, &y)?.backward()?)
         };
-        let (clipped, mut opt) = build()?;
+        let (clipped, mut opt) = classifier_and_adamw()?;
         let norm = opt.clipped_step(&grads_of(&clipped)?, 1e-3, 1e-2)?;
         assert!(norm > 1e-3, "the bound must clip: norm {norm}");
-        let (scaled, mut plain) = build()?;
+        let (scaled, mut plain) = classifier_and_adamw()?;
         let mut g = grads_of(&scaled)?;
         let vars: Vec<Var> = plain.vars().cloned().collect();
         for v in &vars {

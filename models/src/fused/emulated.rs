@@ -53,6 +53,16 @@ impl View {
     }
 }
 
+/// A launch of an element-wise kernel `name(rows, cols, in₀, stride₀, in₁, stride₁, …, out)`, as
+/// cuda.rs's `elementwise` builds it, up to the output.
+fn rows_launch(name: &str, rows: usize, cols: usize, inputs: &[&View]) -> Launch {
+    inputs
+        .iter()
+        .fold(Launch::new(name).arg(rows).arg(cols), |l, v| {
+            l.arg(v.ptr()).arg(v.stride)
+        })
+}
+
 /// `n` output values, NaN until a kernel writes them.
 fn output(n: usize) -> Vec<f32> {
     vec![f32::NAN; n]
@@ -117,21 +127,9 @@ fn gelu_and_silu() -> Result<()> {
     ] {
         let (mut y, mut dx) = (output(n), output(n));
         unsafe {
-            let fwd = Launch::new(forward)
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
-                .arg(y.as_mut_ptr());
+            let fwd = rows_launch(forward, rows, cols, &[&x]).arg(y.as_mut_ptr());
             run(fwd, elementwise_cfg(n));
-            let bwd = Launch::new(backward)
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
-                .arg(dy.ptr())
-                .arg(dy.stride)
-                .arg(dx.as_mut_ptr());
+            let bwd = rows_launch(backward, rows, cols, &[&x, &dy]).arg(dx.as_mut_ptr());
             run(bwd, elementwise_cfg(n));
         }
         let (want, g) = grads(std::slice::from_ref(&x.tensor), |t| op(&t[0]), &dy.tensor)?;
@@ -154,28 +152,10 @@ fn modulate_and_gated_residual() -> Result<()> {
 
     let (mut y, mut back) = (output(n), output(2 * n));
     unsafe {
-        let fwd = Launch::new("fused_modulate_fwd")
-            .arg(rows)
-            .arg(cols)
-            .arg(x.ptr())
-            .arg(x.stride)
-            .arg(a.ptr())
-            .arg(a.stride)
-            .arg(b.ptr())
-            .arg(b.stride)
-            .arg(y.as_mut_ptr());
-        run(fwd, elementwise_cfg(n));
-        let bwd = Launch::new("fused_modulate_bwd")
-            .arg(rows)
-            .arg(cols)
-            .arg(x.ptr())
-            .arg(x.stride)
-            .arg(b.ptr())
-            .arg(b.stride)
-            .arg(dy.ptr())
-            .arg(dy.stride)
-            .arg(back.as_mut_ptr());
-        run(bwd, elementwise_cfg(n));
+        let fwd = rows_launch("fused_modulate_fwd", rows, cols, &[&x, &a, &b]);
+        run(fwd.arg(y.as_mut_ptr()), elementwise_cfg(n));
+        let bwd = rows_launch("fused_modulate_bwd", rows, cols, &[&x, &b, &dy]);
+        run(bwd.arg(back.as_mut_ptr()), elementwise_cfg(n));
     }
     let (want, g) = grads(&inputs, |t| modulate(&t[0], &t[1], &t[2]), &dy.tensor)?;
     assert_close("modulate forward", &y, &want, 1e-5)?;
@@ -183,28 +163,10 @@ fn modulate_and_gated_residual() -> Result<()> {
     assert_close("modulate dscale", &back[n..], &g[2], 1e-5)?;
 
     unsafe {
-        let fwd = Launch::new("fused_gated_residual_fwd")
-            .arg(rows)
-            .arg(cols)
-            .arg(x.ptr())
-            .arg(x.stride)
-            .arg(a.ptr())
-            .arg(a.stride)
-            .arg(b.ptr())
-            .arg(b.stride)
-            .arg(y.as_mut_ptr());
-        run(fwd, elementwise_cfg(n));
-        let bwd = Launch::new("fused_gated_residual_bwd")
-            .arg(rows)
-            .arg(cols)
-            .arg(a.ptr())
-            .arg(a.stride)
-            .arg(b.ptr())
-            .arg(b.stride)
-            .arg(dy.ptr())
-            .arg(dy.stride)
-            .arg(back.as_mut_ptr());
-        run(bwd, elementwise_cfg(n));
+        let fwd = rows_launch("fused_gated_residual_fwd", rows, cols, &[&x, &a, &b]);
+        run(fwd.arg(y.as_mut_ptr()), elementwise_cfg(n));
+        let bwd = rows_launch("fused_gated_residual_bwd", rows, cols, &[&a, &b, &dy]);
+        run(bwd.arg(back.as_mut_ptr()), elementwise_cfg(n));
     }
     let (want, g) = grads(&inputs, |t| gated_residual(&t[0], &t[1], &t[2]), &dy.tensor)?;
     assert_close("gated residual forward", &y, &want, 1e-5)?;
@@ -226,20 +188,12 @@ fn bias_add_and_its_column_sums() -> Result<()> {
     assert!(chunks > 1, "one chunk would not test the second stage");
     let (mut y, mut partial, mut db) = (output(n), output(chunks * cols), output(cols));
     unsafe {
-        let fwd = Launch::new("fused_bias_add_fwd")
-            .arg(rows)
-            .arg(cols)
-            .arg(x.ptr())
-            .arg(x.stride)
+        let fwd = rows_launch("fused_bias_add_fwd", rows, cols, &[&x])
             .arg(bv.as_ptr())
             .arg(0usize)
             .arg(y.as_mut_ptr());
         run(fwd, elementwise_cfg(n));
-        let sums = Launch::new("fused_bias_add_bwd_partial")
-            .arg(rows)
-            .arg(cols)
-            .arg(dy.ptr())
-            .arg(dy.stride)
+        let sums = rows_launch("fused_bias_add_bwd_partial", rows, cols, &[&dy])
             .arg(per)
             .arg(partial.as_mut_ptr());
         run(sums, col_sum_cfg(cols, chunks));
@@ -270,21 +224,11 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
 
         let (mut y, mut dx) = (output(n), output(n));
         unsafe {
-            let fwd = Launch::new("fused_layer_norm_fwd")
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
+            let fwd = rows_launch("fused_layer_norm_fwd", rows, cols, &[&x])
                 .arg(eps)
                 .arg(y.as_mut_ptr());
             run(fwd, geometry);
-            let bwd = Launch::new("fused_layer_norm_bwd")
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
-                .arg(dy.ptr())
-                .arg(dy.stride)
+            let bwd = rows_launch("fused_layer_norm_bwd", rows, cols, &[&x, &dy])
                 .arg(eps)
                 .arg(dx.as_mut_ptr());
             run(bwd, geometry);
@@ -299,21 +243,13 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
         let (mut out, mut stats) = (output(n + 2 * cols), output(2 * rows));
         let mut partial = output(chunks * 2 * cols);
         unsafe {
-            let fwd = Launch::new("fused_layer_norm_affine_fwd")
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
+            let fwd = rows_launch("fused_layer_norm_affine_fwd", rows, cols, &[&x])
                 .arg(wv.as_ptr())
                 .arg(bv.as_ptr())
                 .arg(eps)
                 .arg(y.as_mut_ptr());
             run(fwd, geometry);
-            let bwd = Launch::new("fused_layer_norm_affine_bwd")
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
+            let bwd = rows_launch("fused_layer_norm_affine_bwd", rows, cols, &[&x])
                 .arg(wv.as_ptr())
                 .arg(dy.ptr())
                 .arg(dy.stride)
@@ -321,13 +257,7 @@ fn layer_norm_with_and_without_affine() -> Result<()> {
                 .arg(out.as_mut_ptr())
                 .arg(stats.as_mut_ptr());
             run(bwd, geometry);
-            let sums = Launch::new("fused_layer_norm_dwdb_partial")
-                .arg(rows)
-                .arg(cols)
-                .arg(x.ptr())
-                .arg(x.stride)
-                .arg(dy.ptr())
-                .arg(dy.stride)
+            let sums = rows_launch("fused_layer_norm_dwdb_partial", rows, cols, &[&x, &dy])
                 .arg(stats.as_ptr())
                 .arg(per)
                 .arg(partial.as_mut_ptr());
