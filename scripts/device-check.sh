@@ -145,6 +145,13 @@ if [ "$TAG" = cuda ]; then
   cat "$OUT/bench-$TAG-profile.out" >> "$SUMMARY"
   timed "bench-$TAG-pageable" "$BF16_LIMIT" env CANDLE_CUDA_PAGEABLE_UPLOADS=1 "$BIN" bench --device "$DEVICE" --phases "${BIG[@]}"
   cat "$OUT/bench-$TAG-pageable.out" >> "$SUMMARY"
+  # 1e. the device time of a mar-base backward pass by rule (CANDLE_BACKWARD_PROFILE=1, the
+  # vendored candle synchronises around every node): session 6's table, to set each CUDA change
+  # since (attention probabilities, heads, layer norm, the bf16 linear's backward) against it.
+  # One table per backward pass; the summary keeps the by-rule part of the last one.
+  timed "bench-$TAG-backward-profile" "$BF16_LIMIT" env CANDLE_BACKWARD_PROFILE=1 "$BIN" bench --device "$DEVICE" --steps 1 "${BIG[@]}"
+  awk '/^backward profile by rule:/ {n++; buf=""} n {buf = buf $0 "\n"} /^backward profile by rule and shape/ {last=buf} END {printf "%s", last}' \
+    "$OUT/bench-$TAG-backward-profile.err" | grep -v "by rule and shape" | tee -a "$SUMMARY"
 fi
 # 2. the tiny end-to-end spec on the device
 timed "tiny-$TAG" 45 "$BIN" --root "$OUT/tiny-$TAG" run experiments/tiny.toml --device "$DEVICE"
