@@ -618,6 +618,32 @@ mod cuda_tests {
         Ok(())
     }
 
+    /// Clipping's norm from the multi-tensor kernel against the composition on the CPU: many
+    /// tensors, one of several pieces, one empty.
+    #[test]
+    fn sum_of_squares_of_many_tensors() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("sum of squares: no CUDA device, skipped");
+            return Ok(());
+        };
+        let tensors = [3usize, 200_001, 0, 4096, 1]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| randn(&[n], k as u64 + 1))
+            .collect::<Result<Vec<_>>>()?;
+        let want = sum_of_squares_plain(&tensors)?;
+        let on_gpu = tensors
+            .iter()
+            .map(|t| t.to_device(&gpu))
+            .collect::<Result<Vec<_>>>()?;
+        let got = sum_of_squares(&on_gpu)?;
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "sum of squares: GPU {got}, CPU {want}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn adamw_update() -> Result<()> {
         let Ok(gpu) = Device::new_cuda(0) else {
@@ -627,7 +653,8 @@ mod cuda_tests {
         let theta = randn(&[300, 70], 1)?;
         let moments = Tensor::stack(&[randn(&[300, 70], 2)?, randn(&[300, 70], 3)?.sqr()?], 0)?;
         let g = randn(&[300, 70], 4)?;
-        let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.02, 3);
+        // with a clipping factor, as the training loop's clipped steps
+        let s = AdamWStep::new(0.9, 0.95, 1e-8, 1e-3, 0.02, 3).with_grad_scale(0.4);
         let (tc, mc) = adamw(&theta, &moments, &g, &s)?;
         let on = |t: &Tensor| t.to_device(&gpu);
         let (tg, mg) = adamw(&on(&theta)?, &on(&moments)?, &on(&g)?, &s)?;
