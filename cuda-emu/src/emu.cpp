@@ -7,11 +7,12 @@
 #include <pthread.h>
 
 #include <barrier>
-#include <semaphore>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <semaphore>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -25,6 +26,8 @@ namespace emu {
 
 constexpr unsigned WARP_SIZE = 32;
 constexpr unsigned MAX_THREADS = 1024;  // per block, as on every CUDA GPU
+// how long one block may run before it is taken for deadlocked (blocks of the tests take ms)
+constexpr int BLOCK_PATIENCE_S = 60;
 
 struct Warp {
   std::barrier<> arrived;
@@ -166,7 +169,19 @@ void run_block(const Kernel& k, void** params, uint3 block_index, dim3 grid, dim
                              params};
     workers[i]->go.release();
   }
-  for (unsigned i = 0; i < n; ++i) finished.acquire();
+  for (unsigned i = 0; i < n; ++i) {
+    if (!finished.try_acquire_for(std::chrono::seconds(BLOCK_PATIENCE_S))) {
+      // the block's threads wait at a barrier that some of them never reach (a __syncthreads
+      // or full-warp shuffle in divergent code): on a GPU a hang or undefined; here a clear end
+      std::fprintf(stderr,
+                   "cuda-emu: block (%u, %u, %u) of `%s` did not finish in %d s: %u of its %u "
+                   "threads are still waiting, at a __syncthreads or a warp shuffle that not "
+                   "every thread reaches?\n",
+                   block_index.x, block_index.y, block_index.z, k.name, BLOCK_PATIENCE_S, n - i,
+                   n);
+      std::abort();
+    }
+  }
 }
 
 }  // namespace emu
