@@ -261,7 +261,7 @@ impl CustomOp2 for AttentionProbsBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: CUDA only (the CPU keeps p)", self.name())
+        Err(super::cuda_only(self.name()))
     }
 
     #[cfg(feature = "cuda")]

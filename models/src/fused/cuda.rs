@@ -501,6 +501,81 @@ pub(super) fn sum_of_squares(
     Ok(partial.iter().sum())
 }
 
+/// A fresh output of `n` values in f32 or bf16, for the kernels that come in an `_f32` and a
+/// `_bf16` variant.
+enum Out {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<half::bf16>),
+}
+
+impl Out {
+    /// `n` values (at least one allocated) for a kernel that writes them all.
+    fn alloc(dev: &CudaDevice, n: usize, dtype: candle_core::DType, op: &str) -> Result<Out> {
+        Ok(match dtype {
+            candle_core::DType::F32 => Out::F32(alloc(dev, n.max(1))?),
+            // SAFETY: the kernel that follows writes all n values.
+            candle_core::DType::BF16 => Out::Bf16(unsafe { dev.alloc::<half::bf16>(n.max(1)) }?),
+            other => candle_core::bail!("{op}: {other:?} values, f32 or bf16 only"),
+        })
+    }
+
+    /// The kernel `{base}_f32` or `{base}_bf16`.
+    fn kernel(&self, dev: &CudaDevice, base: &str) -> Result<Kernel> {
+        let suffix = match self {
+            Out::F32(_) => "f32",
+            Out::Bf16(_) => "bf16",
+        };
+        Kernel::load(dev, &format!("{base}_{suffix}"))
+    }
+
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Out::F32(o) => b.arg(o),
+            Out::Bf16(o) => b.arg(o),
+        };
+    }
+
+    fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        match self {
+            Out::F32(o) => wrap(o, dev),
+            Out::Bf16(o) => CudaStorage::wrap_cuda_slice(o, dev.clone()),
+        }
+    }
+}
+
+/// An f32 or bf16 input from `offset` on, for the same kernels.
+enum In<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, half::bf16>),
+}
+
+impl<'a> In<'a> {
+    fn of(s: &'a CudaStorage, offset: usize, op: &str) -> Result<In<'a>> {
+        use candle_core::backend::BackendStorage;
+        Ok(match s.dtype() {
+            candle_core::DType::F32 => In::F32(s.as_cuda_slice::<f32>()?.slice(offset..)),
+            candle_core::DType::BF16 => In::Bf16(s.as_cuda_slice::<half::bf16>()?.slice(offset..)),
+            other => candle_core::bail!("{op}: {other:?} values, f32 or bf16 only"),
+        })
+    }
+
+    /// The kernel `{base}_f32` or `{base}_bf16`.
+    fn kernel(&self, dev: &CudaDevice, base: &str) -> Result<Kernel> {
+        let suffix = match self {
+            In::F32(_) => "f32",
+            In::Bf16(_) => "bf16",
+        };
+        Kernel::load(dev, &format!("{base}_{suffix}"))
+    }
+
+    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        match self {
+            In::F32(v) => b.arg(v),
+            In::Bf16(v) => b.arg(v),
+        };
+    }
+}
+
 /// [`super::attention_probs`] forward: `out` (F32 or BF16) probabilities of the f32 scores `s`,
 /// one row per query; (scale, causal, queries) and the mask's (key, threshold, keep_scale).
 pub(super) fn attention_probs(
@@ -510,42 +585,21 @@ pub(super) fn attention_probs(
     out: candle_core::DType,
 ) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    use candle_core::DType;
     let dev = s.0.device();
     let (sv, sr) = rows_view(s.0, s.1, "attention_probs")?;
     let n = sr.rows * sr.cols;
-    let name = match out {
-        DType::F32 => "fused_attention_probs_fwd_f32",
-        DType::BF16 => "fused_attention_probs_fwd_bf16",
-        other => {
-            candle_core::bail!("attention_probs: probabilities in {other:?}, f32 or bf16 only")
-        }
-    };
-    // SAFETY (both): the kernel writes all n values; at least one is allocated
-    let (p32, p16) = match out {
-        DType::F32 => (Some(alloc(dev, n.max(1))?), None),
-        _ => (None, Some(unsafe { dev.alloc::<half::bf16>(n.max(1)) }?)),
-    };
+    let p = Out::alloc(dev, n, out, "attention_probs")?;
     if n > 0 {
         let causal = causal as i32;
-        let kernel = Kernel::load(dev, name)?;
+        let kernel = p.kernel(dev, "fused_attention_probs_fwd")?;
         let mut b = kernel.builder();
         b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
         b.arg(&scale).arg(&causal).arg(&queries);
         b.arg(&key).arg(&threshold).arg(&keep_scale);
-        if let Some(p) = &p32 {
-            b.arg(p);
-        }
-        if let Some(p) = &p16 {
-            b.arg(p);
-        }
+        p.push(&mut b);
         launch(b, row_cfg(sr.rows, sr.cols))?;
     }
-    match (p32, p16) {
-        (Some(p), _) => Ok(wrap(p, dev)),
-        (None, Some(p)) => Ok(CudaStorage::wrap_cuda_slice(p, dev.clone())),
-        (None, None) => candle_core::bail!("attention_probs: no output buffer"),
-    }
+    Ok(p.into_storage(dev))
 }
 
 /// [`super::attention_probs`] backward: ds (f32) from the scores and the gradient of the
@@ -567,35 +621,15 @@ pub(super) fn attention_probs_backward(
     if n == 0 {
         return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
     }
+    let dv = In::of(dout.0, dr.offset, "attention_probs_backward")?;
     let ds = alloc(dev, n)?;
     let causal = causal as i32;
-    let name = match dout.0.dtype() {
-        candle_core::DType::F32 => "fused_attention_probs_bwd_f32",
-        candle_core::DType::BF16 => "fused_attention_probs_bwd_bf16",
-        other => candle_core::bail!("attention_probs_backward: gradient in {other:?}"),
-    };
-    let kernel = Kernel::load(dev, name)?;
+    let kernel = dv.kernel(dev, "fused_attention_probs_bwd")?;
     let mut b = kernel.builder();
     b.arg(&sr.rows).arg(&sr.cols).arg(&sv).arg(&sr.stride);
     b.arg(&scale).arg(&causal).arg(&queries);
     b.arg(&key).arg(&threshold).arg(&keep_scale);
-    // the gradient from its view's offset, in its own dtype
-    let (dv32, dv16) = match dout.0.dtype() {
-        candle_core::DType::F32 => (
-            Some(dout.0.as_cuda_slice::<f32>()?.slice(dr.offset..)),
-            None,
-        ),
-        _ => (
-            None,
-            Some(dout.0.as_cuda_slice::<half::bf16>()?.slice(dr.offset..)),
-        ),
-    };
-    if let Some(d) = &dv32 {
-        b.arg(d);
-    }
-    if let Some(d) = &dv16 {
-        b.arg(d);
-    }
+    dv.push(&mut b);
     b.arg(&dr.stride).arg(&ds);
     launch(b, row_cfg(sr.rows, sr.cols))?;
     Ok(wrap(ds, dev))
@@ -609,7 +643,6 @@ pub(super) fn split_heads(
     out: candle_core::DType,
 ) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    use candle_core::DType;
     let dev = x.0.device();
     let (xv, xr) = rows_view(x.0, x.1, "split_heads")?;
     let (b, l, h, hd) = dims;
@@ -620,18 +653,9 @@ pub(super) fn split_heads(
             xr.rows * xr.cols
         )
     }
-    let name = match out {
-        DType::F32 => "split_heads_f32",
-        DType::BF16 => "split_heads_bf16",
-        other => candle_core::bail!("split_heads: heads in {other:?}, f32 or bf16 only"),
-    };
-    // SAFETY (both): the kernel writes all n values; at least one is allocated
-    let (y32, y16) = match out {
-        DType::F32 => (Some(alloc(dev, n.max(1))?), None),
-        _ => (None, Some(unsafe { dev.alloc::<half::bf16>(n.max(1)) }?)),
-    };
+    let y = Out::alloc(dev, n, out, "split_heads")?;
     if n > 0 {
-        let kernel = Kernel::load(dev, name)?;
+        let kernel = y.kernel(dev, "split_heads")?;
         let mut args = kernel.builder();
         args.arg(&b)
             .arg(&l)
@@ -639,19 +663,10 @@ pub(super) fn split_heads(
             .arg(&hd)
             .arg(&xv)
             .arg(&xr.stride);
-        if let Some(y) = &y32 {
-            args.arg(y);
-        }
-        if let Some(y) = &y16 {
-            args.arg(y);
-        }
+        y.push(&mut args);
         launch(args, elementwise_cfg(n))?;
     }
-    match (y32, y16) {
-        (Some(y), _) => Ok(wrap(y, dev)),
-        (None, Some(y)) => Ok(CudaStorage::wrap_cuda_slice(y, dev.clone())),
-        (None, None) => candle_core::bail!("split_heads: no output buffer"),
-    }
+    Ok(y.into_storage(dev))
 }
 
 /// [`super::merge_heads`]: contiguous (B, H, L, hd), F32 or BF16 → f32 (B, L, H·hd); `dims` =
@@ -661,36 +676,18 @@ pub(super) fn merge_heads(
     dims: (usize, usize, usize, usize),
 ) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    use candle_core::DType;
     let dev = y.0.device();
     let (b, l, h, hd) = dims;
     let n = b * l * h * hd;
     if n == 0 {
         return Ok(wrap(dev.alloc_zeros::<f32>(0)?, dev));
     }
-    let at = y.1.start_offset();
+    let yv = In::of(y.0, y.1.start_offset(), "merge_heads")?;
     let out = alloc(dev, n)?;
-    let (y32, y16) = match y.0.dtype() {
-        DType::F32 => (Some(y.0.as_cuda_slice::<f32>()?.slice(at..at + n)), None),
-        DType::BF16 => (
-            None,
-            Some(y.0.as_cuda_slice::<half::bf16>()?.slice(at..at + n)),
-        ),
-        other => candle_core::bail!("merge_heads: heads in {other:?}, f32 or bf16 only"),
-    };
-    let name = match y32 {
-        Some(_) => "merge_heads_f32",
-        None => "merge_heads_bf16",
-    };
-    let kernel = Kernel::load(dev, name)?;
+    let kernel = yv.kernel(dev, "merge_heads")?;
     let mut args = kernel.builder();
     args.arg(&b).arg(&l).arg(&h).arg(&hd);
-    if let Some(v) = &y32 {
-        args.arg(v);
-    }
-    if let Some(v) = &y16 {
-        args.arg(v);
-    }
+    yv.push(&mut args);
     args.arg(&out);
     launch(args, elementwise_cfg(n))?;
     Ok(wrap(out, dev))

@@ -12,7 +12,7 @@ pub fn split_heads(x: &Tensor, heads: usize, dtype: DType) -> Result<Tensor> {
     if heads == 0 || c % heads != 0 {
         candle_core::bail!("split_heads: {c} features do not split into {heads} heads")
     }
-    if !on_cuda(x) || !matches!(dtype, DType::F32 | DType::BF16) {
+    if !super::on_cuda(x) || !matches!(dtype, DType::F32 | DType::BF16) {
         return split_heads_plain(x, heads, dtype);
     }
     let op = SplitHeads {
@@ -34,7 +34,7 @@ pub fn split_heads_plain(x: &Tensor, heads: usize, dtype: DType) -> Result<Tenso
 /// y (B, H, L, hd) in any float dtype → (B, L, H·hd) f32.
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let (b, h, l, hd) = y.dims4()?;
-    if !(on_cuda(y) && matches!(y.dtype(), DType::F32 | DType::BF16)) {
+    if !(super::on_cuda(y) && matches!(y.dtype(), DType::F32 | DType::BF16)) {
         return merge_heads_plain(y);
     }
     y.contiguous()?.apply_op1(MergeHeads {
@@ -48,17 +48,6 @@ pub fn merge_heads_plain(y: &Tensor) -> Result<Tensor> {
     y.transpose(1, 2)?
         .reshape((b, l, h * hd))?
         .to_dtype(DType::F32)
-}
-
-/// Whether the fused kernels run: a CUDA tensor in a build with the `cuda` feature.
-fn on_cuda(t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda()
-}
-
-fn cpu_error(op: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op} runs on CUDA only; on the CPU it is the composition"
-    ))
 }
 
 /// (B, L, H·hd) f32 rows → (B, H, L, hd) in `out`; `dims` = (B, L, H, hd).
@@ -80,7 +69,7 @@ impl CustomOp1 for SplitHeads {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(self.name()))
+        Err(super::cuda_only(self.name()))
     }
 
     #[cfg(feature = "cuda")]
@@ -106,7 +95,7 @@ impl CustomOp1 for MergeHeads {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(self.name()))
+        Err(super::cuda_only(self.name()))
     }
 
     #[cfg(feature = "cuda")]

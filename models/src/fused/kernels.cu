@@ -474,12 +474,17 @@ extern "C" __global__ void gaussian_noise(size_t n, unsigned long long key, floa
 // dropout (dropout.rs): value i kept when the top 24 bits of SplitMix64(key + (i+1)·γ) are at
 // least `threshold`, kept values scaled; the backward pass is the same kernel on dy
 
+// The 24-bit uniform integer of counter i (the top bits of SplitMix64 of key + (i+1)·γ), as
+// noise.rs's uniform24: what dropout masks compare with their threshold.
+__device__ __forceinline__ unsigned int uniform24(unsigned long long key, size_t i) {
+  return (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
+}
+
 extern "C" __global__ void fused_dropout(size_t n, unsigned long long key, unsigned int threshold,
                                          float scale, const float* x, float* y) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)blockDim.x * gridDim.x) {
-    const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
-    y[i] = u >= threshold ? x[i] * scale : 0.0f;
+    y[i] = uniform24(key, i) >= threshold ? x[i] * scale : 0.0f;
   }
 }
 
@@ -511,8 +516,7 @@ __device__ void softmax_stats(const float* row, size_t visible, float scale, flo
 // at least `threshold` (as fused_dropout), else 0; threshold 0 and keep_scale 1 keep everything.
 __device__ __forceinline__ float keep_factor(unsigned long long key, size_t i,
                                              unsigned int threshold, float keep_scale) {
-  const unsigned int u = (unsigned int)(mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40);
-  return u >= threshold ? keep_scale : 0.0f;
+  return uniform24(key, i) >= threshold ? keep_scale : 0.0f;
 }
 
 __device__ __forceinline__ void store(float* o, float v) { *o = v; }

@@ -17,8 +17,7 @@ use super::out_shape;
 
 /// y = x·Wᵀ (+ b) with the product in bf16 and f32 in and out: `x` (…, in), `w` (out, in), `b` (out).
 pub fn linear_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let fused = cfg!(feature = "cuda")
-        && x.device().is_cuda()
+    let fused = super::on_cuda(x)
         && [Some(x), Some(w), b]
             .iter()
             .flatten()
@@ -59,12 +58,6 @@ fn dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
     Ok((xl.shape().elem_count() / k.max(1), k, out))
 }
 
-fn cpu_error(op: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op} runs on CUDA only; on the CPU linear_bf16 is the composition"
-    ))
-}
-
 struct LinearBf16;
 
 /// The forward pass of both arities (with and without a bias).
@@ -96,7 +89,7 @@ impl CustomOp2 for LinearBf16 {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(CustomOp2::name(self)))
+        Err(super::cuda_only(CustomOp2::name(self)))
     }
 
     #[cfg(feature = "cuda")]
@@ -136,7 +129,7 @@ impl CustomOp3 for LinearBf16 {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(CustomOp3::name(self)))
+        Err(super::cuda_only(CustomOp3::name(self)))
     }
 
     #[cfg(feature = "cuda")]
@@ -202,7 +195,7 @@ impl CustomOp2 for GradInput {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(self.name()))
+        Err(super::cuda_only(self.name()))
     }
 
     #[cfg(feature = "cuda")]
@@ -241,7 +234,7 @@ impl CustomOp3 for GradWeight {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Err(cpu_error(self.name()))
+        Err(super::cuda_only(self.name()))
     }
 
     #[cfg(feature = "cuda")]

@@ -62,9 +62,12 @@ pub use squares::{sum_of_squares, sum_of_squares_plain};
 
 /// Whether the fused kernels apply: f32 tensors on the CPU, or on CUDA with the `cuda` feature.
 fn fused(t: &Tensor) -> bool {
-    let dev = t.device();
-    t.dtype() == candle_core::DType::F32
-        && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
+    t.dtype() == candle_core::DType::F32 && (t.device().is_cpu() || on_cuda(t))
+}
+
+/// Whether `t` is on a GPU that this build has kernels for (the `cuda` feature).
+fn on_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda()
 }
 
 /// A tensor seen as `rows` rows of `cols` contiguous values, `stride` apart from `offset`: any
@@ -143,6 +146,14 @@ fn f32_data<'a>(s: &'a CpuStorage, op: &str) -> Result<&'a [f32]> {
             candle_core::backend::BackendStorage::dtype(other)
         ),
     }
+}
+
+/// The CPU side of a CUDA-only op: on the CPU its composition runs instead, so this is reached
+/// only by calling the op itself on CPU tensors.
+fn cuda_only(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op} runs on CUDA only; on the CPU its composition runs in its place"
+    ))
 }
 
 fn rows_of(layout: &Layout, op: &str) -> Result<Rows> {
