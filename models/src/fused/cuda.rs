@@ -501,6 +501,12 @@ pub(super) fn sum_of_squares(
     Ok(partial.iter().sum())
 }
 
+/// The kernel `{base}_bf16` or `{base}_f32`.
+fn variant(dev: &CudaDevice, base: &str, bf16: bool) -> Result<Kernel> {
+    let suffix = if bf16 { "bf16" } else { "f32" };
+    Kernel::load(dev, &format!("{base}_{suffix}"))
+}
+
 /// A fresh output of `n` values in f32 or bf16, for the kernels that come in an `_f32` and a
 /// `_bf16` variant.
 enum Out {
@@ -519,13 +525,8 @@ impl Out {
         })
     }
 
-    /// The kernel `{base}_f32` or `{base}_bf16`.
     fn kernel(&self, dev: &CudaDevice, base: &str) -> Result<Kernel> {
-        let suffix = match self {
-            Out::F32(_) => "f32",
-            Out::Bf16(_) => "bf16",
-        };
-        Kernel::load(dev, &format!("{base}_{suffix}"))
+        variant(dev, base, matches!(self, Out::Bf16(_)))
     }
 
     fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
@@ -559,13 +560,8 @@ impl<'a> In<'a> {
         })
     }
 
-    /// The kernel `{base}_f32` or `{base}_bf16`.
     fn kernel(&self, dev: &CudaDevice, base: &str) -> Result<Kernel> {
-        let suffix = match self {
-            In::F32(_) => "f32",
-            In::Bf16(_) => "bf16",
-        };
-        Kernel::load(dev, &format!("{base}_{suffix}"))
+        variant(dev, base, matches!(self, In::Bf16(_)))
     }
 
     fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
