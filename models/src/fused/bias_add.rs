@@ -110,7 +110,7 @@ impl CustomOp2 for BiasAdd {
 }
 
 /// Σ_rows dy over dy's last dimension: a bias's gradient.
-pub(super) fn row_sum(dy: &Tensor) -> Result<Tensor> {
+fn row_sum(dy: &Tensor) -> Result<Tensor> {
     as_rows(dy)?.apply_op1_no_bwd(&BiasAddBackward)
 }
 
