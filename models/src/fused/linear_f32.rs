@@ -11,7 +11,7 @@
 //! On CUDA (f32) and for other dtypes it is the composition, [`linear_plain`].
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{as_rows, f32_data, out_shape, par_rows, rows_of, Rows};
+use super::{as_rows, f32_data, out_shape, rows_of, Rows};
 
 /// y = x·Wᵀ (+ b) in f32: `x` (…, in), `w` (out, in), `b` (out).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -181,11 +181,7 @@ impl Linear {
                     candle_core::bail!("{op}: the bias must be {out} contiguous values")
                 }
                 let b = &bs[bl.start_offset()..bl.start_offset() + out];
-                let mut y = par_rows(xr.rows, out, |_, block| {
-                    for row in block.chunks_exact_mut(out.max(1)) {
-                        row.copy_from_slice(b);
-                    }
-                });
+                let mut y = super::repeat_rows(b, xr.rows);
                 // SAFETY: y holds rows·out initialised values; lhs and rhs were checked above
                 unsafe { product(y.as_mut_ptr(), true, true, dims, lhs, rhs) };
                 y

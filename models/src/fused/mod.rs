@@ -244,6 +244,33 @@ fn par_fill(n: usize, block: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec
     out
 }
 
+/// `rows` copies of `row`, one after the other, written straight into the fresh output (no zero
+/// fill first: it was the largest memset of a training step, under every linear layer's bias),
+/// on the pool like [`par_fill`].
+fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (cols, n) = (row.len(), row.len() * rows);
+    let mut out = Vec::with_capacity(n);
+    let fill = |block: &mut [std::mem::MaybeUninit<f32>]| {
+        for r in block.chunks_exact_mut(cols.max(1)) {
+            for (o, &v) in r.iter_mut().zip(row) {
+                o.write(v);
+            }
+        }
+    };
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n <= SEQUENTIAL_MAX {
+        fill(spare);
+    } else {
+        spare
+            .par_chunks_mut(rows_per_task(cols) * cols)
+            .for_each(fill);
+    }
+    // SAFETY: the blocks are whole rows (n is a multiple of cols), and every value was written
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// `block` set to zeros, as initialised values.
 fn zeroed(block: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
     block.fill(std::mem::MaybeUninit::new(0.0));
@@ -382,6 +409,20 @@ mod test_util {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn repeat_rows_on_the_pool_and_on_the_calling_thread() {
+        let row: Vec<f32> = (0..24).map(|i| i as f32 - 3.5).collect();
+        for rows in [0, 3, 5000] {
+            let out = repeat_rows(&row, rows);
+            assert_eq!(out.len(), rows * 24);
+            assert!(
+                out.chunks_exact(24).all(|r| r == row.as_slice()),
+                "{rows} rows"
+            );
+        }
+        assert!(repeat_rows(&[], 7).is_empty());
+    }
 
     #[test]
     fn rows_views() -> Result<()> {
