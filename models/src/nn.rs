@@ -40,10 +40,11 @@ impl Precision {
         self.product(a, b)?.to_dtype(DType::F32)
     }
 
-    /// a·b in this precision, left in the operands' dtype (bf16 for Bf16).
+    /// a·b in this precision, left in the operands' dtype (bf16 for Bf16); batched products of
+    /// f32 on the CPU share their batch over the threads ([`fused::batched_matmul`]).
     pub fn product(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let dtype = self.dtype();
-        a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)
+        fused::batched_matmul(&a.to_dtype(dtype)?, &b.to_dtype(dtype)?)
     }
 
     /// The dtype attention keeps q, k and v in, on `device`: the products' own on CUDA, where

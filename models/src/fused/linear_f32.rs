@@ -41,7 +41,7 @@ pub fn linear_plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor
 
 /// A strided f32 matrix for gemm: the first element, the row stride and the column stride.
 #[derive(Clone, Copy)]
-struct Mat {
+pub(super) struct Mat {
     ptr: *const f32,
     rs: isize,
     cs: isize,
@@ -49,7 +49,7 @@ struct Mat {
 
 impl Mat {
     /// The matrix starting at `data[0]` whose element (i, j) is `data[i·rs + j·cs]`.
-    fn at(data: &[f32], rs: usize, cs: usize) -> Mat {
+    pub(super) fn at(data: &[f32], rs: usize, cs: usize) -> Mat {
         Mat {
             ptr: data.as_ptr(),
             rs: rs as isize,
@@ -69,7 +69,7 @@ const PARALLEL_MIN: usize = 1 << 24;
 /// # Safety
 /// `dst` must hold m·n values (initialised when `add`); `lhs` and `rhs` must address m × k and
 /// k × n matrices inside live allocations.
-unsafe fn product(
+pub(super) unsafe fn product(
     dst: *mut f32,
     add: bool,
     parallel: bool,

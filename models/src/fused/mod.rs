@@ -3,7 +3,8 @@
 //! Each op is one named function (`layer_norm`, `gelu_erf`, `silu`, `modulate`,
 //! `attention_probs` (softmax, dropout and the cast of attention's probabilities), `split_heads`
 //! and `merge_heads` (attention's head layout, CUDA only), `bias_add`, `gated_residual`, `dropout`, the row gather `gather_rows`, the
-//! f32 linear layer `linear` (CPU only), the bf16 linear layer `linear_bf16` (CUDA only), and the
+//! f32 linear layer `linear` (CPU only), attention's batched products `batched_matmul` (CPU only:
+//! the batch over the threads), the bf16 linear layer `linear_bf16` (CUDA only), and the
 //! optimizer's `adamw` and clipping's `sum_of_squares` (CUDA only)) whose forward pass is a
 //! single pass over rows and whose backward pass is one more, instead of the five to ten candle
 //! ops (each allocating a full tensor, forward and backward) of the plain composition. The plain composition stays beside each op as
@@ -36,6 +37,7 @@ mod layer_norm;
 mod linear;
 mod linear_f32;
 mod math;
+mod matmul;
 mod modulate;
 mod noise;
 mod silu;
@@ -55,6 +57,7 @@ pub use heads::{merge_heads, merge_heads_plain, split_heads, split_heads_plain};
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use linear::{linear_bf16, linear_bf16_plain};
 pub use linear_f32::{linear, linear_plain};
+pub use matmul::{batched_matmul, batched_matmul_plain};
 pub use modulate::{modulate, modulate_plain};
 pub use noise::{derive_key, gaussian_noise, gaussian_noise_at, shift_key};
 pub use silu::{silu, silu_plain};
