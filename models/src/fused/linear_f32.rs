@@ -291,8 +291,8 @@ impl CustomOp2 for GradInput {
 
 /// dW = dyᵀ·x, as out·in values, summed over blocks of rows; with `bias`, db = Σ_rows dy
 /// after them (out values), each block's rows summed just before its product reads them, while
-/// they are in the core's cache (a separate pass over dy read it from memory: 2.5% of a mar-tiny
-/// step).
+/// they are in the core's cache (a separate pass over dy read it from memory: about 3% of a
+/// mar-tiny step).
 struct GradWeight {
     bias: bool,
 }
