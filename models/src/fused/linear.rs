@@ -173,10 +173,8 @@ fn backward(
     let dy = dy.contiguous()?;
     let dyb = dy.to_dtype(DType::BF16)?;
     let dx = dyb.apply_op2_no_bwd(w, &GradInput)?.reshape(x.shape())?;
-    let (out, k) = w.dims2()?;
     let g = dy.apply_op3_no_bwd(x, &dyb, &GradWeight { bias })?;
-    let dw = g.narrow(0, 0, out * k)?.reshape((out, k))?;
-    let db = bias.then(|| g.narrow(0, out * k, out)).transpose()?;
+    let (dw, db) = super::weight_and_bias_grads(&g, w.dims2()?, bias)?;
     Ok((dx, dw, db))
 }
 

@@ -259,9 +259,7 @@ fn backward(
     let dy = as_rows(dy)?;
     let dx = dy.apply_op2_no_bwd(w, &GradInput)?.reshape(x.shape())?;
     let g = dy.apply_op2_no_bwd(x, &GradWeight { bias })?;
-    let (out, k) = w.dims2()?;
-    let dw = g.narrow(0, 0, out * k)?.reshape((out, k))?;
-    let db = bias.then(|| g.narrow(0, out * k, out)).transpose()?;
+    let (dw, db) = super::weight_and_bias_grads(&g, w.dims2()?, bias)?;
     Ok((dx, dw, db))
 }
 

@@ -54,25 +54,10 @@ impl Batch {
         if r < 2 {
             return None;
         }
-        let mut stride = None;
-        let mut expected = None;
-        for i in (0..r - 2).rev() {
-            if dims[i] == 1 {
-                continue;
-            }
-            match expected {
-                None => {
-                    stride = Some(strides[i]);
-                    expected = Some(strides[i] * dims[i]);
-                }
-                Some(e) if strides[i] == e => expected = Some(e * dims[i]),
-                Some(_) => return None,
-            }
-        }
         Some(Batch {
             offset: l.start_offset(),
             batch: dims[..r - 2].iter().product(),
-            stride: stride.unwrap_or(0),
+            stride: super::collapsed_stride(&dims[..r - 2], strides)?.unwrap_or(0),
             rows: dims[r - 2],
             cols: dims[r - 1],
             rs: strides[r - 2],

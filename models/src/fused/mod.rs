@@ -92,28 +92,11 @@ impl Rows {
         if cols > 1 && strides[dims.len() - 1] != 1 {
             return None;
         }
-        let rows: usize = lead.iter().product();
-        // walk the leading dims from the inside out; dims of size 1 carry no stride
-        let mut stride = None;
-        let mut expected = None;
-        for (i, &d) in lead.iter().enumerate().rev() {
-            if d == 1 {
-                continue;
-            }
-            match expected {
-                None => {
-                    stride = Some(strides[i]);
-                    expected = Some(strides[i] * d);
-                }
-                Some(e) if strides[i] == e => expected = Some(e * d),
-                Some(_) => return None,
-            }
-        }
         Some(Rows {
             offset: layout.start_offset(),
-            rows,
+            rows: lead.iter().product(),
             cols,
-            stride: stride.unwrap_or(cols),
+            stride: collapsed_stride(lead, strides)?.unwrap_or(cols),
         })
     }
 
@@ -121,6 +104,29 @@ impl Rows {
         let start = self.offset + r * self.stride;
         &data[start..start + self.cols]
     }
+}
+
+/// The one stride of leading dimensions `dims` (with their `strides`, extra trailing strides
+/// ignored) seen as a single dimension: `None` when they do not collapse into one,
+/// `Some(None)` when every one has size 1 (no stride to speak of).
+fn collapsed_stride(dims: &[usize], strides: &[usize]) -> Option<Option<usize>> {
+    // walk the dims from the inside out; dims of size 1 carry no stride
+    let mut stride = None;
+    let mut expected = None;
+    for (i, &d) in dims.iter().enumerate().rev() {
+        if d == 1 {
+            continue;
+        }
+        match expected {
+            None => {
+                stride = Some(strides[i]);
+                expected = Some(strides[i] * d);
+            }
+            Some(e) if strides[i] == e => expected = Some(e * d),
+            Some(_) => return None,
+        }
+    }
+    Some(stride)
 }
 
 /// The shape of `l` with its last dimension `n` (a linear layer's output of `n` features).
@@ -245,6 +251,18 @@ fn par_fill(n: usize, block: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec
     // SAFETY: the blocks above covered all n values, each zeroed before `f` wrote it
     unsafe { out.set_len(n) };
     out
+}
+
+/// The (dW, db) of a linear layer's weight-gradient op that returns [dW | db] in one buffer
+/// (out·k values, then out with `bias`).
+fn weight_and_bias_grads(
+    g: &Tensor,
+    (out, k): (usize, usize),
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dw = g.narrow(0, 0, out * k)?.reshape((out, k))?;
+    let db = bias.then(|| g.narrow(0, out * k, out)).transpose()?;
+    Ok((dw, db))
 }
 
 /// `rows` copies of `row`, one after the other, written straight into the fresh output (no zero
