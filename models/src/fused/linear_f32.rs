@@ -329,9 +329,7 @@ impl CustomOp2 for GradWeight {
             let mut db = vec![0f32; nb];
             if self.bias {
                 // dys starts at dy's first row
-                for r in first..first + n {
-                    super::bias_add::accumulate_row(&dys[r * dyr.stride..][..out], &mut db);
-                }
+                super::bias_add::accumulate_rows(dys, dyr.stride, first..first + n, &mut db);
             }
             let dy = &dys[(first * dyr.stride).min(dys.len())..];
             let x = &xs[(first * xr.stride).min(xs.len())..];
