@@ -731,7 +731,10 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = sum.add(grad)?;
+                // ablate patch: added in place where nothing else holds the sum
+                if !sum.add_assign_if_sole(grad)? {
+                    *sum = sum.add(grad)?;
+                }
             }
             Entry::Vacant(entry) => {
                 entry.insert(grad.contiguous()?);

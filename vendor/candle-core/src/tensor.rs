@@ -2788,6 +2788,52 @@ impl Tensor {
         std::ptr::from_ref(lock).addr()
     }
 
+    /// ablate patch: `self += rhs` in place, when no other tensor can see self's values (this
+    /// handle is the only one to the tensor and to its storage) and both are contiguous f32 of one
+    /// shape on the CPU; else changes nothing and returns false. The sums are those of `add`.
+    /// For `GradStore::accumulate`, where a node with several consumers otherwise allocated (and
+    /// page-faulted) a fresh tensor for each gradient after the first.
+    pub(crate) fn add_assign_if_sole(&self, rhs: &Tensor) -> Result<bool> {
+        let sole = Arc::strong_count(&self.0) == 1
+            && Arc::weak_count(&self.0) == 0
+            && Arc::strong_count(&self.storage) == 1
+            && Arc::weak_count(&self.storage) == 0;
+        if !sole
+            || self.shape() != rhs.shape()
+            || (self.dtype(), rhs.dtype()) != (DType::F32, DType::F32)
+            || !self.device().is_cpu()
+            || !rhs.device().is_cpu()
+        {
+            return Ok(false);
+        }
+        let (Some((d0, d1)), Some((s0, s1))) = (
+            self.layout.contiguous_offsets(),
+            rhs.layout.contiguous_offsets(),
+        ) else {
+            return Ok(false);
+        };
+        // two locks of two storages: rhs cannot share self's, whose only handle is self
+        let mut dst = self.storage_mut();
+        let src = rhs.storage();
+        let (Storage::Cpu(crate::CpuStorage::F32(d)), Storage::Cpu(crate::CpuStorage::F32(s))) =
+            (&mut *dst, &*src)
+        else {
+            return Ok(false);
+        };
+        let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
+        const CHUNK: usize = 1 << 14;
+        let add = |d: &mut [f32], s: &[f32]| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+        if d.len() <= 4 * CHUNK {
+            add(d, s);
+        } else {
+            use rayon::prelude::*;
+            d.par_chunks_mut(CHUNK)
+                .zip(s.par_chunks(CHUNK))
+                .for_each(|(d, s)| add(d, s));
+        }
+        Ok(true)
+    }
+
     /// Check if two tensors share the same underlying allocation.
     #[inline]
     pub(crate) fn same_storage(&self, rhs: &Self) -> bool {
