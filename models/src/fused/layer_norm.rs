@@ -71,13 +71,13 @@ fn forward_rows(
         let (mean, r) = moments(row, eps);
         match wb {
             Some((w, b)) => {
-                for j in 0..o.len() {
-                    o[j] = (row[j] - mean) * r * w[j] + b[j];
+                for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * r * w + b;
                 }
             }
             None => {
-                for j in 0..o.len() {
-                    o[j] = (row[j] - mean) * r;
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - mean) * r;
                 }
             }
         }
@@ -109,26 +109,27 @@ fn backward_rows(
         let row = xr.row(x, first + i);
         let dyrow = dyr.row(dy, first + i);
         let (mean, r) = moments(row, eps);
-        for j in 0..c {
-            xhat[j] = (row[j] - mean) * r;
+        // zipped slices, not indices: indexing w (of unknown length) kept this loop scalar
+        for (xh, &v) in xhat.iter_mut().zip(row) {
+            *xh = (v - mean) * r;
         }
         match w {
             Some(w) => {
-                for j in 0..c {
-                    g[j] = dyrow[j] * w[j];
+                for ((g, &d), &w) in g.iter_mut().zip(dyrow).zip(w) {
+                    *g = d * w;
                 }
             }
             None => g.copy_from_slice(dyrow),
         }
         let mg = math::sum(&g) / c as f32;
         let mgx = math::dot(&g, &xhat) / c as f32;
-        for j in 0..c {
-            dxr[j] = r * (g[j] - mg - xhat[j] * mgx);
+        for ((dx, &g), &xh) in dxr.iter_mut().zip(&g).zip(&xhat) {
+            *dx = r * (g - mg - xh * mgx);
         }
         if let (Some(dw), Some(db)) = (dw.as_deref_mut(), db.as_deref_mut()) {
-            for j in 0..c {
-                dw[j] += dyrow[j] * xhat[j];
-                db[j] += dyrow[j];
+            for (((dw, db), &d), &xh) in dw.iter_mut().zip(db.iter_mut()).zip(dyrow).zip(&xhat) {
+                *dw += d * xh;
+                *db += d;
             }
         }
     }
