@@ -11,7 +11,7 @@ use crate::class_embed::ClassEmbed;
 use crate::config::{GeneratorConfig, Order};
 use crate::fused;
 use crate::head::Head;
-use crate::nn::{Block, Dropout, KvCache, LayerNorm};
+use crate::nn::{self, Block, Dropout, KvCache, LayerNorm};
 use crate::rng::Rng;
 use crate::sampling::{ar_tokens_known_after, SampleOptions, SampleState};
 use crate::shard::Shard;
@@ -149,7 +149,7 @@ impl Ar {
             Some(orders) if self.random_order() => {
                 (inputs + gather_positions(&self.pos_embed_learned.squeeze(0)?, orders)?)?
             }
-            _ => inputs.broadcast_add(&self.pos_embed_learned)?,
+            _ => nn::add_position_embedding(&inputs, &self.pos_embed_learned)?,
         };
         for block in &self.blocks {
             h = block.forward(&h, true, drop)?;

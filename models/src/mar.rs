@@ -8,7 +8,7 @@ use crate::class_embed::ClassEmbed;
 use crate::config::GeneratorConfig;
 use crate::fused;
 use crate::head::Head;
-use crate::nn::{linear_xavier, Block, Dropout, LayerNorm, Linear};
+use crate::nn::{self, linear_xavier, Block, Dropout, LayerNorm, Linear};
 use crate::rng::Rng;
 use crate::sampling::{SampleOptions, SampleState};
 use crate::shard::Shard;
@@ -191,7 +191,8 @@ impl Mar {
         let buffer = class_embedding
             .unsqueeze(1)?
             .broadcast_as((b, self.buffer_size, w))?;
-        let x = Tensor::cat(&[&buffer, &x], 1)?.broadcast_add(&self.encoder_pos_embed_learned)?;
+        let x = Tensor::cat(&[&buffer, &x], 1)?;
+        let x = nn::add_position_embedding(&x, &self.encoder_pos_embed_learned)?;
         let x = self.z_proj_ln.forward(&x)?;
         let idx = self.kept_indices(mask, b);
         let kept = idx.len() / b;
@@ -231,9 +232,8 @@ impl Mar {
                 }
             }
         }
-        let mut x = fused::gather_rows(&src, &idx)?
-            .reshape((b, total, wd))?
-            .broadcast_add(&self.decoder_pos_embed_learned)?;
+        let x = fused::gather_rows(&src, &idx)?.reshape((b, total, wd))?;
+        let mut x = nn::add_position_embedding(&x, &self.decoder_pos_embed_learned)?;
         for block in &self.decoder_blocks {
             x = block.forward(&x, false, drop)?;
         }
@@ -241,7 +241,10 @@ impl Mar {
             .decoder_norm
             .forward(&x)?
             .narrow(1, self.buffer_size, self.seq_len)?;
-        Ok(x.broadcast_add(&self.diffusion_pos_embed_learned)?)
+        Ok(nn::add_position_embedding(
+            &x,
+            &self.diffusion_pos_embed_learned,
+        )?)
     }
 
     /// Random orders and a mask of the first ⌈L·r⌉ positions of each order.
