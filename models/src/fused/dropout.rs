@@ -61,8 +61,9 @@ pub(super) fn apply_mask(
     x: &[f32],
     out: &mut [f32],
 ) {
-    for (k, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-        let kept = noise::uniform24(key, first + k as u64) >= threshold;
+    let mut uniform = noise::Uniform24::from(key, first);
+    for (o, &x) in out.iter_mut().zip(x) {
+        let kept = uniform.next_value() >= threshold;
         *o = if kept { x * scale } else { 0.0 };
     }
 }

@@ -32,7 +32,27 @@ pub fn shift_key(key: u64, offset: u64) -> u64 {
 /// dropout masks draw them.
 #[inline(always)]
 pub(super) fn uniform24(key: u64, i: u64) -> u32 {
-    (mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA))) >> 40) as u32
+    Uniform24::from(key, i).next_value()
+}
+
+/// [`uniform24`] of counters i, i + 1, … in turn: the state key + (i+1)·γ steps by γ, one 64-bit
+/// multiply per value fewer than computing each counter's from scratch (dropout's masks).
+#[derive(Clone, Copy)]
+pub(super) struct Uniform24(u64);
+
+impl Uniform24 {
+    #[inline(always)]
+    pub(super) fn from(key: u64, i: u64) -> Self {
+        Uniform24(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA)))
+    }
+
+    /// The value of the current counter; the state moves on to the next.
+    #[inline(always)]
+    pub(super) fn next_value(&mut self) -> u32 {
+        let v = (mix64(self.0) >> 40) as u32;
+        self.0 = self.0.wrapping_add(GAMMA);
+        v
+    }
 }
 
 /// The pair of normals of counter `j` (Box–Muller; u₁ in (0, 1] so that its log is finite).
@@ -103,6 +123,23 @@ fn gaussian_noise_cpu(key: u64, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stepped_uniforms_are_each_counters_own() {
+        for (key, first) in [
+            (7u64, 0u64),
+            (u64::MAX - 3, 12_345),
+            (0x1234_5678, u64::MAX - 500),
+        ] {
+            let mut stepped = Uniform24::from(key, first);
+            for k in 0..1000u64 {
+                let i = first.wrapping_add(k);
+                let own =
+                    (mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA))) >> 40) as u32;
+                assert_eq!(stepped.next_value(), own, "key {key}, counter {i}");
+            }
+        }
+    }
 
     #[test]
     fn standard_normal_and_determined_by_the_key() -> Result<()> {
