@@ -109,12 +109,13 @@ fn backward_rows(
         let row = xr.row(x, first + i);
         let dyrow = dyr.row(dy, first + i);
         let (mean, r) = moments(row, eps);
-        // zipped slices, not indices: indexing w (of unknown length) kept this loop scalar
         for (xh, &v) in xhat.iter_mut().zip(row) {
             *xh = (v - mean) * r;
         }
         match w {
             Some(w) => {
+                // zipped slices, not indices: indexing w, of a length the compiler could not tie
+                // to the row's, kept this loop scalar with a bounds check per value
                 for ((g, &d), &w) in g.iter_mut().zip(dyrow).zip(w) {
                     *g = d * w;
                 }
